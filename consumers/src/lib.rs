@@ -1,0 +1,9 @@
+//! The event projection side: a Kafka consumer group that applies CRM events to the Redis read
+//! model, at least once, with offsets stored only after Redis acknowledged the writes.
+
+pub mod apply;
+pub mod dead_letter;
+pub mod progress;
+pub mod projector;
+
+pub use projector::{run, ProjectorSettings, RunCounters};

@@ -1,0 +1,301 @@
+//! The consumer loop. One task polls a batch, applies it to Redis in one pipelined round trip,
+//! sends poison events to the dead-letter topic, and only then stores the batch's offsets
+//! (`enable.auto.offset.store=false`); librdkafka commits stored offsets in the background, and
+//! we commit synchronously on partition revoke and on shutdown. Because polling and applying
+//! happen in the same task, a revoke (which librdkafka runs inside a poll) never overlaps an
+//! in-flight batch: what is committed on revoke is exactly what Redis has acknowledged.
+use crate::apply::{RedisApplier, Transient};
+use crate::dead_letter::{DeadLetters, Origin};
+use crate::progress;
+use board_core::config::Topics;
+use board_core::events::{parse_event, Event, PoisonReason};
+use board_core::functions::ApplyOutcome;
+use board_core::keys::KeySpace;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use redis::AsyncCommands;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, Clone)]
+pub struct ProjectorSettings {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Topics,
+    pub redis_url: String,
+    pub keys: KeySpace,
+    /// Most events applied in one Redis round trip.
+    pub max_batch: usize,
+    /// How long to wait for more events before applying a partial batch.
+    pub linger: Duration,
+    pub session_timeout: Duration,
+    /// Stop (gracefully) once every input partition is applied up to its high watermark.
+    pub exit_when_caught_up: bool,
+}
+
+impl ProjectorSettings {
+    pub fn new(brokers: &str, group_id: &str, topics: Topics, redis_url: &str, keys: KeySpace) -> Self {
+        ProjectorSettings {
+            brokers: brokers.to_string(),
+            group_id: group_id.to_string(),
+            topics,
+            redis_url: redis_url.to_string(),
+            keys,
+            max_batch: 1000,
+            linger: Duration::from_millis(5),
+            session_timeout: Duration::from_secs(6),
+            exit_when_caught_up: false,
+        }
+    }
+}
+
+/// Live counters of one projector (also exported as Prometheus metrics).
+#[derive(Debug, Default)]
+pub struct RunCounters {
+    pub applied: AtomicU64,
+    pub stale: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub batches: AtomicU64,
+    pub redis_retries: AtomicU64,
+}
+
+impl RunCounters {
+    pub fn get(&self, c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+struct ProjectorContext;
+
+impl ClientContext for ProjectorContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!("pb_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ProjectorContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // Hand the partitions over with everything Redis acknowledged committed, so the
+            // next owner re-reads as little as possible.
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => info!(partitions = tpl.count(), "committed stored offsets on revoke"),
+                Err(e) => debug!(error = %e, "nothing to commit on revoke"),
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => info!(partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Revoke(tpl) => info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+fn build_consumer(s: &ProjectorSettings) -> anyhow::Result<StreamConsumer<ProjectorContext>> {
+    let session_ms = s.session_timeout.as_millis().max(6000);
+    let consumer: StreamConsumer<ProjectorContext> = ClientConfig::new()
+        .set("bootstrap.servers", &s.brokers)
+        .set("group.id", &s.group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", session_ms.to_string())
+        .set("heartbeat.interval.ms", (session_ms / 3).to_string())
+        .set("max.poll.interval.ms", (session_ms * 5).max(10_000).to_string())
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        .set("statistics.interval.ms", "5000")
+        .create_with_context(ProjectorContext)?;
+    let topics = s.topics.inputs();
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
+    Ok(consumer)
+}
+
+/// Runs until `shutdown` resolves (or, with `exit_when_caught_up`, until caught up). The batch
+/// in flight when shutdown comes is finished, its offsets stored and committed; then Ok.
+pub async fn run(
+    settings: ProjectorSettings,
+    counters: Arc<RunCounters>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    let mut applier = loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = RedisApplier::connect(&settings.redis_url, settings.keys.clone()) => match r {
+                Ok(a) => break a,
+                Err(e) => {
+                    warn!(error = %e, "redis not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    };
+    let dead_letters = DeadLetters::new(&settings.brokers, &settings.topics.topic_dlq)?;
+    let consumer = build_consumer(&settings)?;
+    let progress_key = settings.keys.progress(&settings.group_id);
+    let mut progress_conn = applier.connection();
+    let mut caught_up_check = Instant::now();
+    info!(group = %settings.group_id, topics = ?settings.topics.inputs(), "projector started");
+
+    loop {
+        if settings.exit_when_caught_up && caught_up_check.elapsed() > Duration::from_millis(500) {
+            caught_up_check = Instant::now();
+            let lag = progress::lag(&settings.brokers, &settings.topics.inputs(), &mut progress_conn, &progress_key).await?;
+            if lag.total() == 0 {
+                info!(applied = lag.applied(), "caught up; stopping");
+                break;
+            }
+        }
+        let first = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            m = consumer.recv() => m,
+            _ = tokio::time::sleep(Duration::from_millis(500)), if settings.exit_when_caught_up => continue,
+        };
+        let mut batch = match first {
+            Ok(m) => vec![m.detach()],
+            Err(e) => {
+                warn!(error = %e, "kafka poll error; the client reconnects by itself");
+                continue;
+            }
+        };
+        let deadline = Instant::now() + settings.linger;
+        while batch.len() < settings.max_batch {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "kafka poll error");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+
+        // Apply with retries. Shutdown during a Redis outage gives the batch up unstored: it is
+        // read again on the next start, so nothing is lost.
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match process_batch(&mut applier, &dead_letters, &batch, &counters).await {
+                Ok(()) => break,
+                Err(e) => {
+                    counters.redis_retries.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("pb_apply_retries_total").increment(1);
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "batch not applied; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => {
+                            finish(&consumer);
+                            return Ok(());
+                        }
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        store_offsets(&consumer, &batch, &mut progress_conn, &progress_key).await;
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+    }
+    finish(&consumer);
+    Ok(())
+}
+
+fn finish(consumer: &StreamConsumer<ProjectorContext>) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => info!("committed stored offsets; projector stopped"),
+        Err(e) => debug!(error = %e, "nothing to commit at shutdown"),
+    }
+}
+
+async fn process_batch(
+    applier: &mut RedisApplier,
+    dead_letters: &DeadLetters,
+    batch: &[OwnedMessage],
+    counters: &RunCounters,
+) -> Result<(), Transient> {
+    let started = Instant::now();
+    let parsed: Vec<Result<Event, PoisonReason>> = batch
+        .iter()
+        .map(|m| m.payload().ok_or(PoisonReason::InvalidJson("empty message".into())).and_then(parse_event))
+        .collect();
+    let good: Vec<&Event> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
+    let mut outcomes = applier.apply(&good).await?.into_iter();
+
+    let mut poison: Vec<(&OwnedMessage, PoisonReason)> = Vec::new();
+    let (mut applied, mut stale) = (0u64, 0u64);
+    for (msg, p) in batch.iter().zip(&parsed) {
+        match p {
+            Err(reason) => poison.push((msg, reason.clone())),
+            Ok(_) => match outcomes.next().expect("one outcome per applied event") {
+                Ok(ApplyOutcome::Applied) => applied += 1,
+                Ok(ApplyOutcome::Stale) => stale += 1,
+                Err(reason) => poison.push((msg, reason)),
+            },
+        }
+    }
+    for (msg, reason) in &poison {
+        let origin = Origin {
+            topic: msg.topic(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key(),
+            payload: msg.payload(),
+        };
+        dead_letters.send(&origin, reason).await.map_err(|e| Transient(format!("dead-letter topic: {e}")))?;
+        warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), code = reason.code(), reason = %reason, "event dead-lettered");
+        metrics::counter!("pb_events_dead_lettered_total", "code" => reason.code()).increment(1);
+    }
+    counters.applied.fetch_add(applied, Ordering::Relaxed);
+    counters.stale.fetch_add(stale, Ordering::Relaxed);
+    counters.dead_lettered.fetch_add(poison.len() as u64, Ordering::Relaxed);
+    metrics::counter!("pb_events_applied_total").increment(applied);
+    metrics::counter!("pb_events_stale_total").increment(stale);
+    metrics::histogram!("pb_batch_apply_seconds").record(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Stores, per partition, the offset after the last message of the batch, and records it as
+/// progress in Redis.
+async fn store_offsets(
+    consumer: &StreamConsumer<ProjectorContext>,
+    batch: &[OwnedMessage],
+    redis: &mut redis::aio::ConnectionManager,
+    progress_key: &str,
+) {
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for m in batch {
+        let e = next.entry((m.topic(), m.partition())).or_insert(0);
+        *e = (*e).max(m.offset() + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in &next {
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        // A partition revoked while this batch was built: its new owner re-reads the batch
+        // (idempotently) from the last commit.
+        debug!(error = %e, "offsets not stored (partition no longer assigned)");
+    }
+    let fields: Vec<(String, i64)> = next.iter().map(|((t, p), o)| (progress::field(t, *p), *o)).collect();
+    if let Err(e) = redis.hset_multiple::<_, _, _, ()>(progress_key, &fields).await {
+        debug!(error = %e, "progress not recorded");
+    }
+}

@@ -1,0 +1,79 @@
+//! Configuration shared by the subcommands: flags with environment fallbacks (CONTRACT.md 4).
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of every projection key; a new prefix is a separate projection generation.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "pb")]
+    pub redis_prefix: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    #[command(flatten)]
+    pub topics: Topics,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Topics {
+    #[arg(long, env = "TOPIC_CONTACTS", default_value = "crm.contacts")]
+    pub topic_contacts: String,
+    #[arg(long, env = "TOPIC_APPLICATIONS", default_value = "crm.applications")]
+    pub topic_applications: String,
+    #[arg(long, env = "TOPIC_CONVERSATIONS", default_value = "crm.conversations")]
+    pub topic_conversations: String,
+    #[arg(long, env = "TOPIC_MESSAGES", default_value = "crm.messages")]
+    pub topic_messages: String,
+    #[arg(long, env = "TOPIC_PIPELINES", default_value = "crm.pipelines")]
+    pub topic_pipelines: String,
+    #[arg(long, env = "TOPIC_USERS", default_value = "crm.users")]
+    pub topic_users: String,
+    #[arg(long, env = "TOPIC_DLQ", default_value = "crm.dlq")]
+    pub topic_dlq: String,
+}
+
+impl Topics {
+    /// The six input topics, in the order a fresh projection is best fed (seed writes them so).
+    pub fn inputs(&self) -> Vec<String> {
+        vec![
+            self.topic_pipelines.clone(),
+            self.topic_users.clone(),
+            self.topic_contacts.clone(),
+            self.topic_applications.clone(),
+            self.topic_conversations.clone(),
+            self.topic_messages.clone(),
+        ]
+    }
+
+    /// The same names with a common prefix: tests use it to get topics of their own.
+    pub fn with_prefix(prefix: &str) -> Topics {
+        let t = |n: &str| format!("{prefix}{n}");
+        Topics {
+            topic_contacts: t("crm.contacts"),
+            topic_applications: t("crm.applications"),
+            topic_conversations: t("crm.conversations"),
+            topic_messages: t("crm.messages"),
+            topic_pipelines: t("crm.pipelines"),
+            topic_users: t("crm.users"),
+            topic_dlq: t("crm.dlq"),
+        }
+    }
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics::with_prefix("")
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MongoArgs {
+    #[arg(long, env = "MONGODB_URI", default_value = "mongodb://127.0.0.1:27017")]
+    pub mongodb_uri: String,
+    #[arg(long, env = "MONGODB_DB", default_value = "crm")]
+    pub mongodb_db: String,
+}

@@ -1,0 +1,231 @@
+#!lua name=pipeline_board
+-- The projection's writer. Every event is applied by exactly one FCALL, atomically: either all
+-- of its index changes happen or none. KEYS[1] is the org's key base `<prefix>:{<orgId>}`; every
+-- key touched is built from it, so they all live in the org's hash slot (Redis Cluster).
+--
+-- Version rules (CONTRACT.md 2): an upsert or delete applies only when its version is greater
+-- than the last applied one (deletes leave that version behind as a tombstone); messages are
+-- idempotent by _id. Index names mirror src/core/src/keys.rs.
+
+-- `version` is the decimal string from the caller: written back as given, because Lua would
+-- print a number with only 14 significant digits.
+local function newer(K, dockey, version)
+  local cur = redis.call('HGET', K .. ':ver', dockey)
+  if cur and tonumber(cur) >= tonumber(version) then return false end
+  redis.call('HSET', K .. ':ver', dockey, version)
+  return true
+end
+
+local function load_meta(K, k, id)
+  local raw = redis.call('HGET', K .. ':meta:' .. k, id)
+  if raw then return cmsgpack.unpack(raw) end
+  return nil
+end
+
+-- Assignee union and last message time of a contact: the derived part of its cards.
+local function derived(K, cid)
+  if not cid then return {}, nil end
+  local asg = redis.call('SMEMBERS', K .. ':asgof:' .. cid)
+  table.sort(asg)
+  local last = redis.call('ZRANGE', K .. ':msgs:' .. cid, -1, -1, 'WITHSCORES')
+  local lm = nil
+  if #last > 0 then lm = tonumber(last[2]) end
+  return asg, lm
+end
+
+-- Trigrams by UTF-8 character, as card::trigrams in Rust.
+local function trigrams(txt, out)
+  local chars = {}
+  for ch in string.gmatch(txt, '[%z\1-\127\194-\244][\128-\191]*') do chars[#chars + 1] = ch end
+  for i = 1, #chars - 2 do out[chars[i] .. chars[i + 1] .. chars[i + 2]] = true end
+end
+
+-- The index entries of a card: 'z|key' (scored by createdAt), 'l|key' (scored by last message
+-- time), 's|key' (plain set). Derived purely from the stored meta, so the old entries of a card
+-- can always be recomputed for removal.
+local function entries(K, k, m)
+  local out = {}
+  if m.rk then
+    local rk = k .. ':' .. m.rk
+    out[#out + 1] = 'z|' .. K .. ':z:' .. rk
+    local people = {}
+    if m.cre then people[m.cre] = true end
+    if m.own then people[m.own] = true end
+    for _, u in ipairs(m.asg) do
+      people[u] = true
+      out[#out + 1] = 'z|' .. K .. ':za:' .. rk .. ':' .. u
+    end
+    for u in pairs(people) do out[#out + 1] = 'z|' .. K .. ':zp:' .. rk .. ':' .. u end
+    if not m.own and #m.asg == 0 then out[#out + 1] = 'z|' .. K .. ':zu:' .. rk end
+    if m.src then out[#out + 1] = 'z|' .. K .. ':zs:' .. rk .. ':' .. m.src end
+    if m.bulk then out[#out + 1] = 'z|' .. K .. ':zb:' .. rk end
+    if m.lm then
+      out[#out + 1] = 'z|' .. K .. ':zm:' .. rk
+      out[#out + 1] = 'l|' .. K .. ':zl:' .. rk
+    end
+  end
+  local grams = {}
+  for _, t in ipairs(m.txt) do trigrams(t, grams) end
+  for g in pairs(grams) do out[#out + 1] = 's|' .. K .. ':tri:' .. k .. ':' .. g end
+  return out
+end
+
+local function score_of(m, kind)
+  if kind == 'l' then return m.lm end
+  if m.sc then return m.sc end
+  return '-inf'
+end
+
+-- Moves a card from the entries of `oldm` to those of `newm` (either may be nil).
+local function reindex(K, k, id, oldm, newm)
+  local old, new = {}, {}
+  if oldm then for _, e in ipairs(entries(K, k, oldm)) do old[e] = true end end
+  if newm then for _, e in ipairs(entries(K, k, newm)) do new[e] = true end end
+  for e in pairs(old) do
+    if not new[e] then
+      local kind, key = string.sub(e, 1, 1), string.sub(e, 3)
+      if kind == 's' then redis.call('SREM', key, id) else redis.call('ZREM', key, id) end
+    end
+  end
+  for e in pairs(new) do
+    local kind, key = string.sub(e, 1, 1), string.sub(e, 3)
+    if kind == 's' then
+      if not old[e] then redis.call('SADD', key, id) end
+    elseif not old[e] or score_of(oldm, kind) ~= score_of(newm, kind) then
+      redis.call('ZADD', key, score_of(newm, kind), id)
+    end
+  end
+end
+
+-- Re-derives assignees and last message of every card that shows contact `cid`.
+local function refresh_contact(K, cid)
+  local asg, lm = derived(K, cid)
+  local cards = { { 'c', cid } }
+  for _, aid in ipairs(redis.call('SMEMBERS', K .. ':appsof:' .. cid)) do cards[#cards + 1] = { 'a', aid } end
+  for _, card in ipairs(cards) do
+    local k, id = card[1], card[2]
+    local m = load_meta(K, k, id)
+    if m then
+      local newm = {}
+      for f, v in pairs(m) do newm[f] = v end
+      newm.asg, newm.lm = asg, lm
+      reindex(K, k, id, m, newm)
+      redis.call('HSET', K .. ':meta:' .. k, id, cmsgpack.pack(newm))
+    end
+  end
+end
+
+-- KEYS[1]=K ARGV: kind tag ('c'|'a'), id, version, core meta JSON, bincode body
+local function upsert_card(keys, args)
+  local K, k, id, version = keys[1], args[1], args[2], args[3]
+  if not newer(K, k .. ':' .. id, version) then return 'stale' end
+  local oldm = load_meta(K, k, id)
+  local m = cjson.decode(args[4])
+  if type(m.txt) ~= 'table' then m.txt = {} end
+  if k == 'a' then
+    if oldm and oldm.cid and oldm.cid ~= m.cid then redis.call('SREM', K .. ':appsof:' .. oldm.cid, id) end
+    if m.cid then redis.call('SADD', K .. ':appsof:' .. m.cid, id) end
+  end
+  m.asg, m.lm = derived(K, m.cid)
+  reindex(K, k, id, oldm, m)
+  redis.call('HSET', K .. ':meta:' .. k, id, cmsgpack.pack(m))
+  redis.call('HSET', K .. ':body:' .. k, id, args[5])
+  return 'applied'
+end
+
+-- KEYS[1]=K ARGV: kind tag, id, version
+local function delete_card(keys, args)
+  local K, k, id, version = keys[1], args[1], args[2], args[3]
+  if not newer(K, k .. ':' .. id, version) then return 'stale' end
+  local oldm = load_meta(K, k, id)
+  if oldm then
+    reindex(K, k, id, oldm, nil)
+    if k == 'a' and oldm.cid then redis.call('SREM', K .. ':appsof:' .. oldm.cid, id) end
+  end
+  redis.call('HDEL', K .. ':meta:' .. k, id)
+  redis.call('HDEL', K .. ':body:' .. k, id)
+  return 'applied'
+end
+
+local function rebuild_assignees(K, cid)
+  local key = K .. ':asgof:' .. cid
+  redis.call('DEL', key)
+  for _, conv in ipairs(redis.call('SMEMBERS', K .. ':convsof:' .. cid)) do
+    local raw = redis.call('HGET', K .. ':conv', conv)
+    if raw then
+      for _, u in ipairs(cmsgpack.unpack(raw).asg) do redis.call('SADD', key, u) end
+    end
+  end
+end
+
+-- KEYS[1]=K ARGV: conversation id, version, contact id ('' if none), assignees JSON array
+local function upsert_conversation(keys, args)
+  local K, id, version = keys[1], args[1], args[2]
+  if not newer(K, 'v:' .. id, version) then return 'stale' end
+  local cid = args[3]
+  if cid == '' then cid = nil end
+  local asg = cjson.decode(args[4])
+  local raw = redis.call('HGET', K .. ':conv', id)
+  local old_cid = nil
+  if raw then old_cid = cmsgpack.unpack(raw).cid end
+  redis.call('HSET', K .. ':conv', id, cmsgpack.pack({ cid = cid, asg = asg }))
+  if old_cid and old_cid ~= cid then
+    redis.call('SREM', K .. ':convsof:' .. old_cid, id)
+    rebuild_assignees(K, old_cid)
+    refresh_contact(K, old_cid)
+  end
+  if cid then
+    redis.call('SADD', K .. ':convsof:' .. cid, id)
+    rebuild_assignees(K, cid)
+    refresh_contact(K, cid)
+  end
+  return 'applied'
+end
+
+-- KEYS[1]=K ARGV: message id, contact id, createdAt millis
+local function create_message(keys, args)
+  local K, id, cid, at = keys[1], args[1], args[2], tonumber(args[3])
+  local key = K .. ':msgs:' .. cid
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if redis.call('ZADD', key, 'NX', at, id) == 0 then return 'duplicate' end
+  -- Only a new latest message changes what the cards show.
+  if #last == 0 or at > tonumber(last[2]) then refresh_contact(K, cid) end
+  return 'applied'
+end
+
+-- KEYS[1]=K ARGV: pipeline id, version, pipeline JSON
+local function upsert_pipeline(keys, args)
+  local K, id, version = keys[1], args[1], args[2]
+  if not newer(K, 'p:' .. id, version) then return 'stale' end
+  redis.call('HSET', K .. ':pipelines', id, args[3])
+  return 'applied'
+end
+
+-- KEYS[1]=K ARGV: pipeline id, version
+local function delete_pipeline(keys, args)
+  local K, id, version = keys[1], args[1], args[2]
+  if not newer(K, 'p:' .. id, version) then return 'stale' end
+  redis.call('HDEL', K .. ':pipelines', id)
+  return 'applied'
+end
+
+-- KEYS[1]=K ARGV: user id, version, team ids JSON array
+local function upsert_user(keys, args)
+  local K, id, version = keys[1], args[1], args[2]
+  if not newer(K, 'u:' .. id, version) then return 'stale' end
+  local raw = redis.call('HGET', K .. ':users', id)
+  if raw then
+    for _, t in ipairs(cjson.decode(raw)) do redis.call('SREM', K .. ':team:' .. t, id) end
+  end
+  for _, t in ipairs(cjson.decode(args[3])) do redis.call('SADD', K .. ':team:' .. t, id) end
+  redis.call('HSET', K .. ':users', id, args[3])
+  return 'applied'
+end
+
+redis.register_function('pb_upsert_card', upsert_card)
+redis.register_function('pb_delete_card', delete_card)
+redis.register_function('pb_upsert_conversation', upsert_conversation)
+redis.register_function('pb_create_message', create_message)
+redis.register_function('pb_upsert_pipeline', upsert_pipeline)
+redis.register_function('pb_delete_pipeline', delete_pipeline)
+redis.register_function('pb_upsert_user', upsert_user)

@@ -1,0 +1,204 @@
+//! The `pipeline-board` binary: one subcommand per job (CONTRACT.md section 4).
+use anyhow::Context;
+use board_core::config::{KafkaArgs, MongoArgs, RedisArgs};
+use board_core::keys::KeySpace;
+use clap::{Parser, Subcommand};
+use pipeline_board::consumers::{self, progress, ProjectorSettings, RunCounters};
+use pipeline_board::{mongo, seed, verify};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "pipeline-board", version, about = "Fast pipeline boards from a Redis read model of CRM events")]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The HTTP API (POST /api/contacts, /healthz, /readyz, /metrics).
+    Serve,
+    /// The Kafka consumer that keeps the Redis projection current (run N of them: one group).
+    Project(ProjectArgs),
+    /// Build a fresh projection generation and switch to it when caught up.
+    Rebuild,
+    /// Compare the projection with MongoDB; exit 0 only if there is no drift.
+    Verify(VerifyArgs),
+    /// Write a generated, realistic data set to MongoDB and as events to Kafka.
+    Seed(SeedCommand),
+    /// How far the projection is behind Kafka, per partition.
+    Lag(LagArgs),
+}
+
+#[derive(clap::Args)]
+struct ProjectArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "pipeline-board")]
+    group_id: String,
+    /// Most events applied in one Redis round trip.
+    #[arg(long, env = "PROJECT_MAX_BATCH", default_value_t = 1000)]
+    max_batch: usize,
+    /// Milliseconds to wait for more events before applying a partial batch.
+    #[arg(long, env = "PROJECT_LINGER_MS", default_value_t = 5)]
+    linger_ms: u64,
+    /// Kafka group session timeout in milliseconds (short: fast failover and joins).
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 6000)]
+    session_timeout_ms: u64,
+    /// Stop once every input partition is applied up to its high watermark (benchmarks, backfills).
+    #[arg(long)]
+    exit_when_caught_up: bool,
+    /// Where Prometheus scrapes the projector's metrics ("" turns it off).
+    #[arg(long, env = "PROJECT_METRICS_ADDR", default_value = "127.0.0.1:9898")]
+    metrics_addr: String,
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[command(flatten)]
+    mongo: MongoArgs,
+    /// Orgs to verify (default: every org in MongoDB).
+    #[arg(long = "org")]
+    orgs: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct SeedCommand {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    mongo: MongoArgs,
+    #[command(flatten)]
+    seed: seed::SeedArgs,
+}
+
+#[derive(clap::Args)]
+struct LagArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "pipeline-board")]
+    group_id: String,
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested; finishing in-flight work");
+}
+
+async fn project(args: ProjectArgs) -> anyhow::Result<ExitCode> {
+    if !args.metrics_addr.is_empty() {
+        let addr: SocketAddr = args.metrics_addr.parse().context("--metrics-addr")?;
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .context("starting the metrics endpoint")?;
+    }
+    let mut settings = ProjectorSettings::new(
+        &args.kafka.kafka_brokers,
+        &args.group_id,
+        args.kafka.topics.clone(),
+        &args.redis.redis_url,
+        KeySpace::new(&args.redis.redis_prefix),
+    );
+    settings.max_batch = args.max_batch.max(1);
+    settings.linger = Duration::from_millis(args.linger_ms);
+    settings.session_timeout = Duration::from_millis(args.session_timeout_ms);
+    settings.exit_when_caught_up = args.exit_when_caught_up;
+    let counters = Arc::new(RunCounters::default());
+    let started = Instant::now();
+    consumers::run(settings, counters.clone(), shutdown_signal()).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let applied = counters.get(&counters.applied);
+    let stale = counters.get(&counters.stale);
+    let dlq = counters.get(&counters.dead_lettered);
+    tracing::info!(applied, stale, dead_lettered = dlq, seconds = secs, "projector finished");
+    println!(
+        "applied {applied}, stale/duplicate {stale}, dead-lettered {dlq} in {secs:.2} s ({:.0} events/s)",
+        (applied + stale + dlq) as f64 / secs.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve => {
+            eprintln!("pipeline-board serve: not implemented yet (issue: POST /api/contacts)");
+            Ok(ExitCode::from(2))
+        }
+        Command::Rebuild => {
+            eprintln!("pipeline-board rebuild: not implemented yet");
+            Ok(ExitCode::from(2))
+        }
+        Command::Project(args) => project(args).await,
+        Command::Seed(args) => {
+            let started = Instant::now();
+            let r = seed::run(&args.seed, &args.kafka.kafka_brokers, &args.kafka.topics, &args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
+            println!(
+                "seeded {} orgs: {} contacts, {} applications, {} messages; {} events in {:.1} s",
+                r.org_ids.len(), r.contacts, r.applications, r.messages, r.events, started.elapsed().as_secs_f64()
+            );
+            for org in &r.org_ids {
+                println!("org {org}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify(args) => {
+            let db = mongo::connect(&args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
+            let client = redis::Client::open(args.redis.redis_url.as_str())?;
+            let mut conn = redis::aio::ConnectionManager::new(client).await?;
+            let keys = KeySpace::new(&args.redis.redis_prefix);
+            let report = verify::verify(&mut conn, &keys, &db, &args.orgs).await?;
+            println!(
+                "verified {} orgs, {} cards, {} index keys: {} differences",
+                report.orgs, report.cards, report.index_keys, report.drift_count
+            );
+            for s in &report.samples {
+                println!("  drift: {s}");
+            }
+            Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Lag(args) => {
+            let client = redis::Client::open(args.redis.redis_url.as_str())?;
+            let mut conn = redis::aio::ConnectionManager::new(client).await?;
+            let key = KeySpace::new(&args.redis.redis_prefix).progress(&args.group_id);
+            let lag = progress::lag(&args.kafka.kafka_brokers, &args.kafka.topics.inputs(), &mut conn, &key).await?;
+            for ((topic, partition), (applied, high)) in &lag.partitions {
+                println!("{topic}/{partition}\tapplied {applied}\thigh {high}\tlag {}", (high - applied).max(0));
+            }
+            println!("total lag {}", lag.total());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    board_core::telemetry::init(&cli.log_format);
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
