@@ -18,7 +18,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -64,6 +64,8 @@ pub struct RunCounters {
     pub dead_lettered: AtomicU64,
     pub batches: AtomicU64,
     pub redis_retries: AtomicU64,
+    /// Partitions this instance holds now.
+    pub assigned_partitions: AtomicI64,
 }
 
 impl RunCounters {
@@ -72,7 +74,9 @@ impl RunCounters {
     }
 }
 
-struct ProjectorContext;
+struct ProjectorContext {
+    counters: Arc<RunCounters>,
+}
 
 impl ClientContext for ProjectorContext {
     fn stats(&self, stats: Statistics) {
@@ -101,14 +105,20 @@ impl ConsumerContext for ProjectorContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => info!(partitions = tpl.count(), "partitions assigned"),
-            Rebalance::Revoke(tpl) => info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Assign(tpl) => {
+                self.counters.assigned_partitions.fetch_add(tpl.count() as i64, Ordering::Relaxed);
+                info!(partitions = tpl.count(), "partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                self.counters.assigned_partitions.fetch_sub(tpl.count() as i64, Ordering::Relaxed);
+                info!(partitions = tpl.count(), "partitions revoked")
+            }
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
         }
     }
 }
 
-fn build_consumer(s: &ProjectorSettings) -> anyhow::Result<StreamConsumer<ProjectorContext>> {
+fn build_consumer(s: &ProjectorSettings, counters: Arc<RunCounters>) -> anyhow::Result<StreamConsumer<ProjectorContext>> {
     let session_ms = s.session_timeout.as_millis().max(6000);
     let consumer: StreamConsumer<ProjectorContext> = ClientConfig::new()
         .set("bootstrap.servers", &s.brokers)
@@ -122,7 +132,7 @@ fn build_consumer(s: &ProjectorSettings) -> anyhow::Result<StreamConsumer<Projec
         .set("max.poll.interval.ms", (session_ms * 5).max(10_000).to_string())
         .set("topic.metadata.refresh.interval.ms", "5000")
         .set("statistics.interval.ms", "5000")
-        .create_with_context(ProjectorContext)?;
+        .create_with_context(ProjectorContext { counters })?;
     let topics = s.topics.inputs();
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
@@ -150,7 +160,7 @@ pub async fn run(
         }
     };
     let dead_letters = DeadLetters::new(&settings.brokers, &settings.topics.topic_dlq)?;
-    let consumer = build_consumer(&settings)?;
+    let consumer = build_consumer(&settings, counters.clone())?;
     let progress_key = settings.keys.progress(&settings.group_id);
     let mut progress_conn = applier.connection();
     let mut caught_up_check = Instant::now();

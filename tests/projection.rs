@@ -1,0 +1,264 @@
+//! Issue: event ingestion into the Redis read model, against the real Redis, the tansu broker and
+//! the nx-27017 MongoDB-wire server.
+mod common;
+
+use common::{eventually, small_seed, TestEnv};
+use pipeline_board::core::model::CardKind;
+use pipeline_board::mongo;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_projection_equals_mongodb() {
+    let env = TestEnv::new("equal").await;
+    let seeded = env.seed(small_seed(2, 300, 7)).await;
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    projector.stop().await.expect("projector ran cleanly");
+
+    let report = env.verify(&seeded.org_ids).await;
+    assert!(report.is_clean(), "drift: {:#?}", report.samples);
+    assert_eq!(report.orgs, 2);
+    assert_eq!(report.cards as u64, seeded.contacts + seeded.applications);
+    assert!(report.index_keys > 100, "a real projection has many index keys: {report:?}");
+    env.cleanup().await;
+}
+
+fn oid(n: u32) -> String {
+    format!("65a0000000000000{n:08x}")
+}
+
+fn event(kind: &str, org: &str, field: &str, body: Value) -> Vec<u8> {
+    let mut v = json!({"type": kind, "eventId": format!("ev-{}", rand::random::<u64>()), "orgId": org,
+        "occurredAt": "2026-11-30T09:00:00.000Z"});
+    v.as_object_mut().unwrap().insert(field.into(), body);
+    serde_json::to_vec(&v).unwrap()
+}
+
+fn contact(org: &str, id: &str, version: i64, pipeline: &str, stage: &str, owner: &str, name: &str) -> Value {
+    json!({"_id": id, "orgId": org, "firstName": name, "lastName": "Tester", "fullName": format!("{name} Tester"),
+        "phoneNumbers": [{"value": "+15550001111", "type": "mobile"}], "source": "website", "createdBy": oid(90),
+        "owner": owner, "pipelineId": pipeline, "pipelineStage": stage, "status": null, "isBulkSms": false,
+        "createdAt": "2026-10-01T12:00:00.000Z", "updatedAt": "2026-10-01T12:00:00.000Z",
+        "customFields": {"tier": "gold"}, "version": version})
+}
+
+/// Duplicates, out-of-order versions, tombstones, idempotent messages and index moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_duplicates_and_tombstones() {
+    let env = TestEnv::new("versions").await;
+    let t = env.topics.clone();
+    let org = oid(1);
+    let (p, s_new, s_won) = (oid(2), oid(3), oid(4));
+    let (c, d, conv) = (oid(10), oid(11), oid(12));
+    let (u1, u2, u3) = (oid(20), oid(21), oid(22));
+    let pipeline = json!({"_id": p, "orgId": org, "name": "Sales", "type": "Contact", "isActive": true,
+        "stages": [{"_id": s_new, "name": "New", "order": 0}, {"_id": s_won, "name": "Won", "order": 1}], "version": 1});
+    let conv_doc = |v: i64, who: &str| json!({"_id": conv, "orgId": org, "contactId": c, "assignees": [who], "version": v});
+    let msg = |id: &str, at: &str| json!({"_id": id, "orgId": org, "contactId": c, "conversationId": conv, "direction": "inbound", "createdAt": at});
+
+    let mut stream: Vec<(&str, String, Vec<u8>)> = vec![
+        (&t.topic_pipelines, p.clone(), event("pipeline.upserted", &org, "pipeline", pipeline.clone())),
+        (&t.topic_contacts, c.clone(), event("contact.upserted", &org, "contact", contact(&org, &c, 2, &p, &s_won, &u1, "Ann"))),
+        // older version after a newer one, then an exact duplicate: both change nothing
+        (&t.topic_contacts, c.clone(), event("contact.upserted", &org, "contact", contact(&org, &c, 1, &p, &s_new, &u3, "Old"))),
+        (&t.topic_contacts, c.clone(), event("contact.upserted", &org, "contact", contact(&org, &c, 2, &p, &s_won, &u1, "Ann"))),
+        (&t.topic_conversations, conv.clone(), event("conversation.upserted", &org, "conversation", conv_doc(1, &u3))),
+        (&t.topic_conversations, conv.clone(), event("conversation.upserted", &org, "conversation", conv_doc(2, &u2))),
+        (&t.topic_conversations, conv.clone(), event("conversation.upserted", &org, "conversation", conv_doc(1, &u3))),
+        (&t.topic_messages, c.clone(), event("message.created", &org, "message", msg(&oid(30), "2026-11-01T00:00:00.000Z"))),
+        (&t.topic_messages, c.clone(), event("message.created", &org, "message", msg(&oid(30), "2026-11-01T00:00:00.000Z"))),
+        (&t.topic_messages, c.clone(), event("message.created", &org, "message", msg(&oid(31), "2026-11-02T00:00:00.000Z"))),
+        // a delete leaves a tombstone: neither a late older upsert nor one of the same version resurrects it
+        (&t.topic_contacts, d.clone(), event("contact.upserted", &org, "contact", contact(&org, &d, 1, &p, &s_new, &u1, "Dee"))),
+    ];
+    let mut del = serde_json::from_slice::<Value>(&event("contact.deleted", &org, "contactId", json!(d))).unwrap();
+    del["version"] = json!(2);
+    stream.push((&t.topic_contacts, d.clone(), serde_json::to_vec(&del).unwrap()));
+    stream.push((&t.topic_contacts, d.clone(), event("contact.upserted", &org, "contact", contact(&org, &d, 1, &p, &s_new, &u1, "Dee"))));
+    stream.push((&t.topic_contacts, d.clone(), event("contact.upserted", &org, "contact", contact(&org, &d, 2, &p, &s_new, &u1, "Dee"))));
+    // the stage and owner change: the card must leave every old index
+    stream.push((&t.topic_contacts, c.clone(), event("contact.upserted", &org, "contact", contact(&org, &c, 3, &p, &s_new, &u2, "Ann"))));
+    for (topic, key, payload) in &stream {
+        env.produce(topic, key, payload).await;
+    }
+
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    let counters = projector.counters.clone();
+    projector.stop().await.unwrap();
+    assert_eq!(counters.stale.load(Ordering::Relaxed), 6, "older, duplicate and tombstoned events change nothing");
+    assert_eq!(counters.applied.load(Ordering::Relaxed), stream.len() as u64 - 6);
+    assert_eq!(counters.dead_lettered.load(Ordering::Relaxed), 0);
+
+    let keys = env.keys.org(&org);
+    let mut r = env.redis().await;
+    let rk_new = format!("{p}|s:{s_new}");
+    let rk_won = format!("{p}|s:{s_won}");
+    let members = |v: Vec<String>| v.into_iter().collect::<BTreeSet<String>>();
+    assert_eq!(members(r.zrange(keys.stage(CardKind::Contact, &rk_new), 0, -1).await.unwrap()), BTreeSet::from([c.clone()]));
+    assert!(!r.exists::<_, bool>(keys.stage(CardKind::Contact, &rk_won)).await.unwrap(), "moved out of the old stage");
+    assert!(!r.exists::<_, bool>(keys.stage_person(CardKind::Contact, &rk_won, &u1)).await.unwrap(), "old owner index emptied");
+    assert!(!r.exists::<_, bool>(keys.stage_assignee(CardKind::Contact, &rk_new, &u3)).await.unwrap(), "old assignee index emptied");
+    assert_eq!(members(r.zrange(keys.stage_assignee(CardKind::Contact, &rk_new, &u2), 0, -1).await.unwrap()), BTreeSet::from([c.clone()]));
+    assert_eq!(r.zcard::<_, i64>(keys.messages_of(&c)).await.unwrap(), 2, "a redelivered message counts once");
+    assert!(!r.hexists::<_, _, bool>(keys.bodies(CardKind::Contact), &d).await.unwrap(), "tombstoned card stays deleted");
+    assert_eq!(r.hget::<_, _, i64>(keys.versions(), format!("c:{d}")).await.unwrap(), 2);
+
+    // The same final state written to MongoDB: verify finds the projection equal to it.
+    let db = env.mongo().await;
+    let final_contact: pipeline_board::core::model::CardDoc = serde_json::from_value(contact(&org, &c, 3, &p, &s_new, &u2, "Ann")).unwrap();
+    db.collection("contacts").insert_one(mongo::card_to_bson(&final_contact)).await.unwrap();
+    db.collection("pipelines").insert_one(mongo::pipeline_to_bson(&serde_json::from_value(pipeline).unwrap())).await.unwrap();
+    db.collection("conversations").insert_one(mongo::conversation_to_bson(&serde_json::from_value(conv_doc(2, &u2)).unwrap())).await.unwrap();
+    for (id, at) in [(oid(30), "2026-11-01T00:00:00.000Z"), (oid(31), "2026-11-02T00:00:00.000Z")] {
+        db.collection("messages").insert_one(mongo::message_to_bson(&serde_json::from_value(msg(&id, at)).unwrap())).await.unwrap();
+    }
+    let report = env.verify(&[org.clone()]).await;
+    assert!(report.is_clean(), "drift: {:#?}", report.samples);
+    assert_eq!(report.cards, 1);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_go_to_the_dead_letter_topic_and_the_consumer_goes_on() {
+    let env = TestEnv::new("dlq").await;
+    let org = oid(1);
+    let c = oid(10);
+    let poison: Vec<(&str, Vec<u8>)> = vec![
+        ("invalid_json", b"{\"type\": \"contact.upserted\", oops".to_vec()),
+        ("missing_field", event("contact.upserted", &org, "note", json!("no contact document"))),
+        ("unknown_type", event("contact.teleported", &org, "contact", json!({}))),
+    ];
+    // All on one key: one partition, so the valid event after them proves the consumer went on.
+    for (_, payload) in &poison {
+        env.produce(&env.topics.topic_contacts, &c, payload).await;
+    }
+    let valid = event("contact.upserted", &org, "contact", contact(&org, &c, 1, &oid(2), &oid(3), &oid(20), "Val"));
+    env.produce(&env.topics.topic_contacts, &c, &valid).await;
+
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    let counters = projector.counters.clone();
+    projector.stop().await.unwrap();
+    assert_eq!(counters.dead_lettered.load(Ordering::Relaxed), 3);
+    assert_eq!(counters.applied.load(Ordering::Relaxed), 1);
+    let mut r = env.redis().await;
+    assert!(r.hexists::<_, _, bool>(env.keys.org(&org).bodies(CardKind::Contact), &c).await.unwrap());
+
+    // The dead-letter topic holds the three events unchanged, with their reasons.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("group.id", format!("{}-dlq-reader", env.group))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..4 {
+        tpl.add_partition_offset(&env.topics.topic_dlq, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("dead letters arrive").unwrap();
+        let code = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "x-dlq-code").and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).to_string())))
+            .expect("reason code header");
+        let reason = m.headers().and_then(|h| h.iter().find(|h| h.key == "x-dlq-reason")).expect("reason header");
+        assert!(reason.value.map(|v| !v.is_empty()).unwrap_or(false));
+        assert_eq!(m.key(), Some(c.as_bytes()), "key kept");
+        got.push((code, m.payload().unwrap().to_vec()));
+    }
+    got.sort();
+    let mut want: Vec<(String, Vec<u8>)> = poison.into_iter().map(|(code, p)| (code.to_string(), p)).collect();
+    want.sort();
+    assert_eq!(got, want);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_then_restart_loses_nothing() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let env = TestEnv::new("sigkill").await;
+    let seeded = env.seed(small_seed(1, 600, 11)).await;
+    let start = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pipeline-board"))
+            .args(["project", "--metrics-addr", "", "--max-batch", "25", "--linger-ms", "0"])
+            .env("KAFKA_BROKERS", &env.brokers)
+            .env("REDIS_URL", &env.redis_url)
+            .env("REDIS_PREFIX", env.keys.prefix())
+            .env("KAFKA_GROUP_ID", &env.group)
+            .env("TOPIC_CONTACTS", &env.topics.topic_contacts)
+            .env("TOPIC_APPLICATIONS", &env.topics.topic_applications)
+            .env("TOPIC_CONVERSATIONS", &env.topics.topic_conversations)
+            .env("TOPIC_MESSAGES", &env.topics.topic_messages)
+            .env("TOPIC_PIPELINES", &env.topics.topic_pipelines)
+            .env("TOPIC_USERS", &env.topics.topic_users)
+            .env("TOPIC_DLQ", &env.topics.topic_dlq)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start projector")
+    };
+    let mut child = start();
+    // Kill it once it has applied some but not all events.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let lag_at_kill = loop {
+        let lag = env.lag().await;
+        if lag.applied() > 0 && lag.total() > 0 {
+            break lag.total();
+        }
+        assert!(std::time::Instant::now() < deadline, "projector never got midway: {lag:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    assert!(lag_at_kill > 0);
+
+    let mut child = start();
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    // Graceful stop: SIGTERM finishes in-flight work and exits 0.
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+
+    let report = env.verify(&seeded.org_ids).await;
+    assert!(report.is_clean(), "drift after kill and restart: {:#?}", report.samples);
+    assert_eq!(report.cards as u64, seeded.contacts + seeded.applications);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_in_one_group_share_the_partitions() {
+    let env = TestEnv::new("group").await;
+    let a = env.spawn_projector();
+    let b = env.spawn_projector();
+    // Both members hold partitions before any event exists, so both must do part of the work.
+    let (ca, cb) = (a.counters.clone(), b.counters.clone());
+    eventually(Duration::from_secs(60), "both consumers hold partitions, 24 in all", || {
+        let (ca, cb) = (ca.clone(), cb.clone());
+        async move {
+            let (x, y) = (ca.assigned_partitions.load(Ordering::Relaxed), cb.assigned_partitions.load(Ordering::Relaxed));
+            x > 0 && y > 0 && x + y == 24
+        }
+    })
+    .await;
+    let seeded = env.seed(small_seed(2, 250, 5)).await;
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    let (applied_a, applied_b) = (ca.applied.load(Ordering::Relaxed), cb.applied.load(Ordering::Relaxed));
+    assert!(applied_a > 0 && applied_b > 0, "both applied events: {applied_a} and {applied_b}");
+    assert_eq!(applied_a + applied_b + ca.stale.load(Ordering::Relaxed) + cb.stale.load(Ordering::Relaxed), seeded.events);
+    let report = env.verify(&seeded.org_ids).await;
+    assert!(report.is_clean(), "drift: {:#?}", report.samples);
+    env.cleanup().await;
+}
