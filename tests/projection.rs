@@ -262,3 +262,82 @@ async fn two_consumers_in_one_group_share_the_partitions() {
     assert!(report.is_clean(), "drift: {:#?}", report.samples);
     env.cleanup().await;
 }
+
+/// A redis-server of the test's own, with an append-only file so a restart keeps its data.
+struct OwnRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl OwnRedis {
+    fn start(port: u16, dir: &std::path::Path) -> OwnRedis {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        OwnRedis { port, dir: dir.to_path_buf(), child }
+    }
+    async fn wait_ready(&self) {
+        let url = format!("redis://127.0.0.1:{}", self.port);
+        eventually(Duration::from_secs(20), "own redis answers", || {
+            let url = url.clone();
+            async move {
+                match redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await {
+                    Ok(mut c) => redis::cmd("PING").query_async::<String>(&mut c).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+    fn stop(mut self) -> std::path::PathBuf {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.dir.clone()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_is_retried_and_nothing_is_skipped() {
+    let mut env = TestEnv::new("outage").await;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("pb-{}", env.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let redis_server = OwnRedis::start(port, &dir);
+    redis_server.wait_ready().await;
+    env.redis_url = format!("redis://127.0.0.1:{port}");
+
+    let first = env.seed(small_seed(1, 150, 21)).await;
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+
+    // Redis goes away; events keep coming.
+    let dir = redis_server.stop();
+    let second = env.seed(small_seed(1, 150, 22)).await;
+    let counters = projector.counters.clone();
+    eventually(Duration::from_secs(60), "the projector retries while Redis is down", || {
+        let c = counters.clone();
+        async move { c.redis_retries.load(Ordering::Relaxed) >= 2 }
+    })
+    .await;
+
+    // Redis is back (same data): the projector resumes and skips nothing.
+    let redis_server = OwnRedis::start(port, &dir);
+    redis_server.wait_ready().await;
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    projector.stop().await.unwrap();
+    let orgs: Vec<String> = first.org_ids.iter().chain(&second.org_ids).cloned().collect();
+    let report = env.verify(&orgs).await;
+    assert!(report.is_clean(), "drift after the outage: {:#?}", report.samples);
+    assert_eq!(report.cards as u64, first.contacts + first.applications + second.contacts + second.applications);
+    redis_server.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The demo: installs and starts everything, seeds a demo data set into MongoDB and Kafka, projects
+# it into Redis, checks the projection against MongoDB, then keeps the projector running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pipeline-board/target}"
+bash deploy/stack.sh up
+cargo build --release --locked
+BIN="$CARGO_TARGET_DIR/release/pipeline-board"
+export MONGODB_DB="${MONGODB_DB:-crm}"
+if [ "$(redis-cli --scan --pattern 'pb:{*}:pipelines' | head -1)" = "" ]; then
+  "$BIN" seed --orgs "${DEMO_ORGS:-3}" --contacts "${DEMO_CONTACTS:-5000}"
+fi
+"$BIN" project --exit-when-caught-up --metrics-addr ""
+"$BIN" verify
+echo "demo data projected; the projector keeps running (Ctrl-C stops it gracefully); metrics on http://127.0.0.1:9898/metrics"
+exec "$BIN" project
