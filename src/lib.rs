@@ -2,7 +2,9 @@
 //! adapters to the source of truth. The shared core lives in `src/core` (crate `board-core`), the
 //! projection side in `consumers/`.
 
+pub mod api;
 pub mod mongo;
+pub mod query;
 pub mod seed;
 pub mod verify;
 

@@ -22,8 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The HTTP API (POST /api/contacts, /healthz, /readyz, /metrics).
-    Serve,
+    /// The HTTP API (POST /api/contacts, /healthz, /readyz, /metrics, /openapi.json).
+    Serve(pipeline_board::api::ServeArgs),
     /// The Kafka consumer that keeps the Redis projection current (run N of them: one group).
     Project(ProjectArgs),
     /// Build a fresh projection generation and switch to it when caught up.
@@ -34,6 +34,21 @@ enum Command {
     Seed(SeedCommand),
     /// How far the projection is behind Kafka, per partition.
     Lag(LagArgs),
+    /// Print an HS256 bearer token (demo, load tests).
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    jwt_secret: String,
+    #[arg(long)]
+    org: String,
+    #[arg(long)]
+    user: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    ttl: i64,
 }
 
 #[derive(clap::Args)]
@@ -139,9 +154,15 @@ async fn project(args: ProjectArgs) -> anyhow::Result<ExitCode> {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve => {
-            eprintln!("pipeline-board serve: not implemented yet (issue: POST /api/contacts)");
-            Ok(ExitCode::from(2))
+        Command::Serve(args) => {
+            let app = pipeline_board::api::Application::build(&args).await?;
+            let addr = app.local_addr();
+            tracing::info!(%addr, "serving");
+            // The first stdout line names the bound address (LISTEN_ADDR may use port 0).
+            println!("listening on {addr}");
+            app.run(shutdown_signal()).await?;
+            tracing::info!("stopped");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Rebuild => {
             eprintln!("pipeline-board rebuild: not implemented yet");
@@ -174,6 +195,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("  drift: {s}");
             }
             Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Token(args) => {
+            println!("{}", pipeline_board::api::auth::sign_hs256(args.jwt_secret.as_bytes(), &args.user, &args.org, args.ttl));
+            Ok(ExitCode::SUCCESS)
         }
         Command::Lag(args) => {
             let client = redis::Client::open(args.redis.redis_url.as_str())?;

@@ -82,6 +82,8 @@ pub fn expected_entries(keys: &OrgKeys, kind: CardKind, card: &CardDoc, assignee
         if let Some(lm) = last_message {
             put(keys.stage_answered(kind, rk), Some(created));
             put(keys.stage_last_message(kind, rk), Some(lm as f64));
+        } else {
+            put(keys.stage_unanswered(kind, rk), Some(created));
         }
     }
     let grams: BTreeSet<String> = meta.txt.iter().flat_map(|t| trigrams(t)).collect();

@@ -62,6 +62,8 @@ local function entries(K, k, m)
     if m.lm then
       out[#out + 1] = 'z|' .. K .. ':zm:' .. rk
       out[#out + 1] = 'l|' .. K .. ':zl:' .. rk
+    else
+      out[#out + 1] = 'z|' .. K .. ':zn:' .. rk
     end
   end
   local grams = {}
@@ -229,3 +231,210 @@ redis.register_function('pb_create_message', create_message)
 redis.register_function('pb_upsert_pipeline', upsert_pipeline)
 redis.register_function('pb_delete_pipeline', delete_pipeline)
 redis.register_function('pb_upsert_user', upsert_user)
+
+-- ---------------------------------------------------------------------------------------------
+-- Reads. pb_board answers a whole board in one call (no writes: it may run on replicas through
+-- FCALL_RO). ARGV[1] is the plan JSON built by src/query/projection.rs: the raw stage keys of each
+-- bucket, its page, and the filters. Per raw stage key it reads the smallest index that already
+-- answers a filter ("the driver"); with one driver key and no further filter the page is one
+-- ZRANGE BYSCORE REV LIMIT and the exact total one ZCOUNT. Other filters are checked per candidate
+-- of the driver (ZSCORE in the other indexes). A search term of 3+ characters drives from the
+-- trigram index instead and is verified literally.
+
+local function tonum(s)
+  if s == '-inf' then return -math.huge end
+  if s == 'inf' or s == '+inf' then return math.huge end
+  return tonumber(s)
+end
+
+local function board(keys, args)
+  local K = keys[1]
+  local p = cjson.decode(args[1])
+  local k = p.k
+  local term = p.term
+
+  local function card_meta(id)
+    local raw = redis.call('HGET', K .. ':meta:' .. k, id)
+    if raw then return cmsgpack.unpack(raw) end
+    return nil
+  end
+
+  local function matches_term(m)
+    for _, t in ipairs(m.txt) do
+      if string.find(t, term, 1, true) then return true end
+    end
+    return false
+  end
+
+  -- ownerFilter "team": the members of the caller's teams, from the projection's own users.
+  local people = p.people
+  if p.team_of then
+    people = {}
+    local raw = redis.call('HGET', K .. ':users', p.team_of)
+    if raw then
+      local seen = {}
+      for _, t in ipairs(cjson.decode(raw)) do
+        for _, u in ipairs(redis.call('SMEMBERS', K .. ':team:' .. t)) do
+          if not seen[u] then
+            seen[u] = true
+            people[#people + 1] = u
+          end
+        end
+      end
+    end
+  end
+
+  -- Each constraint is a list of index keys whose union holds the cards that pass it.
+  local function constraints(pre)
+    local cons = {}
+    if people then
+      local l = {}
+      for _, u in ipairs(people) do l[#l + 1] = K .. ':zp:' .. pre .. ':' .. u end
+      cons[#cons + 1] = l
+    end
+    if p.assignees then
+      local l = {}
+      for _, u in ipairs(p.assignees) do l[#l + 1] = K .. ':za:' .. pre .. ':' .. u end
+      cons[#cons + 1] = l
+    end
+    if p.unassigned then cons[#cons + 1] = { K .. ':zu:' .. pre } end
+    if p.source then cons[#cons + 1] = { K .. ':zs:' .. pre .. ':' .. p.source } end
+    if p.bulk then cons[#cons + 1] = { K .. ':zb:' .. pre } end
+    if p.answered == 'yes' then cons[#cons + 1] = { K .. ':zm:' .. pre } end
+    if p.answered == 'no' then cons[#cons + 1] = { K .. ':zn:' .. pre } end
+    return cons
+  end
+
+  local function in_any(list, id)
+    for _, key in ipairs(list) do
+      if redis.call('ZSCORE', key, id) then return true end
+    end
+    return false
+  end
+
+  -- Filters no index answers directly: last-message windows and a short search term.
+  local function passes(id, pre, m, check_term)
+    if p.quiet_before then
+      local lm = redis.call('ZSCORE', K .. ':zl:' .. pre, id)
+      if lm and tonumber(lm) >= p.quiet_before then return false end
+    end
+    if p.msg_min then
+      m = m or card_meta(id)
+      if not m or not m.cid then return false end
+      if redis.call('ZCOUNT', K .. ':msgs:' .. m.cid, p.msg_min, p.msg_max) == 0 then return false end
+    end
+    if check_term then
+      m = m or card_meta(id)
+      if not m or not matches_term(m) then return false end
+    end
+    return true
+  end
+
+  -- Search with trigrams: the candidates of the whole board, once, grouped by raw stage key.
+  local by_rk = nil
+  if p.grams then
+    by_rk = {}
+    local gk = {}
+    for _, g in ipairs(p.grams) do gk[#gk + 1] = K .. ':tri:' .. k .. ':' .. g end
+    for _, id in ipairs(redis.call('SINTER', unpack(gk))) do
+      local m = card_meta(id)
+      if m and m.rk and matches_term(m) then
+        local l = by_rk[m.rk]
+        if not l then
+          l = {}
+          by_rk[m.rk] = l
+        end
+        l[#l + 1] = { id, m }
+      end
+    end
+  end
+
+  local out = {}
+  for _, b in ipairs(p.buckets) do
+    local total, list = 0, {}
+    local need = b.offset + b.limit
+    for _, rk in ipairs(b.rks) do
+      local pre = k .. ':' .. rk
+      local cons = constraints(pre)
+      if by_rk then
+        for _, c in ipairs(by_rk[rk] or {}) do
+          local id, m = c[1], c[2]
+          local ok = true
+          if p.created then
+            ok = m.sc ~= nil and (p.cstart == nil or m.sc >= p.cstart) and (p.cend == nil or m.sc <= p.cend)
+          end
+          if ok then
+            for _, con in ipairs(cons) do
+              if not in_any(con, id) then
+                ok = false
+                break
+              end
+            end
+          end
+          if ok and passes(id, pre, m, false) then
+            total = total + 1
+            list[#list + 1] = { m.sc or -math.huge, id }
+          end
+        end
+      else
+        local driver, di = { K .. ':z:' .. pre }, 0
+        local best = nil
+        for i, con in ipairs(cons) do
+          local n = 0
+          for _, key in ipairs(con) do n = n + redis.call('ZCOUNT', key, p.cmin, p.cmax) end
+          if not best or n < best then best, driver, di = n, con, i end
+        end
+        local checks = {}
+        for i, con in ipairs(cons) do
+          if i ~= di then checks[#checks + 1] = con end
+        end
+        if #driver == 1 and #checks == 0 and not p.quiet_before and not p.msg_min and not term then
+          total = total + redis.call('ZCOUNT', driver[1], p.cmin, p.cmax)
+          if need > 0 then
+            local r = redis.call('ZRANGE', driver[1], p.cmax, p.cmin, 'BYSCORE', 'REV', 'LIMIT', 0, need, 'WITHSCORES')
+            for i = 1, #r, 2 do list[#list + 1] = { tonum(r[i + 1]), r[i] } end
+          end
+        else
+          local seen = {}
+          for _, key in ipairs(driver) do
+            local r = redis.call('ZRANGE', key, p.cmin, p.cmax, 'BYSCORE', 'WITHSCORES')
+            for i = 1, #r, 2 do
+              local id = r[i]
+              if not seen[id] then
+                seen[id] = true
+                local ok = true
+                for _, con in ipairs(checks) do
+                  if not in_any(con, id) then
+                    ok = false
+                    break
+                  end
+                end
+                if ok and passes(id, pre, nil, term ~= nil) then
+                  total = total + 1
+                  list[#list + 1] = { tonum(r[i + 1]), id }
+                end
+              end
+            end
+          end
+        end
+      end
+    end
+    table.sort(list, function(x, y)
+      if x[1] ~= y[1] then return x[1] > y[1] end
+      return x[2] > y[2]
+    end)
+    local page = { total }
+    for i = b.offset + 1, math.min(#list, need) do
+      local id = list[i][2]
+      local m = card_meta(id)
+      page[#page + 1] = id
+      page[#page + 1] = redis.call('HGET', K .. ':body:' .. k, id) or false
+      page[#page + 1] = (m and m.asg) or {}
+      page[#page + 1] = (m and m.lm) or false
+    end
+    out[#out + 1] = page
+  end
+  return out
+end
+
+redis.register_function{ function_name = 'pb_board', callback = board, flags = { 'no-writes' } }

@@ -81,6 +81,8 @@ impl OrgKeys {
     pub fn stage_bulk(&self, kind: CardKind, rk: &str) -> String { self.k(&["zb", kind.tag(), rk]) }
     /// Cards of a raw stage whose contact has at least one message (score = createdAt).
     pub fn stage_answered(&self, kind: CardKind, rk: &str) -> String { self.k(&["zm", kind.tag(), rk]) }
+    /// Cards of a raw stage whose contact has no message (unanswered); score = createdAt.
+    pub fn stage_unanswered(&self, kind: CardKind, rk: &str) -> String { self.k(&["zn", kind.tag(), rk]) }
     /// The same cards scored by their contact's last message time.
     pub fn stage_last_message(&self, kind: CardKind, rk: &str) -> String { self.k(&["zl", kind.tag(), rk]) }
     /// Search index: card ids whose lower-cased name or phone fields contain the trigram.

@@ -1,0 +1,85 @@
+//! `POST /api/contacts`: authenticate, parse, answer from the projection (or MongoDB), render.
+use super::AppState;
+use crate::query::board::{AnswerMeta, BoardAnswer};
+use crate::query::error::ApiError;
+use crate::query::mongo_path::MongoPathError;
+use crate::query::projection::ProjectionError;
+use crate::query::request::{BoardQuery, ContactsRequest};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use std::time::Instant;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/contacts", post(contacts))
+}
+
+/// List contacts (or applications) of a pipeline, bucketed by stage.
+#[utoipa::path(
+    post,
+    path = "/api/contacts",
+    request_body = ContactsRequest,
+    responses(
+        (status = 200, description = "Cards by stage: data, dataByStatus, stageIdByName, stageNameById, meta"),
+        (status = 400, description = "Malformed body or out-of-range value"),
+        (status = 401, description = "Missing, malformed, badly signed or expired token"),
+        (status = 404, description = "No such pipeline in the caller's org"),
+        (status = 413, description = "Body over 64 KiB"),
+        (status = 503, description = "Neither the projection nor MongoDB can answer"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn contacts(State(s): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let caller = s.verifier.caller(&headers)?;
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        _ => ApiError::BadRequest { code: "malformed_body", message: e.body_text() },
+    })?;
+    let query = ContactsRequest::parse(&body)?.into_query()?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let (answer, meta) = tokio::time::timeout(s.request_timeout, answer(&s, &caller.org_id, &caller.user_id, &query, now))
+        .await
+        .map_err(|_| ApiError::Timeout)??;
+    metrics::counter!("pb_board_answers_total", "path" => meta.answered_by).increment(1);
+    Ok(Json(answer.to_json(&meta)).into_response())
+}
+
+/// Projection first; MongoDB for custom fields and whenever the projection cannot answer.
+pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i64) -> Result<(BoardAnswer, AnswerMeta), ApiError> {
+    let reason = if !q.filters.custom_fields.is_empty() {
+        "custom_fields"
+    } else {
+        match s.projection.answer(org, user, q, now).await {
+            Ok(a) => {
+                return Ok((a, AnswerMeta { answered_by: "projection", reason: None, projection_lag: s.projection_lag() }))
+            }
+            Err(ProjectionError::Api(e)) => return Err(e),
+            Err(ProjectionError::NotBuilt) => "projection_not_built",
+            Err(ProjectionError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "projection unavailable; answering from MongoDB");
+                "projection_unavailable"
+            }
+        }
+    };
+    match s.mongo.answer(org, user, q, now).await {
+        Ok(a) => Ok((a, AnswerMeta { answered_by: "mongodb", reason: Some(reason), projection_lag: s.projection_lag() })),
+        Err(MongoPathError::Api(e)) => Err(e),
+        Err(MongoPathError::Unavailable(e)) => Err(ApiError::Unavailable(e)),
+    }
+}
+
+/// Request count and latency per route and status.
+pub async fn record_metrics(req: Request, next: Next) -> Response {
+    let path = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("pb_http_requests_total", "path" => path.clone(), "status" => status).increment(1);
+    metrics::histogram!("pb_http_request_seconds", "path" => path).record(started.elapsed().as_secs_f64());
+    response
+}

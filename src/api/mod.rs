@@ -1,0 +1,191 @@
+//! The HTTP API (`pipeline-board serve`): `POST /api/contacts`, `GET /healthz`, `GET /readyz`,
+//! `GET /metrics`, `GET /openapi.json`. One `Clone` state; `Application::build` binds (port 0 in
+//! tests) and `run` serves until the shutdown future resolves, finishing requests in flight.
+pub mod auth;
+mod contacts;
+
+use crate::consumers::progress;
+use crate::query::mongo_path::MongoReader;
+use crate::query::projection::ProjectionReader;
+use auth::Verifier;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use board_core::config::{KafkaArgs, MongoArgs, RedisArgs};
+use board_core::keys::KeySpace;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use utoipa::OpenApi;
+
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen_addr: String,
+    /// HS256 secret of the bearer tokens.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub mongo: MongoArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// The projector's consumer group, whose progress is the projection's freshness.
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "pipeline-board")]
+    pub group_id: String,
+    /// Longest time one request may take before it is answered 503.
+    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+    /// How often the projection lag reported in `meta` is measured (0: never).
+    #[arg(long, env = "LAG_INTERVAL_MS", default_value_t = 5_000)]
+    pub lag_interval_ms: u64,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub projection: ProjectionReader,
+    pub mongo: MongoReader,
+    pub redis: redis::aio::ConnectionManager,
+    pub mongo_db: mongodb::Database,
+    pub verifier: Verifier,
+    pub request_timeout: Duration,
+    /// Last measured projection lag in events (-1: unknown).
+    pub lag: Arc<AtomicI64>,
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    pub fn projection_lag(&self) -> Option<i64> {
+        Some(self.lag.load(Ordering::Relaxed)).filter(|l| *l >= 0)
+    }
+}
+
+/// One Prometheus recorder per process (several apps may run in one test process).
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may be installed already (the projector's, in a test process).
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "pipeline-board", description = "Pipeline (kanban) boards from a Redis read model of CRM events"),
+    paths(contacts::contacts),
+    components(schemas(crate::query::request::ContactsRequest, crate::query::request::RawRange, crate::query::request::RawWindow)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(contacts::router())
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
+        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(contacts::record_metrics))
+        .with_state(state)
+}
+
+/// Ready when at least one data path can answer.
+async fn readyz(State(s): State<AppState>) -> Response {
+    let mut conn = s.redis.clone();
+    let redis_ok = tokio::time::timeout(Duration::from_secs(2), redis::cmd("PING").query_async::<String>(&mut conn))
+        .await
+        .map(|r| r.is_ok())
+        .unwrap_or(false);
+    let mongo_ok = tokio::time::timeout(Duration::from_secs(2), s.mongo_db.run_command(bson::doc! {"ping": 1}))
+        .await
+        .map(|r| r.is_ok())
+        .unwrap_or(false);
+    let status = if redis_ok || mongo_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({"redis": redis_ok, "mongodb": mongo_ok, "projectionLag": s.projection_lag()}))).into_response()
+}
+
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    router: Router,
+}
+
+impl Application {
+    pub async fn build(args: &ServeArgs) -> anyhow::Result<Application> {
+        anyhow::ensure!(!args.jwt_secret.is_empty(), "JWT_SECRET must be set");
+        let client = redis::Client::open(args.redis.redis_url.as_str())?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1);
+        // Lazy: the service starts (and answers from MongoDB) while Redis is down.
+        let redis = redis::aio::ConnectionManager::new_lazy_with_config(client, config)?;
+        let keys = KeySpace::new(&args.redis.redis_prefix);
+        let mongo_db = crate::mongo::connect(&args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
+        let lag = Arc::new(AtomicI64::new(-1));
+        if args.lag_interval_ms > 0 {
+            spawn_lag_probe(args, redis.clone(), keys.clone(), lag.clone());
+        }
+        let state = AppState {
+            projection: ProjectionReader::new(redis.clone(), keys),
+            mongo: MongoReader::new(mongo_db.clone()),
+            redis,
+            mongo_db,
+            verifier: Verifier::hs256(args.jwt_secret.as_bytes()),
+            request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
+            lag,
+            metrics: metrics_handle(),
+        };
+        let listener = tokio::net::TcpListener::bind(&args.listen_addr).await?;
+        Ok(Application { listener, router: router(state) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await
+    }
+}
+
+fn spawn_lag_probe(args: &ServeArgs, mut redis: redis::aio::ConnectionManager, keys: KeySpace, lag: Arc<AtomicI64>) {
+    let brokers = args.kafka.kafka_brokers.clone();
+    let topics = args.kafka.topics.inputs();
+    let key = keys.progress(&args.group_id);
+    let every = Duration::from_millis(args.lag_interval_ms);
+    tokio::spawn(async move {
+        loop {
+            let measured = progress::lag(&brokers, &topics, &mut redis, &key).await.map(|l| l.total()).unwrap_or(-1);
+            lag.store(measured, Ordering::Relaxed);
+            metrics::gauge!("pb_projection_lag_events").set(measured as f64);
+            tokio::time::sleep(every).await;
+        }
+    });
+}

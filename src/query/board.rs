@@ -1,0 +1,219 @@
+//! What both data paths share: which pipeline and which stages a request answers, which raw
+//! stage keys make up a bucket, and the response shape. Keeping this in one place is what lets the
+//! projection path and the MongoDB path differ only in where they read.
+use super::error::ApiError;
+use super::request::BoardQuery;
+use board_core::keys::raw_stage_key;
+use board_core::model::{CardDoc, CardKind, Pipeline, Stage};
+use board_core::time::{format_millis, Millis};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// One column of the board to answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketSpec {
+    pub name: String,
+    /// None: a name from `stages` that the pipeline does not have (an empty bucket).
+    pub stage: Option<Stage>,
+    /// 0-based offset of the requested page.
+    pub offset: u64,
+    pub limit: u64,
+}
+
+/// The pipeline and the buckets a request answers (CONTRACT.md 3, "which stages are answered").
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoardPlan {
+    pub pipeline: Pipeline,
+    /// Legacy cards (no pipelineId) belong here: it is the org's active pipeline of its type.
+    pub includes_legacy: bool,
+    pub buckets: Vec<BucketSpec>,
+}
+
+pub fn plan(pipelines: &[Pipeline], q: &BoardQuery) -> Result<BoardPlan, ApiError> {
+    let kind = q.kind.pipeline_type();
+    let of_kind = |p: &&Pipeline| p.kind.as_deref() == Some(kind);
+    let pipeline = match &q.pipeline_id {
+        Some(id) => pipelines.iter().filter(of_kind).find(|p| &p.id == id).ok_or_else(|| {
+            ApiError::NotFound(format!("no {kind} pipeline {id:?} in your organization"))
+        })?,
+        None => pipelines
+            .iter()
+            .filter(of_kind)
+            .filter(|p| p.is_active == Some(true))
+            .min_by(|a, b| a.id.cmp(&b.id))
+            .ok_or_else(|| ApiError::NotFound(format!("your organization has no active {kind} pipeline")))?,
+    };
+    let mut stages: Vec<(usize, Stage)> = pipeline.stages.clone().unwrap_or_default().into_iter().enumerate().collect();
+    stages.sort_by_key(|(i, s)| (s.order.is_none(), s.order, *i));
+    let stages: Vec<Stage> = stages.into_iter().map(|(_, s)| s).collect();
+    let named = |s: &Stage| s.name.clone().unwrap_or_default();
+
+    let mut chosen: Vec<(String, Option<Stage>)> = match (&q.status, &q.stages) {
+        (Some(status), _) => match stages.iter().find(|s| &s.id == status).or_else(|| stages.iter().find(|s| s.name.as_ref() == Some(status))) {
+            Some(s) => vec![(named(s), Some(s.clone()))],
+            None => vec![(status.clone(), None)],
+        },
+        (None, Some(names)) => names
+            .iter()
+            .map(|n| (n.clone(), stages.iter().find(|s| s.name.as_ref() == Some(n)).cloned()))
+            .collect(),
+        (None, None) => stages.iter().map(|s| (named(s), Some(s.clone()))).collect(),
+    };
+    // A name asked for twice is one column.
+    let mut seen = std::collections::HashSet::new();
+    chosen.retain(|(n, _)| seen.insert(n.clone()));
+    let buckets = chosen
+        .into_iter()
+        .map(|(name, stage)| {
+            let page = q.page_of(stage.as_ref().map(|s| s.id.as_str()), &name) as u64;
+            BucketSpec { offset: (page - 1) * q.size as u64, limit: q.size as u64, name, stage }
+        })
+        .collect();
+    Ok(BoardPlan {
+        includes_legacy: pipeline.is_active == Some(true),
+        pipeline: pipeline.clone(),
+        buckets,
+    })
+}
+
+impl BoardPlan {
+    /// The raw stage keys whose union is the bucket (see docs/key-model.md).
+    pub fn raw_keys(&self, bucket: &BucketSpec) -> Vec<String> {
+        let Some(stage) = &bucket.stage else { return Vec::new() };
+        let mut pids = vec![Some(self.pipeline.id.as_str())];
+        if self.includes_legacy {
+            pids.push(None);
+        }
+        let mut out = Vec::new();
+        for pid in pids {
+            out.extend(raw_stage_key(pid, Some(&stage.id), None));
+            if let Some(name) = &stage.name {
+                out.extend(raw_stage_key(pid, None, Some(name)));
+            }
+        }
+        out
+    }
+}
+
+/// A card as the API returns it: the stored document plus its derived fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CardOut {
+    pub doc: CardDoc,
+    pub assignees: Vec<String>,
+    pub last_message_at: Option<Millis>,
+}
+
+impl CardOut {
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::to_value(&self.doc).unwrap_or(Value::Null);
+        if let Value::Object(m) = &mut v {
+            m.insert("assignees".into(), serde_json::json!(self.assignees));
+            m.insert("lastMessageAt".into(), self.last_message_at.map(|t| Value::String(format_millis(t))).unwrap_or(Value::Null));
+        }
+        v
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketAnswer {
+    pub name: String,
+    pub stage_id: Option<String>,
+    pub total: u64,
+    pub cards: Vec<CardOut>,
+}
+
+/// Which path answered, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AnswerMeta {
+    pub answered_by: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub projection_lag: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoardAnswer {
+    pub kind: CardKind,
+    pub buckets: Vec<BucketAnswer>,
+}
+
+impl BoardAnswer {
+    /// The response body: buckets in board order (JSON key order), plus `meta`.
+    pub fn to_json(&self, meta: &AnswerMeta) -> Value {
+        let mut data = Map::new();
+        let mut by_status = Map::new();
+        let mut id_by_name = Map::new();
+        let mut name_by_id = Map::new();
+        for b in &self.buckets {
+            let body = serde_json::json!({
+                "contacts": b.cards.iter().map(CardOut::to_json).collect::<Vec<_>>(),
+                "total": b.total,
+            });
+            data.insert(b.name.clone(), body.clone());
+            if let Some(id) = &b.stage_id {
+                by_status.insert(id.clone(), body);
+                id_by_name.insert(b.name.clone(), Value::String(id.clone()));
+                name_by_id.insert(id.clone(), Value::String(b.name.clone()));
+            }
+        }
+        serde_json::json!({
+            "data": data, "dataByStatus": by_status, "stageIdByName": id_by_name, "stageNameById": name_by_id,
+            "meta": meta,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::request::ContactsRequest;
+
+    fn pipeline(id: &str, kind: &str, active: bool, stages: &[(&str, &str, i64)]) -> Pipeline {
+        Pipeline {
+            id: id.into(),
+            org_id: "o".into(),
+            name: None,
+            kind: Some(kind.into()),
+            is_active: Some(active),
+            stages: Some(stages.iter().map(|(i, n, o)| Stage { id: i.to_string(), name: Some(n.to_string()), order: Some(*o) }).collect()),
+            version: Some(1),
+        }
+    }
+
+    fn q(json: &str) -> BoardQuery {
+        ContactsRequest::parse(json.as_bytes()).unwrap().into_query().unwrap()
+    }
+
+    #[test]
+    fn picks_the_active_pipeline_of_the_type_and_orders_stages() {
+        let ps = vec![
+            pipeline("p1", "Contact", false, &[("s1", "A", 0)]),
+            pipeline("p2", "Contact", true, &[("s3", "Won", 2), ("s2", "New", 1)]),
+            pipeline("p3", "Application", true, &[("s4", "X", 0)]),
+        ];
+        let plan = plan(&ps, &q("{}")).unwrap();
+        assert_eq!(plan.pipeline.id, "p2");
+        assert_eq!(plan.buckets.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), ["New", "Won"]);
+        assert_eq!(plan.raw_keys(&plan.buckets[0]), ["p2|s:s2", "p2|n:New", "-|s:s2", "-|n:New"]);
+
+        let inactive = super::plan(&ps, &q(r#"{"pipelineId": "p1"}"#)).unwrap();
+        assert!(!inactive.includes_legacy);
+        assert_eq!(inactive.raw_keys(&inactive.buckets[0]), ["p1|s:s1", "p1|n:A"]);
+        assert!(matches!(super::plan(&ps, &q(r#"{"pipelineId": "p3"}"#)), Err(ApiError::NotFound(_))));
+        assert!(matches!(super::plan(&ps, &q(r#"{"pipelineId": "nope"}"#)), Err(ApiError::NotFound(_))));
+    }
+
+    #[test]
+    fn stages_and_status_choose_columns_and_pages_offsets() {
+        let ps = vec![pipeline("p", "Contact", true, &[("s1", "New", 0), ("s2", "Won", 1)])];
+        let plan = super::plan(&ps, &q(r#"{"stages": ["Won", "Ghost", "Won"], "page": {"Won": 3}, "size": 10}"#)).unwrap();
+        assert_eq!(plan.buckets.len(), 2);
+        assert_eq!((plan.buckets[0].name.as_str(), plan.buckets[0].offset), ("Won", 20));
+        assert_eq!(plan.buckets[1].stage, None);
+        assert!(plan.raw_keys(&plan.buckets[1]).is_empty());
+        let by_id = super::plan(&ps, &q(r#"{"status": "s1", "page": {"s1": 2}}"#)).unwrap();
+        assert_eq!((by_id.buckets.len(), by_id.buckets[0].name.as_str(), by_id.buckets[0].offset), (1, "New", 25));
+    }
+}

@@ -1,0 +1,66 @@
+//! The one error type of the API, rendered as `{"error": {"code", "message"}}` (CONTRACT.md 3).
+//! Internal error text is logged, never sent.
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("request body larger than 64 KiB")]
+    PayloadTooLarge,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the request took too long")]
+    Timeout,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(_) | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { code, .. } => code,
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Timeout => "timeout",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = match &self {
+            ApiError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                "internal error".to_string()
+            }
+            ApiError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "no data source could answer");
+                "neither the projection nor MongoDB can answer right now".to_string()
+            }
+            other => other.to_string(),
+        };
+        (self.status(), Json(json!({"error": {"code": self.code(), "message": message}}))).into_response()
+    }
+}
