@@ -184,3 +184,49 @@ where
 pub fn small_seed(orgs: usize, contacts: usize, seed: u64) -> SeedArgs {
     SeedArgs { orgs, contacts, seed, quiet: true, ..SeedArgs::default() }
 }
+
+pub const JWT_SECRET: &str = "test-secret-of-sufficient-length";
+
+impl TestEnv {
+    pub fn serve_args(&self) -> pipeline_board::api::ServeArgs {
+        use pipeline_board::core::config::{KafkaArgs, MongoArgs, RedisArgs};
+        pipeline_board::api::ServeArgs {
+            listen_addr: "127.0.0.1:0".into(),
+            jwt_secret: JWT_SECRET.into(),
+            redis: RedisArgs { redis_url: self.redis_url.clone(), redis_prefix: self.keys.prefix().to_string() },
+            mongo: MongoArgs { mongodb_uri: self.mongo_uri.clone(), mongodb_db: self.mongo_db.clone() },
+            kafka: KafkaArgs { kafka_brokers: self.brokers.clone(), topics: self.topics.clone() },
+            group_id: self.group.clone(),
+            request_timeout_ms: 30_000,
+            lag_interval_ms: 1_000,
+        }
+    }
+
+    /// Starts the API in-process on port 0; returns its base URL. It stops with the test runtime.
+    pub async fn serve_with(&self, args: pipeline_board::api::ServeArgs) -> String {
+        let app = pipeline_board::api::Application::build(&args).await.expect("app builds");
+        let url = format!("http://{}", app.local_addr());
+        tokio::spawn(app.run(std::future::pending()));
+        url
+    }
+}
+
+pub fn token(org: &str, user: &str) -> String {
+    pipeline_board::api::auth::sign_hs256(JWT_SECRET.as_bytes(), user, org, 3600)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// POSTs a board request; returns status and JSON body.
+pub async fn post_board(url: &str, bearer: Option<&str>, body: &str) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new().post(format!("{url}/api/contacts")).header("content-type", "application/json").body(body.to_string());
+    if let Some(t) = bearer {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = req.send().await.expect("request sent");
+    let status = resp.status().as_u16();
+    let json = resp.json().await.unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
