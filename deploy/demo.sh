@@ -13,5 +13,10 @@ if [ "$(redis-cli --scan --pattern 'pb:{*}:pipelines' | head -1)" = "" ]; then
 fi
 "$BIN" project --exit-when-caught-up --metrics-addr ""
 "$BIN" verify
-echo "demo data projected; the projector keeps running (Ctrl-C stops it gracefully); metrics on http://127.0.0.1:9898/metrics"
-exec "$BIN" project
+export JWT_SECRET="${JWT_SECRET:-demo-secret}"
+"$BIN" project &
+PROJECTOR=$!
+trap 'kill -TERM $PROJECTOR 2>/dev/null; wait $PROJECTOR' EXIT
+echo "demo data projected; the projector keeps running (metrics on http://127.0.0.1:9898/metrics)"
+echo "API on http://${LISTEN_ADDR:-127.0.0.1:8080} (JWT_SECRET=$JWT_SECRET; see README 'Try it'); Ctrl-C stops both gracefully"
+"$BIN" serve

@@ -3,6 +3,7 @@
 //! projection side in `consumers/`.
 
 pub mod api;
+pub mod bench;
 pub mod mongo;
 pub mod query;
 pub mod seed;

@@ -36,6 +36,9 @@ enum Command {
     Lag(LagArgs),
     /// Print an HS256 bearer token (demo, load tests).
     Token(TokenArgs),
+    /// Raw baselines for the benchmarks (deploy/bench.sh).
+    #[command(subcommand)]
+    Bench(pipeline_board::bench::BenchCommand),
 }
 
 #[derive(clap::Args)]
@@ -146,8 +149,9 @@ async fn project(args: ProjectArgs) -> anyhow::Result<ExitCode> {
     let dlq = counters.get(&counters.dead_lettered);
     tracing::info!(applied, stale, dead_lettered = dlq, seconds = secs, "projector finished");
     println!(
-        "applied {applied}, stale/duplicate {stale}, dead-lettered {dlq} in {secs:.2} s ({:.0} events/s)",
-        (applied + stale + dlq) as f64 / secs.max(1e-9)
+        "applied {applied}, stale/duplicate {stale}, dead-lettered {dlq} in {secs:.2} s ({:.0} events/s overall, {:.0} events/s from first to last batch)",
+        (applied + stale + dlq) as f64 / secs.max(1e-9),
+        counters.steady_rate().unwrap_or(0.0)
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -195,6 +199,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("  drift: {s}");
             }
             Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Bench(cmd) => {
+            pipeline_board::bench::run(cmd).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Token(args) => {
             println!("{}", pipeline_board::api::auth::sign_hs256(args.jwt_secret.as_bytes(), &args.user, &args.org, args.ttl));

@@ -10,8 +10,9 @@ use std::time::Duration;
 /// the client waiting forever (LOCAL-STACK.md).
 pub async fn connect(uri: &str, db: &str) -> mongodb::error::Result<mongodb::Database> {
     let mut opts = ClientOptions::parse(uri).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(5));
-    opts.connect_timeout = Some(Duration::from_secs(5));
+    // URI options (serverSelectionTimeoutMS, connectTimeoutMS) win; these are the defaults.
+    opts.server_selection_timeout.get_or_insert(Duration::from_secs(15));
+    opts.connect_timeout.get_or_insert(Duration::from_secs(10));
     opts.app_name = Some("pipeline-board".into());
     let client = mongodb::Client::with_options(opts)?;
     Ok(client.database(db))

@@ -66,6 +66,23 @@ pub struct RunCounters {
     pub redis_retries: AtomicU64,
     /// Partitions this instance holds now.
     pub assigned_partitions: AtomicI64,
+    /// Unix millis when the first batch arrived and when the last one was stored: the steady
+    /// ingest rate excludes group joins and idle time.
+    pub first_batch_at: AtomicI64,
+    pub last_batch_at: AtomicI64,
+}
+
+impl RunCounters {
+    /// Events per second between the first and the last batch.
+    pub fn steady_rate(&self) -> Option<f64> {
+        let (a, b) = (self.first_batch_at.load(Ordering::Relaxed), self.last_batch_at.load(Ordering::Relaxed));
+        let events = self.applied.load(Ordering::Relaxed) + self.stale.load(Ordering::Relaxed) + self.dead_lettered.load(Ordering::Relaxed);
+        (b > a).then(|| events as f64 / ((b - a) as f64 / 1000.0))
+    }
+}
+
+fn unix_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
 
 impl RunCounters {
@@ -182,7 +199,10 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_millis(500)), if settings.exit_when_caught_up => continue,
         };
         let mut batch = match first {
-            Ok(m) => vec![m.detach()],
+            Ok(m) => {
+                let _ = counters.first_batch_at.compare_exchange(0, unix_millis(), Ordering::Relaxed, Ordering::Relaxed);
+                vec![m.detach()]
+            }
             Err(e) => {
                 warn!(error = %e, "kafka poll error; the client reconnects by itself");
                 continue;
@@ -223,6 +243,7 @@ pub async fn run(
         }
         store_offsets(&consumer, &batch, &mut progress_conn, &progress_key).await;
         counters.batches.fetch_add(1, Ordering::Relaxed);
+        counters.last_batch_at.store(unix_millis(), Ordering::Relaxed);
     }
     finish(&consumer);
     Ok(())

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
 use std::time::Instant;
 
 pub fn router() -> Router<AppState> {
@@ -46,7 +46,7 @@ pub async fn contacts(State(s): State<AppState>, headers: HeaderMap, body: Resul
         .await
         .map_err(|_| ApiError::Timeout)??;
     metrics::counter!("pb_board_answers_total", "path" => meta.answered_by).increment(1);
-    Ok(Json(answer.to_json(&meta)).into_response())
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], answer.to_json_bytes(&meta)).into_response())
 }
 
 /// Projection first; MongoDB for custom fields and whenever the projection cannot answer.

@@ -7,7 +7,7 @@ use board_core::keys::raw_stage_key;
 use board_core::model::{CardDoc, CardKind, Pipeline, Stage};
 use board_core::time::{format_millis, Millis};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// One column of the board to answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,14 +103,18 @@ pub struct CardOut {
     pub last_message_at: Option<Millis>,
 }
 
-impl CardOut {
-    pub fn to_json(&self) -> Value {
-        let mut v = serde_json::to_value(&self.doc).unwrap_or(Value::Null);
-        if let Value::Object(m) = &mut v {
-            m.insert("assignees".into(), serde_json::json!(self.assignees));
-            m.insert("lastMessageAt".into(), self.last_message_at.map(|t| Value::String(format_millis(t))).unwrap_or(Value::Null));
+impl Serialize for CardOut {
+    /// The stored document plus `assignees` and `lastMessageAt`.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Card<'a> {
+            #[serde(flatten)]
+            doc: &'a CardDoc,
+            assignees: &'a [String],
+            #[serde(rename = "lastMessageAt")]
+            last_message_at: Option<String>,
         }
-        v
+        Card { doc: &self.doc, assignees: &self.assignees, last_message_at: self.last_message_at.map(format_millis) }.serialize(s)
     }
 }
 
@@ -140,28 +144,57 @@ pub struct BoardAnswer {
 }
 
 impl BoardAnswer {
-    /// The response body: buckets in board order (JSON key order), plus `meta`.
+    /// The response body: buckets in board order (JSON key order), plus `meta`, serialized
+    /// straight from the answer (no intermediate JSON tree: a board can hold hundreds of cards).
+    pub fn to_json_bytes(&self, meta: &AnswerMeta) -> Vec<u8> {
+        serde_json::to_vec(&Body { answer: self, meta }).expect("a board always serializes")
+    }
+
     pub fn to_json(&self, meta: &AnswerMeta) -> Value {
-        let mut data = Map::new();
-        let mut by_status = Map::new();
-        let mut id_by_name = Map::new();
-        let mut name_by_id = Map::new();
-        for b in &self.buckets {
-            let body = serde_json::json!({
-                "contacts": b.cards.iter().map(CardOut::to_json).collect::<Vec<_>>(),
-                "total": b.total,
-            });
-            data.insert(b.name.clone(), body.clone());
-            if let Some(id) = &b.stage_id {
-                by_status.insert(id.clone(), body);
-                id_by_name.insert(b.name.clone(), Value::String(id.clone()));
-                name_by_id.insert(id.clone(), Value::String(b.name.clone()));
-            }
-        }
-        serde_json::json!({
-            "data": data, "dataByStatus": by_status, "stageIdByName": id_by_name, "stageNameById": name_by_id,
-            "meta": meta,
-        })
+        serde_json::from_slice(&self.to_json_bytes(meta)).expect("just serialized")
+    }
+}
+
+struct Body<'a> {
+    answer: &'a BoardAnswer,
+    meta: &'a AnswerMeta,
+}
+
+#[derive(Serialize)]
+struct BucketJson<'a> {
+    contacts: &'a [CardOut],
+    total: u64,
+}
+
+fn bucket(x: &BucketAnswer) -> BucketJson<'_> {
+    BucketJson { contacts: &x.cards, total: x.total }
+}
+
+/// A JSON object written from an iterator of pairs, in iteration order.
+struct Ordered<I>(std::cell::Cell<Option<I>>);
+
+impl<K: Serialize, V: Serialize, I: Iterator<Item = (K, V)>> Serialize for Ordered<I> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.take().expect("serialized once"))
+    }
+}
+
+fn ordered<K, V, I: Iterator<Item = (K, V)>>(it: I) -> Ordered<I> {
+    Ordered(std::cell::Cell::new(Some(it)))
+}
+
+impl Serialize for Body<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let b = &self.answer.buckets;
+        let with_id = || b.iter().filter_map(|x| x.stage_id.as_ref().map(|id| (id, x)));
+        let mut m = s.serialize_map(Some(5))?;
+        m.serialize_entry("data", &ordered(b.iter().map(|x| (&x.name, bucket(x)))))?;
+        m.serialize_entry("dataByStatus", &ordered(with_id().map(|(id, x)| (id, bucket(x)))))?;
+        m.serialize_entry("stageIdByName", &ordered(with_id().map(|(id, x)| (&x.name, id))))?;
+        m.serialize_entry("stageNameById", &ordered(with_id().map(|(id, x)| (id, &x.name))))?;
+        m.serialize_entry("meta", self.meta)?;
+        m.end()
     }
 }
 

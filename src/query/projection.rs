@@ -106,6 +106,15 @@ impl ProjectionReader {
 
     /// `user` is the caller (`my`, `team`); `now` anchors `lastMessageTimeRange`.
     pub async fn answer(&self, org: &str, user: &str, q: &BoardQuery, now: Millis) -> Result<BoardAnswer, ProjectionError> {
+        let (plan, call) = self.board_call(org, user, q, now).await?;
+        let mut conn = self.conn.clone();
+        let reply: Value = call.query_async(&mut conn).await?;
+        let buckets = decode_reply(reply, &plan)?;
+        Ok(BoardAnswer { kind: q.kind, buckets })
+    }
+
+    /// The one `FCALL_RO pb_board` that answers the board (benchmarks replay it verbatim).
+    pub async fn board_call(&self, org: &str, user: &str, q: &BoardQuery, now: Millis) -> Result<(board::BoardPlan, redis::Cmd), ProjectionError> {
         let pipelines = self.pipelines(org).await?;
         if pipelines.is_empty() {
             return Err(ProjectionError::NotBuilt);
@@ -162,17 +171,30 @@ impl ProjectionReader {
             lua.term = Some(term);
         }
         let plan_json = serde_json::to_string(&lua).map_err(|e| ProjectionError::Unavailable(e.to_string()))?;
-        let mut conn = self.conn.clone();
-        let reply: Value = redis::cmd("FCALL_RO")
-            .arg("pb_board")
-            .arg(1)
-            .arg(self.keys.org(org).base)
-            .arg(plan_json)
-            .query_async(&mut conn)
-            .await?;
-        let buckets = decode_reply(reply, &plan)?;
-        Ok(BoardAnswer { kind: q.kind, buckets })
+        let mut cmd = redis::cmd("FCALL_RO");
+        cmd.arg("pb_board").arg(1).arg(self.keys.org(org).base).arg(plan_json);
+        Ok((plan, cmd))
     }
+}
+
+/// The derived fields of a card from its msgpack meta (written by functions.lua): `asg`, the
+/// sorted assignee union, and `lm`, the last message time. Lua's msgpack writes an empty table as
+/// an empty array or map, and an integral number as an integer: both are accepted.
+fn derived_of_meta(meta: &[u8]) -> Option<(Vec<String>, Option<Millis>)> {
+    let rmpv::Value::Map(fields) = rmpv::decode::read_value(&mut &meta[..]).ok()? else { return None };
+    let (mut assignees, mut last) = (Vec::new(), None);
+    for (k, v) in fields {
+        match k.as_str() {
+            Some("asg") => {
+                if let rmpv::Value::Array(a) = v {
+                    assignees = a.iter().filter_map(|u| u.as_str().map(str::to_string)).collect();
+                }
+            }
+            Some("lm") => last = v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)),
+            _ => {}
+        }
+    }
+    Some((assignees, last))
 }
 
 fn bad_reply(what: &str) -> ProjectionError {
@@ -193,25 +215,11 @@ fn decode_reply(reply: Value, plan: &board::BoardPlan) -> Result<Vec<BucketAnswe
             _ => return Err(bad_reply("total")),
         };
         let rest: Vec<Value> = items.collect();
-        let mut cards = Vec::with_capacity(rest.len() / 4);
-        for chunk in rest.chunks(4) {
-            let [_, body, asg, lm] = chunk else { return Err(bad_reply("card tuple")) };
-            let Value::BulkString(body) = body else { return Err(bad_reply("card body missing")) };
+        let mut cards = Vec::with_capacity(rest.len() / 3);
+        for chunk in rest.chunks(3) {
+            let [_, Value::BulkString(body), Value::BulkString(meta)] = chunk else { return Err(bad_reply("card triple")) };
             let stored = StoredCard::decode(body).map_err(|e| bad_reply(&format!("card body: {e}")))?;
-            let assignees: Vec<String> = match asg {
-                Value::Array(a) => a
-                    .iter()
-                    .filter_map(|v| match v {
-                        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
-            let last_message_at = match lm {
-                Value::Int(n) => Some(*n),
-                _ => None,
-            };
+            let (assignees, last_message_at) = derived_of_meta(meta).ok_or_else(|| bad_reply("card meta"))?;
             cards.push(CardOut { doc: stored.to_doc(), assignees, last_message_at });
         }
         out.push(BucketAnswer { name: spec.name.clone(), stage_id: spec.stage.as_ref().map(|s| s.id.clone()), total, cards });

@@ -41,8 +41,9 @@ local function trigrams(txt, out)
 end
 
 -- The index entries of a card: 'z|key' (scored by createdAt), 'l|key' (scored by last message
--- time), 's|key' (plain set). Derived purely from the stored meta, so the old entries of a card
--- can always be recomputed for removal.
+-- time). Derived purely from the stored meta, so the old entries of a card can always be
+-- recomputed for removal. The search (trigram) sets are kept apart: they change only with the
+-- card's text, while messages and conversations change the other entries all day.
 local function entries(K, k, m)
   local out = {}
   if m.rk then
@@ -66,10 +67,23 @@ local function entries(K, k, m)
       out[#out + 1] = 'z|' .. K .. ':zn:' .. rk
     end
   end
-  local grams = {}
-  for _, t in ipairs(m.txt) do trigrams(t, grams) end
-  for g in pairs(grams) do out[#out + 1] = 's|' .. K .. ':tri:' .. k .. ':' .. g end
   return out
+end
+
+-- The search entries of a card; they depend on its text only.
+local function search_entries(K, k, m)
+  local grams, out = {}, {}
+  for _, t in ipairs(m.txt) do trigrams(t, grams) end
+  for g in pairs(grams) do out[#out + 1] = K .. ':tri:' .. k .. ':' .. g end
+  return out
+end
+
+local function same_text(a, b)
+  if #a ~= #b then return false end
+  for i = 1, #a do
+    if a[i] ~= b[i] then return false end
+  end
+  return true
 end
 
 local function score_of(m, kind)
@@ -84,18 +98,24 @@ local function reindex(K, k, id, oldm, newm)
   if oldm then for _, e in ipairs(entries(K, k, oldm)) do old[e] = true end end
   if newm then for _, e in ipairs(entries(K, k, newm)) do new[e] = true end end
   for e in pairs(old) do
-    if not new[e] then
-      local kind, key = string.sub(e, 1, 1), string.sub(e, 3)
-      if kind == 's' then redis.call('SREM', key, id) else redis.call('ZREM', key, id) end
-    end
+    if not new[e] then redis.call('ZREM', string.sub(e, 3), id) end
   end
   for e in pairs(new) do
     local kind, key = string.sub(e, 1, 1), string.sub(e, 3)
-    if kind == 's' then
-      if not old[e] then redis.call('SADD', key, id) end
-    elseif not old[e] or score_of(oldm, kind) ~= score_of(newm, kind) then
+    if not old[e] or score_of(oldm, kind) ~= score_of(newm, kind) then
       redis.call('ZADD', key, score_of(newm, kind), id)
     end
+  end
+  -- Search sets: only when the text changed (or the card appears or goes).
+  if oldm and newm and same_text(oldm.txt, newm.txt) then return end
+  local old_s, new_s = {}, {}
+  if oldm then for _, key in ipairs(search_entries(K, k, oldm)) do old_s[key] = true end end
+  if newm then for _, key in ipairs(search_entries(K, k, newm)) do new_s[key] = true end end
+  for key in pairs(old_s) do
+    if not new_s[key] then redis.call('SREM', key, id) end
+  end
+  for key in pairs(new_s) do
+    if not old_s[key] then redis.call('SADD', key, id) end
   end
 end
 
@@ -423,14 +443,19 @@ local function board(keys, args)
       if x[1] ~= y[1] then return x[1] > y[1] end
       return x[2] > y[2]
     end)
+    -- The page: id, bincode body and msgpack meta (assignees and last message time are
+    -- decoded by the caller, off Redis' thread), fetched with one HMGET per hash.
     local page = { total }
-    for i = b.offset + 1, math.min(#list, need) do
-      local id = list[i][2]
-      local m = card_meta(id)
-      page[#page + 1] = id
-      page[#page + 1] = redis.call('HGET', K .. ':body:' .. k, id) or false
-      page[#page + 1] = (m and m.asg) or {}
-      page[#page + 1] = (m and m.lm) or false
+    local ids = {}
+    for i = b.offset + 1, math.min(#list, need) do ids[#ids + 1] = list[i][2] end
+    if #ids > 0 then
+      local bodies = redis.call('HMGET', K .. ':body:' .. k, unpack(ids))
+      local metas = redis.call('HMGET', K .. ':meta:' .. k, unpack(ids))
+      for i, id in ipairs(ids) do
+        page[#page + 1] = id
+        page[#page + 1] = bodies[i]
+        page[#page + 1] = metas[i]
+      end
     end
     out[#out + 1] = page
   end

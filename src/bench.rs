@@ -1,0 +1,85 @@
+//! `pipeline-board bench ...`: the raw costs our numbers are compared against, measured with the
+//! same clients on the same data (see deploy/bench.sh).
+use crate::query::projection::ProjectionReader;
+use crate::query::request::ContactsRequest;
+use board_core::config::{KafkaArgs, RedisArgs};
+use board_core::keys::KeySpace;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Read every input topic from the start without processing: the raw Kafka read rate.
+    KafkaRead {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+    /// Print the exact Redis call that answers a board request: key, then plan JSON, one a line.
+    BoardCall {
+        #[command(flatten)]
+        redis: RedisArgs,
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        user: String,
+        /// The request body (JSON).
+        #[arg(long, default_value = "{}")]
+        body: String,
+    },
+}
+
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::KafkaRead { kafka } => {
+            let (messages, bytes, secs) = tokio::task::spawn_blocking(move || kafka_read(&kafka)).await??;
+            println!(
+                "kafka read: {messages} messages, {:.1} MB in {secs:.2} s = {:.0} messages/s",
+                bytes as f64 / 1e6,
+                messages as f64 / secs.max(1e-9)
+            );
+        }
+        BenchCommand::BoardCall { redis, org, user, body } => {
+            let conn = redis::aio::ConnectionManager::new(redis::Client::open(redis.redis_url.as_str())?).await?;
+            let reader = ProjectionReader::new(conn, KeySpace::new(&redis.redis_prefix));
+            let query = ContactsRequest::parse(body.as_bytes())?.into_query()?;
+            let (_, cmd) = reader.board_call(&org, &user, &query, chrono::Utc::now().timestamp_millis()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            // args: FCALL_RO pb_board 1 <key> <plan>
+            let args: Vec<String> = cmd.args_iter().filter_map(|a| match a {
+                redis::Arg::Simple(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            }).collect();
+            println!("{}\n{}", args[3], args[4]);
+        }
+    }
+    Ok(())
+}
+
+fn kafka_read(kafka: &KafkaArgs) -> anyhow::Result<(u64, u64, f64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.kafka_brokers)
+        .set("group.id", format!("bench-read-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    for ((topic, partition), (low, end)) in pipeline_board_consumers::progress::watermarks(&kafka.kafka_brokers, &kafka.topics.inputs())? {
+        remaining += end - low;
+        tpl.add_partition_offset(&topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    let started = Instant::now();
+    while (messages as i64) < remaining {
+        match consumer.poll(Duration::from_secs(5)) {
+            Some(Ok(m)) => {
+                messages += 1;
+                bytes += m.payload().map(|p| p.len()).unwrap_or(0) as u64;
+            }
+            Some(Err(e)) => anyhow::bail!("kafka: {e}"),
+            None => anyhow::bail!("no message for 5 s with {} left", remaining - messages as i64),
+        }
+    }
+    Ok((messages, bytes, started.elapsed().as_secs_f64()))
+}
