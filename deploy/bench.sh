@@ -45,9 +45,12 @@ echo "== queries: HTTP (wrk) vs the raw Redis work of the same board (redis-benc
 USER_ID=$(redis-cli hkeys "$RUN:{$ORG}:users" | head -1)
 TOKEN=$("$BIN" token --org "$ORG" --user "$USER_ID")
 PORT=18181
+# The consumer keeps running (caught up) while the board is queried, as in production.
+"$BIN" project --metrics-addr "" >/dev/null 2>&1 &
+PROJECT_PID=$!
 "$BIN" serve --listen-addr "127.0.0.1:$PORT" >/dev/null 2>&1 &
 SERVE_PID=$!
-trap 'kill $SERVE_PID 2>/dev/null || true' EXIT
+trap 'kill $SERVE_PID $PROJECT_PID 2>/dev/null || true' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
 SCRIPT=$(mktemp --suffix .lua)
 cat >"$SCRIPT" <<'LUA'
@@ -76,9 +79,10 @@ for name in $(echo "${!BODIES[@]}" | tr ' ' '\n' | sort); do
     p50=$(echo "$out" | awk '$1=="50%" {print $2}'); p99=$(echo "$out" | awk '$1=="99%" {print $2}')
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     non2xx=$(echo "$out" | awk '/Non-2xx/ {print $4}')
-    n=$(( c == 1 ? 2000 : 20000 ))
-    raw=$(redis-benchmark -c "$c" -n "$n" --csv FCALL_RO pb_board 1 "${call[0]}" "${call[1]}" | tail -1)
-    rrps=$(echo "$raw" | cut -d, -f2 | tr -d '"'); rp50=$(echo "$raw" | cut -d, -f6 | tr -d '"'); rp99=$(echo "$raw" | cut -d, -f8 | tr -d '"')
+    n=$(( c == 1 ? 300 : 2000 ))
+    # The CSV row starts with the command text (JSON with commas and quotes): read it from the end.
+    raw=$(redis-benchmark -c "$c" -n "$n" --csv FCALL_RO pb_board 1 "${call[0]}" "${call[1]}" | tail -1 | tr -d '"')
+    rrps=$(echo "$raw" | awk -F, '{print $(NF-6)}'); rp50=$(echo "$raw" | awk -F, '{print $(NF-3)}'); rp99=$(echo "$raw" | awk -F, '{print $(NF-1)}')
     printf '%-16s %5s | %10s %10s %10s | %8sms %8sms %10s %s\n' "$name" "$c" "$p50" "$p99" "$rps" "$rp50" "$rp99" "$rrps" "${non2xx:+NON-2XX:$non2xx}"
   done
   echo "   ($name: $first_total; body $body)"

@@ -180,23 +180,18 @@ pub async fn run(
     let consumer = build_consumer(&settings, counters.clone())?;
     let progress_key = settings.keys.progress(&settings.group_id);
     let mut progress_conn = applier.connection();
-    let mut caught_up_check = Instant::now();
+    // With exit_when_caught_up, a separate task watches the lag (reading partition tails takes a
+    // while) and resolves this future; the loop never waits for it between batches.
+    let caught_up = caught_up_watch(&settings, applier.connection(), progress_key.clone());
+    tokio::pin!(caught_up);
     info!(group = %settings.group_id, topics = ?settings.topics.inputs(), "projector started");
 
     loop {
-        if settings.exit_when_caught_up && caught_up_check.elapsed() > Duration::from_millis(500) {
-            caught_up_check = Instant::now();
-            let lag = progress::lag(&settings.brokers, &settings.topics.inputs(), &mut progress_conn, &progress_key).await?;
-            if lag.total() == 0 {
-                info!(applied = lag.applied(), "caught up; stopping");
-                break;
-            }
-        }
         let first = tokio::select! {
             biased;
             _ = &mut shutdown => break,
+            _ = &mut caught_up => break,
             m = consumer.recv() => m,
-            _ = tokio::time::sleep(Duration::from_millis(500)), if settings.exit_when_caught_up => continue,
         };
         let mut batch = match first {
             Ok(m) => {
@@ -247,6 +242,28 @@ pub async fn run(
     }
     finish(&consumer);
     Ok(())
+}
+
+/// Resolves once every input partition is applied to its end; never, unless asked for.
+async fn caught_up_watch(settings: &ProjectorSettings, mut conn: redis::aio::ConnectionManager, progress_key: String) {
+    if !settings.exit_when_caught_up {
+        return std::future::pending().await;
+    }
+    let (brokers, topics) = (settings.brokers.clone(), settings.topics.inputs());
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match progress::lag(&brokers, &topics, &mut conn, &progress_key).await {
+                Ok(lag) if lag.total() == 0 => {
+                    info!(applied = lag.applied(), "caught up; stopping");
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "lag not measured"),
+            }
+        }
+    });
+    let _ = task.await;
 }
 
 fn finish(consumer: &StreamConsumer<ProjectorContext>) {
