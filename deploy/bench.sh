@@ -79,7 +79,8 @@ for name in $(echo "${!BODIES[@]}" | tr ' ' '\n' | sort); do
     p50=$(echo "$out" | awk '$1=="50%" {print $2}'); p99=$(echo "$out" | awk '$1=="99%" {print $2}')
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     non2xx=$(echo "$out" | awk '/Non-2xx/ {print $4}')
-    n=$(( c == 1 ? 300 : 2000 ))
+    # About three seconds of the raw call at the rate HTTP reached (at least 2 per connection).
+    n=$(awk -v r="$rps" -v c="$c" 'BEGIN { n = int(r * 3); if (n < 2 * c) n = 2 * c; print n }')
     # The CSV row starts with the command text (JSON with commas and quotes): read it from the end.
     raw=$(redis-benchmark -c "$c" -n "$n" --csv FCALL_RO pb_board 1 "${call[0]}" "${call[1]}" | tail -1 | tr -d '"')
     rrps=$(echo "$raw" | awk -F, '{print $(NF-6)}'); rp50=$(echo "$raw" | awk -F, '{print $(NF-3)}'); rp99=$(echo "$raw" | awk -F, '{print $(NF-1)}')

