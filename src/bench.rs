@@ -41,7 +41,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             );
         }
         BenchCommand::BoardCall { redis, org, user, body } => {
-            let conn = redis::aio::ConnectionManager::new(redis::Client::open(redis.redis_url.as_str())?).await?;
+            let conn = board_core::config::redis_connection(&redis.redis_url).await?;
             let reader = ProjectionReader::new(conn, KeySpace::new(&redis.redis_prefix));
             let query = ContactsRequest::parse(body.as_bytes())?.into_query()?;
             let (_, cmd) = reader.board_call(&org, &user, &query, chrono::Utc::now().timestamp_millis()).await.map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -187,8 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Verify(args) => {
             let db = mongo::connect(&args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
-            let client = redis::Client::open(args.redis.redis_url.as_str())?;
-            let mut conn = redis::aio::ConnectionManager::new(client).await?;
+            let mut conn = board_core::config::redis_connection(&args.redis.redis_url).await?;
             let keys = KeySpace::new(&args.redis.redis_prefix);
             let report = verify::verify(&mut conn, &keys, &db, &args.orgs).await?;
             println!(
@@ -209,8 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Lag(args) => {
-            let client = redis::Client::open(args.redis.redis_url.as_str())?;
-            let mut conn = redis::aio::ConnectionManager::new(client).await?;
+            let mut conn = board_core::config::redis_connection(&args.redis.redis_url).await?;
             let key = KeySpace::new(&args.redis.redis_prefix).progress(&args.group_id);
             let lag = progress::lag(&args.kafka.kafka_brokers, &args.kafka.topics.inputs(), &mut conn, &key).await?;
             for ((topic, partition), (applied, high)) in &lag.partitions {

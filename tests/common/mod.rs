@@ -112,8 +112,7 @@ impl TestEnv {
     }
 
     pub async fn redis(&self) -> redis::aio::ConnectionManager {
-        let client = redis::Client::open(self.redis_url.as_str()).expect("redis url");
-        redis::aio::ConnectionManager::new(client).await.expect("redis")
+        pipeline_board::core::config::redis_connection(&self.redis_url).await.expect("redis")
     }
 
     pub async fn mongo(&self) -> mongodb::Database {

@@ -77,3 +77,13 @@ pub struct MongoArgs {
     #[arg(long, env = "MONGODB_DB", default_value = "crm")]
     pub mongodb_db: String,
 }
+
+/// A Redis connection for tools and tests (verify, lag, bench): reconnecting, with a response
+/// timeout long enough for a Redis that is busy running other clients' Functions (the client's
+/// default is far shorter).
+pub async fn redis_connection(url: &str) -> redis::RedisResult<redis::aio::ConnectionManager> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(60)));
+    redis::aio::ConnectionManager::new_with_config(redis::Client::open(url)?, config).await
+}

@@ -332,6 +332,13 @@ local function board(keys, args)
     return false
   end
 
+  local function in_all(cons, id)
+    for _, con in ipairs(cons) do
+      if not in_any(con, id) then return false end
+    end
+    return true
+  end
+
   -- Filters no index answers directly: last-message windows and a short search term.
   local function passes(id, pre, m, check_term)
     if p.quiet_before then
@@ -422,15 +429,7 @@ local function board(keys, args)
           if p.created then
             ok = m.sc ~= nil and (p.cstart == nil or m.sc >= p.cstart) and (p.cend == nil or m.sc <= p.cend)
           end
-          if ok then
-            for _, con in ipairs(cons) do
-              if not in_any(con, id) then
-                ok = false
-                break
-              end
-            end
-          end
-          if ok and passes(id, pre, m, false) then
+          if ok and in_all(cons, id) and passes(id, pre, m, false) then
             total = total + 1
             loose[#loose + 1] = { m.sc or -math.huge, id }
           end
@@ -489,14 +488,7 @@ local function board(keys, args)
               local id = r[i]
               if not seen[id] then
                 seen[id] = true
-                local ok = true
-                for _, con in ipairs(checks) do
-                  if not in_any(con, id) then
-                    ok = false
-                    break
-                  end
-                end
-                if ok and passes(id, pre, nil, term ~= nil) then
+                if in_all(checks, id) and passes(id, pre, nil, term ~= nil) then
                   total = total + 1
                   loose[#loose + 1] = { tonum(r[i + 1]), id }
                 end
