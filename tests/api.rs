@@ -5,7 +5,6 @@ use common::{free_port, post_board, small_seed, token, TestEnv, JWT_SECRET};
 use pipeline_board::mongo::{self, OrgSnapshot};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::time::Duration;
 use tokio::sync::OnceCell;
 
 struct Fixture {
@@ -21,10 +20,7 @@ async fn fixture() -> &'static Fixture {
     FIXTURE
         .get_or_init(|| async {
             let env = TestEnv::new("api").await;
-            let seeded = env.seed(small_seed(2, 150, 3)).await;
-            let projector = env.spawn_projector();
-            env.wait_caught_up(Duration::from_secs(120)).await;
-            projector.stop().await.unwrap();
+            let seeded = env.seed_and_project(small_seed(2, 150, 3)).await;
             let db = env.mongo().await;
             let mut orgs = Vec::new();
             for org in &seeded.org_ids {

@@ -13,7 +13,6 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
-use std::time::Duration;
 
 const HOUR: i64 = 3_600_000;
 
@@ -175,10 +174,7 @@ fn describe_difference(a: &BoardAnswer, b: &BoardAnswer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projection_and_mongodb_answer_identically() {
     let env = TestEnv::new("diff").await;
-    let seeded = env.seed(small_seed(2, 350, 99)).await;
-    let projector = env.spawn_projector();
-    env.wait_caught_up(Duration::from_secs(120)).await;
-    projector.stop().await.unwrap();
+    let seeded = env.seed_and_project(small_seed(2, 350, 99)).await;
 
     let projection = ProjectionReader::new(env.redis().await, env.keys.clone());
     let db = env.mongo().await;

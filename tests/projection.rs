@@ -17,10 +17,7 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_projection_equals_mongodb() {
     let env = TestEnv::new("equal").await;
-    let seeded = env.seed(small_seed(2, 300, 7)).await;
-    let projector = env.spawn_projector();
-    env.wait_caught_up(Duration::from_secs(120)).await;
-    projector.stop().await.expect("projector ran cleanly");
+    let seeded = env.seed_and_project(small_seed(2, 300, 7)).await;
 
     let report = env.verify(&seeded.org_ids).await;
     assert!(report.is_clean(), "drift: {:#?}", report.samples);

@@ -7,7 +7,6 @@ use board_core::keys::raw_stage_key;
 use board_core::model::{CardDoc, CardKind, Pipeline, Stage};
 use board_core::time::{format_millis, Millis};
 use serde::Serialize;
-use serde_json::Value;
 
 /// One column of the board to answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -148,10 +147,6 @@ impl BoardAnswer {
     /// straight from the answer (no intermediate JSON tree: a board can hold hundreds of cards).
     pub fn to_json_bytes(&self, meta: &AnswerMeta) -> Vec<u8> {
         serde_json::to_vec(&Body { answer: self, meta }).expect("a board always serializes")
-    }
-
-    pub fn to_json(&self, meta: &AnswerMeta) -> Value {
-        serde_json::from_slice(&self.to_json_bytes(meta)).expect("just serialized")
     }
 }
 

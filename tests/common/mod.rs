@@ -111,6 +111,15 @@ impl TestEnv {
         pipeline_board::seed::run(&args, &self.brokers, &self.topics, &self.mongo_uri, &self.mongo_db).await.expect("seed")
     }
 
+    /// Seeds, projects the events with one projector until caught up, and stops it gracefully.
+    pub async fn seed_and_project(&self, args: SeedArgs) -> SeedReport {
+        let seeded = self.seed(args).await;
+        let projector = self.spawn_projector();
+        self.wait_caught_up(Duration::from_secs(120)).await;
+        projector.stop().await.expect("projector ran cleanly");
+        seeded
+    }
+
     pub async fn redis(&self) -> redis::aio::ConnectionManager {
         pipeline_board::core::config::redis_connection(&self.redis_url).await.expect("redis")
     }
