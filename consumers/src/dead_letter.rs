@@ -2,7 +2,7 @@
 use board_core::events::PoisonReason;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use crate::kafka::KafkaConnection;
 use std::time::Duration;
 
 pub const REASON_HEADER: &str = "x-dlq-reason";
@@ -23,11 +23,8 @@ pub struct Origin<'a> {
 }
 
 impl DeadLetters {
-    pub fn new(brokers: &str, topic: &str) -> rdkafka::error::KafkaResult<Self> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("message.timeout.ms", "15000")
-            .create()?;
+    pub fn new(kafka: &KafkaConnection, topic: &str) -> rdkafka::error::KafkaResult<Self> {
+        let producer = kafka.client_config(&[("message.timeout.ms", "15000")]).create()?;
         Ok(DeadLetters { producer, topic: topic.to_string() })
     }
 

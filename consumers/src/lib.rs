@@ -3,7 +3,9 @@
 
 pub mod apply;
 pub mod dead_letter;
+pub mod kafka;
 pub mod progress;
 pub mod projector;
 
+pub use kafka::KafkaConnection;
 pub use projector::{run, ProjectorSettings, RunCounters};

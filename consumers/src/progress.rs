@@ -1,9 +1,8 @@
 //! How far the projection is: the next offset applied per topic-partition, kept in Redis after
 //! every batch, against the partitions' high watermarks. `lag` is what `pipeline-board lag`,
 //! `project --exit-when-caught-up`, the tests and the API's freshness report read.
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::message::Message;
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use crate::kafka::KafkaConnection;
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,77 +26,36 @@ impl Lag {
     }
 }
 
-/// (low, end) per partition, where `end` is the offset after the last record.
+/// (low, end) per partition, where `end` is the high watermark: the offset after the last record.
 ///
-/// The broker's high watermark is taken as a lower bound only: tansu answers ListOffsets(latest)
-/// with the base offset of the partition's last record batch + 1 (a partition written by one
-/// batched produce of 160 records reports 1). So the tail from `high - 1` is read to the
-/// partition's end (EOF): on a broker whose watermark is exact that is one record per partition.
-/// Partition EOF is how the tail reader knows it is done: not an error worth a log line.
-struct TailReader;
-impl ClientContext for TailReader {
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-        if !matches!(error, KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
-            tracing::warn!(%error, reason, "kafka client error while reading partition tails");
-        }
-    }
-}
-impl ConsumerContext for TailReader {}
-
-pub fn watermarks(brokers: &str, topics: &[String]) -> anyhow::Result<BTreeMap<(String, i32), (i64, i64)>> {
-    let client: BaseConsumer<TailReader> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "pipeline-board-watermarks")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create_with_context(TailReader)?;
+/// Apache Kafka's high watermark is exact for the topics we read (plain, non-transactional
+/// producers: no control records after the last event), so no tail needs reading. A projector
+/// that has applied offset `end - 1` has `end` stored as its next offset.
+pub fn watermarks(kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<BTreeMap<(String, i32), (i64, i64)>> {
+    let client: BaseConsumer =
+        kafka.client_config(&[("group.id", "pipeline-board-watermarks"), ("enable.auto.commit", "false")]).create()?;
     let timeout = Duration::from_secs(10);
     let mut out = BTreeMap::new();
-    let mut tail = TopicPartitionList::new();
     for topic in topics {
         let md = client.fetch_metadata(Some(topic), timeout)?;
         for t in md.topics() {
             for p in t.partitions() {
-                let (low, high) = client.fetch_watermarks(topic, p.id(), timeout)?;
-                out.insert((topic.clone(), p.id()), (low, high));
-                if high > low {
-                    tail.add_partition_offset(topic, p.id(), Offset::Offset(high - 1))?;
-                }
+                out.insert((topic.clone(), p.id()), client.fetch_watermarks(topic, p.id(), timeout)?);
             }
-        }
-    }
-    let mut open = tail.count();
-    if open == 0 {
-        return Ok(out);
-    }
-    client.assign(&tail)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while open > 0 {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "reading partition tails timed out");
-        match client.poll(Duration::from_secs(1)) {
-            Some(Ok(m)) => {
-                if let Some((_, end)) = out.get_mut(&(m.topic().to_string(), m.partition())) {
-                    *end = (*end).max(m.offset() + 1);
-                }
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => open -= 1,
-            Some(Err(e)) => anyhow::bail!("reading partition tails: {e}"),
-            None => {}
         }
     }
     Ok(out)
 }
 
 pub async fn lag(
-    brokers: &str,
+    kafka: &KafkaConnection,
     topics: &[String],
     redis: &mut redis::aio::ConnectionManager,
     progress_key: &str,
 ) -> anyhow::Result<Lag> {
-    let brokers = brokers.to_string();
+    let kafka = kafka.clone();
     let topics_owned = topics.to_vec();
-    let marks = tokio::task::spawn_blocking(move || watermarks(&brokers, &topics_owned)).await??;
+    let marks = tokio::task::spawn_blocking(move || watermarks(&kafka, &topics_owned)).await??;
     let applied: BTreeMap<String, i64> = redis.hgetall(progress_key).await?;
     let mut out = Lag::default();
     for ((topic, partition), (low, high)) in marks {

@@ -6,6 +6,7 @@
 //! in-flight batch: what is committed on revoke is exactly what Redis has acknowledged.
 use crate::apply::{RedisApplier, Transient};
 use crate::dead_letter::{DeadLetters, Origin};
+use crate::kafka::KafkaConnection;
 use crate::progress;
 use board_core::config::Topics;
 use board_core::events::{parse_event, Event, PoisonReason};
@@ -14,7 +15,7 @@ use board_core::keys::KeySpace;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -26,7 +27,7 @@ use tracing::{debug, info, warn};
 
 #[derive(Debug, Clone)]
 pub struct ProjectorSettings {
-    pub brokers: String,
+    pub kafka: KafkaConnection,
     pub group_id: String,
     pub topics: Topics,
     pub redis_url: String,
@@ -41,9 +42,9 @@ pub struct ProjectorSettings {
 }
 
 impl ProjectorSettings {
-    pub fn new(brokers: &str, group_id: &str, topics: Topics, redis_url: &str, keys: KeySpace) -> Self {
+    pub fn new(kafka: impl Into<KafkaConnection>, group_id: &str, topics: Topics, redis_url: &str, keys: KeySpace) -> Self {
         ProjectorSettings {
-            brokers: brokers.to_string(),
+            kafka: kafka.into(),
             group_id: group_id.to_string(),
             topics,
             redis_url: redis_url.to_string(),
@@ -137,18 +138,22 @@ impl ConsumerContext for ProjectorContext {
 
 fn build_consumer(s: &ProjectorSettings, counters: Arc<RunCounters>) -> anyhow::Result<StreamConsumer<ProjectorContext>> {
     let session_ms = s.session_timeout.as_millis().max(6000);
-    let consumer: StreamConsumer<ProjectorContext> = ClientConfig::new()
-        .set("bootstrap.servers", &s.brokers)
-        .set("group.id", &s.group_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", session_ms.to_string())
-        .set("heartbeat.interval.ms", (session_ms / 3).to_string())
-        .set("max.poll.interval.ms", (session_ms * 5).max(10_000).to_string())
-        .set("topic.metadata.refresh.interval.ms", "5000")
-        .set("statistics.interval.ms", "5000")
+    let (session, heartbeat, max_poll) =
+        (session_ms.to_string(), (session_ms / 3).to_string(), (session_ms * 5).max(10_000).to_string());
+    let consumer: StreamConsumer<ProjectorContext> = s
+        .kafka
+        .client_config(&[
+            ("group.id", &s.group_id),
+            ("enable.auto.commit", "true"),
+            ("auto.commit.interval.ms", "1000"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("session.timeout.ms", &session),
+            ("heartbeat.interval.ms", &heartbeat),
+            ("max.poll.interval.ms", &max_poll),
+            ("topic.metadata.refresh.interval.ms", "5000"),
+            ("statistics.interval.ms", "5000"),
+        ])
         .create_with_context(ProjectorContext { counters })?;
     let topics = s.topics.inputs();
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -176,12 +181,12 @@ pub async fn run(
             }
         }
     };
-    let dead_letters = DeadLetters::new(&settings.brokers, &settings.topics.topic_dlq)?;
+    let dead_letters = DeadLetters::new(&settings.kafka, &settings.topics.topic_dlq)?;
     let consumer = build_consumer(&settings, counters.clone())?;
     let progress_key = settings.keys.progress(&settings.group_id);
     let mut progress_conn = applier.connection();
-    // With exit_when_caught_up, a separate task watches the lag (reading partition tails takes a
-    // while) and resolves this future; the loop never waits for it between batches.
+    // With exit_when_caught_up, a separate task watches the lag (a round of broker requests) and
+    // resolves this future; the loop never waits for it between batches.
     let caught_up = caught_up_watch(&settings, applier.connection(), progress_key.clone());
     tokio::pin!(caught_up);
     info!(group = %settings.group_id, topics = ?settings.topics.inputs(), "projector started");
@@ -249,11 +254,11 @@ async fn caught_up_watch(settings: &ProjectorSettings, mut conn: redis::aio::Con
     if !settings.exit_when_caught_up {
         return std::future::pending().await;
     }
-    let (brokers, topics) = (settings.brokers.clone(), settings.topics.inputs());
+    let (kafka, topics) = (settings.kafka.clone(), settings.topics.inputs());
     let task = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            match progress::lag(&brokers, &topics, &mut conn, &progress_key).await {
+            match progress::lag(&kafka, &topics, &mut conn, &progress_key).await {
                 Ok(lag) if lag.total() == 0 => {
                     info!(applied = lag.applied(), "caught up; stopping");
                     return;

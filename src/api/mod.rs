@@ -4,7 +4,7 @@
 pub mod auth;
 mod contacts;
 
-use crate::consumers::progress;
+use crate::consumers::{progress, KafkaConnection};
 use crate::query::mongo_path::MongoReader;
 use crate::query::projection::ProjectionReader;
 use auth::Verifier;
@@ -150,7 +150,7 @@ impl Application {
         let mongo_db = crate::mongo::connect(&args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
         let lag = Arc::new(AtomicI64::new(-1));
         if args.lag_interval_ms > 0 {
-            spawn_lag_probe(args, redis.clone(), keys.clone(), lag.clone());
+            spawn_lag_probe(args, KafkaConnection::from_args(&args.kafka)?, redis.clone(), keys.clone(), lag.clone());
         }
         let state = AppState {
             projection: ProjectionReader::new(redis.clone(), keys),
@@ -175,14 +175,13 @@ impl Application {
     }
 }
 
-fn spawn_lag_probe(args: &ServeArgs, mut redis: redis::aio::ConnectionManager, keys: KeySpace, lag: Arc<AtomicI64>) {
-    let brokers = args.kafka.kafka_brokers.clone();
+fn spawn_lag_probe(args: &ServeArgs, kafka: KafkaConnection, mut redis: redis::aio::ConnectionManager, keys: KeySpace, lag: Arc<AtomicI64>) {
     let topics = args.kafka.topics.inputs();
     let key = keys.progress(&args.group_id);
     let every = Duration::from_millis(args.lag_interval_ms);
     tokio::spawn(async move {
         loop {
-            let measured = progress::lag(&brokers, &topics, &mut redis, &key).await.map(|l| l.total()).unwrap_or(-1);
+            let measured = progress::lag(&kafka, &topics, &mut redis, &key).await.map(|l| l.total()).unwrap_or(-1);
             lag.store(measured, Ordering::Relaxed);
             metrics::gauge!("pb_projection_lag_events").set(measured as f64);
             tokio::time::sleep(every).await;

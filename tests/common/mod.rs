@@ -3,7 +3,7 @@
 //! without seeing each other.
 #![allow(dead_code)]
 use pipeline_board::consumers::progress::{self, Lag};
-use pipeline_board::consumers::{ProjectorSettings, RunCounters};
+use pipeline_board::consumers::{KafkaConnection, ProjectorSettings, RunCounters};
 use pipeline_board::core::config::Topics;
 use pipeline_board::core::keys::KeySpace;
 use pipeline_board::seed::{SeedArgs, SeedReport};
@@ -84,6 +84,10 @@ impl TestEnv {
         }
     }
 
+    pub fn kafka(&self) -> KafkaConnection {
+        KafkaConnection::new(&self.brokers)
+    }
+
     pub fn settings(&self) -> ProjectorSettings {
         let mut s = ProjectorSettings::new(&self.brokers, &self.group, self.topics.clone(), &self.redis_url, self.keys.clone());
         s.session_timeout = Duration::from_secs(6);
@@ -108,7 +112,7 @@ impl TestEnv {
     }
 
     pub async fn seed(&self, args: SeedArgs) -> SeedReport {
-        pipeline_board::seed::run(&args, &self.brokers, &self.topics, &self.mongo_uri, &self.mongo_db).await.expect("seed")
+        pipeline_board::seed::run(&args, &self.kafka(), &self.topics, &self.mongo_uri, &self.mongo_db).await.expect("seed")
     }
 
     /// Seeds, projects the events with one projector until caught up, and stops it gracefully.
@@ -130,7 +134,7 @@ impl TestEnv {
 
     pub async fn lag(&self) -> Lag {
         let mut conn = self.redis().await;
-        progress::lag(&self.brokers, &self.topics.inputs(), &mut conn, &self.keys.progress(&self.group)).await.expect("lag")
+        progress::lag(&self.kafka(), &self.topics.inputs(), &mut conn, &self.keys.progress(&self.group)).await.expect("lag")
     }
 
     /// Awaits the condition "every input partition applied up to its high watermark".
@@ -203,7 +207,7 @@ impl TestEnv {
             jwt_secret: JWT_SECRET.into(),
             redis: RedisArgs { redis_url: self.redis_url.clone(), redis_prefix: self.keys.prefix().to_string() },
             mongo: MongoArgs { mongodb_uri: self.mongo_uri.clone(), mongodb_db: self.mongo_db.clone() },
-            kafka: KafkaArgs { kafka_brokers: self.brokers.clone(), topics: self.topics.clone() },
+            kafka: KafkaArgs { kafka_brokers: self.brokers.clone(), kafka_options: Vec::new(), topics: self.topics.clone() },
             group_id: self.group.clone(),
             request_timeout_ms: 30_000,
             lag_interval_ms: 1_000,

@@ -14,6 +14,11 @@ pub struct RedisArgs {
 pub struct KafkaArgs {
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub kafka_brokers: String,
+    /// librdkafka property passed through to every Kafka client, KEY=VALUE (repeatable; env:
+    /// `;`-separated), e.g. `security.protocol=SASL_SSL`, `sasl.mechanisms=SCRAM-SHA-512`,
+    /// `ssl.ca.location=/etc/ssl/kafka-ca.pem`.
+    #[arg(long = "kafka-option", env = "KAFKA_OPTIONS", value_delimiter = ';', hide_env_values = true)]
+    pub kafka_options: Vec<String>,
     #[command(flatten)]
     pub topics: Topics,
 }
