@@ -88,27 +88,25 @@ impl MongoReader {
         Ok(docs.iter().filter_map(|d| d.get_str("contactId").ok().map(str::to_string)).collect())
     }
 
-    /// Contact ids with at least one assignee on some conversation. nx-27017 answers
-    /// `{assignees: {$ne: []}}` wrongly, so the emptiness test is done here.
-    async fn contacts_with_assignees(&self, org: &str) -> Result<Vec<String>> {
-        let docs = self.docs("conversations", doc! {"orgId": org}, Some(doc! {"contactId": 1, "assignees": 1})).await?;
-        Ok(docs
-            .iter()
-            .filter(|d| d.get_array("assignees").map(|a| !a.is_empty()).unwrap_or(false))
-            .filter_map(|d| d.get_str("contactId").ok().map(str::to_string))
-            .collect())
+    /// The distinct contact ids of the documents of `coll` that match `filter`.
+    async fn distinct_contacts(&self, coll: &str, filter: Document) -> Result<Vec<String>> {
+        // The deadline is the client's: FerretDB refuses `maxTimeMS` on `distinct`.
+        let ids = tokio::time::timeout(OP_TIMEOUT, self.db.collection::<Document>(coll).distinct("contactId", filter))
+            .await
+            .map_err(|_| MongoPathError::Unavailable(format!("distinct on {coll} took longer than {OP_TIMEOUT:?}")))??;
+        Ok(ids.into_iter().filter_map(|b| b.as_str().map(str::to_string)).collect())
     }
 
-    /// Contact ids with a message (whose createdAt meets `created`, if given). A projected find,
-    /// not an aggregation: nx-27017's `$match` stage ignores date comparisons that its find honours.
+    /// Contact ids with at least one assignee on some conversation.
+    async fn contacts_with_assignees(&self, org: &str) -> Result<Vec<String>> {
+        self.distinct_contacts("conversations", doc! {"orgId": org, "assignees.0": {"$exists": true}}).await
+    }
+
+    /// Contact ids with a message (whose createdAt meets `created`, if given). Messages without
+    /// `createdAt` do not count (CONTRACT.md 2).
     async fn contacts_with_messages(&self, org: &str, created: Option<Document>) -> Result<Vec<String>> {
-        let mut filter = doc! {"orgId": org};
-        if let Some(c) = created {
-            filter.insert("createdAt", c);
-        }
-        let docs = self.docs("messages", filter, Some(doc! {"contactId": 1})).await?;
-        let ids: BTreeSet<String> = docs.iter().filter_map(|d| d.get_str("contactId").ok().map(str::to_string)).collect();
-        Ok(ids.into_iter().collect())
+        let created = created.unwrap_or_else(|| doc! {"$type": "date"});
+        self.distinct_contacts("messages", doc! {"orgId": org, "createdAt": created}).await
     }
 
     async fn team_members(&self, org: &str, user: &str) -> Result<Vec<String>> {
@@ -138,7 +136,9 @@ impl MongoReader {
             let re = literal_regex(term);
             and.push(doc! {"$or": [
                 {"firstName": re.clone()}, {"lastName": re.clone()}, {"fullName": re.clone()},
-                {"phoneNumbers": {"$elemMatch": {"value": re}}},
+                // A dotted path, not `$elemMatch`: one condition on an array of sub-documents
+                // means the same on MongoDB, and FerretDB answers `$elemMatch` there with nothing.
+                {"phoneNumbers.value": re},
             ]});
         }
         if let Some(s) = &f.source {
@@ -265,8 +265,8 @@ impl MongoReader {
                     assignees.entry(c.to_string()).or_default().extend(a.iter().filter_map(|b| b.as_str().map(str::to_string)));
                 }
             }
-            // The latest message per contact, computed here: nx-27017 answers `$max` over dates
-            // with a string, MongoDB with a date; a projected find reads the same on both.
+            // The latest message per contact, computed here from a projected find: FerretDB's
+            // `$group` has only `$sum` and `$count`, no `$max`.
             let filter = doc! {"orgId": org, "contactId": {"$in": str_list(cids)}};
             for d in self.docs("messages", filter, Some(doc! {"contactId": 1, "createdAt": 1})).await? {
                 if let (Ok(c), Ok(t)) = (d.get_str("contactId"), d.get_datetime("createdAt")) {
