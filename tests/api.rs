@@ -1,10 +1,11 @@
 //! Black-box HTTP tests of `POST /api/contacts` and the service endpoints, against the real stack.
 mod common;
 
-use common::{free_port, post_board, small_seed, token, TestEnv, JWT_SECRET};
+use common::{eventually, free_port, post_board, small_seed, token, TestEnv, JWT_SECRET};
 use pipeline_board::mongo::{self, OrgSnapshot};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
+use std::time::Duration;
 use tokio::sync::OnceCell;
 
 struct Fixture {
@@ -215,7 +216,7 @@ async fn service_endpoints() {
     let health = client.get(format!("{}/healthz", f.url)).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
     let ready: Value = client.get(format!("{}/readyz", f.url)).send().await.unwrap().json().await.unwrap();
-    assert_eq!((ready["redis"].as_bool(), ready["mongodb"].as_bool()), (Some(true), Some(true)));
+    assert_eq!((ready["status"].as_str(), ready["redis"].as_str(), ready["mongodb"].as_str()), (Some("ready"), Some("up"), Some("up")));
     let openapi: Value = client.get(format!("{}/openapi.json", f.url)).send().await.unwrap().json().await.unwrap();
     assert!(openapi["paths"]["/api/contacts"]["post"].is_object(), "{openapi}");
     let (org, snap) = &f.orgs[0];
@@ -243,11 +244,21 @@ async fn degraded_mode_answers_from_mongodb_and_503_when_both_are_down() {
 
     args.mongo.mongodb_uri = format!("mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=500", free_port());
     let nothing = f.env.serve_with(args).await;
+    // Before the health probe has found them down, both are tried: a clean 503 all the same.
     let (status, body) = post_board(&nothing, Some(&t), request).await;
-    assert_eq!((status, error_code(&body)), (503, "unavailable"), "{body}");
+    assert_eq!(status, 503, "{body}");
     assert!(!body.to_string().contains("127.0.0.1"), "internal error text never reaches the client: {body}");
-    let ready = reqwest::get(format!("{nothing}/readyz")).await.unwrap();
-    assert_eq!(ready.status().as_u16(), 503);
+    eventually(Duration::from_secs(20), "readiness names both dependencies down", || {
+        let url = nothing.clone();
+        async move {
+            let r = reqwest::get(format!("{url}/readyz")).await.unwrap();
+            r.status().as_u16() == 503 && r.json::<Value>().await.unwrap()["down"] == json!(["redis", "mongodb"])
+        }
+    })
+    .await;
+    // Known down: answered at once, saying which dependency is missing.
+    let (status, body) = post_board(&nothing, Some(&t), request).await;
+    assert_eq!((status, error_code(&body)), (503, "mongodb_unavailable"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

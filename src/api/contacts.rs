@@ -1,4 +1,5 @@
 //! `POST /api/contacts`: authenticate, parse, answer from the projection (or MongoDB), render.
+use super::health::Dependency;
 use super::AppState;
 use crate::query::board::{AnswerMeta, BoardAnswer};
 use crate::query::error::ApiError;
@@ -50,9 +51,13 @@ pub async fn contacts(State(s): State<AppState>, headers: HeaderMap, body: Resul
 }
 
 /// Projection first; MongoDB for custom fields and whenever the projection cannot answer.
+/// A dependency the health probe found down is not tried: the projection's absence sends the
+/// request to MongoDB at once, MongoDB's gives a 503 at once.
 pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i64) -> Result<(BoardAnswer, AnswerMeta), ApiError> {
     let reason = if !q.filters.custom_fields.is_empty() {
         "custom_fields"
+    } else if !s.health.is_up(Dependency::Redis) {
+        "projection_unavailable"
     } else {
         match s.projection.answer(org, user, q, now).await {
             Ok(a) => {
@@ -66,6 +71,9 @@ pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i6
             }
         }
     };
+    if !s.health.is_up(Dependency::Mongodb) {
+        return Err(ApiError::DependencyDown(Dependency::Mongodb.name()));
+    }
     match s.mongo.answer(org, user, q, now).await {
         Ok(a) => Ok((a, AnswerMeta { answered_by: "mongodb", reason: Some(reason), projection_lag: s.projection_lag() })),
         Err(MongoPathError::Api(e)) => Err(e),

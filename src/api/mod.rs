@@ -3,11 +3,13 @@
 //! tests) and `run` serves until the shutdown future resolves, finishing requests in flight.
 pub mod auth;
 mod contacts;
+pub mod health;
 
 use crate::consumers::{progress, KafkaConnection};
 use crate::query::mongo_path::MongoReader;
 use crate::query::projection::ProjectionReader;
 use auth::Verifier;
+use health::Health;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -45,6 +47,10 @@ pub struct ServeArgs {
     /// Longest time one request may take before it is answered 503.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+    /// How often Redis and MongoDB are pinged; a dependency found down is not waited for by
+    /// requests until a ping succeeds again.
+    #[arg(long, env = "HEALTH_INTERVAL_MS", default_value_t = 1_000)]
+    pub health_interval_ms: u64,
     /// How often the projection lag reported in `meta` is measured (0: never).
     #[arg(long, env = "LAG_INTERVAL_MS", default_value_t = 5_000)]
     pub lag_interval_ms: u64,
@@ -61,6 +67,7 @@ pub struct AppState {
     /// Last measured projection lag in events (-1: unknown).
     pub lag: Arc<AtomicI64>,
     pub metrics: PrometheusHandle,
+    pub health: Health,
 }
 
 impl AppState {
@@ -116,19 +123,25 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Ready when at least one data path can answer.
+/// Ready when at least one data path can answer; `status` is `degraded` while one dependency is
+/// down and `down` names it (from the background probe: readiness checks never pile up on a
+/// dependency that hangs).
 async fn readyz(State(s): State<AppState>) -> Response {
-    let mut conn = s.redis.clone();
-    let redis_ok = tokio::time::timeout(Duration::from_secs(2), redis::cmd("PING").query_async::<String>(&mut conn))
-        .await
-        .map(|r| r.is_ok())
-        .unwrap_or(false);
-    let mongo_ok = tokio::time::timeout(Duration::from_secs(2), s.mongo_db.run_command(bson::doc! {"ping": 1}))
-        .await
-        .map(|r| r.is_ok())
-        .unwrap_or(false);
-    let status = if redis_ok || mongo_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"redis": redis_ok, "mongodb": mongo_ok, "projectionLag": s.projection_lag()}))).into_response()
+    let report = s.health.report();
+    let (code, status) = match report.down.len() {
+        0 => (StatusCode::OK, "ready"),
+        1 => (StatusCode::OK, "degraded"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    let body = json!({
+        "status": status,
+        "redis": report.redis,
+        "mongodb": report.mongodb,
+        "down": report.down,
+        "checkedAt": report.checked_at,
+        "projectionLag": s.projection_lag(),
+    });
+    (code, Json(body)).into_response()
 }
 
 pub struct Application {
@@ -152,6 +165,8 @@ impl Application {
         if args.lag_interval_ms > 0 {
             spawn_lag_probe(args, KafkaConnection::from_args(&args.kafka)?, redis.clone(), keys.clone(), lag.clone());
         }
+        let health = Health::default();
+        health.spawn_probe(redis.clone(), mongo_db.clone(), Duration::from_millis(args.health_interval_ms.max(100)));
         let state = AppState {
             projection: ProjectionReader::new(redis.clone(), keys),
             mongo: MongoReader::new(mongo_db.clone()),
@@ -161,6 +176,7 @@ impl Application {
             request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
             lag,
             metrics: metrics_handle(),
+            health,
         };
         let listener = tokio::net::TcpListener::bind(&args.listen_addr).await?;
         Ok(Application { listener, router: router(state) })

@@ -17,6 +17,9 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("{0}")]
     Unavailable(String),
+    /// The request needs a dependency that the health probe found down: answered at once.
+    #[error("{0} is down and this request needs it")]
+    DependencyDown(&'static str),
     #[error("the request took too long")]
     Timeout,
     #[error("internal error: {0}")]
@@ -30,7 +33,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::DependencyDown(_) | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -42,6 +45,8 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::DependencyDown("mongodb") => "mongodb_unavailable",
+            ApiError::DependencyDown(_) => "dependency_unavailable",
             ApiError::Timeout => "timeout",
             ApiError::Internal(_) => "internal",
         }

@@ -210,6 +210,7 @@ impl TestEnv {
             kafka: KafkaArgs { kafka_brokers: self.brokers.clone(), kafka_options: Vec::new(), topics: self.topics.clone() },
             group_id: self.group.clone(),
             request_timeout_ms: 30_000,
+            health_interval_ms: 200,
             lag_interval_ms: 1_000,
         }
     }

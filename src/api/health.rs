@@ -1,0 +1,126 @@
+//! What the API knows about its dependencies, kept current by one background probe instead of
+//! by every request: a request that needs a dependency known to be down is answered at once
+//! (503 `<dependency>_unavailable`, or the other path) instead of waiting for a connect or server
+//! selection timeout, and `/readyz` says which dependency is down.
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dependency {
+    Redis,
+    Mongodb,
+}
+
+impl Dependency {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dependency::Redis => "redis",
+            Dependency::Mongodb => "mongodb",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    redis_up: AtomicBool,
+    mongodb_up: AtomicBool,
+    /// Unix millis of the last completed probe (0: none yet).
+    checked_at: AtomicI64,
+}
+
+/// Shared, cheap to clone. Until the first probe completes both dependencies count as up, so a
+/// fresh instance tries them rather than refusing work.
+#[derive(Debug, Clone)]
+pub struct Health(Arc<State>);
+
+impl Default for Health {
+    fn default() -> Self {
+        Health(Arc::new(State { redis_up: AtomicBool::new(true), mongodb_up: AtomicBool::new(true), checked_at: AtomicI64::new(0) }))
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct HealthReport {
+    pub redis: &'static str,
+    pub mongodb: &'static str,
+    pub down: Vec<Dependency>,
+    #[serde(rename = "checkedAt")]
+    pub checked_at: Option<String>,
+}
+
+impl Health {
+    pub fn is_up(&self, d: Dependency) -> bool {
+        match d {
+            Dependency::Redis => self.0.redis_up.load(Ordering::Relaxed),
+            Dependency::Mongodb => self.0.mongodb_up.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn record(&self, d: Dependency, up: bool) {
+        let flag = match d {
+            Dependency::Redis => &self.0.redis_up,
+            Dependency::Mongodb => &self.0.mongodb_up,
+        };
+        if flag.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!(dependency = d.name(), "dependency is up again");
+            } else {
+                tracing::warn!(dependency = d.name(), "dependency is down");
+            }
+        }
+        metrics::gauge!("pb_dependency_up", "dependency" => d.name()).set(if up { 1.0 } else { 0.0 });
+    }
+
+    pub fn report(&self) -> HealthReport {
+        let word = |up| if up { "up" } else { "down" };
+        let down = [Dependency::Redis, Dependency::Mongodb].into_iter().filter(|d| !self.is_up(*d)).collect();
+        let at = self.0.checked_at.load(Ordering::Relaxed);
+        HealthReport {
+            redis: word(self.is_up(Dependency::Redis)),
+            mongodb: word(self.is_up(Dependency::Mongodb)),
+            down,
+            checked_at: (at > 0).then(|| board_core::time::format_millis(at)),
+        }
+    }
+
+    /// Pings both dependencies every `every` (each ping bounded by the same interval, at most
+    /// 2 s) for as long as the process runs.
+    pub fn spawn_probe(&self, redis: redis::aio::ConnectionManager, mongo: mongodb::Database, every: Duration) {
+        let health = self.clone();
+        let bound = every.min(Duration::from_secs(2));
+        tokio::spawn(async move {
+            loop {
+                let mut conn = redis.clone();
+                let ping = redis::cmd("PING");
+                let redis_ping = tokio::time::timeout(bound, ping.query_async::<String>(&mut conn));
+                let mongo_ping = tokio::time::timeout(bound, mongo.run_command(bson::doc! {"ping": 1}));
+                let (r, m) = tokio::join!(redis_ping, mongo_ping);
+                health.record(Dependency::Redis, matches!(r, Ok(Ok(_))));
+                health.record(Dependency::Mongodb, matches!(m, Ok(Ok(_))));
+                let now = chrono::Utc::now().timestamp_millis();
+                health.0.checked_at.store(now, Ordering::Relaxed);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_instance_counts_both_as_up_and_reports_what_is_down() {
+        let h = Health::default();
+        assert!(h.is_up(Dependency::Redis) && h.is_up(Dependency::Mongodb));
+        h.record(Dependency::Mongodb, false);
+        let r = h.report();
+        assert_eq!((r.redis, r.mongodb), ("up", "down"));
+        assert_eq!(r.down, vec![Dependency::Mongodb]);
+        h.record(Dependency::Mongodb, true);
+        assert!(h.report().down.is_empty());
+    }
+}
