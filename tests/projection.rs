@@ -1,8 +1,8 @@
-//! Issue: event ingestion into the Redis read model, against the real Redis, the tansu broker and
-//! the nx-27017 MongoDB-wire server.
+//! Event ingestion into the Redis read model, against the real Redis, Apache Kafka and FerretDB
+//! started by deploy/stack.sh. Kill, restart and rebalance tests are in tests/failures.rs.
 mod common;
 
-use common::{eventually, small_seed, TestEnv};
+use common::{eventually, free_port, small_seed, TestEnv};
 use pipeline_board::core::model::CardKind;
 use pipeline_board::mongo;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -181,59 +181,6 @@ async fn poison_events_go_to_the_dead_letter_topic_and_the_consumer_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_stream_then_restart_loses_nothing() {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    let env = TestEnv::new("sigkill").await;
-    let seeded = env.seed(small_seed(1, 600, 11)).await;
-    let start = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_pipeline-board"))
-            .args(["project", "--metrics-addr", "", "--max-batch", "25", "--linger-ms", "0"])
-            .env("KAFKA_BROKERS", &env.brokers)
-            .env("REDIS_URL", &env.redis_url)
-            .env("REDIS_PREFIX", env.keys.prefix())
-            .env("KAFKA_GROUP_ID", &env.group)
-            .env("TOPIC_CONTACTS", &env.topics.topic_contacts)
-            .env("TOPIC_APPLICATIONS", &env.topics.topic_applications)
-            .env("TOPIC_CONVERSATIONS", &env.topics.topic_conversations)
-            .env("TOPIC_MESSAGES", &env.topics.topic_messages)
-            .env("TOPIC_PIPELINES", &env.topics.topic_pipelines)
-            .env("TOPIC_USERS", &env.topics.topic_users)
-            .env("TOPIC_DLQ", &env.topics.topic_dlq)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start projector")
-    };
-    let mut child = start();
-    // Kill it once it has applied some but not all events.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let lag_at_kill = loop {
-        let lag = env.lag().await;
-        if lag.applied() > 0 && lag.total() > 0 {
-            break lag.total();
-        }
-        assert!(std::time::Instant::now() < deadline, "projector never got midway: {lag:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
-    child.wait().unwrap();
-    assert!(lag_at_kill > 0);
-
-    let mut child = start();
-    env.wait_caught_up(Duration::from_secs(120)).await;
-    // Graceful stop: SIGTERM finishes in-flight work and exits 0.
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
-
-    let report = env.verify(&seeded.org_ids).await;
-    assert!(report.is_clean(), "drift after kill and restart: {:#?}", report.samples);
-    assert_eq!(report.cards as u64, seeded.contacts + seeded.applications);
-    env.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_consumers_in_one_group_share_the_partitions() {
     let env = TestEnv::new("group").await;
     let a = env.spawn_projector();
@@ -296,10 +243,6 @@ impl OwnRedis {
         let _ = self.child.wait();
         self.dir.clone()
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

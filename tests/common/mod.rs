@@ -56,11 +56,16 @@ impl RunningProjector {
 
 impl TestEnv {
     pub async fn new(name: &str) -> TestEnv {
+        TestEnv::on_brokers(name, &env_or("KAFKA_BROKERS", "127.0.0.1:9092")).await
+    }
+
+    /// A test environment whose topics live on the given brokers (a test's own Kafka node).
+    pub async fn on_brokers(name: &str, brokers: &str) -> TestEnv {
         init_logs();
         let unique = format!("{name}-{}-{}", std::process::id(), rand::random::<u32>());
         let env = TestEnv {
             name: unique.clone(),
-            brokers: env_or("KAFKA_BROKERS", "127.0.0.1:9092"),
+            brokers: brokers.to_string(),
             redis_url: env_or("REDIS_URL", "redis://127.0.0.1:6379"),
             mongo_uri: env_or("MONGODB_URI", "mongodb://127.0.0.1:27017"),
             mongo_db: format!("t{}", unique.replace(['-', '.'], "_")),
@@ -169,6 +174,42 @@ impl TestEnv {
             .expect("produce");
     }
 
+    /// The sum of the next offsets the projection recorded as applied, read from Redis alone
+    /// (cheap enough to poll every few milliseconds, unlike `lag`, which asks the broker).
+    pub async fn applied_offsets(&self) -> i64 {
+        let mut conn = self.redis().await;
+        let progress: std::collections::HashMap<String, i64> =
+            redis::AsyncCommands::hgetall(&mut conn, self.keys.progress(&self.group)).await.expect("progress");
+        progress.values().sum()
+    }
+
+    /// `pipeline-board project` as a child process of this test, configured for this env.
+    pub fn projector_process(&self, extra_args: &[&str], extra_env: &[(&str, &str)]) -> std::process::Child {
+        let t = &self.topics;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline-board"));
+        cmd.args(["project", "--metrics-addr", ""])
+            .args(extra_args)
+            .env("KAFKA_BROKERS", &self.brokers)
+            .env("REDIS_URL", &self.redis_url)
+            .env("REDIS_PREFIX", self.keys.prefix())
+            .env("KAFKA_GROUP_ID", &self.group)
+            .env("TOPIC_CONTACTS", &t.topic_contacts)
+            .env("TOPIC_APPLICATIONS", &t.topic_applications)
+            .env("TOPIC_CONVERSATIONS", &t.topic_conversations)
+            .env("TOPIC_MESSAGES", &t.topic_messages)
+            .env("TOPIC_PIPELINES", &t.topic_pipelines)
+            .env("TOPIC_USERS", &t.topic_users)
+            .env("TOPIC_DLQ", &t.topic_dlq)
+            .stdout(std::process::Stdio::null());
+        if std::env::var("TEST_LOG").is_err() {
+            cmd.stderr(std::process::Stdio::null());
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("start projector")
+    }
+
     /// Removes this test's keys (best effort; the prefix is unique anyway).
     pub async fn cleanup(&self) {
         let mut conn = self.redis().await;
@@ -242,4 +283,154 @@ pub async fn post_board(url: &str, bearer: Option<&str>, body: &str) -> (u16, se
     let status = resp.status().as_u16();
     let json = resp.json().await.unwrap_or(serde_json::Value::Null);
     (status, json)
+}
+
+/// Where `deploy/install-deps.sh` put the stack's binaries and jars.
+pub fn stack_home() -> std::path::PathBuf {
+    std::env::var_os("PIPELINE_BOARD_HOME")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::PathBuf::from(env_or("HOME", "/root")).join(".cache/pipeline-board"))
+}
+
+fn deploy_script(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(name)
+}
+
+/// A scratch directory of this test, removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("pb-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An Apache Kafka KRaft node of the test's own (deploy/kafka-node.sh), with its data in a
+/// directory of the test, so the test can stop and restart it without disturbing other tests.
+pub struct OwnKafka {
+    pub dir: TempDir,
+    pub port: u16,
+}
+
+impl OwnKafka {
+    pub async fn start() -> OwnKafka {
+        let dir = TempDir::new("kafka");
+        // The controller listens on port + 1: take a free pair.
+        let port = loop {
+            let p = free_port();
+            if std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                break p;
+            }
+        };
+        let node = OwnKafka { dir, port };
+        node.run("start").await;
+        node
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn run(&self, verb: &str) {
+        let (script, dir, port) = (deploy_script("kafka-node.sh"), self.dir.0.clone(), self.port.to_string());
+        let owned_verb = verb.to_string();
+        let status = tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new("bash");
+            cmd.arg(script).arg(&owned_verb).arg(dir);
+            if owned_verb == "start" {
+                cmd.arg(port);
+            }
+            cmd.stdout(std::process::Stdio::null()).status()
+        })
+        .await
+        .unwrap()
+        .expect("bash runs deploy/kafka-node.sh");
+        assert!(status.success(), "deploy/kafka-node.sh {verb} failed: {status:?}");
+    }
+
+    /// Clean shutdown (SIGTERM), data kept.
+    pub async fn stop(&self) {
+        self.run("stop").await;
+    }
+
+    /// Starts again on the same data directory and port.
+    pub async fn restart(&self) {
+        self.run("start").await;
+    }
+}
+
+impl Drop for OwnKafka {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash").arg(deploy_script("kafka-node.sh")).arg("kill").arg(&self.dir.0).status();
+    }
+}
+
+/// A FerretDB process of the test's own, on the stack's PostgreSQL, that the test can stop.
+pub struct OwnFerretDb {
+    pub port: u16,
+    state: TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl OwnFerretDb {
+    pub async fn start() -> OwnFerretDb {
+        let mut db = OwnFerretDb { port: free_port(), state: TempDir::new("ferretdb"), child: None };
+        db.restart().await;
+        db
+    }
+
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=2000", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        let pg = env_or("FERRETDB_POSTGRESQL_URL", "postgres://postgres@127.0.0.1:54320/ferretdb");
+        let child = std::process::Command::new(stack_home().join("bin/ferretdb"))
+            .arg("--handler=postgresql")
+            .arg(format!("--postgresql-url={pg}"))
+            .arg(format!("--listen-addr=127.0.0.1:{}", self.port))
+            .arg(format!("--debug-addr=127.0.0.1:{}", free_port()))
+            .arg(format!("--state-dir={}", self.state.0.display()))
+            .args(["--telemetry=disable", "--log-level=error"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ferretdb installed by deploy/install-deps.sh");
+        self.child = Some(child);
+        let uri = self.uri();
+        eventually(Duration::from_secs(30), "own ferretdb answers a ping", || {
+            let uri = uri.clone();
+            async move {
+                match pipeline_board::mongo::connect(&uri, "admin").await {
+                    Ok(db) => db.run_command(bson::doc! {"ping": 1}).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnFerretDb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends a signal to a child process.
+pub fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal delivered");
 }
