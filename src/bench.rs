@@ -44,12 +44,16 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             let conn = board_core::config::redis_connection(&redis.redis_url).await?;
             let reader = ProjectionReader::new(conn, KeySpace::new(&redis.redis_prefix));
             let query = ContactsRequest::parse(body.as_bytes())?.into_query()?;
-            let (_, cmd) = reader.board_call(&org, &user, &query, chrono::Utc::now().timestamp_millis()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (_, cmd) =
+                reader.board_call(&org, &user, &query, chrono::Utc::now().timestamp_millis()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
             // args: FCALL_RO pb_board 1 <key> <plan>
-            let args: Vec<String> = cmd.args_iter().filter_map(|a| match a {
-                redis::Arg::Simple(b) => Some(String::from_utf8_lossy(b).into_owned()),
-                _ => None,
-            }).collect();
+            let args: Vec<String> = cmd
+                .args_iter()
+                .filter_map(|a| match a {
+                    redis::Arg::Simple(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                    _ => None,
+                })
+                .collect();
             println!("{}\n{}", args[3], args[4]);
         }
     }

@@ -175,10 +175,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Project(args) => project(args).await,
         Command::Seed(args) => {
             let started = Instant::now();
-            let r = seed::run(&args.seed, &KafkaConnection::from_args(&args.kafka)?, &args.kafka.topics, &args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
+            let r = seed::run(
+                &args.seed,
+                &KafkaConnection::from_args(&args.kafka)?,
+                &args.kafka.topics,
+                &args.mongo.mongodb_uri,
+                &args.mongo.mongodb_db,
+            )
+            .await?;
             println!(
                 "seeded {} orgs: {} contacts, {} applications, {} messages; {} events in {:.1} s",
-                r.org_ids.len(), r.contacts, r.applications, r.messages, r.events, started.elapsed().as_secs_f64()
+                r.org_ids.len(),
+                r.contacts,
+                r.applications,
+                r.messages,
+                r.events,
+                started.elapsed().as_secs_f64()
             );
             for org in &r.org_ids {
                 println!("org {org}");

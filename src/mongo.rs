@@ -78,12 +78,10 @@ pub fn card_to_bson(c: &CardDoc) -> Document {
 }
 
 pub fn card_from_bson(d: &Document) -> CardDoc {
-    let phone_numbers = d.get_array("phoneNumbers").ok().map(|a| {
-        a.iter()
-            .filter_map(Bson::as_document)
-            .map(|p| Phone { value: get_str(p, "value"), kind: get_str(p, "type") })
-            .collect()
-    });
+    let phone_numbers = d
+        .get_array("phoneNumbers")
+        .ok()
+        .map(|a| a.iter().filter_map(Bson::as_document).map(|p| Phone { value: get_str(p, "value"), kind: get_str(p, "type") }).collect());
     let custom_fields = d
         .get_document("customFields")
         .ok()
@@ -114,7 +112,7 @@ pub fn card_from_bson(d: &Document) -> CardDoc {
 pub fn conversation_to_bson(c: &Conversation) -> Document {
     let assignees = c.assignees.as_ref().map(|a| Bson::from(a.clone())).unwrap_or(Bson::Null);
     doc! {"_id": &c.id, "orgId": &c.org_id, "contactId": opt_str(&c.contact_id), "assignees": assignees,
-          "version": c.version.map(Bson::Int64).unwrap_or(Bson::Null)}
+    "version": c.version.map(Bson::Int64).unwrap_or(Bson::Null)}
 }
 
 pub fn conversation_from_bson(d: &Document) -> Conversation {
@@ -129,8 +127,8 @@ pub fn conversation_from_bson(d: &Document) -> Conversation {
 
 pub fn message_to_bson(m: &Message) -> Document {
     doc! {"_id": &m.id, "orgId": &m.org_id, "contactId": opt_str(&m.contact_id),
-          "conversationId": opt_str(&m.conversation_id), "direction": opt_str(&m.direction),
-          "createdAt": opt_time(m.created_at)}
+    "conversationId": opt_str(&m.conversation_id), "direction": opt_str(&m.direction),
+    "createdAt": opt_time(m.created_at)}
 }
 
 pub fn message_from_bson(d: &Document) -> Message {
@@ -152,8 +150,8 @@ pub fn pipeline_to_bson(p: &Pipeline) -> Document {
         .map(|s| Bson::Document(doc! {"_id": &s.id, "name": opt_str(&s.name), "order": s.order.map(Bson::Int64).unwrap_or(Bson::Null)}))
         .collect();
     doc! {"_id": &p.id, "orgId": &p.org_id, "name": opt_str(&p.name), "type": opt_str(&p.kind),
-          "isActive": p.is_active.map(Bson::Boolean).unwrap_or(Bson::Null), "stages": stages,
-          "version": p.version.map(Bson::Int64).unwrap_or(Bson::Null)}
+    "isActive": p.is_active.map(Bson::Boolean).unwrap_or(Bson::Null), "stages": stages,
+    "version": p.version.map(Bson::Int64).unwrap_or(Bson::Null)}
 }
 
 pub fn pipeline_from_bson(d: &Document) -> Pipeline {

@@ -13,11 +13,11 @@ use board_core::config::Topics;
 use board_core::model::{CardDoc, Conversation, Message, Phone, Pipeline, Stage, User};
 use board_core::time::{format_millis, Millis};
 use indicatif::{ProgressBar, ProgressStyle};
+use pipeline_board_consumers::KafkaConnection;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use pipeline_board_consumers::KafkaConnection;
 use serde_json::json;
 use std::time::Duration;
 
@@ -62,8 +62,17 @@ pub struct SeedArgs {
 impl Default for SeedArgs {
     fn default() -> Self {
         SeedArgs {
-            orgs: 3, contacts: 2000, applications: 0.3, messages: 2.0, users: 24, teams: 4, seed: 42,
-            now: None, no_mongo: false, no_kafka: false, quiet: true,
+            orgs: 3,
+            contacts: 2000,
+            applications: 0.3,
+            messages: 2.0,
+            users: 24,
+            teams: 4,
+            seed: 42,
+            now: None,
+            no_mongo: false,
+            no_kafka: false,
+            quiet: true,
         }
     }
 }
@@ -77,13 +86,52 @@ pub struct SeedReport {
     pub messages: u64,
 }
 
-const FIRST: &[&str] = &["Jane", "John", "Maria", "José", "Zoë", "Łukasz", "Søren", "Aisha", "Chen", "Fatima", "Liam", "Olivia",
-    "Noah", "Emma", "Mateo", "Sofía", "Yuki", "Ahmed", "Anna", "Pierre", "Ngozi", "Ivan", "Priya", "Kofi", "Élodie", "Björn", "李", "Jan"];
-const LAST: &[&str] = &["Doe", "Smith", "García", "Müller", "O'Brien", "Nguyen", "Kowalski", "Andersen", "Okafor", "Silva", "Rossi",
-    "Janssen", "Dubois", "Yılmaz", "Sato", "Khan", "Ivanova", "Brown", "Wilson", "Martínez", "Lee", "Patel", "Mensah", "Novák", "王"];
+const FIRST: &[&str] = &[
+    "Jane", "John", "Maria", "José", "Zoë", "Łukasz", "Søren", "Aisha", "Chen", "Fatima", "Liam", "Olivia", "Noah", "Emma", "Mateo",
+    "Sofía", "Yuki", "Ahmed", "Anna", "Pierre", "Ngozi", "Ivan", "Priya", "Kofi", "Élodie", "Björn", "李", "Jan",
+];
+const LAST: &[&str] = &[
+    "Doe",
+    "Smith",
+    "García",
+    "Müller",
+    "O'Brien",
+    "Nguyen",
+    "Kowalski",
+    "Andersen",
+    "Okafor",
+    "Silva",
+    "Rossi",
+    "Janssen",
+    "Dubois",
+    "Yılmaz",
+    "Sato",
+    "Khan",
+    "Ivanova",
+    "Brown",
+    "Wilson",
+    "Martínez",
+    "Lee",
+    "Patel",
+    "Mensah",
+    "Novák",
+    "王",
+];
 const SOURCES: &[&str] = &["facebook", "google", "referral", "website", "walk-in", "import", "instagram", "Trade Show"];
-const STAGE_NAMES: &[&str] = &["New Lead", "Contacted", "Qualified", "Demo Scheduled", "Proposal Sent", "Negotiation", "Follow Up",
-    "On Hold", "Nurture", "Won", "Lost", "Closed"];
+const STAGE_NAMES: &[&str] = &[
+    "New Lead",
+    "Contacted",
+    "Qualified",
+    "Demo Scheduled",
+    "Proposal Sent",
+    "Negotiation",
+    "Follow Up",
+    "On Hold",
+    "Nurture",
+    "Won",
+    "Lost",
+    "Closed",
+];
 const INDUSTRIES: &[&str] = &["Retail", "Health care", "Real estate", "Education", "Finance", "Hospitality", "Logistics"];
 
 /// ObjectId-like ids: 4 bytes of time, then a counter that never repeats within a run.
@@ -105,10 +153,7 @@ struct Org {
 
 impl Org {
     fn pipeline(&self, kind: &str, active: bool) -> &Pipeline {
-        self.pipelines
-            .iter()
-            .find(|p| p.kind.as_deref() == Some(kind) && p.is_active == Some(active))
-            .expect("seed makes one of each")
+        self.pipelines.iter().find(|p| p.kind.as_deref() == Some(kind) && p.is_active == Some(active)).expect("seed makes one of each")
     }
 }
 
@@ -136,9 +181,8 @@ impl Sink {
     async fn flush(&mut self) -> anyhow::Result<()> {
         if let Some(p) = &self.producer {
             let pending = std::mem::take(&mut self.pending);
-            let sends = pending.iter().map(|(t, k, v)| {
-                p.send(FutureRecord::to(t).key(k.as_str()).payload(v.as_slice()), Duration::from_secs(60))
-            });
+            let sends =
+                pending.iter().map(|(t, k, v)| p.send(FutureRecord::to(t).key(k.as_str()).payload(v.as_slice()), Duration::from_secs(60)));
             for r in futures::future::join_all(sends).await {
                 r.map_err(|(e, _)| anyhow::anyhow!("kafka produce failed: {e}"))?;
             }
@@ -277,7 +321,15 @@ fn make_card(org: &Org, kind: &str, now: Millis, ids: &mut Ids, rng: &mut ChaCha
     let active = org.pipeline(kind, true);
     let r: f64 = rng.random();
     // 80% on the active pipeline, 8% on the inactive one, 12% legacy without pipelineId.
-    let pipeline = if r < 0.88 { if r < 0.80 { active } else { org.pipeline(kind, false) } } else { active };
+    let pipeline = if r < 0.88 {
+        if r < 0.80 {
+            active
+        } else {
+            org.pipeline(kind, false)
+        }
+    } else {
+        active
+    };
     let stage = pipeline.stages.as_ref().expect("stages").choose(rng).expect("stage").clone();
     let legacy_stage = rng.random_bool(0.1);
     let user = |rng: &mut ChaCha8Rng| org.users.choose(rng).expect("users").id.clone();
@@ -310,7 +362,13 @@ fn make_card(org: &Org, kind: &str, now: Millis, ids: &mut Ids, rng: &mut ChaCha
 /// One contact with its application, conversations and messages; some get a second version or
 /// are deleted.
 fn contact_with_everything(
-    args: &SeedArgs, org: &Org, now: Millis, ids: &mut Ids, rng: &mut ChaCha8Rng, sink: &mut Sink, report: &mut SeedReport,
+    args: &SeedArgs,
+    org: &Org,
+    now: Millis,
+    ids: &mut Ids,
+    rng: &mut ChaCha8Rng,
+    sink: &mut Sink,
+    report: &mut SeedReport,
 ) -> anyhow::Result<()> {
     let t = sink.topics.clone();
     let contact = make_card(org, "Contact", now, ids, rng);
@@ -345,7 +403,13 @@ fn contact_with_everything(
             a.sort();
             a
         };
-        let mut conv = Conversation { id: ids.id(at, rng), org_id: org.id.clone(), contact_id: Some(contact.id.clone()), assignees: Some(pick(rng)), version: Some(1) };
+        let mut conv = Conversation {
+            id: ids.id(at, rng),
+            org_id: org.id.clone(),
+            contact_id: Some(contact.id.clone()),
+            assignees: Some(pick(rng)),
+            version: Some(1),
+        };
         let env = envelope("conversation.upserted", &org.id, at, ids, rng);
         sink.event(&t.topic_conversations, &conv.id, with(env, "conversation", serde_json::to_value(&conv)?));
         if rng.random_bool(0.2) {
@@ -383,7 +447,13 @@ fn contact_with_everything(
 /// Emits a second version (stage or owner moved) for 10% of cards and a delete for 2%. Returns
 /// the state MongoDB holds at the end (None: deleted).
 fn card_lifecycle(
-    org: &Org, kind: &str, card: &CardDoc, now: Millis, ids: &mut Ids, rng: &mut ChaCha8Rng, sink: &mut Sink,
+    org: &Org,
+    kind: &str,
+    card: &CardDoc,
+    now: Millis,
+    ids: &mut Ids,
+    rng: &mut ChaCha8Rng,
+    sink: &mut Sink,
 ) -> anyhow::Result<Option<CardDoc>> {
     let t = sink.topics.clone();
     let (topic, field, deleted_type, id_field) = if kind == "Contact" {

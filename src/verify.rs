@@ -53,7 +53,14 @@ fn derived(snap: &OrgSnapshot) -> (HashMap<String, Vec<String>>, HashMap<String,
 }
 
 /// The index entries of one card, as functions.lua `entries` defines them.
-pub fn expected_entries(keys: &OrgKeys, kind: CardKind, card: &CardDoc, assignees: &[String], last_message: Option<i64>, out: &mut Entries) {
+pub fn expected_entries(
+    keys: &OrgKeys,
+    kind: CardKind,
+    card: &CardDoc,
+    assignees: &[String],
+    last_message: Option<i64>,
+    out: &mut Entries,
+) {
     let meta = CoreMeta::from_doc(kind, card);
     let created = meta.sc.map(|ms| ms as f64).unwrap_or(f64::NEG_INFINITY);
     let mut put = |key: String, score: Option<f64>| {
@@ -169,7 +176,11 @@ pub async fn verify_org(
             Some(have) if have != want => {
                 let missing: Vec<&String> = want.keys().filter(|m| !have.contains_key(*m)).take(3).collect();
                 let extra: Vec<&String> = have.keys().filter(|m| !want.contains_key(*m)).take(3).collect();
-                report.drift(format!("index {key}: {} members expected, {} found; missing {missing:?}, extra {extra:?}, or scores differ", want.len(), have.len()));
+                report.drift(format!(
+                    "index {key}: {} members expected, {} found; missing {missing:?}, extra {extra:?}, or scores differ",
+                    want.len(),
+                    have.len()
+                ));
             }
             Some(_) => {}
         }

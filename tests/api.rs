@@ -80,14 +80,21 @@ async fn tokens_are_checked() {
         format!("{}.{}.", e.encode(br#"{"alg":"none","typ":"JWT"}"#), parts[1])
     };
     let bad_org = pipeline_board::api::auth::sign_hs256(JWT_SECRET.as_bytes(), user, "not-an-object-id", 3600);
-    for (what, t) in [("garbage", "abc.def.ghi".to_string()), ("expired", expired), ("wrong secret", wrong_secret),
-                      ("tampered", tampered_claims), ("alg none", alg_none), ("bad orgId", bad_org)] {
+    for (what, t) in [
+        ("garbage", "abc.def.ghi".to_string()),
+        ("expired", expired),
+        ("wrong secret", wrong_secret),
+        ("tampered", tampered_claims),
+        ("alg none", alg_none),
+        ("bad orgId", bad_org),
+    ] {
         let (status, body) = post_board(&f.url, Some(&t), "{}").await;
         assert_eq!((status, error_code(&body)), (401, "unauthorized"), "{what}: {body}");
     }
     let (status, body) = post_board(&f.url, None, "{}").await;
     assert_eq!((status, error_code(&body)), (401, "unauthorized"));
-    let resp = reqwest::Client::new().post(format!("{}/api/contacts", f.url)).header("authorization", "Basic dXNlcjpwdw==").send().await.unwrap();
+    let resp =
+        reqwest::Client::new().post(format!("{}/api/contacts", f.url)).header("authorization", "Basic dXNlcjpwdw==").send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 401);
 }
 
@@ -144,7 +151,8 @@ async fn response_shape_order_and_paths() {
         assert_eq!(body["data"][name], body["dataByStatus"][id]);
         let cards = body["data"][name]["contacts"].as_array().unwrap();
         assert!(cards.len() <= 3);
-        let keys: Vec<(String, String)> = cards.iter().map(|c| (c["createdAt"].as_str().unwrap_or("").to_string(), c["_id"].as_str().unwrap().to_string())).collect();
+        let keys: Vec<(String, String)> =
+            cards.iter().map(|c| (c["createdAt"].as_str().unwrap_or("").to_string(), c["_id"].as_str().unwrap().to_string())).collect();
         let mut sorted = keys.clone();
         sorted.sort_by(|a, b| b.cmp(a));
         assert_eq!(keys, sorted, "createdAt desc, then _id desc");
@@ -172,7 +180,8 @@ async fn no_request_reaches_another_orgs_data() {
     let b_user = &snap_b.users[0].id;
     let a_pipelines: BTreeSet<String> = snap_a.pipelines.iter().map(|p| p.id.clone()).collect();
     let b_names: Vec<String> = b_pipeline.stages.as_ref().unwrap().iter().map(|s| s.name.clone().unwrap()).collect();
-    let b_map: serde_json::Map<String, Value> = b_pipeline.stages.as_ref().unwrap().iter().map(|s| (s.name.clone().unwrap(), json!(s.id))).collect();
+    let b_map: serde_json::Map<String, Value> =
+        b_pipeline.stages.as_ref().unwrap().iter().map(|s| (s.name.clone().unwrap(), json!(s.id))).collect();
 
     let (status, body) = post_board(&f.url, Some(&t), &json!({"pipelineId": b_pipeline.id}).to_string()).await;
     assert_eq!((status, error_code(&body)), (404, "not_found"), "another org's pipeline is not found");
@@ -239,7 +248,10 @@ async fn degraded_mode_answers_from_mongodb_and_503_when_both_are_down() {
     let no_redis = f.env.serve_with(args.clone()).await;
     let (status, degraded) = post_board(&no_redis, Some(&t), request).await;
     assert_eq!(status, 200, "{degraded}");
-    assert_eq!((degraded["meta"]["answeredBy"].as_str(), degraded["meta"]["reason"].as_str()), (Some("mongodb"), Some("projection_unavailable")));
+    assert_eq!(
+        (degraded["meta"]["answeredBy"].as_str(), degraded["meta"]["reason"].as_str()),
+        (Some("mongodb"), Some("projection_unavailable"))
+    );
     assert_eq!(degraded["data"], healthy["data"], "MongoDB gives the projection's answer");
 
     args.mongo.mongodb_uri = format!("mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=500", free_port());

@@ -85,7 +85,13 @@ fn random_request(snap: &OrgSnapshot, rng: &mut ChaCha8Rng, base_now: i64) -> (V
     if p(rng, 0.25) {
         let c = cards.choose(rng).unwrap();
         let term = match rng.random_range(0..5) {
-            0 => c.phone_numbers.as_ref().and_then(|ps| ps.first()).and_then(|p| p.value.clone()).map(|v| substring(&v, rng, 3)).unwrap_or_default(),
+            0 => c
+                .phone_numbers
+                .as_ref()
+                .and_then(|ps| ps.first())
+                .and_then(|p| p.value.clone())
+                .map(|v| substring(&v, rng, 3))
+                .unwrap_or_default(),
             1 => substring(c.last_name.as_deref().unwrap_or("x"), rng, 1),
             2 => "zz(.*)".to_string(),
             _ => random_case(&substring(c.full_name.as_deref().unwrap_or("x"), rng, 3), rng),
@@ -96,17 +102,27 @@ fn random_request(snap: &OrgSnapshot, rng: &mut ChaCha8Rng, base_now: i64) -> (V
         r.insert("source".into(), json!(cards.choose(rng).unwrap().source));
     }
     match rng.random_range(0..10) {
-        0 => { r.insert("ownerFilter".into(), json!("my")); }
-        1 => { r.insert("ownerFilter".into(), json!("team")); }
-        2 => { r.insert("ownerFilter".into(), json!("unassigned")); }
-        3 => { r.insert("ownerFilter".into(), json!(snap.users.choose(rng).unwrap().id)); }
+        0 => {
+            r.insert("ownerFilter".into(), json!("my"));
+        }
+        1 => {
+            r.insert("ownerFilter".into(), json!("team"));
+        }
+        2 => {
+            r.insert("ownerFilter".into(), json!("unassigned"));
+        }
+        3 => {
+            r.insert("ownerFilter".into(), json!(snap.users.choose(rng).unwrap().id));
+        }
         4 => {
             let n = rng.random_range(1..=3);
             let owners: Vec<String> = snap.users.choose_multiple(rng, n).map(|u| u.id.clone()).collect();
             r.insert("owner".into(), json!(owners));
             r.insert("ownerFilter".into(), json!("unassigned"));
         }
-        5 => { r.insert("ownerFilter".into(), json!("all")); }
+        5 => {
+            r.insert("ownerFilter".into(), json!("all"));
+        }
         _ => {}
     }
     if p(rng, 0.15) {
@@ -122,8 +138,12 @@ fn random_request(snap: &OrgSnapshot, rng: &mut ChaCha8Rng, base_now: i64) -> (V
         let b = times[rng.random_range(0..times.len())];
         let (lo, hi) = (a.min(b), a.max(b));
         let mut range = Map::new();
-        if p(rng, 0.8) { range.insert("start".into(), json!(iso(lo))); }
-        if p(rng, 0.8) { range.insert("end".into(), json!(iso(hi))); }
+        if p(rng, 0.8) {
+            range.insert("start".into(), json!(iso(lo)));
+        }
+        if p(rng, 0.8) {
+            range.insert("end".into(), json!(iso(hi)));
+        }
         let field = if p(rng, 0.3) { "dateRange" } else { "createdDateRange" };
         r.insert(field.into(), Value::Object(range));
     }
@@ -138,7 +158,8 @@ fn random_request(snap: &OrgSnapshot, rng: &mut ChaCha8Rng, base_now: i64) -> (V
     if p(rng, 0.2) && !msg_times.is_empty() {
         // "now" placed so that the window starts exactly on a message: the edge is inclusive.
         let edge = msg_times[rng.random_range(0..msg_times.len())];
-        let (value, unit_ms, unit) = if p(rng, 0.5) { (rng.random_range(0..=72i64), HOUR, "hours") } else { (rng.random_range(0..=30i64), 24 * HOUR, "days") };
+        let (value, unit_ms, unit) =
+            if p(rng, 0.5) { (rng.random_range(0..=72i64), HOUR, "hours") } else { (rng.random_range(0..=30i64), 24 * HOUR, "days") };
         now = edge + value * unit_ms;
         r.insert("lastMessageTimeRange".into(), json!({"value": value, "unit": unit}));
     }
@@ -146,8 +167,12 @@ fn random_request(snap: &OrgSnapshot, rng: &mut ChaCha8Rng, base_now: i64) -> (V
         let a = msg_times[rng.random_range(0..msg_times.len())];
         let b = msg_times[rng.random_range(0..msg_times.len())];
         let mut range = Map::new();
-        if p(rng, 0.85) { range.insert("start".into(), json!(iso(a.min(b)))); }
-        if p(rng, 0.85) { range.insert("end".into(), json!(iso(a.max(b)))); }
+        if p(rng, 0.85) {
+            range.insert("start".into(), json!(iso(a.min(b))));
+        }
+        if p(rng, 0.85) {
+            range.insert("end".into(), json!(iso(a.max(b))));
+        }
         r.insert("lastMessageDateRange".into(), Value::Object(range));
     }
     (Value::Object(r), user, now)
@@ -168,7 +193,11 @@ fn describe_difference(a: &BoardAnswer, b: &BoardAnswer) -> String {
             }
         }
     }
-    format!("bucket lists differ: {:?} vs {:?}", a.buckets.iter().map(|b| &b.name).collect::<Vec<_>>(), b.buckets.iter().map(|b| &b.name).collect::<Vec<_>>())
+    format!(
+        "bucket lists differ: {:?} vs {:?}",
+        a.buckets.iter().map(|b| &b.name).collect::<Vec<_>>(),
+        b.buckets.iter().map(|b| &b.name).collect::<Vec<_>>()
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,6 +238,8 @@ async fn projection_and_mongodb_answer_identically() {
     // The generator must produce answers with content, not only empty boards.
     assert!(non_empty > requests / 3, "only {non_empty} of {requests} requests matched any card");
     assert!(with_cards > requests / 4, "only {with_cards} of {requests} requests returned cards");
-    eprintln!("{requests} requests compared: {non_empty} with matches, {with_cards} with cards on the page, {not_found} errors on both paths");
+    eprintln!(
+        "{requests} requests compared: {non_empty} with matches, {with_cards} with cards on the page, {not_found} errors on both paths"
+    );
     env.cleanup().await;
 }

@@ -113,11 +113,14 @@ async fn versions_duplicates_and_tombstones() {
     let final_contact: pipeline_board::core::model::CardDoc = serde_json::from_value(contact(&org, &c, 3, &p, &s_new, &u2, "Ann")).unwrap();
     db.collection("contacts").insert_one(mongo::card_to_bson(&final_contact)).await.unwrap();
     db.collection("pipelines").insert_one(mongo::pipeline_to_bson(&serde_json::from_value(pipeline).unwrap())).await.unwrap();
-    db.collection("conversations").insert_one(mongo::conversation_to_bson(&serde_json::from_value(conv_doc(2, &u2)).unwrap())).await.unwrap();
+    db.collection("conversations")
+        .insert_one(mongo::conversation_to_bson(&serde_json::from_value(conv_doc(2, &u2)).unwrap()))
+        .await
+        .unwrap();
     for (id, at) in [(oid(30), "2026-11-01T00:00:00.000Z"), (oid(31), "2026-11-02T00:00:00.000Z")] {
         db.collection("messages").insert_one(mongo::message_to_bson(&serde_json::from_value(msg(&id, at)).unwrap())).await.unwrap();
     }
-    let report = env.verify(&[org.clone()]).await;
+    let report = env.verify(std::slice::from_ref(&org)).await;
     assert!(report.is_clean(), "drift: {:#?}", report.samples);
     assert_eq!(report.cards, 1);
     env.cleanup().await;

@@ -48,14 +48,11 @@ impl RedisApplier {
         for e in events {
             FunctionCall::for_event(&self.keys, e).add_to(&mut pipe);
         }
-        let replies: Vec<redis::RedisResult<String>> =
-            pipe.query_async(&mut self.conn).await.map_err(|e| Transient(e.to_string()))?;
+        let replies: Vec<redis::RedisResult<String>> = pipe.query_async(&mut self.conn).await.map_err(|e| Transient(e.to_string()))?;
         let mut out = Vec::with_capacity(replies.len());
         for reply in replies {
             match reply {
-                Ok(s) => out.push(
-                    ApplyOutcome::parse(&s).ok_or_else(|| PoisonReason::Rejected(format!("unexpected reply {s:?}"))),
-                ),
+                Ok(s) => out.push(ApplyOutcome::parse(&s).ok_or_else(|| PoisonReason::Rejected(format!("unexpected reply {s:?}")))),
                 Err(e) if is_permanent(&e) => out.push(Err(PoisonReason::Rejected(e.to_string()))),
                 Err(e) => {
                     if e.to_string().contains("Function not found") {
@@ -74,7 +71,5 @@ impl RedisApplier {
 /// Everything else (I/O, LOADING, BUSY, OOM, cluster moves, a missing library) is Redis' state and
 /// must never cost an event.
 fn is_permanent(e: &RedisError) -> bool {
-    matches!(e.kind(), ErrorKind::Server(_))
-        && e.code() == Some("ERR")
-        && !e.to_string().contains("Function not found")
+    matches!(e.kind(), ErrorKind::Server(_)) && e.code() == Some("ERR") && !e.to_string().contains("Function not found")
 }

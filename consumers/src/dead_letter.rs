@@ -1,8 +1,8 @@
 //! Poison events go, unchanged, to the dead-letter topic with the reason in headers.
+use crate::kafka::KafkaConnection;
 use board_core::events::PoisonReason;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use crate::kafka::KafkaConnection;
 use std::time::Duration;
 
 pub const REASON_HEADER: &str = "x-dlq-reason";
@@ -46,10 +46,6 @@ impl DeadLetters {
         if let Some(p) = origin.payload {
             record = record.payload(p);
         }
-        self.producer
-            .send(record, Duration::from_secs(15))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e.to_string())
+        self.producer.send(record, Duration::from_secs(15)).await.map(|_| ()).map_err(|(e, _)| e.to_string())
     }
 }

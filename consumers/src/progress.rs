@@ -1,8 +1,8 @@
 //! How far the projection is: the next offset applied per topic-partition, kept in Redis after
 //! every batch, against the partitions' high watermarks. `lag` is what `pipeline-board lag`,
 //! `project --exit-when-caught-up`, the tests and the API's freshness report read.
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use crate::kafka::KafkaConnection;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -138,8 +138,7 @@ impl ConsumerContext for ProjectorContext {
 
 fn build_consumer(s: &ProjectorSettings, counters: Arc<RunCounters>) -> anyhow::Result<StreamConsumer<ProjectorContext>> {
     let session_ms = s.session_timeout.as_millis().max(6000);
-    let (session, heartbeat, max_poll) =
-        (session_ms.to_string(), (session_ms / 3).to_string(), (session_ms * 5).max(10_000).to_string());
+    let (session, heartbeat, max_poll) = (session_ms.to_string(), (session_ms / 3).to_string(), (session_ms * 5).max(10_000).to_string());
     let consumer: StreamConsumer<ProjectorContext> = s
         .kafka
         .client_config(&[
@@ -163,11 +162,7 @@ fn build_consumer(s: &ProjectorSettings, counters: Arc<RunCounters>) -> anyhow::
 
 /// Runs until `shutdown` resolves (or, with `exit_when_caught_up`, until caught up). The batch
 /// in flight when shutdown comes is finished, its offsets stored and committed; then Ok.
-pub async fn run(
-    settings: ProjectorSettings,
-    counters: Arc<RunCounters>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let mut applier = loop {
         tokio::select! {
@@ -285,10 +280,8 @@ async fn process_batch(
     counters: &RunCounters,
 ) -> Result<(), Transient> {
     let started = Instant::now();
-    let parsed: Vec<Result<Event, PoisonReason>> = batch
-        .iter()
-        .map(|m| m.payload().ok_or(PoisonReason::InvalidJson("empty message".into())).and_then(parse_event))
-        .collect();
+    let parsed: Vec<Result<Event, PoisonReason>> =
+        batch.iter().map(|m| m.payload().ok_or(PoisonReason::InvalidJson("empty message".into())).and_then(parse_event)).collect();
     let good: Vec<&Event> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
     let mut outcomes = applier.apply(&good).await?.into_iter();
 
@@ -305,13 +298,8 @@ async fn process_batch(
         }
     }
     for (msg, reason) in &poison {
-        let origin = Origin {
-            topic: msg.topic(),
-            partition: msg.partition(),
-            offset: msg.offset(),
-            key: msg.key(),
-            payload: msg.payload(),
-        };
+        let origin =
+            Origin { topic: msg.topic(), partition: msg.partition(), offset: msg.offset(), key: msg.key(), payload: msg.payload() };
         dead_letters.send(&origin, reason).await.map_err(|e| Transient(format!("dead-letter topic: {e}")))?;
         warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), code = reason.code(), reason = %reason, "event dead-lettered");
         metrics::counter!("pb_events_dead_lettered_total", "code" => reason.code()).increment(1);

@@ -60,9 +60,7 @@ pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i6
         "projection_unavailable"
     } else {
         match s.projection.answer(org, user, q, now).await {
-            Ok(a) => {
-                return Ok((a, AnswerMeta { answered_by: "projection", reason: None, projection_lag: s.projection_lag() }))
-            }
+            Ok(a) => return Ok((a, AnswerMeta { answered_by: "projection", reason: None, projection_lag: s.projection_lag() })),
             Err(ProjectionError::Api(e)) => return Err(e),
             Err(ProjectionError::NotBuilt) => "projection_not_built",
             Err(ProjectionError::Unavailable(e)) => {

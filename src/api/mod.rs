@@ -9,7 +9,6 @@ use crate::consumers::{progress, KafkaConnection};
 use crate::query::mongo_path::MongoReader;
 use crate::query::projection::ProjectionReader;
 use auth::Verifier;
-use health::Health;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -17,6 +16,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use board_core::config::{KafkaArgs, MongoArgs, RedisArgs};
 use board_core::keys::KeySpace;
+use health::Health;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use std::future::Future;
@@ -191,7 +191,13 @@ impl Application {
     }
 }
 
-fn spawn_lag_probe(args: &ServeArgs, kafka: KafkaConnection, mut redis: redis::aio::ConnectionManager, keys: KeySpace, lag: Arc<AtomicI64>) {
+fn spawn_lag_probe(
+    args: &ServeArgs,
+    kafka: KafkaConnection,
+    mut redis: redis::aio::ConnectionManager,
+    keys: KeySpace,
+    lag: Arc<AtomicI64>,
+) {
     let topics = args.kafka.topics.inputs();
     let key = keys.progress(&args.group_id);
     let every = Duration::from_millis(args.lag_interval_ms);

@@ -32,9 +32,11 @@ pub fn plan(pipelines: &[Pipeline], q: &BoardQuery) -> Result<BoardPlan, ApiErro
     let kind = q.kind.pipeline_type();
     let of_kind = |p: &&Pipeline| p.kind.as_deref() == Some(kind);
     let pipeline = match &q.pipeline_id {
-        Some(id) => pipelines.iter().filter(of_kind).find(|p| &p.id == id).ok_or_else(|| {
-            ApiError::NotFound(format!("no {kind} pipeline {id:?} in your organization"))
-        })?,
+        Some(id) => pipelines
+            .iter()
+            .filter(of_kind)
+            .find(|p| &p.id == id)
+            .ok_or_else(|| ApiError::NotFound(format!("no {kind} pipeline {id:?} in your organization")))?,
         None => pipelines
             .iter()
             .filter(of_kind)
@@ -48,14 +50,13 @@ pub fn plan(pipelines: &[Pipeline], q: &BoardQuery) -> Result<BoardPlan, ApiErro
     let named = |s: &Stage| s.name.clone().unwrap_or_default();
 
     let mut chosen: Vec<(String, Option<Stage>)> = match (&q.status, &q.stages) {
-        (Some(status), _) => match stages.iter().find(|s| &s.id == status).or_else(|| stages.iter().find(|s| s.name.as_ref() == Some(status))) {
-            Some(s) => vec![(named(s), Some(s.clone()))],
-            None => vec![(status.clone(), None)],
-        },
-        (None, Some(names)) => names
-            .iter()
-            .map(|n| (n.clone(), stages.iter().find(|s| s.name.as_ref() == Some(n)).cloned()))
-            .collect(),
+        (Some(status), _) => {
+            match stages.iter().find(|s| &s.id == status).or_else(|| stages.iter().find(|s| s.name.as_ref() == Some(status))) {
+                Some(s) => vec![(named(s), Some(s.clone()))],
+                None => vec![(status.clone(), None)],
+            }
+        }
+        (None, Some(names)) => names.iter().map(|n| (n.clone(), stages.iter().find(|s| s.name.as_ref() == Some(n)).cloned())).collect(),
         (None, None) => stages.iter().map(|s| (named(s), Some(s.clone()))).collect(),
     };
     // A name asked for twice is one column.
@@ -68,11 +69,7 @@ pub fn plan(pipelines: &[Pipeline], q: &BoardQuery) -> Result<BoardPlan, ApiErro
             BucketSpec { offset: (page - 1) * q.size as u64, limit: q.size as u64, name, stage }
         })
         .collect();
-    Ok(BoardPlan {
-        includes_legacy: pipeline.is_active == Some(true),
-        pipeline: pipeline.clone(),
-        buckets,
-    })
+    Ok(BoardPlan { includes_legacy: pipeline.is_active == Some(true), pipeline: pipeline.clone(), buckets })
 }
 
 impl BoardPlan {

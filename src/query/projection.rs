@@ -100,7 +100,9 @@ impl ProjectionReader {
         let mut conn = self.conn.clone();
         let raw: Vec<(String, String)> = redis::cmd("HGETALL").arg(self.keys.org(org).pipelines()).query_async(&mut conn).await?;
         raw.into_iter()
-            .map(|(_, json)| serde_json::from_str(&json).map_err(|e| ProjectionError::Unavailable(format!("bad pipeline in projection: {e}"))))
+            .map(|(_, json)| {
+                serde_json::from_str(&json).map_err(|e| ProjectionError::Unavailable(format!("bad pipeline in projection: {e}")))
+            })
             .collect()
     }
 
@@ -114,7 +116,13 @@ impl ProjectionReader {
     }
 
     /// The one `FCALL_RO pb_board` that answers the board (benchmarks replay it verbatim).
-    pub async fn board_call(&self, org: &str, user: &str, q: &BoardQuery, now: Millis) -> Result<(board::BoardPlan, redis::Cmd), ProjectionError> {
+    pub async fn board_call(
+        &self,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        now: Millis,
+    ) -> Result<(board::BoardPlan, redis::Cmd), ProjectionError> {
         let pipelines = self.pipelines(org).await?;
         if pipelines.is_empty() {
             return Err(ProjectionError::NotBuilt);
@@ -123,11 +131,7 @@ impl ProjectionReader {
         let f = &q.filters;
         let mut lua = LuaPlan {
             k: q.kind.tag(),
-            buckets: plan
-                .buckets
-                .iter()
-                .map(|b| LuaBucket { rks: plan.raw_keys(b), offset: b.offset, limit: b.limit })
-                .collect(),
+            buckets: plan.buckets.iter().map(|b| LuaBucket { rks: plan.raw_keys(b), offset: b.offset, limit: b.limit }).collect(),
             cmin: "-inf".into(),
             cmax: "+inf".into(),
             ..Default::default()

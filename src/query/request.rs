@@ -152,9 +152,9 @@ fn range(field: &str, r: Option<RawRange>) -> Result<Option<TimeRange>, ApiError
     let parse = |v: Option<String>, bound: &str| -> Result<Option<Millis>, ApiError> {
         match non_empty(v) {
             None => Ok(None),
-            Some(s) => parse_rfc3339(&s)
-                .map(Some)
-                .ok_or_else(|| bad("invalid_date", format!("{field}.{bound} is not an RFC 3339 time: {s:?}"))),
+            Some(s) => {
+                parse_rfc3339(&s).map(Some).ok_or_else(|| bad("invalid_date", format!("{field}.{bound} is not an RFC 3339 time: {s:?}")))
+            }
         }
     };
     let out = TimeRange { start: parse(r.start, "start")?, end: parse(r.end, "end")? };
@@ -165,7 +165,11 @@ fn ids(list: Option<Vec<String>>) -> Option<Vec<String>> {
     let mut v: Vec<String> = list.unwrap_or_default().into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     v.sort();
     v.dedup();
-    if v.is_empty() { None } else { Some(v) }
+    if v.is_empty() {
+        None
+    } else {
+        Some(v)
+    }
 }
 
 impl ContactsRequest {
@@ -225,9 +229,10 @@ impl ContactsRequest {
                     Some("days") => 86_400_000,
                     other => return Err(bad("invalid_unit", format!("lastMessageTimeRange.unit must be hours or days, not {other:?}"))),
                 };
-                let value = w.value.as_ref().and_then(Value::as_f64).filter(|v| v.is_finite() && *v >= 0.0 && *v <= 1e6).ok_or_else(|| {
-                    bad("invalid_window", format!("lastMessageTimeRange.value must be a number from 0 to 1000000, not {:?}", w.value))
-                })?;
+                let value =
+                    w.value.as_ref().and_then(Value::as_f64).filter(|v| v.is_finite() && *v >= 0.0 && *v <= 1e6).ok_or_else(|| {
+                        bad("invalid_window", format!("lastMessageTimeRange.value must be a number from 0 to 1000000, not {:?}", w.value))
+                    })?;
                 Some((value * unit_ms as f64).round() as i64)
             }
         };
@@ -246,12 +251,17 @@ impl ContactsRequest {
                 Value::Number(n) => CustomValue::Number(n.as_f64().unwrap_or_default()),
                 Value::Bool(b) => CustomValue::Bool(b),
                 Value::Null => continue,
-                other => return Err(bad("invalid_custom_field", format!("customFields.{key} must be a string, number or boolean, not {other}"))),
+                other => {
+                    return Err(bad("invalid_custom_field", format!("customFields.{key} must be a string, number or boolean, not {other}")))
+                }
             };
             custom_fields.push((key, value));
         }
         custom_fields.sort_by(|a, b| a.0.cmp(&b.0));
-        let stages = self.stages.map(|v| v.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<Vec<_>>()).filter(|v| !v.is_empty());
+        let stages = self
+            .stages
+            .map(|v| v.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<Vec<_>>())
+            .filter(|v| !v.is_empty());
         Ok(BoardQuery {
             kind,
             pipeline_id: non_empty(self.pipeline_id),
@@ -335,6 +345,9 @@ mod tests {
         let q = parse(r#"{"pipelineType": "Application", "source": "web", "lastMessageTimeRange": {"value": 2, "unit": "days"}}"#).unwrap();
         assert_eq!(q.filters.source, None);
         assert_eq!(q.filters.quiet_for, Some(2 * 86_400_000));
-        assert_eq!(parse(r#"{"customFilters": {"vip": true}}"#).unwrap().filters.custom_fields, vec![("vip".to_string(), CustomValue::Bool(true))]);
+        assert_eq!(
+            parse(r#"{"customFilters": {"vip": true}}"#).unwrap().filters.custom_fields,
+            vec![("vip".to_string(), CustomValue::Bool(true))]
+        );
     }
 }

@@ -275,7 +275,8 @@ pub fn free_port() -> u16 {
 
 /// POSTs a board request; returns status and JSON body.
 pub async fn post_board(url: &str, bearer: Option<&str>, body: &str) -> (u16, serde_json::Value) {
-    let mut req = reqwest::Client::new().post(format!("{url}/api/contacts")).header("content-type", "application/json").body(body.to_string());
+    let mut req =
+        reqwest::Client::new().post(format!("{url}/api/contacts")).header("content-type", "application/json").body(body.to_string());
     if let Some(t) = bearer {
         req = req.header("authorization", format!("Bearer {t}"));
     }

@@ -41,10 +41,7 @@ impl StoredCard {
             first_name: d.first_name.clone(),
             last_name: d.last_name.clone(),
             full_name: d.full_name.clone(),
-            phone_numbers: d
-                .phone_numbers
-                .as_ref()
-                .map(|ps| ps.iter().map(|p| (p.value.clone(), p.kind.clone())).collect()),
+            phone_numbers: d.phone_numbers.as_ref().map(|ps| ps.iter().map(|p| (p.value.clone(), p.kind.clone())).collect()),
             source: d.source.clone(),
             created_by: d.created_by.clone(),
             owner: d.owner.clone(),
@@ -67,9 +64,10 @@ impl StoredCard {
             first_name: self.first_name.clone(),
             last_name: self.last_name.clone(),
             full_name: self.full_name.clone(),
-            phone_numbers: self.phone_numbers.as_ref().map(|ps| {
-                ps.iter().map(|(value, kind)| Phone { value: value.clone(), kind: kind.clone() }).collect()
-            }),
+            phone_numbers: self
+                .phone_numbers
+                .as_ref()
+                .map(|ps| ps.iter().map(|(value, kind)| Phone { value: value.clone(), kind: kind.clone() }).collect()),
             source: self.source.clone(),
             created_by: self.created_by.clone(),
             owner: self.owner.clone(),

@@ -6,7 +6,8 @@ use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    CardUpserted(CardKind, CardDoc),
+    // Boxed: a card is far larger than every other event.
+    CardUpserted(CardKind, Box<CardDoc>),
     CardDeleted { kind: CardKind, org_id: String, id: String, version: i64 },
     ConversationUpserted(Conversation),
     MessageCreated(Message),
@@ -69,20 +70,16 @@ struct Envelope {
 }
 
 pub fn parse_event(payload: &[u8]) -> Result<Event, PoisonReason> {
-    let value: Value =
-        serde_json::from_slice(payload).map_err(|e| PoisonReason::InvalidJson(e.to_string()))?;
-    let env: Envelope = serde_json::from_value(value.clone())
-        .map_err(|e| PoisonReason::InvalidDocument(e.to_string()))?;
+    let value: Value = serde_json::from_slice(payload).map_err(|e| PoisonReason::InvalidJson(e.to_string()))?;
+    let env: Envelope = serde_json::from_value(value.clone()).map_err(|e| PoisonReason::InvalidDocument(e.to_string()))?;
     let kind = env.kind.ok_or(PoisonReason::MissingField("type"))?;
     env.event_id.filter(|s| !s.is_empty()).ok_or(PoisonReason::MissingField("eventId"))?;
     env.occurred_at.ok_or(PoisonReason::MissingField("occurredAt"))?;
     let org = env.org_id.filter(|o| is_object_id(o)).ok_or(PoisonReason::MissingField("orgId"))?;
 
     let event = match kind.as_str() {
-        "contact.upserted" => Event::CardUpserted(CardKind::Contact, doc(&value, "contact")?),
-        "application.upserted" => {
-            Event::CardUpserted(CardKind::Application, doc(&value, "application")?)
-        }
+        "contact.upserted" => Event::CardUpserted(CardKind::Contact, Box::new(doc(&value, "contact")?)),
+        "application.upserted" => Event::CardUpserted(CardKind::Application, Box::new(doc(&value, "application")?)),
         "contact.deleted" => Event::CardDeleted {
             kind: CardKind::Contact,
             org_id: org.clone(),
@@ -98,11 +95,9 @@ pub fn parse_event(payload: &[u8]) -> Result<Event, PoisonReason> {
         "conversation.upserted" => Event::ConversationUpserted(doc(&value, "conversation")?),
         "message.created" => Event::MessageCreated(doc(&value, "message")?),
         "pipeline.upserted" => Event::PipelineUpserted(doc(&value, "pipeline")?),
-        "pipeline.deleted" => Event::PipelineDeleted {
-            org_id: org.clone(),
-            id: id_field(&value, "pipelineId")?,
-            version: version_field(&value)?,
-        },
+        "pipeline.deleted" => {
+            Event::PipelineDeleted { org_id: org.clone(), id: id_field(&value, "pipelineId")?, version: version_field(&value)? }
+        }
         "user.upserted" => Event::UserUpserted(doc(&value, "user")?),
         other => return Err(PoisonReason::UnknownType(other.to_string())),
     };
@@ -119,12 +114,7 @@ fn doc<T: serde::de::DeserializeOwned>(value: &Value, field: &'static str) -> Re
 }
 
 fn id_field(value: &Value, field: &'static str) -> Result<String, PoisonReason> {
-    value
-        .get(field)
-        .and_then(Value::as_str)
-        .filter(|s| is_object_id(s))
-        .map(str::to_string)
-        .ok_or(PoisonReason::MissingField(field))
+    value.get(field).and_then(Value::as_str).filter(|s| is_object_id(s)).map(str::to_string).ok_or(PoisonReason::MissingField(field))
 }
 
 fn version_field(value: &Value) -> Result<i64, PoisonReason> {
@@ -174,9 +164,12 @@ mod tests {
 
     #[test]
     fn parses_a_contact_upsert_with_nulls() {
-        let e = parse_event(&envelope("contact.upserted", serde_json::json!({"contact": {
+        let e = parse_event(&envelope(
+            "contact.upserted",
+            serde_json::json!({"contact": {
             "_id": ID, "orgId": ORG, "firstName": null, "createdAt": "2026-01-01T00:00:00.000Z",
-            "version": 3}})))
+            "version": 3}}),
+        ))
         .unwrap();
         match e {
             Event::CardUpserted(CardKind::Contact, d) => {
@@ -192,16 +185,20 @@ mod tests {
     fn rejects_what_cannot_be_applied() {
         assert_eq!(parse_event(b"{not json").unwrap_err().code(), "invalid_json");
         assert_eq!(parse_event(&envelope("contact.exploded", serde_json::json!({}))).unwrap_err().code(), "unknown_type");
-        assert_eq!(parse_event(&envelope("contact.upserted", serde_json::json!({}))).unwrap_err(),
-            PoisonReason::MissingField("contact"));
-        assert_eq!(parse_event(&envelope("contact.deleted", serde_json::json!({"contactId": ID}))).unwrap_err(),
-            PoisonReason::MissingField("version"));
+        assert_eq!(parse_event(&envelope("contact.upserted", serde_json::json!({}))).unwrap_err(), PoisonReason::MissingField("contact"));
+        assert_eq!(
+            parse_event(&envelope("contact.deleted", serde_json::json!({"contactId": ID}))).unwrap_err(),
+            PoisonReason::MissingField("version")
+        );
         let other_org = "aaaaaaaaaaaaaaaaaaaaaaaa";
         let e = parse_event(&envelope("user.upserted", serde_json::json!({"user": {"_id": ID, "orgId": other_org, "version": 1}})));
         assert_eq!(e.unwrap_err().code(), "org_mismatch");
         let bad_id = parse_event(&envelope("user.upserted", serde_json::json!({"user": {"_id": "x}y", "orgId": ORG, "version": 1}})));
         assert_eq!(bad_id.unwrap_err(), PoisonReason::MissingField("_id"));
-        let bad_time = parse_event(&envelope("message.created", serde_json::json!({"message": {"_id": ID, "orgId": ORG, "contactId": ID, "createdAt": "soon"}})));
+        let bad_time = parse_event(&envelope(
+            "message.created",
+            serde_json::json!({"message": {"_id": ID, "orgId": ORG, "contactId": ID, "createdAt": "soon"}}),
+        ));
         assert_eq!(bad_time.unwrap_err().code(), "invalid_document");
     }
 }

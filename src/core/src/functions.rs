@@ -50,9 +50,7 @@ impl FunctionCall {
                 let version = doc.version.unwrap_or_default().to_string();
                 ("pb_upsert_card", vec![s(kind.tag()), s(&doc.id), s(version), meta, StoredCard::from_doc(doc).encode()])
             }
-            Event::CardDeleted { kind, id, version, .. } => {
-                ("pb_delete_card", vec![s(kind.tag()), s(id), s(version.to_string())])
-            }
+            Event::CardDeleted { kind, id, version, .. } => ("pb_delete_card", vec![s(kind.tag()), s(id), s(version.to_string())]),
             Event::ConversationUpserted(c) => {
                 let mut assignees = c.assignees.clone().unwrap_or_default();
                 assignees.sort();

@@ -59,34 +59,70 @@ impl OrgKeys {
         s
     }
     /// Last applied version (tombstones stay) of every document, field `<tag>:<id>`.
-    pub fn versions(&self) -> String { self.k(&["ver"]) }
+    pub fn versions(&self) -> String {
+        self.k(&["ver"])
+    }
     /// bincode card bodies, field = card id.
-    pub fn bodies(&self, kind: CardKind) -> String { self.k(&["body", kind.tag()]) }
+    pub fn bodies(&self, kind: CardKind) -> String {
+        self.k(&["body", kind.tag()])
+    }
     /// msgpack index metadata of each card (what its index entries were derived from).
-    pub fn metas(&self, kind: CardKind) -> String { self.k(&["meta", kind.tag()]) }
-    pub fn pipelines(&self) -> String { self.k(&["pipelines"]) }
-    pub fn users(&self) -> String { self.k(&["users"]) }
-    pub fn team(&self, team_id: &str) -> String { self.k(&["team", team_id]) }
-    pub fn messages_of(&self, contact_id: &str) -> String { self.k(&["msgs", contact_id]) }
-    pub fn assignees_of(&self, contact_id: &str) -> String { self.k(&["asgof", contact_id]) }
+    pub fn metas(&self, kind: CardKind) -> String {
+        self.k(&["meta", kind.tag()])
+    }
+    pub fn pipelines(&self) -> String {
+        self.k(&["pipelines"])
+    }
+    pub fn users(&self) -> String {
+        self.k(&["users"])
+    }
+    pub fn team(&self, team_id: &str) -> String {
+        self.k(&["team", team_id])
+    }
+    pub fn messages_of(&self, contact_id: &str) -> String {
+        self.k(&["msgs", contact_id])
+    }
+    pub fn assignees_of(&self, contact_id: &str) -> String {
+        self.k(&["asgof", contact_id])
+    }
     /// Every card of a raw stage; score = createdAt millis (-inf when missing), member = id.
-    pub fn stage(&self, kind: CardKind, rk: &str) -> String { self.k(&["z", kind.tag(), rk]) }
+    pub fn stage(&self, kind: CardKind, rk: &str) -> String {
+        self.k(&["z", kind.tag(), rk])
+    }
     /// Cards of a raw stage where `user` is creator, owner or conversation assignee.
-    pub fn stage_person(&self, kind: CardKind, rk: &str, user: &str) -> String { self.k(&["zp", kind.tag(), rk, user]) }
+    pub fn stage_person(&self, kind: CardKind, rk: &str, user: &str) -> String {
+        self.k(&["zp", kind.tag(), rk, user])
+    }
     /// Cards of a raw stage where `user` is a conversation assignee.
-    pub fn stage_assignee(&self, kind: CardKind, rk: &str, user: &str) -> String { self.k(&["za", kind.tag(), rk, user]) }
+    pub fn stage_assignee(&self, kind: CardKind, rk: &str, user: &str) -> String {
+        self.k(&["za", kind.tag(), rk, user])
+    }
     /// Cards of a raw stage with no owner and no conversation assignee.
-    pub fn stage_unassigned(&self, kind: CardKind, rk: &str) -> String { self.k(&["zu", kind.tag(), rk]) }
-    pub fn stage_source(&self, kind: CardKind, rk: &str, source: &str) -> String { self.k(&["zs", kind.tag(), rk, source]) }
-    pub fn stage_bulk(&self, kind: CardKind, rk: &str) -> String { self.k(&["zb", kind.tag(), rk]) }
+    pub fn stage_unassigned(&self, kind: CardKind, rk: &str) -> String {
+        self.k(&["zu", kind.tag(), rk])
+    }
+    pub fn stage_source(&self, kind: CardKind, rk: &str, source: &str) -> String {
+        self.k(&["zs", kind.tag(), rk, source])
+    }
+    pub fn stage_bulk(&self, kind: CardKind, rk: &str) -> String {
+        self.k(&["zb", kind.tag(), rk])
+    }
     /// Cards of a raw stage whose contact has at least one message (score = createdAt).
-    pub fn stage_answered(&self, kind: CardKind, rk: &str) -> String { self.k(&["zm", kind.tag(), rk]) }
+    pub fn stage_answered(&self, kind: CardKind, rk: &str) -> String {
+        self.k(&["zm", kind.tag(), rk])
+    }
     /// Cards of a raw stage whose contact has no message (unanswered); score = createdAt.
-    pub fn stage_unanswered(&self, kind: CardKind, rk: &str) -> String { self.k(&["zn", kind.tag(), rk]) }
+    pub fn stage_unanswered(&self, kind: CardKind, rk: &str) -> String {
+        self.k(&["zn", kind.tag(), rk])
+    }
     /// The same cards scored by their contact's last message time.
-    pub fn stage_last_message(&self, kind: CardKind, rk: &str) -> String { self.k(&["zl", kind.tag(), rk]) }
+    pub fn stage_last_message(&self, kind: CardKind, rk: &str) -> String {
+        self.k(&["zl", kind.tag(), rk])
+    }
     /// Search index: card ids whose lower-cased name or phone fields contain the trigram.
-    pub fn trigram(&self, kind: CardKind, gram: &str) -> String { self.k(&["tri", kind.tag(), gram]) }
+    pub fn trigram(&self, kind: CardKind, gram: &str) -> String {
+        self.k(&["tri", kind.tag(), gram])
+    }
 }
 
 #[cfg(test)]

@@ -9,10 +9,7 @@ pub fn parse_rfc3339(s: &str) -> Option<Millis> {
 }
 
 pub fn format_millis(ms: Millis) -> String {
-    Utc.timestamp_millis_opt(ms)
-        .single()
-        .map(|d| d.to_rfc3339_opts(SecondsFormat::Millis, true))
-        .unwrap_or_default()
+    Utc.timestamp_millis_opt(ms).single().map(|d| d.to_rfc3339_opts(SecondsFormat::Millis, true)).unwrap_or_default()
 }
 
 /// serde adapter: `Option<Millis>` <-> RFC 3339 string or null. A string that is not a valid
@@ -31,9 +28,7 @@ pub mod opt_rfc3339 {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Millis>, D::Error> {
         match Option::<String>::deserialize(d)? {
             None => Ok(None),
-            Some(s) => parse_rfc3339(&s)
-                .map(Some)
-                .ok_or_else(|| D::Error::custom(format!("not an RFC 3339 time: {s:?}"))),
+            Some(s) => parse_rfc3339(&s).map(Some).ok_or_else(|| D::Error::custom(format!("not an RFC 3339 time: {s:?}"))),
         }
     }
 }
