@@ -13,7 +13,7 @@ if [ "$(redis-cli --scan --pattern 'pb:{*}:pipelines' | head -1)" = "" ]; then
 fi
 "$BIN" project --exit-when-caught-up --metrics-addr ""
 "$BIN" verify
-export JWT_SECRET="${JWT_SECRET:-demo-secret}"
+export JWT_SECRET="${JWT_SECRET:-demo-secret-not-for-production-0123456789}"
 "$BIN" project &
 PROJECTOR=$!
 trap 'kill -TERM $PROJECTOR 2>/dev/null; wait $PROJECTOR' EXIT

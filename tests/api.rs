@@ -98,6 +98,98 @@ async fn tokens_are_checked() {
     assert_eq!(resp.status().as_u16(), 401);
 }
 
+fn fixture_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// Signs any claims with any header and key (the tests' identity provider).
+fn sign(header: jsonwebtoken::Header, claims: Value, key: &jsonwebtoken::EncodingKey) -> String {
+    jsonwebtoken::encode(&header, &claims, key).unwrap()
+}
+
+/// `nbf`, audience, issuer, RS256 from a PEM key and from a JWKS, and the secret-length rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_time_audience_issuer_and_rs256() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use pipeline_board::api::auth::AuthArgs;
+    let f = fixture().await;
+    let (org, snap) = &f.orgs[0];
+    let user = &snap.users[0].id;
+    let now = chrono::Utc::now().timestamp();
+    let hs = EncodingKey::from_secret(JWT_SECRET.as_bytes());
+    let rsa = EncodingKey::from_rsa_pem(&std::fs::read(fixture_path("jwt-rs256.key.pem")).unwrap()).unwrap();
+    let claims = |extra: Value| {
+        let mut c = json!({"sub": user, "orgId": org, "exp": now + 600});
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        c
+    };
+    let rs_header = |kid: Option<&str>| {
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = kid.map(str::to_string);
+        h
+    };
+
+    // The shared fixture (HS256, no audience or issuer configured).
+    let not_yet = sign(Header::new(Algorithm::HS256), claims(json!({"nbf": now + 600})), &hs);
+    let (status, body) = post_board(&f.url, Some(&not_yet), "{}").await;
+    assert_eq!((status, body["error"]["message"].as_str()), (401, Some("token not valid yet")), "{body}");
+    let valid_since = sign(Header::new(Algorithm::HS256), claims(json!({"nbf": now - 60})), &hs);
+    assert_eq!(post_board(&f.url, Some(&valid_since), "{}").await.0, 200);
+    // Real identity providers set `aud`: accepted when no audience is configured.
+    let with_aud = sign(Header::new(Algorithm::HS256), claims(json!({"aud": "board-ui"})), &hs);
+    assert_eq!(post_board(&f.url, Some(&with_aud), "{}").await.0, 200);
+    // No RS256 key configured here: an RS256 token is refused.
+    let rs = sign(rs_header(None), claims(json!({})), &rsa);
+    assert_eq!(post_board(&f.url, Some(&rs), "{}").await.0, 401);
+
+    // Audience and issuer configured, plus RS256 from a PEM key and from a JWKS.
+    let mut args = f.env.serve_args();
+    args.auth = AuthArgs {
+        jwt_secret: Some(JWT_SECRET.into()),
+        jwt_public_key_file: Some(fixture_path("jwt-rs256.pub.pem")),
+        jwt_jwks_file: Some(fixture_path("jwks.json")),
+        jwt_audience: vec!["board-ui".into()],
+        jwt_issuer: vec!["https://id.example".into()],
+    };
+    let url = f.env.serve_with(args.clone()).await;
+    let good = json!({"aud": "board-ui", "iss": "https://id.example"});
+    for (what, t) in [
+        ("hs256", sign(Header::new(Algorithm::HS256), claims(good.clone()), &hs)),
+        ("rs256 pem", sign(rs_header(None), claims(good.clone()), &rsa)),
+        ("rs256 jwks kid", sign(rs_header(Some("test-key-1")), claims(good.clone()), &rsa)),
+        ("audience list", sign(rs_header(None), claims(json!({"aud": ["other", "board-ui"], "iss": "https://id.example"})), &rsa)),
+    ] {
+        let (status, body) = post_board(&url, Some(&t), "{}").await;
+        assert_eq!(status, 200, "{what}: {body}");
+    }
+    for (what, t, message) in [
+        ("no aud", sign(rs_header(None), claims(json!({"iss": "https://id.example"})), &rsa), "invalid token"),
+        ("other aud", sign(rs_header(None), claims(json!({"aud": "x", "iss": "https://id.example"})), &rsa), "token audience not accepted"),
+        ("other iss", sign(rs_header(None), claims(json!({"aud": "board-ui", "iss": "https://evil"})), &rsa), "token issuer not accepted"),
+        ("unknown kid", sign(rs_header(Some("rotated-away")), claims(good.clone()), &rsa), "unknown token key id"),
+        (
+            "hs256 signed with the public key",
+            sign(
+                Header::new(Algorithm::HS256),
+                claims(good.clone()),
+                &EncodingKey::from_secret(&std::fs::read(fixture_path("jwt-rs256.pub.pem")).unwrap()),
+            ),
+            "bad token signature",
+        ),
+        ("rs384", sign(Header::new(Algorithm::RS384), claims(good.clone()), &rsa), "token algorithm not accepted"),
+    ] {
+        let (status, body) = post_board(&url, Some(&t), "{}").await;
+        assert_eq!((status, body["error"]["message"].as_str()), (401, Some(message)), "{what}: {body}");
+    }
+
+    // A short secret, or no key at all, is refused at start-up.
+    args.auth = AuthArgs::hs256("thirty-one-bytes-is-not-enough!");
+    let err = pipeline_board::api::Application::build(&args).await.err().expect("short secret refused");
+    assert!(err.to_string().contains("at least 32"), "{err}");
+    args.auth = AuthArgs::default();
+    assert!(pipeline_board::api::Application::build(&args).await.is_err(), "no key refused");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_error() {
     let f = fixture().await;

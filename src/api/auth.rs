@@ -1,10 +1,50 @@
-//! Bearer JWT (HS256) → the caller. Everything a request can see is scoped to `orgId` from the
-//! verified token, never from the body.
+//! Bearer JWT → the caller, as an axum extractor. Everything a request can see is scoped to
+//! `orgId` from the verified token, never from the body.
+//!
+//! Accepted: HS256 with a shared secret of at least 32 bytes, and RS256 with a configured public
+//! key (PEM) or a JWKS file (key chosen by the token's `kid`). Required claims: `sub`, `orgId`,
+//! `exp`; `nbf` is honoured when present; `aud` and `iss` are checked when configured (a token
+//! from a real identity provider carries an `aud`, accepted as-is when none is configured).
+use super::AppState;
 use crate::query::error::ApiError;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use board_core::model::is_object_id;
-use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Shortest HS256 secret accepted: RFC 7518 3.2 asks for a key at least as long as the hash.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AuthArgs {
+    /// HS256 secret of the bearer tokens (at least 32 bytes).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// RS256 public key (PEM) of the bearer tokens.
+    #[arg(long, env = "JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// RS256 keys as a JWKS document (the identity provider's `jwks_uri` content); the token's
+    /// `kid` picks the key.
+    #[arg(long, env = "JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// Accepted audiences (`aud`), comma-separated; none: `aud` is not checked.
+    #[arg(long, env = "JWT_AUDIENCE", value_delimiter = ',')]
+    pub jwt_audience: Vec<String>,
+    /// Accepted issuers (`iss`), comma-separated; none: `iss` is not checked.
+    #[arg(long, env = "JWT_ISSUER", value_delimiter = ',')]
+    pub jwt_issuer: Vec<String>,
+}
+
+impl AuthArgs {
+    pub fn hs256(secret: &str) -> Self {
+        AuthArgs { jwt_secret: Some(secret.to_string()), ..Default::default() }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
@@ -22,17 +62,84 @@ pub struct Caller {
 
 #[derive(Clone)]
 pub struct Verifier {
-    key: DecodingKey,
-    validation: Validation,
+    hs256: Option<DecodingKey>,
+    rs256_pem: Option<DecodingKey>,
+    rs256_by_kid: HashMap<String, DecodingKey>,
+    audience: Vec<String>,
+    issuer: Vec<String>,
 }
 
 impl Verifier {
-    pub fn hs256(secret: &[u8]) -> Self {
-        // Only HS256: a token signed otherwise, or `alg: none`, is refused by the algorithm check.
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 5;
-        Verifier { key: DecodingKey::from_secret(secret), validation }
+    /// Refuses to start with no key, a short secret, or a key file that does not parse.
+    pub fn from_args(args: &AuthArgs) -> anyhow::Result<Self> {
+        let hs256 = match args.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+            Some(s) => {
+                anyhow::ensure!(s.len() >= MIN_SECRET_BYTES, "JWT_SECRET is {} bytes; at least {MIN_SECRET_BYTES} are required", s.len());
+                Some(DecodingKey::from_secret(s.as_bytes()))
+            }
+            None => None,
+        };
+        let rs256_pem = match &args.jwt_public_key_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("JWT_PUBLIC_KEY_FILE {}: {e}", path.display()))?;
+                Some(DecodingKey::from_rsa_pem(&pem).map_err(|e| anyhow::anyhow!("JWT_PUBLIC_KEY_FILE is not an RSA public key: {e}"))?)
+            }
+            None => None,
+        };
+        let mut rs256_by_kid = HashMap::new();
+        if let Some(path) = &args.jwt_jwks_file {
+            let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("JWT_JWKS_FILE {}: {e}", path.display()))?;
+            let set: JwkSet = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("JWT_JWKS_FILE is not a JWKS document: {e}"))?;
+            for jwk in &set.keys {
+                let kid = jwk.common.key_id.clone().ok_or_else(|| anyhow::anyhow!("a key in JWT_JWKS_FILE has no kid"))?;
+                rs256_by_kid.insert(kid, DecodingKey::from_jwk(jwk).map_err(|e| anyhow::anyhow!("JWT_JWKS_FILE key: {e}"))?);
+            }
+        }
+        anyhow::ensure!(
+            hs256.is_some() || rs256_pem.is_some() || !rs256_by_kid.is_empty(),
+            "no token key configured: set JWT_SECRET, JWT_PUBLIC_KEY_FILE or JWT_JWKS_FILE"
+        );
+        Ok(Verifier { hs256, rs256_pem, rs256_by_kid, audience: args.jwt_audience.clone(), issuer: args.jwt_issuer.clone() })
+    }
+
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut v = Validation::new(alg);
+        let mut required = vec!["exp", "sub"];
+        v.validate_nbf = true;
+        v.leeway = 5;
+        if self.audience.is_empty() {
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&self.audience);
+            required.push("aud");
+        }
+        if !self.issuer.is_empty() {
+            v.set_issuer(&self.issuer);
+            required.push("iss");
+        }
+        v.set_required_spec_claims(&required);
+        v
+    }
+
+    /// The key for the token's algorithm (and `kid`); a token of any other algorithm, `none`
+    /// included, has no key and is refused.
+    fn key(&self, token: &str) -> Result<(&DecodingKey, Algorithm), ApiError> {
+        let header = decode_header(token).map_err(|_| ApiError::Unauthorized("invalid token".into()))?;
+        let refused = || ApiError::Unauthorized("token algorithm not accepted".into());
+        match header.alg {
+            Algorithm::HS256 => self.hs256.as_ref().map(|k| (k, Algorithm::HS256)).ok_or_else(refused),
+            // A `kid` names a JWKS key and nothing else: an unknown one (a rotated-away key) is
+            // refused rather than tried against the PEM key.
+            Algorithm::RS256 => match (&header.kid, self.rs256_by_kid.is_empty()) {
+                (Some(kid), false) => self
+                    .rs256_by_kid
+                    .get(kid)
+                    .map(|k| (k, Algorithm::RS256))
+                    .ok_or_else(|| ApiError::Unauthorized("unknown token key id".into())),
+                _ => self.rs256_pem.as_ref().map(|k| (k, Algorithm::RS256)).ok_or_else(refused),
+            },
+            _ => Err(refused()),
+        }
     }
 
     pub fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
@@ -47,11 +154,16 @@ impl Verifier {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::Unauthorized("expected a Bearer token".into()))?;
-        let data = decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
+        let (key, alg) = self.key(token)?;
+        let data = decode::<Claims>(token, key, &self.validation(alg)).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
             let why = match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => "token expired",
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => "bad token signature",
-                jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => "token algorithm not accepted",
+                ErrorKind::ExpiredSignature => "token expired",
+                ErrorKind::ImmatureSignature => "token not valid yet",
+                ErrorKind::InvalidSignature => "bad token signature",
+                ErrorKind::InvalidAlgorithm => "token algorithm not accepted",
+                ErrorKind::InvalidAudience => "token audience not accepted",
+                ErrorKind::InvalidIssuer => "token issuer not accepted",
                 _ => "invalid token",
             };
             ApiError::Unauthorized(why.into())
@@ -61,6 +173,15 @@ impl Verifier {
             return Err(ApiError::Unauthorized("token lacks a valid orgId or sub".into()));
         }
         Ok(Caller { user_id: c.sub, org_id: c.org_id })
+    }
+}
+
+/// Handlers that take a `Caller` are authenticated before anything else of the request is read.
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        state.verifier.caller(&parts.headers)
     }
 }
 

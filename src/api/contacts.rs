@@ -1,4 +1,5 @@
 //! `POST /api/contacts`: authenticate, parse, answer from the projection (or MongoDB), render.
+use super::auth::Caller;
 use super::health::Dependency;
 use super::AppState;
 use crate::query::board::{AnswerMeta, BoardAnswer};
@@ -9,7 +10,7 @@ use crate::query::request::{BoardQuery, ContactsRequest};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -35,8 +36,7 @@ pub fn router() -> Router<AppState> {
     ),
     security(("bearer" = []))
 )]
-pub async fn contacts(State(s): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let caller = s.verifier.caller(&headers)?;
+pub async fn contacts(caller: Caller, State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
         _ => ApiError::BadRequest { code: "malformed_body", message: e.body_text() },

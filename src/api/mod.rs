@@ -32,9 +32,8 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 pub struct ServeArgs {
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen_addr: String,
-    /// HS256 secret of the bearer tokens.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: String,
+    #[command(flatten)]
+    pub auth: auth::AuthArgs,
     #[command(flatten)]
     pub redis: RedisArgs,
     #[command(flatten)]
@@ -151,7 +150,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(args: &ServeArgs) -> anyhow::Result<Application> {
-        anyhow::ensure!(!args.jwt_secret.is_empty(), "JWT_SECRET must be set");
+        let verifier = Verifier::from_args(&args.auth)?;
         let client = redis::Client::open(args.redis.redis_url.as_str())?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -172,7 +171,7 @@ impl Application {
             mongo: MongoReader::new(mongo_db.clone()),
             redis,
             mongo_db,
-            verifier: Verifier::hs256(args.jwt_secret.as_bytes()),
+            verifier,
             request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
             lag,
             metrics: metrics_handle(),

@@ -245,7 +245,7 @@ impl TestEnv {
         use pipeline_board::core::config::{KafkaArgs, MongoArgs, RedisArgs};
         pipeline_board::api::ServeArgs {
             listen_addr: "127.0.0.1:0".into(),
-            jwt_secret: JWT_SECRET.into(),
+            auth: pipeline_board::api::auth::AuthArgs::hs256(JWT_SECRET),
             redis: RedisArgs { redis_url: self.redis_url.clone(), redis_prefix: self.keys.prefix().to_string() },
             mongo: MongoArgs { mongodb_uri: self.mongo_uri.clone(), mongodb_db: self.mongo_db.clone() },
             kafka: KafkaArgs { kafka_brokers: self.brokers.clone(), kafka_options: Vec::new(), topics: self.topics.clone() },
