@@ -190,6 +190,38 @@ async fn token_time_audience_issuer_and_rs256() {
     assert!(pipeline_board::api::Application::build(&args).await.is_err(), "no key refused");
 }
 
+/// A pipeline that MongoDB has and the projection does not (its event late or dead-lettered) is
+/// answered from MongoDB, not a 404; one that neither has is a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_only_mongodb_knows_is_answered_not_404() {
+    let f = fixture().await;
+    let (org, snap) = &f.orgs[0];
+    let t = token(org, &snap.users[0].id);
+    let id = format!("{:024x}", rand::random::<u64>() as u128 | (0xabcd_u128 << 80));
+    let stages = [(format!("{:024x}", rand::random::<u64>()), "Late A"), (format!("{:024x}", rand::random::<u64>()), "Late B")];
+    let pipeline: pipeline_board::core::model::Pipeline = serde_json::from_value(json!({
+        "_id": id, "orgId": org, "name": "Only in MongoDB", "type": "Application", "isActive": false,
+        "stages": [{"_id": stages[0].0, "name": stages[0].1, "order": 0}, {"_id": stages[1].0, "name": stages[1].1, "order": 1}],
+        "version": 1}))
+    .unwrap();
+    let db = f.env.mongo().await;
+    db.collection("pipelines").insert_one(mongo::pipeline_to_bson(&pipeline)).await.unwrap();
+
+    let body = json!({"pipelineType": "Application", "pipelineId": id}).to_string();
+    let (status, answer) = post_board(&f.url, Some(&t), &body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (answer["meta"]["answeredBy"].as_str(), answer["meta"]["reason"].as_str()),
+        (Some("mongodb"), Some("pipeline_not_projected"))
+    );
+    let names: Vec<&str> = answer["data"].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(names, ["Late A", "Late B"]);
+
+    let unknown = json!({"pipelineId": format!("{:024x}", rand::random::<u64>())}).to_string();
+    let (status, answer) = post_board(&f.url, Some(&t), &unknown).await;
+    assert_eq!((status, error_code(&answer)), (404, "not_found"), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_error() {
     let f = fixture().await;

@@ -20,8 +20,10 @@ fn iso(ms: i64) -> String {
     pipeline_board::core::time::format_millis(ms)
 }
 
+/// Each character in upper or lower case by Unicode's full mappings, so terms carry what
+/// whole-string case mapping gets wrong: `ς`/`Σ`, `İ` → `i̇`, `ß` → `SS`.
 fn random_case(s: &str, rng: &mut ChaCha8Rng) -> String {
-    s.chars().map(|c| if rng.random_bool(0.5) { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() }).collect()
+    s.chars().flat_map(|c| if rng.random_bool(0.5) { c.to_uppercase().collect::<Vec<_>>() } else { c.to_lowercase().collect() }).collect()
 }
 
 fn substring(s: &str, rng: &mut ChaCha8Rng, min: usize) -> String {

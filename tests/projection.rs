@@ -2,7 +2,7 @@
 //! started by deploy/stack.sh. Kill, restart and rebalance tests are in tests/failures.rs.
 mod common;
 
-use common::{eventually, free_port, small_seed, TestEnv};
+use common::{eventually, free_port, small_seed, OwnRedis, TestEnv};
 use pipeline_board::core::model::CardKind;
 use pipeline_board::mongo;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -210,44 +210,6 @@ async fn two_consumers_in_one_group_share_the_partitions() {
     env.cleanup().await;
 }
 
-/// A redis-server of the test's own, with an append-only file so a restart keeps its data.
-struct OwnRedis {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: std::process::Child,
-}
-
-impl OwnRedis {
-    fn start(port: u16, dir: &std::path::Path) -> OwnRedis {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        OwnRedis { port, dir: dir.to_path_buf(), child }
-    }
-    async fn wait_ready(&self) {
-        let url = format!("redis://127.0.0.1:{}", self.port);
-        eventually(Duration::from_secs(20), "own redis answers", || {
-            let url = url.clone();
-            async move {
-                match redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await {
-                    Ok(mut c) => redis::cmd("PING").query_async::<String>(&mut c).await.is_ok(),
-                    Err(_) => false,
-                }
-            }
-        })
-        .await;
-    }
-    fn stop(mut self) -> std::path::PathBuf {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.dir.clone()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_is_retried_and_nothing_is_skipped() {
     let mut env = TestEnv::new("outage").await;
@@ -283,4 +245,124 @@ async fn redis_outage_is_retried_and_nothing_is_skipped() {
     assert_eq!(report.cards as u64, first.contacts + first.applications + second.contacts + second.applications);
     redis_server.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Versions are compared exactly as 64-bit integers (Lua numbers are doubles: 2^53 + 1 == 2^53
+/// there), and a version out of 1..=2^63-1 is the event's fault (`PB_INVALID`). Called directly:
+/// the Function is the unit under test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_compare_exactly_as_64_bit_integers() {
+    use pipeline_board::core::events::Event;
+    use pipeline_board::core::functions::{load_library, FunctionCall, INVALID_CODE};
+    let env = TestEnv::new("exact-versions").await;
+    let mut r = env.redis().await;
+    load_library(&mut r).await.unwrap();
+    let (org, p, s, c, u) = (oid(1), oid(2), oid(3), oid(10), oid(20));
+    let call = |v: i64| {
+        let doc = serde_json::from_value(contact(&org, &c, v, &p, &s, &u, &format!("v{v}"))).unwrap();
+        FunctionCall::for_event(&env.keys, &Event::CardUpserted(CardKind::Contact, Box::new(doc)))
+    };
+    let upsert = |v: i64| call(v).to_cmd();
+    let two53 = 1i64 << 53;
+    for (v, expected) in
+        [(two53, "applied"), (two53 + 1, "applied"), (two53, "stale"), (two53 + 1, "stale"), (i64::MAX, "applied"), (i64::MAX - 1, "stale")]
+    {
+        let reply: String = upsert(v).query_async(&mut r).await.unwrap();
+        assert_eq!(reply, expected, "version {v}");
+    }
+    let keys = env.keys.org(&org);
+    assert_eq!(r.hget::<_, _, String>(keys.versions(), format!("c:{c}")).await.unwrap(), i64::MAX.to_string());
+
+    // Out-of-range or malformed versions (the event parser refuses them first; the Function
+    // still checks what it is given).
+    for bad in ["0", "-1", "1.5", "9223372036854775808", "99999999999999999999", "abc", ""] {
+        let mut invalid = call(1);
+        invalid.args[2] = bad.as_bytes().to_vec(); // kind, id, version, meta, body
+        let err = invalid.to_cmd().query_async::<String>(&mut r).await.err();
+        assert_eq!(err.as_ref().and_then(|e| e.code()), Some(INVALID_CODE), "version {bad:?}: {err:?}");
+    }
+    env.cleanup().await;
+}
+
+/// A Function that fails for a reason that is not the event's (here a bug in a deployed
+/// library: a plain `ERR`) must not cost the event: the batch is retried until the library is
+/// fixed, nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_function_is_retried_not_dead_lettered() {
+    use pipeline_board::core::functions::{load_library, LIBRARY};
+    let mut env = TestEnv::new("script-bug").await;
+    let dir = common::TempDir::new("script-bug-redis");
+    let own = OwnRedis::start(free_port(), &dir.0);
+    own.wait_ready().await;
+    env.redis_url = own.url();
+    let t = env.topics.clone();
+    let (org, p, s, c, u) = (oid(1), oid(2), oid(3), oid(10), oid(20));
+    let pipeline = json!({"_id": p, "orgId": org, "name": "Sales", "type": "Contact", "isActive": true,
+        "stages": [{"_id": s, "name": "New", "order": 0}], "version": 1});
+    env.produce(&t.topic_pipelines, &p, &event("pipeline.upserted", &org, "pipeline", pipeline)).await;
+    env.produce(&t.topic_contacts, &c, &event("contact.upserted", &org, "contact", contact(&org, &c, 1, &p, &s, &u, "Ann"))).await;
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+
+    let mut r = env.redis().await;
+    let broken = LIBRARY.replacen(
+        "local function upsert_card(keys, args)\n",
+        "local function upsert_card(keys, args)\n  error('simulated bug in a deployed library')\n",
+        1,
+    );
+    assert_ne!(broken, LIBRARY);
+    redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(&broken).query_async::<String>(&mut r).await.unwrap();
+    env.produce(&t.topic_contacts, &c, &event("contact.upserted", &org, "contact", contact(&org, &c, 2, &p, &s, &u, "Bea"))).await;
+    let counters = projector.counters.clone();
+    eventually(Duration::from_secs(60), "the batch is retried", || {
+        let c = counters.clone();
+        async move { c.redis_retries.load(Ordering::Relaxed) >= 2 }
+    })
+    .await;
+    assert_eq!(counters.dead_lettered.load(Ordering::Relaxed), 0, "not the event's fault: never dead-lettered");
+
+    load_library(&mut r).await.unwrap();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    projector.stop().await.unwrap();
+    assert_eq!(counters.dead_lettered.load(Ordering::Relaxed), 0);
+    assert_eq!(r.hget::<_, _, i64>(env.keys.org(&org).versions(), format!("c:{c}")).await.unwrap(), 2, "applied once fixed");
+    own.stop();
+}
+
+/// A dead letter that the dead-letter topic refuses (here: the topic does not exist and the
+/// broker does not create topics) neither stalls its partition nor is lost: it is parked in
+/// Redis, byte for byte, and the events after it are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dead_letter_is_parked_and_the_partition_goes_on() {
+    let env = TestEnv::new("dlq-refused").await;
+    let (org, c) = (oid(1), oid(10));
+    let poison = b"{\"type\": \"contact.upserted\", not json".to_vec();
+    env.produce(&env.topics.topic_contacts, &c, &poison).await;
+    let valid = event("contact.upserted", &org, "contact", contact(&org, &c, 1, &oid(2), &oid(3), &oid(20), "Val"));
+    env.produce(&env.topics.topic_contacts, &c, &valid).await;
+
+    let mut settings = env.settings();
+    settings.topics.topic_dlq = format!("{}.missing-dlq", env.name);
+    let projector = env.spawn_projector_with(settings);
+    env.wait_caught_up(Duration::from_secs(90)).await;
+    let counters = projector.counters.clone();
+    projector.stop().await.unwrap();
+    assert_eq!((counters.dead_lettered.load(Ordering::Relaxed), counters.parked.load(Ordering::Relaxed)), (1, 1));
+    assert_eq!(counters.applied.load(Ordering::Relaxed), 1, "the event after the poison one is applied");
+
+    let mut r = env.redis().await;
+    let parked: redis::streams::StreamRangeReply = r.xrange_all(env.keys.parked_dead_letters()).await.unwrap();
+    assert_eq!(parked.ids.len(), 1);
+    let entry = &parked.ids[0];
+    let field = |name: &str| -> Vec<u8> { redis::from_redis_value(entry.map.get(name).expect(name).clone()).unwrap() };
+    assert_eq!(field("payload"), poison, "kept byte for byte");
+    assert_eq!(field("key"), c.as_bytes());
+    assert_eq!(field("topic"), env.topics.topic_contacts.as_bytes());
+    assert_eq!(field("code"), b"invalid_json");
+    assert!(!field("refusal").is_empty(), "says why the topic refused it");
+    // Readiness tells the operator.
+    let url = env.serve_with(env.serve_args()).await;
+    let ready: Value = reqwest::get(format!("{url}/readyz")).await.unwrap().json().await.unwrap();
+    assert_eq!(ready["deadLettersParked"], json!(1), "{ready}");
+    env.cleanup().await;
 }

@@ -3,7 +3,7 @@ use board_core::events::{Event, PoisonReason};
 use board_core::functions::{load_library, ApplyOutcome, FunctionCall};
 use board_core::keys::KeySpace;
 use redis::aio::ConnectionManager;
-use redis::{ErrorKind, RedisError};
+use redis::RedisError;
 use std::time::Duration;
 
 /// Redis could not take the batch now (down, restarting, out of memory, failing over). The
@@ -67,9 +67,10 @@ impl RedisApplier {
     }
 }
 
-/// Only a plain `ERR` from inside a Function (bad data it cannot apply) is the event's fault.
-/// Everything else (I/O, LOADING, BUSY, OOM, cluster moves, a missing library) is Redis' state and
-/// must never cost an event.
+/// Only `PB_INVALID`, which the Functions raise for content they cannot apply, is the event's
+/// fault. Everything else (I/O, LOADING, BUSY, OOM, cluster moves, a missing library, a killed
+/// script, a bug in a deployed library: plain `ERR`) is Redis' or our state and must never cost
+/// an event: the batch is retried.
 fn is_permanent(e: &RedisError) -> bool {
-    matches!(e.kind(), ErrorKind::Server(_)) && e.code() == Some("ERR") && !e.to_string().contains("Function not found")
+    e.code() == Some(board_core::functions::INVALID_CODE)
 }

@@ -1,6 +1,10 @@
-//! Poison events go, unchanged, to the dead-letter topic with the reason in headers.
+//! Poison events go, unchanged, to the dead-letter topic with the reason in headers. When that
+//! topic refuses one (too large, missing, not authorized) or stays unreachable past a bound, the
+//! event is parked in a Redis stream instead: a poison event can neither stop its partition nor
+//! be lost. `pb_dead_letters_parked_total` and the API's `/readyz` (`deadLettersParked`) show it.
 use crate::kafka::KafkaConnection;
 use board_core::events::PoisonReason;
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::Duration;
@@ -22,14 +26,44 @@ pub struct Origin<'a> {
     pub payload: Option<&'a [u8]>,
 }
 
+/// Why a dead letter did not reach its topic.
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
+pub struct SendError {
+    /// The topic or broker said no for good: retrying the same record cannot succeed.
+    pub refused: bool,
+    pub text: String,
+}
+
+fn is_refusal(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        MessageSizeTooLarge
+            | UnknownTopicOrPartition
+            | UnknownTopic
+            | TopicAuthorizationFailed
+            | ClusterAuthorizationFailed
+            | InvalidRecord
+            | InvalidTopic
+            | MessageBatchTooLarge
+            | PolicyViolation
+    )
+}
+
 impl DeadLetters {
     pub fn new(kafka: &KafkaConnection, topic: &str) -> rdkafka::error::KafkaResult<Self> {
-        let producer = kafka.client_config(&[("message.timeout.ms", "15000")]).create()?;
+        // A missing topic is reported after 5 s instead of librdkafka's 30 s default.
+        let producer = kafka.client_config(&[("message.timeout.ms", "15000"), ("topic.metadata.propagation.max.ms", "5000")]).create()?;
         Ok(DeadLetters { producer, topic: topic.to_string() })
     }
 
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
     /// Returns once the broker acknowledged the record: only then may the offset be stored.
-    pub async fn send(&self, origin: &Origin<'_>, reason: &PoisonReason) -> Result<(), String> {
+    pub async fn send(&self, origin: &Origin<'_>, reason: &PoisonReason) -> Result<(), SendError> {
         let reason_text = reason.to_string();
         let partition = origin.partition.to_string();
         let offset = origin.offset.to_string();
@@ -46,6 +80,33 @@ impl DeadLetters {
         if let Some(p) = origin.payload {
             record = record.payload(p);
         }
-        self.producer.send(record, Duration::from_secs(15)).await.map(|_| ()).map_err(|(e, _)| e.to_string())
+        self.producer
+            .send(record, Duration::from_secs(15))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| SendError { refused: e.rdkafka_error_code().is_some_and(is_refusal), text: e.to_string() })
     }
+}
+
+/// Keeps a dead letter the topic refused in a Redis stream, with everything the topic record
+/// would have carried plus why the topic refused it. Returns once Redis acknowledged it.
+pub async fn park(
+    redis: &mut redis::aio::ConnectionManager,
+    stream: &str,
+    origin: &Origin<'_>,
+    reason: &PoisonReason,
+    refusal: &str,
+) -> redis::RedisResult<()> {
+    let (partition, offset, reason_text) = (origin.partition.to_string(), origin.offset.to_string(), reason.to_string());
+    let fields: [(&str, &[u8]); 8] = [
+        ("topic", origin.topic.as_bytes()),
+        ("partition", partition.as_bytes()),
+        ("offset", offset.as_bytes()),
+        ("key", origin.key.unwrap_or_default()),
+        ("payload", origin.payload.unwrap_or_default()),
+        ("code", reason.code().as_bytes()),
+        ("reason", reason_text.as_bytes()),
+        ("refusal", refusal.as_bytes()),
+    ];
+    redis::cmd("XADD").arg(stream).arg("*").arg(&fields[..]).query_async::<String>(redis).await.map(|_| ())
 }

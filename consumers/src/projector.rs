@@ -63,6 +63,9 @@ pub struct RunCounters {
     pub applied: AtomicU64,
     pub stale: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Dead letters the dead-letter topic did not take, kept in Redis instead (also counted in
+    /// `dead_lettered`).
+    pub parked: AtomicU64,
     pub batches: AtomicU64,
     pub redis_retries: AtomicU64,
     /// Partitions this instance holds now.
@@ -177,6 +180,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         }
     };
     let dead_letters = DeadLetters::new(&settings.kafka, &settings.topics.topic_dlq)?;
+    let parked_stream = settings.keys.parked_dead_letters();
     let consumer = build_consumer(&settings, counters.clone())?;
     let progress_key = settings.keys.progress(&settings.group_id);
     let mut progress_conn = applier.connection();
@@ -218,8 +222,13 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         // Apply with retries. Shutdown during a Redis outage gives the batch up unstored: it is
         // read again on the next start, so nothing is lost.
         let mut backoff = Duration::from_millis(100);
+        let mut attempts = 0u32;
         loop {
-            match process_batch(&mut applier, &dead_letters, &batch, &counters).await {
+            attempts += 1;
+            // A dead-letter topic that stays unreachable must not stop the partitions for good.
+            let dlq =
+                DeadLetterSink { topic: &dead_letters, parked_stream: &parked_stream, park_unsent: attempts > DLQ_ATTEMPTS_BEFORE_PARKING };
+            match process_batch(&mut applier, &dlq, &batch, &counters).await {
                 Ok(()) => break,
                 Err(e) => {
                     counters.redis_retries.fetch_add(1, Ordering::Relaxed);
@@ -273,9 +282,21 @@ fn finish(consumer: &StreamConsumer<ProjectorContext>) {
     }
 }
 
+/// Attempts of one batch (with backoff, about 30 s) after which a dead letter that the topic did
+/// not take is parked in Redis even though the topic did not refuse it outright.
+const DLQ_ATTEMPTS_BEFORE_PARKING: u32 = 8;
+
+/// Where the poison events of a batch go: the dead-letter topic, or, when it refuses them (or
+/// stayed unreachable for `DLQ_ATTEMPTS_BEFORE_PARKING` attempts), a Redis stream.
+struct DeadLetterSink<'a> {
+    topic: &'a DeadLetters,
+    parked_stream: &'a str,
+    park_unsent: bool,
+}
+
 async fn process_batch(
     applier: &mut RedisApplier,
-    dead_letters: &DeadLetters,
+    dead_letters: &DeadLetterSink<'_>,
     batch: &[OwnedMessage],
     counters: &RunCounters,
 ) -> Result<(), Transient> {
@@ -300,7 +321,20 @@ async fn process_batch(
     for (msg, reason) in &poison {
         let origin =
             Origin { topic: msg.topic(), partition: msg.partition(), offset: msg.offset(), key: msg.key(), payload: msg.payload() };
-        dead_letters.send(&origin, reason).await.map_err(|e| Transient(format!("dead-letter topic: {e}")))?;
+        match dead_letters.topic.send(&origin, reason).await {
+            Ok(()) => {}
+            Err(e) if e.refused || dead_letters.park_unsent => {
+                let mut conn = applier.connection();
+                crate::dead_letter::park(&mut conn, dead_letters.parked_stream, &origin, reason, &e.text)
+                    .await
+                    .map_err(|re| Transient(format!("parking a dead letter in redis: {re}")))?;
+                counters.parked.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("pb_dead_letters_parked_total", "code" => reason.code()).increment(1);
+                warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), dlq_topic = dead_letters.topic.topic(),
+                    refusal = %e, "the dead-letter topic did not take the event; parked in redis");
+            }
+            Err(e) => return Err(Transient(format!("dead-letter topic: {e}"))),
+        }
         warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), code = reason.code(), reason = %reason, "event dead-lettered");
         metrics::counter!("pb_events_dead_lettered_total", "code" => reason.code()).increment(1);
     }

@@ -61,6 +61,9 @@ pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i6
     } else {
         match s.projection.answer(org, user, q, now).await {
             Ok(a) => return Ok((a, AnswerMeta { answered_by: "projection", reason: None, projection_lag: s.projection_lag() })),
+            // The projection may not know the pipeline yet (its event is late or dead-lettered):
+            // only the source of truth may say it does not exist.
+            Err(ProjectionError::Api(ApiError::NotFound(_))) => "pipeline_not_projected",
             Err(ProjectionError::Api(e)) => return Err(e),
             Err(ProjectionError::NotBuilt) => "projection_not_built",
             Err(ProjectionError::Unavailable(e)) => {

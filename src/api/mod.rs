@@ -16,7 +16,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use board_core::config::{KafkaArgs, MongoArgs, RedisArgs};
 use board_core::keys::KeySpace;
-use health::Health;
+use health::{Dependency, Health};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use std::future::Future;
@@ -67,6 +67,8 @@ pub struct AppState {
     pub lag: Arc<AtomicI64>,
     pub metrics: PrometheusHandle,
     pub health: Health,
+    /// The Redis stream of dead letters the dead-letter topic refused (readiness reports it).
+    pub parked_dead_letters: String,
 }
 
 impl AppState {
@@ -132,8 +134,19 @@ async fn readyz(State(s): State<AppState>) -> Response {
         1 => (StatusCode::OK, "degraded"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     };
+    // Dead letters that wait in Redis because the dead-letter topic refused them: the board is
+    // fine, but an operator has work to do.
+    let parked = if s.health.is_up(Dependency::Redis) {
+        let mut conn = s.redis.clone();
+        let mut xlen = redis::cmd("XLEN");
+        xlen.arg(&s.parked_dead_letters);
+        tokio::time::timeout(Duration::from_secs(1), xlen.query_async::<i64>(&mut conn)).await.ok().and_then(Result::ok)
+    } else {
+        None
+    };
     let body = json!({
         "status": status,
+        "deadLettersParked": parked,
         "redis": report.redis,
         "mongodb": report.mongodb,
         "down": report.down,
@@ -167,7 +180,7 @@ impl Application {
         let health = Health::default();
         health.spawn_probe(redis.clone(), mongo_db.clone(), Duration::from_millis(args.health_interval_ms.max(100)));
         let state = AppState {
-            projection: ProjectionReader::new(redis.clone(), keys),
+            projection: ProjectionReader::new(redis.clone(), keys.clone()),
             mongo: MongoReader::new(mongo_db.clone()),
             redis,
             mongo_db,
@@ -176,6 +189,7 @@ impl Application {
             lag,
             metrics: metrics_handle(),
             health,
+            parked_dead_letters: keys.parked_dead_letters(),
         };
         let listener = tokio::net::TcpListener::bind(&args.listen_addr).await?;
         Ok(Application { listener, router: router(state) })

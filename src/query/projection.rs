@@ -165,7 +165,7 @@ impl ProjectionReader {
             lua.msg_max = Some(bound(r.end, "+inf"));
         }
         if let Some(s) = &f.search {
-            let term = s.to_lowercase();
+            let term = board_core::text::fold(s);
             let grams = trigrams(&term);
             if !grams.is_empty() {
                 // Spread the chosen trigrams over the term.

@@ -135,19 +135,19 @@ impl CoreMeta {
     }
 }
 
-/// The fields `search` looks into, lower-cased, empty ones dropped.
+/// The fields `search` looks into, case-folded (`text::fold`), empty ones dropped.
 pub fn search_fields(d: &CardDoc) -> Vec<String> {
     let phones = d.phone_numbers.iter().flatten().filter_map(|p| p.value.as_deref());
     [d.first_name.as_deref(), d.last_name.as_deref(), d.full_name.as_deref()]
         .into_iter()
         .flatten()
         .chain(phones)
-        .map(str::to_lowercase)
+        .map(crate::text::fold)
         .filter(|s| !s.is_empty())
         .collect()
 }
 
-/// The distinct trigrams (by Unicode scalar) of a lower-cased text. `functions.lua` splits the
+/// The distinct trigrams (by Unicode scalar) of a case-folded text. `functions.lua` splits the
 /// same way, so a search term's trigrams name the same index keys.
 pub fn trigrams(text: &str) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
@@ -187,7 +187,7 @@ mod tests {
 
         #[test]
         fn every_substring_of_three_or_more_chars_has_its_trigrams_indexed(text in "\\PC{0,20}", start in 0usize..20, len in 3usize..8) {
-            let lower = text.to_lowercase();
+            let lower = crate::text::fold(&text);
             let chars: Vec<char> = lower.chars().collect();
             prop_assume!(start + len <= chars.len());
             let term: String = chars[start..start + len].iter().collect();

@@ -117,25 +117,29 @@ fn id_field(value: &Value, field: &'static str) -> Result<String, PoisonReason> 
     value.get(field).and_then(Value::as_str).filter(|s| is_object_id(s)).map(str::to_string).ok_or(PoisonReason::MissingField(field))
 }
 
+/// A version is an integer from 1 to 2^63 - 1 (CONTRACT.md 2).
 fn version_field(value: &Value) -> Result<i64, PoisonReason> {
-    value.get("version").and_then(Value::as_i64).ok_or(PoisonReason::MissingField("version"))
+    value.get("version").and_then(Value::as_i64).filter(|v| *v >= 1).ok_or(PoisonReason::MissingField("version"))
 }
 
 /// Ids become parts of Redis keys and versions decide what applies: both are checked here.
 fn check_document(event: &Event) -> Result<(), PoisonReason> {
+    // Messages carry no version: they are idempotent by id.
     let (id, version) = match event {
-        Event::CardUpserted(_, d) => (&d.id, d.version),
-        Event::ConversationUpserted(c) => (&c.id, c.version),
-        Event::PipelineUpserted(p) => (&p.id, p.version),
-        Event::UserUpserted(u) => (&u.id, u.version),
-        Event::MessageCreated(m) => (&m.id, Some(0)),
+        Event::CardUpserted(_, d) => (&d.id, Some(d.version)),
+        Event::ConversationUpserted(c) => (&c.id, Some(c.version)),
+        Event::PipelineUpserted(p) => (&p.id, Some(p.version)),
+        Event::UserUpserted(u) => (&u.id, Some(u.version)),
+        Event::MessageCreated(m) => (&m.id, None),
         Event::CardDeleted { .. } | Event::PipelineDeleted { .. } => return Ok(()),
     };
     if !is_object_id(id) {
         return Err(PoisonReason::MissingField("_id"));
     }
-    if version.is_none() {
-        return Err(PoisonReason::MissingField("version"));
+    if let Some(version) = version {
+        if version.is_none_or(|v| v < 1) {
+            return Err(PoisonReason::MissingField("version"));
+        }
     }
     if let Event::MessageCreated(m) = event {
         if m.contact_id.is_none() {
@@ -200,5 +204,29 @@ mod tests {
             serde_json::json!({"message": {"_id": ID, "orgId": ORG, "contactId": ID, "createdAt": "soon"}}),
         ));
         assert_eq!(bad_time.unwrap_err().code(), "invalid_document");
+    }
+
+    #[test]
+    fn versions_are_integers_from_one_to_the_i64_maximum() {
+        for bad in [
+            serde_json::json!(0),
+            serde_json::json!(-3),
+            serde_json::json!(1.5),
+            serde_json::json!("7"),
+            serde_json::json!(9223372036854775808u64),
+        ] {
+            let upsert = envelope("user.upserted", serde_json::json!({"user": {"_id": ID, "orgId": ORG, "version": bad}}));
+            assert!(parse_event(&upsert).is_err(), "upsert version {bad}");
+            let delete = envelope("contact.deleted", serde_json::json!({"contactId": ID, "version": bad}));
+            assert_eq!(parse_event(&delete).unwrap_err(), PoisonReason::MissingField("version"), "delete version {bad}");
+        }
+        let max = envelope("contact.deleted", serde_json::json!({"contactId": ID, "version": i64::MAX}));
+        assert!(matches!(parse_event(&max), Ok(Event::CardDeleted { version: i64::MAX, .. })));
+        // Messages have no version and need none.
+        let message = envelope(
+            "message.created",
+            serde_json::json!({"message": {"_id": ID, "orgId": ORG, "contactId": ID, "createdAt": "2026-11-30T09:25:59.123Z"}}),
+        );
+        assert!(parse_event(&message).is_ok());
     }
 }

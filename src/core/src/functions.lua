@@ -7,11 +7,27 @@
 -- than the last applied one (deletes leave that version behind as a tombstone); messages are
 -- idempotent by _id. Index names mirror src/core/src/keys.rs.
 
--- `version` is the decimal string from the caller: written back as given, because Lua would
--- print a number with only 14 significant digits.
+-- The one error that is the event's fault: its content cannot be applied. The projector
+-- dead-letters an event only for this code; any other error (a killed script, a bug in a
+-- deployed library, a cluster redirection) is retried, never costs the event.
+local function invalid(what)
+  error(redis.error_reply('PB_INVALID ' .. what))
+end
+
+-- Versions are canonical decimal strings of 1 .. 2^63-1 and are compared as such, exactly: Lua
+-- numbers are doubles, in which 2^53 + 1 equals 2^53. Written back as given.
+local function version_gt(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+
 local function newer(K, dockey, version)
+  if type(version) ~= 'string' or #version > 19 or not string.match(version, '^[1-9]%d*$')
+      or (#version == 19 and version > '9223372036854775807') then
+    invalid('version ' .. tostring(version) .. ' is not an integer from 1 to 2^63-1')
+  end
   local cur = redis.call('HGET', K .. ':ver', dockey)
-  if cur and tonumber(cur) >= tonumber(version) then return false end
+  if cur and not version_gt(version, cur) then return false end
   redis.call('HSET', K .. ':ver', dockey, version)
   return true
 end

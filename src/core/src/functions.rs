@@ -5,6 +5,10 @@ use crate::keys::KeySpace;
 
 pub const LIBRARY: &str = include_str!("functions.lua");
 
+/// The error code the Functions raise for an event whose content cannot be applied (the only
+/// Redis error that sends an event to the dead-letter topic).
+pub const INVALID_CODE: &str = "PB_INVALID";
+
 /// Loads (or replaces) the library. Idempotent; every projector and test calls it at start.
 pub async fn load_library<C: redis::aio::ConnectionLike + Send>(conn: &mut C) -> redis::RedisResult<()> {
     redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(LIBRARY).query_async::<String>(conn).await.map(|_| ())

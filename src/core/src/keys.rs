@@ -36,6 +36,11 @@ impl KeySpace {
     pub fn org(&self, org_id: &str) -> OrgKeys {
         OrgKeys { base: format!("{}:{{{}}}", self.prefix, org_id) }
     }
+    /// Dead letters the dead-letter topic refused (too large, topic missing, not authorized):
+    /// a Redis stream, kept until an operator re-drives them (never trimmed: nothing is lost).
+    pub fn parked_dead_letters(&self) -> String {
+        format!("{}:dlq:parked", self.prefix)
+    }
     /// Consumer progress (next offset per topic-partition), written after each applied batch.
     pub fn progress(&self, group: &str) -> String {
         format!("{}:progress:{group}", self.prefix)

@@ -9,4 +9,5 @@ pub mod functions;
 pub mod keys;
 pub mod model;
 pub mod telemetry;
+pub mod text;
 pub mod time;
