@@ -13,7 +13,7 @@ bash deploy/stack.sh up >/dev/null
 cargo build --release --locked -q
 BIN="$CARGO_TARGET_DIR/release/pipeline-board"
 RUN="bench-$(date +%s)"
-export REDIS_PREFIX="$RUN" KAFKA_GROUP_ID="$RUN" JWT_SECRET="bench-secret" MONGODB_DB="$RUN" LOG_FORMAT=text RUST_LOG=warn
+export REDIS_PREFIX="$RUN" KAFKA_GROUP_ID="$RUN" JWT_SECRET="bench-secret-not-for-production-0123456789" MONGODB_DB="$RUN" LOG_FORMAT=text RUST_LOG=warn
 for t in contacts applications conversations messages pipelines users dlq; do
   upper=$(echo "$t" | tr a-z A-Z)
   export "TOPIC_$upper=$RUN.crm.$t"
@@ -77,7 +77,7 @@ for name in $(echo "${!BODIES[@]}" | tr ' ' '\n' | sort); do
     out=$(BODY="$body" TOKEN="$TOKEN" wrk -t $(( c > 1 ? 2 : 1 )) -c "$c" -d "${DURATION}s" --latency -s "$SCRIPT" "http://127.0.0.1:$PORT/api/contacts")
     p50=$(echo "$out" | awk '$1=="50%" {print $2}'); p99=$(echo "$out" | awk '$1=="99%" {print $2}')
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    non2xx=$(echo "$out" | awk '/Non-2xx/ {print $4}')
+    non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
     # About three seconds of the raw call at the rate HTTP reached (at least 2 per connection).
     n=$(awk -v r="$rps" -v c="$c" 'BEGIN { n = int(r * 3); if (n < 2 * c) n = 2 * c; print n }')
     # The CSV row starts with the command text (JSON with commas and quotes): read it from the end.
