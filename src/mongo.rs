@@ -77,16 +77,26 @@ pub fn card_to_bson(c: &CardDoc) -> Document {
     d
 }
 
+/// A stored value as the API renders it (CONTRACT.md 1: ids as strings, times as RFC 3339), the
+/// same as the projection, which gets these values from events; anything else as relaxed
+/// extended JSON.
+fn bson_to_json(b: &Bson) -> serde_json::Value {
+    use serde_json::Value;
+    match b {
+        Bson::DateTime(t) => Value::String(board_core::time::format_millis(t.timestamp_millis())),
+        Bson::ObjectId(o) => Value::String(o.to_hex()),
+        Bson::Document(d) => Value::Object(d.iter().map(|(k, v)| (k.clone(), bson_to_json(v))).collect()),
+        Bson::Array(a) => Value::Array(a.iter().map(bson_to_json).collect()),
+        other => other.clone().into_relaxed_extjson(),
+    }
+}
+
 pub fn card_from_bson(d: &Document) -> CardDoc {
     let phone_numbers = d
         .get_array("phoneNumbers")
         .ok()
         .map(|a| a.iter().filter_map(Bson::as_document).map(|p| Phone { value: get_str(p, "value"), kind: get_str(p, "type") }).collect());
-    let custom_fields = d
-        .get_document("customFields")
-        .ok()
-        .and_then(|cf| serde_json::to_value(Bson::Document(cf.clone()).into_relaxed_extjson()).ok())
-        .and_then(|v| v.as_object().cloned());
+    let custom_fields = d.get_document("customFields").ok().and_then(|cf| bson_to_json(&Bson::Document(cf.clone())).as_object().cloned());
     CardDoc {
         id: get_str(d, "_id").unwrap_or_default(),
         org_id: get_str(d, "orgId").unwrap_or_default(),
@@ -222,4 +232,24 @@ pub async fn org_ids(db: &mongodb::Database) -> mongodb::error::Result<Vec<Strin
     orgs.sort();
     orgs.dedup();
     Ok(orgs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_field_dates_and_ids_render_as_the_projection_renders_them() {
+        let at = DateTime::from_millis(1_764_494_759_123);
+        let oid = bson::oid::ObjectId::parse_str("65a00000000000000000000a").unwrap();
+        let d = doc! {"_id": "65a00000000000000000000b", "orgId": "65a00000000000000000000c",
+        "customFields": {"renewal": at, "ref": oid, "tier": "gold", "n": 3_i32, "nested": {"since": at}, "list": [at]}};
+        let cf = card_from_bson(&d).custom_fields.unwrap();
+        assert_eq!(cf["renewal"], serde_json::json!("2025-11-30T09:25:59.123Z"));
+        assert_eq!(cf["ref"], serde_json::json!("65a00000000000000000000a"));
+        assert_eq!(cf["tier"], serde_json::json!("gold"));
+        assert_eq!(cf["n"], serde_json::json!(3));
+        assert_eq!(cf["nested"]["since"], serde_json::json!("2025-11-30T09:25:59.123Z"));
+        assert_eq!(cf["list"][0], serde_json::json!("2025-11-30T09:25:59.123Z"));
+    }
 }

@@ -238,6 +238,10 @@ async fn bad_input_gets_a_clear_error() {
         (r#"{"messageStatus": "read"}"#, "invalid_message_status"),
         (r#"{"search": 5}"#, "malformed_body"),
         (r#"[1, 2"#, "malformed_body"),
+        (r#"{"owner": ["bob"]}"#, "invalid_user_id"),
+        (r#"{"assignee": ["65a00000000000000000000a", "x:y"]}"#, "invalid_user_id"),
+        (r#"{"ownerFilter": "{owner}"}"#, "invalid_owner_filter"),
+        (r#"{"pipelineId": "nope"}"#, "invalid_pipeline_id"),
     ] {
         let (status, resp) = post_board(&f.url, Some(&t), body).await;
         assert_eq!((status, error_code(&resp)), (400, code), "{body}: {resp}");

@@ -59,9 +59,11 @@ pub fn plan(pipelines: &[Pipeline], q: &BoardQuery) -> Result<BoardPlan, ApiErro
         (None, Some(names)) => names.iter().map(|n| (n.clone(), stages.iter().find(|s| s.name.as_ref() == Some(n)).cloned())).collect(),
         (None, None) => stages.iter().map(|s| (named(s), Some(s.clone()))).collect(),
     };
-    // A name asked for twice is one column.
+    // A stage asked for twice (or a name the pipeline lacks, twice) is one column. Two stages
+    // of the pipeline that share a name stay two columns: `dataByStatus` keys them by id, and
+    // `data`, keyed by name, shows the first (see `Body`).
     let mut seen = std::collections::HashSet::new();
-    chosen.retain(|(n, _)| seen.insert(n.clone()));
+    chosen.retain(|(n, s)| seen.insert(s.as_ref().map(|s| format!("id:{}", s.id)).unwrap_or_else(|| format!("name:{n}"))));
     let buckets = chosen
         .into_iter()
         .map(|(name, stage)| {
@@ -180,10 +182,12 @@ impl Serialize for Body<'_> {
         use serde::ser::SerializeMap;
         let b = &self.answer.buckets;
         let with_id = || b.iter().filter_map(|x| x.stage_id.as_ref().map(|id| (id, x)));
+        // Keyed by name, a JSON object holds one bucket per name: the first in board order.
+        let first_of_name = |x: &&BucketAnswer| b.iter().find(|y| y.name == x.name).is_some_and(|y| std::ptr::eq(y, *x));
         let mut m = s.serialize_map(Some(5))?;
-        m.serialize_entry("data", &ordered(b.iter().map(|x| (&x.name, bucket(x)))))?;
+        m.serialize_entry("data", &ordered(b.iter().filter(first_of_name).map(|x| (&x.name, bucket(x)))))?;
         m.serialize_entry("dataByStatus", &ordered(with_id().map(|(id, x)| (id, bucket(x)))))?;
-        m.serialize_entry("stageIdByName", &ordered(with_id().map(|(id, x)| (&x.name, id))))?;
+        m.serialize_entry("stageIdByName", &ordered(with_id().filter(|(_, x)| first_of_name(x)).map(|(id, x)| (&x.name, id))))?;
         m.serialize_entry("stageNameById", &ordered(with_id().map(|(id, x)| (id, &x.name))))?;
         m.serialize_entry("meta", self.meta)?;
         m.end()
@@ -214,20 +218,23 @@ mod tests {
     #[test]
     fn picks_the_active_pipeline_of_the_type_and_orders_stages() {
         let ps = vec![
-            pipeline("p1", "Contact", false, &[("s1", "A", 0)]),
-            pipeline("p2", "Contact", true, &[("s3", "Won", 2), ("s2", "New", 1)]),
-            pipeline("p3", "Application", true, &[("s4", "X", 0)]),
+            pipeline("aaaaaaaaaaaaaaaaaaaaaaa1", "Contact", false, &[("s1", "A", 0)]),
+            pipeline("aaaaaaaaaaaaaaaaaaaaaaa2", "Contact", true, &[("s3", "Won", 2), ("s2", "New", 1)]),
+            pipeline("aaaaaaaaaaaaaaaaaaaaaaa3", "Application", true, &[("s4", "X", 0)]),
         ];
         let plan = plan(&ps, &q("{}")).unwrap();
-        assert_eq!(plan.pipeline.id, "p2");
+        assert_eq!(plan.pipeline.id, "aaaaaaaaaaaaaaaaaaaaaaa2");
         assert_eq!(plan.buckets.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), ["New", "Won"]);
-        assert_eq!(plan.raw_keys(&plan.buckets[0]), ["p2|s:s2", "p2|n:New", "-|s:s2", "-|n:New"]);
+        assert_eq!(
+            plan.raw_keys(&plan.buckets[0]),
+            ["aaaaaaaaaaaaaaaaaaaaaaa2|s:s2", "aaaaaaaaaaaaaaaaaaaaaaa2|n:New", "-|s:s2", "-|n:New"]
+        );
 
-        let inactive = super::plan(&ps, &q(r#"{"pipelineId": "p1"}"#)).unwrap();
+        let inactive = super::plan(&ps, &q(r#"{"pipelineId": "aaaaaaaaaaaaaaaaaaaaaaa1"}"#)).unwrap();
         assert!(!inactive.includes_legacy);
-        assert_eq!(inactive.raw_keys(&inactive.buckets[0]), ["p1|s:s1", "p1|n:A"]);
-        assert!(matches!(super::plan(&ps, &q(r#"{"pipelineId": "p3"}"#)), Err(ApiError::NotFound(_))));
-        assert!(matches!(super::plan(&ps, &q(r#"{"pipelineId": "nope"}"#)), Err(ApiError::NotFound(_))));
+        assert_eq!(inactive.raw_keys(&inactive.buckets[0]), ["aaaaaaaaaaaaaaaaaaaaaaa1|s:s1", "aaaaaaaaaaaaaaaaaaaaaaa1|n:A"]);
+        assert!(matches!(super::plan(&ps, &q(r#"{"pipelineId": "aaaaaaaaaaaaaaaaaaaaaaa3"}"#)), Err(ApiError::NotFound(_))));
+        assert!(matches!(super::plan(&ps, &q(r#"{"pipelineId": "aaaaaaaaaaaaaaaaaaaaaaa9"}"#)), Err(ApiError::NotFound(_))));
     }
 
     #[test]
@@ -240,5 +247,43 @@ mod tests {
         assert!(plan.raw_keys(&plan.buckets[1]).is_empty());
         let by_id = super::plan(&ps, &q(r#"{"status": "s1", "page": {"s1": 2}}"#)).unwrap();
         assert_eq!((by_id.buckets.len(), by_id.buckets[0].name.as_str(), by_id.buckets[0].offset), (1, "New", 25));
+    }
+
+    #[test]
+    fn stages_sharing_a_name_are_two_columns_and_data_shows_the_first() {
+        let (p, won1, won2) = ("aaaaaaaaaaaaaaaaaaaaaaa1", "bbbbbbbbbbbbbbbbbbbbbbb1", "bbbbbbbbbbbbbbbbbbbbbbb2");
+        let ps = vec![pipeline(p, "Contact", true, &[(won1, "Won", 0), (won2, "Won", 1), ("s3", "Lost", 2)])];
+        let plan = plan(&ps, &q("{}")).unwrap();
+        assert_eq!(plan.buckets.iter().map(|b| b.stage.as_ref().unwrap().id.as_str()).collect::<Vec<_>>(), [won1, won2, "s3"]);
+        // Asking for one name twice is still one column.
+        let asked = plan_names(&ps, r#"{"stages": ["Lost", "Lost", "Nope", "Nope"]}"#);
+        assert_eq!(asked, ["Lost", "Nope"]);
+
+        let answer = BoardAnswer {
+            kind: CardKind::Contact,
+            buckets: plan
+                .buckets
+                .iter()
+                .enumerate()
+                .map(|(i, b)| BucketAnswer {
+                    name: b.name.clone(),
+                    stage_id: b.stage.as_ref().map(|s| s.id.clone()),
+                    total: i as u64,
+                    cards: vec![],
+                })
+                .collect(),
+        };
+        let meta = AnswerMeta { answered_by: "projection", reason: None, projection_lag: None };
+        let json: serde_json::Value = serde_json::from_slice(&answer.to_json_bytes(&meta)).unwrap();
+        assert_eq!(json["dataByStatus"].as_object().unwrap().len(), 3, "{json}");
+        assert_eq!((json["dataByStatus"][won1]["total"].as_u64(), json["dataByStatus"][won2]["total"].as_u64()), (Some(0), Some(1)));
+        assert_eq!(json["data"].as_object().unwrap().keys().collect::<Vec<_>>(), ["Won", "Lost"]);
+        assert_eq!(json["data"]["Won"]["total"], 0);
+        assert_eq!(json["stageIdByName"]["Won"], won1);
+        assert_eq!(json["stageNameById"][won2], "Won");
+    }
+
+    fn plan_names(ps: &[Pipeline], body: &str) -> Vec<String> {
+        plan(ps, &q(body)).unwrap().buckets.into_iter().map(|b| b.name).collect()
     }
 }

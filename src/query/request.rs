@@ -1,7 +1,7 @@
 //! `POST /api/contacts` request bodies, parsed at the edge into a `BoardQuery` ("parse, don't
 //! validate"): past this module every value is known to be in range.
 use super::error::ApiError;
-use board_core::model::CardKind;
+use board_core::model::{is_object_id, CardKind};
 use board_core::time::{parse_rfc3339, Millis};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -161,15 +161,30 @@ fn range(field: &str, r: Option<RawRange>) -> Result<Option<TimeRange>, ApiError
     Ok(if out.start.is_none() && out.end.is_none() { None } else { Some(out) })
 }
 
-fn ids(list: Option<Vec<String>>) -> Option<Vec<String>> {
+/// Documented limits of the request's lists (CONTRACT.md 3, README "Request limits"): a longer
+/// list is a 400, so no request can make either path walk an unbounded set.
+pub const MAX_USER_IDS: usize = 50;
+pub const MAX_STAGES: usize = 100;
+pub const MAX_PAGES: usize = 100;
+pub const MAX_CUSTOM_FIELDS: usize = 20;
+pub const MAX_SEARCH_CHARS: usize = 200;
+
+fn too_long(field: &str, limit: usize) -> ApiError {
+    bad("list_too_long", format!("{field} may hold at most {limit} entries"))
+}
+
+/// A list of user ids: each an ObjectId, at most `MAX_USER_IDS`; empty means no filter.
+fn ids(field: &str, list: Option<Vec<String>>) -> Result<Option<Vec<String>>, ApiError> {
     let mut v: Vec<String> = list.unwrap_or_default().into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    if v.len() > MAX_USER_IDS {
+        return Err(too_long(field, MAX_USER_IDS));
+    }
+    if let Some(bad_id) = v.iter().find(|id| !is_object_id(id)) {
+        return Err(bad("invalid_user_id", format!("{field} holds {bad_id:?}, which is not a 24-hex-character ObjectId")));
+    }
     v.sort();
     v.dedup();
-    if v.is_empty() {
-        None
-    } else {
-        Some(v)
-    }
+    Ok(if v.is_empty() { None } else { Some(v) })
 }
 
 impl ContactsRequest {
@@ -193,8 +208,15 @@ impl ContactsRequest {
                 _ => return Err(bad("invalid_size", format!("size must be an integer from 1 to 100, not {v}"))),
             },
         };
+        if self.stage_id_by_name.as_ref().is_some_and(|m| m.len() > MAX_STAGES) {
+            return Err(too_long("stageIdByName", MAX_STAGES));
+        }
+        let page = self.page.unwrap_or_default();
+        if page.len() > MAX_PAGES {
+            return Err(too_long("page", MAX_PAGES));
+        }
         let mut pages = HashMap::new();
-        for (stage, v) in self.page.unwrap_or_default() {
+        for (stage, v) in page {
             match v.as_u64() {
                 Some(n) if n >= 1 && n <= u32::MAX as u64 => {
                     pages.insert(stage, n as u32);
@@ -202,14 +224,20 @@ impl ContactsRequest {
                 _ => return Err(bad("invalid_page", format!("page[{stage:?}] must be an integer of at least 1, not {v}"))),
             }
         }
-        let owner = match ids(self.owner) {
+        let owner = match ids("owner", self.owner)? {
             Some(users) => OwnerScope::Users(users),
             None => match non_empty(self.owner_filter).as_deref() {
                 None | Some("all") => OwnerScope::All,
                 Some("my") => OwnerScope::Mine,
                 Some("team") => OwnerScope::Team,
                 Some("unassigned") => OwnerScope::Unassigned,
-                Some(user) => OwnerScope::Users(vec![user.to_string()]),
+                Some(user) if is_object_id(user) => OwnerScope::Users(vec![user.to_string()]),
+                Some(other) => {
+                    return Err(bad(
+                        "invalid_owner_filter",
+                        format!("ownerFilter must be all, my, team, unassigned or a user's ObjectId, not {other:?}"),
+                    ))
+                }
             },
         };
         let message_status = match non_empty(self.message_status).as_deref() {
@@ -240,8 +268,12 @@ impl ContactsRequest {
             Some(r) => range("createdDateRange", Some(r))?,
             None => range("dateRange", self.date_range)?,
         };
+        let custom = self.custom_fields.unwrap_or_default();
+        if custom.len() > MAX_CUSTOM_FIELDS {
+            return Err(too_long("customFields", MAX_CUSTOM_FIELDS));
+        }
         let mut custom_fields = Vec::new();
-        for (key, v) in self.custom_fields.unwrap_or_default() {
+        for (key, v) in custom {
             if key.is_empty() || key.starts_with('$') || key.contains('.') || key.contains('\0') {
                 return Err(bad("invalid_custom_field", format!("custom field name {key:?} is not allowed")));
             }
@@ -258,22 +290,34 @@ impl ContactsRequest {
             custom_fields.push((key, value));
         }
         custom_fields.sort_by(|a, b| a.0.cmp(&b.0));
+        if self.stages.as_ref().is_some_and(|s| s.len() > MAX_STAGES) {
+            return Err(too_long("stages", MAX_STAGES));
+        }
         let stages = self
             .stages
             .map(|v| v.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<Vec<_>>())
             .filter(|v| !v.is_empty());
+        let pipeline_id = non_empty(self.pipeline_id);
+        if let Some(p) = pipeline_id.as_deref().filter(|p| !is_object_id(p)) {
+            return Err(bad("invalid_pipeline_id", format!("pipelineId {p:?} is not a 24-hex-character ObjectId")));
+        }
+        let search = non_empty(self.search);
+        if search.as_ref().is_some_and(|s| s.chars().count() > MAX_SEARCH_CHARS) {
+            return Err(bad("search_too_long", format!("search may be at most {MAX_SEARCH_CHARS} characters")));
+        }
         Ok(BoardQuery {
             kind,
-            pipeline_id: non_empty(self.pipeline_id),
+            pipeline_id,
             stages,
             status: non_empty(self.status),
             pages,
             size,
             filters: Filters {
-                search: non_empty(self.search),
-                source: if kind == CardKind::Contact { non_empty(self.source) } else { None },
+                search,
+                // "equals the value exactly" (CONTRACT.md 3): not trimmed; only "" means no filter.
+                source: if kind == CardKind::Contact { self.source.filter(|s| !s.is_empty()) } else { None },
                 owner,
-                assignees: ids(self.assignee),
+                assignees: ids("assignee", self.assignee)?,
                 created,
                 bulk_only: self.bulk_only == Some(true),
                 message_status,
@@ -327,9 +371,34 @@ mod tests {
 
     #[test]
     fn owner_overrides_owner_filter_and_any_other_value_is_a_user() {
-        let q = parse(r#"{"owner": ["b", "a", "a"], "ownerFilter": "my"}"#).unwrap();
-        assert_eq!(q.filters.owner, OwnerScope::Users(vec!["a".into(), "b".into()]));
-        assert_eq!(parse(r#"{"ownerFilter": "u1"}"#).unwrap().filters.owner, OwnerScope::Users(vec!["u1".into()]));
+        let (a, b) = ("65a00000000000000000000a", "65a00000000000000000000b");
+        let q = parse(&format!(r#"{{"owner": ["{b}", "{a}", " {a} "], "ownerFilter": "my"}}"#)).unwrap();
+        assert_eq!(q.filters.owner, OwnerScope::Users(vec![a.into(), b.into()]));
+        assert_eq!(parse(&format!(r#"{{"ownerFilter": "{a}"}}"#)).unwrap().filters.owner, OwnerScope::Users(vec![a.into()]));
+    }
+
+    #[test]
+    fn ids_are_object_ids_and_lists_have_limits() {
+        assert_eq!(code(parse(r#"{"owner": ["65a00000000000000000000a", "bob"]}"#)), "invalid_user_id");
+        assert_eq!(code(parse(r#"{"assignee": ["{$ne: 1}"]}"#)), "invalid_user_id");
+        assert_eq!(code(parse(r#"{"ownerFilter": "someone"}"#)), "invalid_owner_filter");
+        assert_eq!(code(parse(r#"{"pipelineId": "p1"}"#)), "invalid_pipeline_id");
+        let users: Vec<String> = (0..=MAX_USER_IDS).map(|i| format!("{i:024x}")).collect();
+        assert_eq!(code(parse(&serde_json::json!({"owner": users}).to_string())), "list_too_long");
+        assert!(parse(&serde_json::json!({"owner": users[..MAX_USER_IDS]}).to_string()).is_ok());
+        let stages: Vec<String> = (0..=MAX_STAGES).map(|i| format!("S{i}")).collect();
+        assert_eq!(code(parse(&serde_json::json!({"stages": stages}).to_string())), "list_too_long");
+        let pages: serde_json::Map<String, Value> = (0..=MAX_PAGES).map(|i| (format!("S{i}"), Value::from(1))).collect();
+        assert_eq!(code(parse(&serde_json::json!({"page": pages}).to_string())), "list_too_long");
+        let custom: serde_json::Map<String, Value> = (0..=MAX_CUSTOM_FIELDS).map(|i| (format!("f{i}"), Value::from(1))).collect();
+        assert_eq!(code(parse(&serde_json::json!({"customFields": custom}).to_string())), "list_too_long");
+        assert_eq!(code(parse(&serde_json::json!({"search": "x".repeat(MAX_SEARCH_CHARS + 1)}).to_string())), "search_too_long");
+    }
+
+    #[test]
+    fn source_is_matched_exactly_untrimmed() {
+        assert_eq!(parse(r#"{"source": " website "}"#).unwrap().filters.source.as_deref(), Some(" website "));
+        assert_eq!(parse(r#"{"source": ""}"#).unwrap().filters.source, None);
     }
 
     #[test]
@@ -349,5 +418,95 @@ mod tests {
             parse(r#"{"customFilters": {"vip": true}}"#).unwrap().filters.custom_fields,
             vec![("vip".to_string(), CustomValue::Bool(true))]
         );
+    }
+
+    /// The request parser never panics: any body is a query or a structured 400.
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn outcome(body: &[u8]) -> Result<(), TestCaseError> {
+            match ContactsRequest::parse(body).and_then(ContactsRequest::into_query) {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    prop_assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST, "{:?}", e);
+                    prop_assert!(!e.code().is_empty());
+                    Ok(())
+                }
+            }
+        }
+
+        /// JSON values biased towards what the parser looks at: ids, keywords, dates, numbers
+        /// at the edges of their ranges, nested lists and maps.
+        fn value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                prop_oneof![Just(0i64), Just(1), Just(100), Just(101), Just(-1), Just(i64::MAX), any::<i64>()].prop_map(Value::from),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)),
+                prop_oneof![
+                    Just("65a0000000000000000000aa".to_string()),
+                    Just("my".to_string()),
+                    Just("team".to_string()),
+                    Just("unassigned".to_string()),
+                    Just("Application".to_string()),
+                    Just("hours".to_string()),
+                    Just("2026-11-30T09:25:59.123Z".to_string()),
+                    Just("$where".to_string()),
+                    "\\PC{0,12}",
+                ]
+                .prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    proptest::collection::vec(("\\PC{0,8}", inner), 0..6).prop_map(|kv| Value::Object(kv.into_iter().collect())),
+                ]
+            })
+        }
+
+        const FIELDS: &[&str] = &[
+            "page",
+            "size",
+            "search",
+            "source",
+            "ownerFilter",
+            "owner",
+            "assignee",
+            "pipelineType",
+            "pipelineId",
+            "status",
+            "dateRange",
+            "createdDateRange",
+            "customFields",
+            "customFilters",
+            "stages",
+            "stageIdByName",
+            "bulkOnly",
+            "messageStatus",
+            "lastMessageTimeRange",
+            "lastMessageDateRange",
+            "start",
+            "end",
+            "value",
+            "unit",
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_bytes_are_a_query_or_a_400(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+                outcome(&body)?;
+            }
+
+            #[test]
+            fn any_request_shaped_json_is_a_query_or_a_400(
+                fields in proptest::collection::vec((proptest::sample::select(FIELDS), value()), 0..8)
+            ) {
+                let body: serde_json::Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                outcome(&serde_json::to_vec(&body).unwrap())?;
+            }
+        }
     }
 }

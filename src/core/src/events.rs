@@ -229,4 +229,116 @@ mod tests {
         );
         assert!(parse_event(&message).is_ok());
     }
+
+    /// The event parser never panics: any message is an event whose ids are ObjectIds and whose
+    /// version is in range, or a poison reason for the dead-letter topic.
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                prop_oneof![Just(0i64), Just(1), Just(-1), Just(i64::MAX), any::<i64>()].prop_map(Value::from),
+                Just(serde_json::json!(9223372036854775808u64)),
+                Just(serde_json::json!(1.5)),
+                prop_oneof![
+                    Just(super::ORG.to_string()),
+                    Just(super::ID.to_string()),
+                    Just("2026-11-30T09:25:59.123Z".to_string()),
+                    Just("inbound".to_string()),
+                    "\\PC{0,12}",
+                ]
+                .prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    proptest::collection::vec((proptest::sample::select(FIELDS), inner), 0..8)
+                        .prop_map(|kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+                ]
+            })
+        }
+
+        const TYPES: &[&str] = &[
+            "contact.upserted",
+            "contact.deleted",
+            "application.upserted",
+            "application.deleted",
+            "conversation.upserted",
+            "message.created",
+            "pipeline.upserted",
+            "pipeline.deleted",
+            "user.upserted",
+            "contact.exploded",
+        ];
+        const FIELDS: &[&str] = &[
+            "_id",
+            "orgId",
+            "version",
+            "contact",
+            "application",
+            "conversation",
+            "message",
+            "pipeline",
+            "user",
+            "contactId",
+            "applicationId",
+            "pipelineId",
+            "createdAt",
+            "stages",
+            "assignees",
+            "teamIds",
+            "phoneNumbers",
+            "firstName",
+            "name",
+            "order",
+            "isActive",
+            "type",
+            "customFields",
+            "pipelineStage",
+            "status",
+            "value",
+        ];
+
+        fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
+            if let Ok(event) = parse_event(bytes) {
+                prop_assert!(crate::model::is_object_id(event.org_id()));
+                let (id, version) = match &event {
+                    Event::CardUpserted(_, d) => (d.id.clone(), d.version),
+                    Event::CardDeleted { id, version, .. } | Event::PipelineDeleted { id, version, .. } => (id.clone(), Some(*version)),
+                    Event::ConversationUpserted(c) => (c.id.clone(), c.version),
+                    Event::PipelineUpserted(p) => (p.id.clone(), p.version),
+                    Event::UserUpserted(u) => (u.id.clone(), u.version),
+                    Event::MessageCreated(m) => (m.id.clone(), Some(1)),
+                };
+                prop_assert!(crate::model::is_object_id(&id));
+                prop_assert!(version.is_some_and(|v| v >= 1));
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_bytes_are_an_event_or_poison(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+                check(&body)?;
+            }
+
+            #[test]
+            fn any_event_shaped_json_is_a_valid_event_or_poison(
+                kind in proptest::sample::select(TYPES),
+                org in prop_oneof![Just(super::ORG.to_string()), "\\PC{0,30}"],
+                body in proptest::collection::vec((proptest::sample::select(FIELDS), value()), 0..6),
+            ) {
+                let mut v = serde_json::json!({"type": kind, "eventId": "e", "orgId": org, "occurredAt": "2026-11-30T09:25:59.123Z"});
+                for (k, val) in body {
+                    v[k] = val;
+                }
+                check(&serde_json::to_vec(&v).unwrap())?;
+            }
+        }
+    }
 }
