@@ -432,3 +432,22 @@ async fn the_binary_serves_on_port_zero_and_stops_on_sigterm() {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success(), "SIGTERM: graceful exit 0");
 }
+
+/// The MongoDB path never builds an unbounded id list: a filter that needs more contact ids
+/// than it may hold is a quick, clean 503, not a query that grows with the org.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mongodb_path_refuses_filters_too_broad_for_it() {
+    let f = fixture().await;
+    let (org, snap) = &f.orgs[0];
+    let t = token(org, &snap.users[0].id);
+    let mut args = f.env.serve_args();
+    args.mongodb_path_max_ids = 5;
+    let url = f.env.serve_with(args).await;
+    // customFields send the request to MongoDB; `answered` needs every contact with a message.
+    let body = json!({"customFields": {"vip": false}, "messageStatus": "answered"}).to_string();
+    let (status, resp) = post_board(&url, Some(&t), &body).await;
+    assert_eq!((status, error_code(&resp)), (503, "mongodb_filter_too_broad"), "{resp}");
+    // Within the bound it answers.
+    let (status, resp) = post_board(&url, Some(&t), &json!({"customFields": {"vip": false}}).to_string()).await;
+    assert_eq!((status, resp["meta"]["answeredBy"].as_str()), (200, Some("mongodb")), "{resp}");
+}

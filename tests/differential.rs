@@ -209,7 +209,7 @@ async fn projection_and_mongodb_answer_identically() {
 
     let projection = ProjectionReader::new(env.redis().await, env.keys.clone());
     let db = env.mongo().await;
-    let mongo_reader = MongoReader::new(db.clone());
+    let mongo_reader = MongoReader::new(db.clone(), pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
     let mut snaps = Vec::new();
     for org in &seeded.org_ids {
         snaps.push((org.clone(), mongo::load_org(&db, org).await.unwrap()));

@@ -204,7 +204,9 @@ async fn two_consumers_in_one_group_share_the_partitions() {
     b.stop().await.unwrap();
     let (applied_a, applied_b) = (ca.applied.load(Ordering::Relaxed), cb.applied.load(Ordering::Relaxed));
     assert!(applied_a > 0 && applied_b > 0, "both applied events: {applied_a} and {applied_b}");
-    assert_eq!(applied_a + applied_b + ca.stale.load(Ordering::Relaxed) + cb.stale.load(Ordering::Relaxed), seeded.events);
+    // At least once: a redelivery (after a rebalance) is counted again as stale, never lost.
+    let seen = applied_a + applied_b + ca.stale.load(Ordering::Relaxed) + cb.stale.load(Ordering::Relaxed);
+    assert!(seen >= seeded.events, "every event seen: {seen} of {}", seeded.events);
     let report = env.verify(&seeded.org_ids).await;
     assert!(report.is_clean(), "drift: {:#?}", report.samples);
     env.cleanup().await;

@@ -79,6 +79,7 @@ pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i6
         Ok(a) => Ok((a, AnswerMeta { answered_by: "mongodb", reason: Some(reason), projection_lag: s.projection_lag() })),
         Err(MongoPathError::Api(e)) => Err(e),
         Err(MongoPathError::Unavailable(e)) => Err(ApiError::Unavailable(e)),
+        Err(MongoPathError::TooBroad(n)) => Err(ApiError::TooBroadForMongodb(n)),
     }
 }
 

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Longest time one request may take before it is answered 503.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+    /// Most contact ids the MongoDB path collects for one filter (conversations, messages);
+    /// a broader filter is answered 503 `mongodb_filter_too_broad` instead of an unbounded query.
+    #[arg(long, env = "MONGODB_PATH_MAX_IDS", default_value_t = crate::query::mongo_path::DEFAULT_MAX_IDS)]
+    pub mongodb_path_max_ids: usize,
     /// How often Redis and MongoDB are pinged; a dependency found down is not waited for by
     /// requests until a ping succeeds again.
     #[arg(long, env = "HEALTH_INTERVAL_MS", default_value_t = 1_000)]
@@ -181,7 +185,7 @@ impl Application {
         health.spawn_probe(redis.clone(), mongo_db.clone(), Duration::from_millis(args.health_interval_ms.max(100)));
         let state = AppState {
             projection: ProjectionReader::new(redis.clone(), keys.clone()),
-            mongo: MongoReader::new(mongo_db.clone()),
+            mongo: MongoReader::new(mongo_db.clone(), args.mongodb_path_max_ids),
             redis,
             mongo_db,
             verifier,

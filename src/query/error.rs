@@ -22,6 +22,9 @@ pub enum ApiError {
     DependencyDown(&'static str),
     #[error("the request took too long")]
     Timeout,
+    /// Only MongoDB could answer, and the filter is too broad for it at this org's size.
+    #[error("this filter matches more than {0} contacts, too many for the MongoDB path; retry once the projection answers")]
+    TooBroadForMongodb(usize),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -33,7 +36,9 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) | ApiError::DependencyDown(_) | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::DependencyDown(_) | ApiError::Timeout | ApiError::TooBroadForMongodb(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -48,6 +53,7 @@ impl ApiError {
             ApiError::DependencyDown("mongodb") => "mongodb_unavailable",
             ApiError::DependencyDown(_) => "dependency_unavailable",
             ApiError::Timeout => "timeout",
+            ApiError::TooBroadForMongodb(_) => "mongodb_filter_too_broad",
             ApiError::Internal(_) => "internal",
         }
     }

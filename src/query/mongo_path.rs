@@ -22,6 +22,10 @@ pub enum MongoPathError {
     Api(#[from] ApiError),
     #[error("mongodb: {0}")]
     Unavailable(String),
+    /// The filter needs more contact ids than the path may hold (`max_ids`): answering would
+    /// mean an unbounded `$in` list.
+    #[error("the filter matches more than {0} contacts")]
+    TooBroad(usize),
 }
 
 impl From<mongodb::error::Error> for MongoPathError {
@@ -35,7 +39,13 @@ type Result<T> = std::result::Result<T, MongoPathError>;
 #[derive(Clone)]
 pub struct MongoReader {
     db: Database,
+    /// Most contact ids one filter may collect for an `$in`/`$nin` (bounded memory, and far
+    /// below MongoDB's 16 MB document limit: 100,000 ids are ~2.6 MB).
+    max_ids: usize,
 }
+
+/// The default of `max_ids`.
+pub const DEFAULT_MAX_IDS: usize = 100_000;
 
 fn find_opts() -> FindOptions {
     FindOptions::builder().max_time(OP_TIMEOUT).build()
@@ -66,8 +76,8 @@ fn str_list(v: impl IntoIterator<Item = String>) -> Bson {
 }
 
 impl MongoReader {
-    pub fn new(db: Database) -> Self {
-        MongoReader { db }
+    pub fn new(db: Database, max_ids: usize) -> Self {
+        MongoReader { db, max_ids }
     }
 
     async fn docs(&self, coll: &str, filter: Document, projection: Option<Document>) -> Result<Vec<Document>> {
@@ -82,19 +92,26 @@ impl MongoReader {
 
     /// Contact ids that have a conversation with any of `users` assigned.
     async fn contacts_assigned_to(&self, org: &str, users: &[String]) -> Result<Vec<String>> {
-        let docs = self
-            .docs("conversations", doc! {"orgId": org, "assignees": {"$in": str_list(users.to_vec())}}, Some(doc! {"contactId": 1}))
-            .await?;
-        Ok(docs.iter().filter_map(|d| d.get_str("contactId").ok().map(str::to_string)).collect())
+        self.distinct_contacts("conversations", doc! {"orgId": org, "assignees": {"$in": str_list(users.to_vec())}}).await
     }
 
-    /// The distinct contact ids of the documents of `coll` that match `filter`.
+    /// The distinct contact ids of the documents of `coll` that match `filter`: at most
+    /// `max_ids` of them, read as a stream of a `$group` limited to one more than that, so
+    /// neither this process nor MongoDB ever builds an unbounded list.
     async fn distinct_contacts(&self, coll: &str, filter: Document) -> Result<Vec<String>> {
-        // The deadline is the client's: FerretDB refuses `maxTimeMS` on `distinct`.
-        let ids = tokio::time::timeout(OP_TIMEOUT, self.db.collection::<Document>(coll).distinct("contactId", filter))
-            .await
-            .map_err(|_| MongoPathError::Unavailable(format!("distinct on {coll} took longer than {OP_TIMEOUT:?}")))??;
-        Ok(ids.into_iter().filter_map(|b| b.as_str().map(str::to_string)).collect())
+        let pipeline = vec![doc! {"$match": filter}, doc! {"$group": {"_id": "$contactId"}}, doc! {"$limit": (self.max_ids + 1) as i64}];
+        let opts = mongodb::options::AggregateOptions::builder().max_time(OP_TIMEOUT).build();
+        let mut cursor = self.db.collection::<Document>(coll).aggregate(pipeline).with_options(opts).await?;
+        let mut ids = Vec::new();
+        while let Some(d) = cursor.try_next().await? {
+            if let Ok(id) = d.get_str("_id") {
+                ids.push(id.to_string());
+            }
+            if ids.len() > self.max_ids {
+                return Err(MongoPathError::TooBroad(self.max_ids));
+            }
+        }
+        Ok(ids)
     }
 
     /// Contact ids with at least one assignee on some conversation.

@@ -252,6 +252,7 @@ impl TestEnv {
             group_id: self.group.clone(),
             request_timeout_ms: 30_000,
             health_interval_ms: 200,
+            mongodb_path_max_ids: pipeline_board::query::mongo_path::DEFAULT_MAX_IDS,
             lag_interval_ms: 1_000,
         }
     }
