@@ -202,10 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut conn = board_core::config::redis_connection(&args.redis.redis_url).await?;
             let keys = KeySpace::new(&args.redis.redis_prefix);
             let report = verify::verify(&mut conn, &keys, &db, &args.orgs).await?;
-            println!(
-                "verified {} orgs, {} cards, {} index keys: {} differences",
-                report.orgs, report.cards, report.index_keys, report.drift_count
-            );
+            println!("{}", report.summary());
             for s in &report.samples {
                 println!("  drift: {s}");
             }

@@ -368,3 +368,72 @@ async fn a_refused_dead_letter_is_parked_and_the_partition_goes_on() {
     assert_eq!(ready["deadLettersParked"], json!(1), "{ready}");
     env.cleanup().await;
 }
+
+/// `verify` compares every structure the projection keeps: damage to any one of them is found
+/// and named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_damage_in_every_structure() {
+    let env = TestEnv::new("verify-all").await;
+    let seeded = env.seed_and_project(small_seed(1, 60, 17)).await;
+    let org = seeded.org_ids[0].clone();
+    let report = env.verify(std::slice::from_ref(&org)).await;
+    assert!(report.is_clean(), "drift: {:#?}", report.samples);
+    for (what, n) in [
+        ("metas", report.metas),
+        ("message sets", report.message_sets),
+        ("conversations", report.conversations),
+        ("application sets", report.application_sets),
+        ("versions", report.versions),
+        ("users", report.users),
+        ("teams", report.teams),
+    ] {
+        assert!(n > 0, "{what} compared: {}", report.summary());
+    }
+
+    let db = env.mongo().await;
+    let snap = mongo::load_org(&db, &org).await.unwrap();
+    let keys = env.keys.org(&org);
+    let conv = snap.conversations.iter().find(|c| c.contact_id.is_some() && c.assignees.as_ref().is_some_and(|a| !a.is_empty())).unwrap();
+    let cid = conv.contact_id.clone().unwrap();
+    let msg = snap.messages.iter().find(|m| m.contact_id.is_some()).unwrap();
+    let msg_cid = msg.contact_id.clone().unwrap();
+    let app = snap.applications.iter().find(|a| a.contact_id.is_some()).unwrap();
+    let app_cid = app.contact_id.clone().unwrap();
+    let card = &snap.contacts[0];
+    let user = &snap.users[0];
+    let empty_msgpack = {
+        let mut b = Vec::new();
+        rmpv::encode::write_value(&mut b, &rmpv::Value::Map(vec![])).unwrap();
+        b
+    };
+    let base = &keys.base;
+    let damages: Vec<(String, redis::Cmd, &str)> = vec![
+        (
+            keys.metas(CardKind::Contact),
+            redis::cmd("HSET").arg(keys.metas(CardKind::Contact)).arg(&card.id).arg(&empty_msgpack).clone(),
+            "metadata",
+        ),
+        (keys.messages_of(&msg_cid), redis::cmd("ZREM").arg(keys.messages_of(&msg_cid)).arg(&msg.id).clone(), "messages of"),
+        (format!("{base}:conv"), redis::cmd("HSET").arg(format!("{base}:conv")).arg(&conv.id).arg(&empty_msgpack).clone(), "conversation"),
+        (format!("{base}:convsof:{cid}"), redis::cmd("SREM").arg(format!("{base}:convsof:{cid}")).arg(&conv.id).clone(), "convsof of"),
+        (
+            format!("{base}:asgof:{cid}"),
+            redis::cmd("SADD").arg(format!("{base}:asgof:{cid}")).arg("65a0000000000000000000ff").clone(),
+            "asgof of",
+        ),
+        (format!("{base}:appsof:{app_cid}"), redis::cmd("SREM").arg(format!("{base}:appsof:{app_cid}")).arg(&app.id).clone(), "appsof of"),
+        (keys.versions(), redis::cmd("HSET").arg(keys.versions()).arg(format!("c:{}", card.id)).arg("999").clone(), "version of"),
+        (keys.users(), redis::cmd("HSET").arg(keys.users()).arg(&user.id).arg(r#"["65a0000000000000000000fe"]"#).clone(), "user "),
+    ];
+    let mut r = env.redis().await;
+    for (key, damage, named) in damages {
+        let saved: Vec<u8> = redis::cmd("DUMP").arg(&key).query_async(&mut r).await.unwrap();
+        let _: redis::Value = damage.query_async(&mut r).await.unwrap();
+        let report = env.verify(std::slice::from_ref(&org)).await;
+        assert!(!report.is_clean(), "damage to {key} ({named}) not found");
+        assert!(report.samples.iter().any(|s| s.contains(named)), "damage to {key} reported as {:#?}", report.samples);
+        let _: () = redis::cmd("RESTORE").arg(&key).arg(0).arg(saved).arg("REPLACE").query_async(&mut r).await.unwrap();
+    }
+    assert!(env.verify(std::slice::from_ref(&org)).await.is_clean(), "restored");
+    env.cleanup().await;
+}
