@@ -157,7 +157,8 @@ const LAST: &[&str] = &[
     "ŞAHİN",
     "山田",
 ];
-const SOURCES: &[&str] = &["facebook", "google", "referral", "website", "walk-in", "import", "instagram", "Trade Show"];
+/// Values with the characters keys are built from (`:`, `|`, `{`, `}`) are data like any other.
+const SOURCES: &[&str] = &["facebook", "google", "referral", "website", "walk-in", "import", "instagram", "Trade Show", "ads:q4|{promo}"];
 const STAGE_NAMES: &[&str] = &[
     "New Lead",
     "Contacted",
@@ -171,6 +172,7 @@ const STAGE_NAMES: &[&str] = &[
     "Won",
     "Lost",
     "Closed",
+    "Won: {big} | deal",
 ];
 const INDUSTRIES: &[&str] = &["Retail", "Health care", "Real estate", "Education", "Finance", "Hospitality", "Logistics"];
 
@@ -349,7 +351,12 @@ fn make_org(args: &SeedArgs, now: Millis, ids: &mut Ids, rng: &mut ChaCha8Rng) -
 }
 
 fn make_card(org: &Org, kind: &str, now: Millis, ids: &mut Ids, rng: &mut ChaCha8Rng) -> CardDoc {
-    let created = now - rng.random_range(0..365 * 86_400_000i64);
+    let mut created = now - rng.random_range(0..365 * 86_400_000i64);
+    // One card in ten on a week boundary: many cards share a createdAt, so the _id tie-break of
+    // the board order is exercised.
+    if rng.random_bool(0.1) {
+        created -= created.rem_euclid(7 * 86_400_000);
+    }
     let first = *FIRST.choose(rng).expect("names");
     let last = *LAST.choose(rng).expect("names");
     let phones = (0..rng.random_range(1..=3))
@@ -372,6 +379,8 @@ fn make_card(org: &Org, kind: &str, now: Millis, ids: &mut Ids, rng: &mut ChaCha
     };
     let stage = pipeline.stages.as_ref().expect("stages").choose(rng).expect("stage").clone();
     let legacy_stage = rng.random_bool(0.1);
+    // 2%: neither a stage nor a status (on no board column at all).
+    let stageless = rng.random_bool(0.02);
     let user = |rng: &mut ChaCha8Rng| org.users.choose(rng).expect("users").id.clone();
     let mut custom = serde_json::Map::new();
     custom.insert("industry".into(), json!(INDUSTRIES.choose(rng).expect("industries")));
@@ -388,8 +397,8 @@ fn make_card(org: &Org, kind: &str, now: Millis, ids: &mut Ids, rng: &mut ChaCha
         created_by: Some(user(rng)),
         owner: if rng.random_bool(0.8) { Some(user(rng)) } else { None },
         pipeline_id: if r < 0.88 { Some(pipeline.id.clone()) } else { None },
-        pipeline_stage: if legacy_stage { None } else { Some(stage.id.clone()) },
-        status: stage.name.clone(),
+        pipeline_stage: if legacy_stage || stageless { None } else { Some(stage.id.clone()) },
+        status: if stageless { None } else { stage.name.clone() },
         is_bulk_sms: Some(rng.random_bool(0.15)),
         created_at: if rng.random_bool(0.01) { None } else { Some(created) },
         updated_at: Some(created),

@@ -2,6 +2,7 @@
 //! data set and hundreds of randomized requests covering every field and their combinations.
 mod common;
 
+use common::oracle::{self, OracleBucket};
 use common::{small_seed, TestEnv};
 use pipeline_board::core::model::CardDoc;
 use pipeline_board::mongo::{self, OrgSnapshot};
@@ -177,7 +178,58 @@ fn random_request(snap: &OrgSnapshot, rng: &mut ChaCha8Rng, base_now: i64) -> (V
         }
         r.insert("lastMessageDateRange".into(), Value::Object(range));
     }
+    if p(rng, 0.1) {
+        // stageIdByName never widens what is visible: this pipeline's names mapped to ids of
+        // this pipeline, of another one, or to nothing.
+        let mut map = Map::new();
+        for s in stages.choose_multiple(rng, 2) {
+            let other = snap.pipelines.choose(rng).unwrap().stages.clone().unwrap_or_default();
+            let id = match rng.random_range(0..3) {
+                0 => s.id.clone(),
+                1 => other.choose(rng).map(|o| o.id.clone()).unwrap_or_default(),
+                _ => format!("{:024x}", rng.random::<u64>()),
+            };
+            map.insert(s.name.clone().unwrap_or_default(), json!(id));
+        }
+        r.insert("stageIdByName".into(), Value::Object(map));
+    }
+    if p(rng, 0.1) {
+        let c = cards.choose(rng).unwrap();
+        let cf = c.custom_fields.clone().unwrap_or_default();
+        let mut custom = Map::new();
+        match rng.random_range(0..3) {
+            0 => {
+                let industry = cf.get("industry").and_then(Value::as_str).unwrap_or("Retail");
+                custom.insert("industry".into(), json!(random_case(&substring(industry, rng, 2), rng)));
+            }
+            1 => {
+                custom.insert("budget".into(), cf.get("budget").cloned().unwrap_or(json!(500)));
+            }
+            _ => {
+                custom.insert("vip".into(), json!(p(rng, 0.3)));
+            }
+        }
+        r.insert("customFields".into(), Value::Object(custom));
+    }
     (Value::Object(r), user, now)
+}
+
+/// The service's answer against the oracle's: bucket names and ids in order, totals, page ids.
+fn assert_same_as_oracle(i: usize, body: &Value, a: &BoardAnswer, expected: &[OracleBucket]) {
+    let got: Vec<OracleBucket> = a
+        .buckets
+        .iter()
+        .map(|b| OracleBucket {
+            name: b.name.clone(),
+            stage_id: b.stage_id.clone(),
+            total: b.total,
+            page: b.cards.iter().map(|c| c.doc.id.clone()).collect(),
+        })
+        .collect();
+    for (g, e) in got.iter().zip(expected) {
+        assert_eq!(g, e, "request #{i} {body}: the service and the oracle differ");
+    }
+    assert_eq!(got.len(), expected.len(), "request #{i} {body}: bucket count differs from the oracle's");
 }
 
 fn describe_difference(a: &BoardAnswer, b: &BoardAnswer) -> String {
@@ -202,6 +254,94 @@ fn describe_difference(a: &BoardAnswer, b: &BoardAnswer) -> String {
     )
 }
 
+struct Round<'a> {
+    projection: &'a ProjectionReader,
+    mongo: &'a MongoReader,
+    base_now: i64,
+}
+
+impl Round<'_> {
+    /// `requests` random requests, each answered by the projection, MongoDB and the oracle.
+    /// `customFields` requests are MongoDB's alone (the API sends them there): MongoDB and the
+    /// oracle must agree on them.
+    async fn run(&self, label: &str, snaps: &[(String, OrgSnapshot)], requests: usize, rng: &mut ChaCha8Rng) {
+        let (mut non_empty, mut with_cards, mut not_found, mut custom) = (0, 0, 0, 0);
+        for i in 0..requests {
+            let (org, snap) = snaps.choose(rng).unwrap();
+            let (body, user, now) = random_request(snap, rng, self.base_now);
+            let query = ContactsRequest::parse(body.to_string().as_bytes()).unwrap().into_query().expect("generated requests are valid");
+            let from_oracle = oracle::answer(snap, &user, &body, now);
+            let from_mongo = self.mongo.answer(org, &user, &query, now).await;
+            if !query.filters.custom_fields.is_empty() {
+                custom += 1;
+                match (from_mongo, from_oracle) {
+                    (Ok(b), Ok(expected)) => assert_same_as_oracle(i, &body, &b, &expected),
+                    (Err(_), Err("not_found")) => not_found += 1,
+                    (b, o) => panic!("{label} request #{i} {body}: mongodb {:?} vs oracle {o:?}", b.map(|_| "answer")),
+                }
+                continue;
+            }
+            let from_projection = self.projection.answer(org, &user, &query, now).await;
+            match (from_projection, from_mongo) {
+                (Ok(a), Ok(b)) => {
+                    assert!(
+                        a == b,
+                        "{label} request #{i} {body} (user {user}, now {now}) answered differently: {}",
+                        describe_difference(&a, &b)
+                    );
+                    let expected =
+                        from_oracle.unwrap_or_else(|e| panic!("{label} request #{i} {body}: both paths answered, the oracle says {e}"));
+                    assert_same_as_oracle(i, &body, &a, &expected);
+                    non_empty += a.buckets.iter().any(|b| b.total > 0) as usize;
+                    with_cards += a.buckets.iter().any(|b| !b.cards.is_empty()) as usize;
+                }
+                (Err(a), Err(b)) => {
+                    assert_eq!(a.to_string(), b.to_string(), "{label} request #{i} {body}: both failed, differently");
+                    assert_eq!(
+                        from_oracle.err(),
+                        Some("not_found"),
+                        "{label} request #{i} {body}: both paths failed ({a}), the oracle answered"
+                    );
+                    not_found += 1;
+                }
+                (a, b) => panic!("{label} request #{i} {body}: projection {:?} vs mongodb {:?}", a.map(|_| "answer"), b.map(|_| "answer")),
+            }
+        }
+        // The generator must produce answers with content, not only empty boards.
+        assert!(non_empty > requests / 3, "{label}: only {non_empty} of {requests} requests matched any card");
+        assert!(with_cards > requests / 4, "{label}: only {with_cards} of {requests} requests returned cards");
+        eprintln!(
+            "{label}: {requests} requests compared with the oracle: {non_empty} with matches, {with_cards} with cards on the page, \
+             {custom} with customFields (MongoDB and oracle), {not_found} not found on every path"
+        );
+    }
+}
+
+/// Renames the first stage of the org's active Contact pipeline, adds a stage, removes its last
+/// one, and makes the inactive Contact pipeline the active one: as events and in MongoDB.
+async fn change_pipelines(env: &TestEnv, db: &mongodb::Database, org: &str, snap: &OrgSnapshot) {
+    let contact =
+        |active: bool| snap.pipelines.iter().find(|p| p.kind.as_deref() == Some("Contact") && p.is_active == Some(active)).unwrap().clone();
+    let (mut was_active, mut now_active) = (contact(true), contact(false));
+    let stages = was_active.stages.as_mut().unwrap();
+    stages[0].name = Some(format!("{} (renamed)", stages[0].name.clone().unwrap_or_default()));
+    stages.pop();
+    stages.push(pipeline_board::core::model::Stage {
+        id: format!("{:024x}", rand::random::<u64>()),
+        name: Some("Added".into()),
+        order: Some(99),
+    });
+    was_active.is_active = Some(false);
+    now_active.is_active = Some(true);
+    for p in [&mut was_active, &mut now_active] {
+        p.version = Some(p.version.unwrap_or(1) + 1);
+        let event = json!({"type": "pipeline.upserted", "eventId": format!("change-{}", p.id), "orgId": org,
+            "occurredAt": "2026-11-30T09:00:00.000Z", "pipeline": p});
+        env.produce(&env.topics.topic_pipelines, &p.id, &serde_json::to_vec(&event).unwrap()).await;
+        db.collection::<bson::Document>("pipelines").replace_one(bson::doc! {"_id": &p.id}, mongo::pipeline_to_bson(p)).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projection_and_mongodb_answer_identically() {
     let env = TestEnv::new("diff").await;
@@ -217,31 +357,33 @@ async fn projection_and_mongodb_answer_identically() {
     let base_now = chrono::Utc::now().timestamp_millis();
     let requests: usize = std::env::var("DIFF_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let mut rng = ChaCha8Rng::seed_from_u64(std::env::var("DIFF_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(2026));
-    let (mut non_empty, mut with_cards, mut not_found) = (0, 0, 0);
-    for i in 0..requests {
-        let (org, snap) = snaps.choose(&mut rng).unwrap();
-        let (body, user, now) = random_request(snap, &mut rng, base_now);
-        let query = ContactsRequest::parse(body.to_string().as_bytes()).unwrap().into_query().expect("generated requests are valid");
-        let from_projection = projection.answer(org, &user, &query, now).await;
-        let from_mongo = mongo_reader.answer(org, &user, &query, now).await;
-        match (from_projection, from_mongo) {
-            (Ok(a), Ok(b)) => {
-                assert!(a == b, "request #{i} {body} (user {user}, now {now}) answered differently: {}", describe_difference(&a, &b));
-                non_empty += a.buckets.iter().any(|b| b.total > 0) as usize;
-                with_cards += a.buckets.iter().any(|b| !b.cards.is_empty()) as usize;
-            }
-            (Err(a), Err(b)) => {
-                assert_eq!(a.to_string(), b.to_string(), "request #{i} {body}: both failed, differently");
-                not_found += 1;
-            }
-            (a, b) => panic!("request #{i} {body}: projection {:?} vs mongodb {:?}", a.map(|_| "answer"), b.map(|_| "answer")),
+    let round = Round { projection: &projection, mongo: &mongo_reader, base_now };
+    round.run("seeded", &snaps, requests, &mut rng).await;
+
+    // The pipelines change after projection: a stage renamed, one added, one removed, and the
+    // active Contact pipeline switched; an older version of a card arrives after its newer one
+    // on another partition. Both paths and the oracle must follow.
+    for (org, snap) in &snaps {
+        change_pipelines(&env, &db, org, snap).await;
+        if let Some(newer) = snap.contacts.iter().find(|c| c.version == Some(2)) {
+            let mut older = newer.clone();
+            older.version = Some(1);
+            older.first_name = Some("Stale".into());
+            let event =
+                json!({"type": "contact.upserted", "eventId": "late-v1", "orgId": org, "occurredAt": iso(base_now), "contact": older});
+            // Keyed differently from the card's other events: another partition, no order.
+            env.produce(&env.topics.topic_contacts, &format!("late-{}", newer.id), &serde_json::to_vec(&event).unwrap()).await;
         }
     }
-    // The generator must produce answers with content, not only empty boards.
-    assert!(non_empty > requests / 3, "only {non_empty} of {requests} requests matched any card");
-    assert!(with_cards > requests / 4, "only {with_cards} of {requests} requests returned cards");
-    eprintln!(
-        "{requests} requests compared: {non_empty} with matches, {with_cards} with cards on the page, {not_found} errors on both paths"
-    );
+    let projector = env.spawn_projector();
+    env.wait_caught_up(std::time::Duration::from_secs(120)).await;
+    projector.stop().await.unwrap();
+    let report = env.verify(&seeded.org_ids).await;
+    assert!(report.is_clean(), "after the pipeline changes: {:#?}", report.samples);
+    let mut snaps = Vec::new();
+    for org in &seeded.org_ids {
+        snaps.push((org.clone(), mongo::load_org(&db, org).await.unwrap()));
+    }
+    round.run("after pipeline changes", &snaps, requests / 3, &mut rng).await;
     env.cleanup().await;
 }
