@@ -207,10 +207,9 @@ pub fn answer(snap: &OrgSnapshot, user: &str, body: &Value, now: i64) -> Result<
             }
         }
         if let Some((start, end)) = messaged_in {
-            if start.is_some() || end.is_some() {
-                if !times.iter().any(|t| start.is_none_or(|s| *t >= s) && end.is_none_or(|e| *t <= e)) {
-                    return false;
-                }
+            let bounded = start.is_some() || end.is_some();
+            if bounded && !times.iter().any(|t| start.is_none_or(|s| *t >= s) && end.is_none_or(|e| *t <= e)) {
+                return false;
             }
         }
         true
