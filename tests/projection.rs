@@ -437,3 +437,70 @@ async fn verify_finds_damage_in_every_structure() {
     assert!(env.verify(std::slice::from_ref(&org)).await.is_clean(), "restored");
     env.cleanup().await;
 }
+
+/// functions.lua's `enc` and `keys::encode_component` are one function: the writer (Lua) and
+/// the readers (Rust) name the same keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_components_are_encoded_alike_in_lua_and_rust() {
+    use pipeline_board::core::functions::load_library;
+    use pipeline_board::core::keys::encode_component;
+    use rand::Rng;
+    let env = TestEnv::new("enc").await;
+    let mut r = env.redis().await;
+    load_library(&mut r).await.unwrap();
+    let alphabet: Vec<char> = "a:|{}%-Zß王\u{1F600} ".chars().collect();
+    let mut rng = rand::rng();
+    let mut values: Vec<String> = vec!["".into(), "-".into(), "%2D".into(), "Won: {big} | deal".into()];
+    values.extend((0..300).map(|_| (0..rng.random_range(0..8)).map(|_| alphabet[rng.random_range(0..alphabet.len())]).collect()));
+    for v in values {
+        let lua: String = redis::cmd("FCALL_RO").arg("pb_key_component").arg(0).arg(&v).query_async(&mut r).await.unwrap();
+        assert_eq!(lua, encode_component(&v), "{v:?}");
+    }
+}
+
+/// Two legacy cards whose status and source differ only in where a `:` falls: each is found by
+/// its own source in its own stage, never by the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_with_separators_stay_apart_on_the_board() {
+    let env = TestEnv::new("separators").await;
+    let t = env.topics.clone();
+    let (org, p, s1, s2) = (oid(1), oid(2), oid(3), oid(4));
+    let pipeline = json!({"_id": p, "orgId": org, "name": "Sales", "type": "Contact", "isActive": true,
+        "stages": [{"_id": s1, "name": "Won:x", "order": 0}, {"_id": s2, "name": "Won", "order": 1}], "version": 1});
+    env.produce(&t.topic_pipelines, &p, &event("pipeline.upserted", &org, "pipeline", pipeline)).await;
+    let legacy = |id: &str, status: &str, source: &str, owner: &str| {
+        json!({"_id": id, "orgId": org, "firstName": "Sep", "status": status, "source": source, "owner": owner,
+            "createdAt": "2026-10-01T12:00:00.000Z", "version": 1})
+    };
+    let (a, b) = (oid(10), oid(11));
+    env.produce(&t.topic_contacts, &a, &event("contact.upserted", &org, "contact", legacy(&a, "Won:x", "y", "u:v"))).await;
+    env.produce(&t.topic_contacts, &b, &event("contact.upserted", &org, "contact", legacy(&b, "Won", "x:y", "x:u:v"))).await;
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    projector.stop().await.unwrap();
+
+    let reader = pipeline_board::query::projection::ProjectionReader::new(env.redis().await, env.keys.clone());
+    let ask = |body: Value| {
+        let reader = reader.clone();
+        let org = org.clone();
+        async move {
+            let q = pipeline_board::query::request::ContactsRequest::parse(body.to_string().as_bytes()).unwrap().into_query().unwrap();
+            let answer = reader.answer(&org, &oid(99), &q, 0).await.unwrap();
+            answer
+                .buckets
+                .iter()
+                .map(|b| (b.name.clone(), b.cards.iter().map(|c| c.doc.id.clone()).collect::<Vec<_>>()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let won = |x: Vec<&str>, plain: Vec<&str>| {
+        vec![
+            ("Won:x".to_string(), x.into_iter().map(String::from).collect::<Vec<_>>()),
+            ("Won".to_string(), plain.into_iter().map(String::from).collect()),
+        ]
+    };
+    assert_eq!(ask(json!({})).await, won(vec![&a], vec![&b]));
+    assert_eq!(ask(json!({"source": "y"})).await, won(vec![&a], vec![]));
+    assert_eq!(ask(json!({"source": "x:y"})).await, won(vec![], vec![&b]));
+    env.cleanup().await;
+}

@@ -14,6 +14,13 @@ local function invalid(what)
   error(redis.error_reply('PB_INVALID ' .. what))
 end
 
+-- A value inside a key (user, source): `%`, `:`, `|`, `{`, `}` and `-` become `%XX`, so that no
+-- two different values give one key. keys::encode_component in Rust is the same function
+-- (stage keys arrive encoded from Rust); `pb_key_component` exposes this one to a test.
+local function enc(value)
+  return (string.gsub(value, '[%%:|{}%-]', function(c) return string.format('%%%02X', string.byte(c)) end))
+end
+
 -- Versions are canonical decimal strings of 1 .. 2^63-1 and are compared as such, exactly: Lua
 -- numbers are doubles, in which 2^53 + 1 equals 2^53. Written back as given.
 local function version_gt(a, b)
@@ -70,11 +77,11 @@ local function entries(K, k, m)
     if m.own then people[m.own] = true end
     for _, u in ipairs(m.asg) do
       people[u] = true
-      out[#out + 1] = 'z|' .. K .. ':za:' .. rk .. ':' .. u
+      out[#out + 1] = 'z|' .. K .. ':za:' .. rk .. ':' .. enc(u)
     end
-    for u in pairs(people) do out[#out + 1] = 'z|' .. K .. ':zp:' .. rk .. ':' .. u end
+    for u in pairs(people) do out[#out + 1] = 'z|' .. K .. ':zp:' .. rk .. ':' .. enc(u) end
     if not m.own and #m.asg == 0 then out[#out + 1] = 'z|' .. K .. ':zu:' .. rk end
-    if m.src then out[#out + 1] = 'z|' .. K .. ':zs:' .. rk .. ':' .. m.src end
+    if m.src then out[#out + 1] = 'z|' .. K .. ':zs:' .. rk .. ':' .. enc(m.src) end
     if m.bulk then out[#out + 1] = 'z|' .. K .. ':zb:' .. rk end
     if m.lm then
       out[#out + 1] = 'z|' .. K .. ':zm:' .. rk
@@ -325,16 +332,16 @@ local function board(keys, args)
     local cons = {}
     if people then
       local l = {}
-      for _, u in ipairs(people) do l[#l + 1] = K .. ':zp:' .. pre .. ':' .. u end
+      for _, u in ipairs(people) do l[#l + 1] = K .. ':zp:' .. pre .. ':' .. enc(u) end
       cons[#cons + 1] = l
     end
     if p.assignees then
       local l = {}
-      for _, u in ipairs(p.assignees) do l[#l + 1] = K .. ':za:' .. pre .. ':' .. u end
+      for _, u in ipairs(p.assignees) do l[#l + 1] = K .. ':za:' .. pre .. ':' .. enc(u) end
       cons[#cons + 1] = l
     end
     if p.unassigned then cons[#cons + 1] = { K .. ':zu:' .. pre } end
-    if p.source then cons[#cons + 1] = { K .. ':zs:' .. pre .. ':' .. p.source } end
+    if p.source then cons[#cons + 1] = { K .. ':zs:' .. pre .. ':' .. enc(p.source) } end
     if p.bulk then cons[#cons + 1] = { K .. ':zb:' .. pre } end
     if p.answered == 'yes' then cons[#cons + 1] = { K .. ':zm:' .. pre } end
     if p.answered == 'no' then cons[#cons + 1] = { K .. ':zn:' .. pre } end
@@ -557,3 +564,4 @@ local function board(keys, args)
 end
 
 redis.register_function{ function_name = 'pb_board', callback = board, flags = { 'no-writes' } }
+redis.register_function{ function_name = 'pb_key_component', callback = function(_, args) return enc(args[1]) end, flags = { 'no-writes' } }

@@ -11,11 +11,31 @@ use crate::model::CardKind;
 /// cards without a `pipelineId` (they belong to their org's active pipeline of their kind).
 /// Stage membership is resolved at query time from these raw keys, so a pipeline that is
 /// renamed, activated or deactivated never forces a rewrite of its cards.
+/// Every value inside a key passes through here (its `pid`, stage, status, user and source
+/// parts), so that no two different values give one key: `%`, `:`, `|`, `{`, `}` and `-` (the
+/// key model's separators and the legacy marker) become `%XX`. Injective: `%` is escaped too.
+/// functions.lua's `enc` is the same function (a test compares them on Redis).
+pub fn encode_component(value: &str) -> std::borrow::Cow<'_, str> {
+    const SPECIAL: &[char] = &['%', ':', '|', '{', '}', '-'];
+    if !value.contains(SPECIAL) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        if SPECIAL.contains(&c) {
+            out.push_str(&format!("%{:02X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 pub fn raw_stage_key(pipeline_id: Option<&str>, stage_id: Option<&str>, status: Option<&str>) -> Option<String> {
-    let pid = pipeline_id.unwrap_or("-");
+    let pid = pipeline_id.map(encode_component).unwrap_or(std::borrow::Cow::Borrowed("-"));
     match (stage_id, status) {
-        (Some(s), _) => Some(format!("{pid}|s:{s}")),
-        (None, Some(n)) => Some(format!("{pid}|n:{n}")),
+        (Some(s), _) => Some(format!("{pid}|s:{}", encode_component(s))),
+        (None, Some(n)) => Some(format!("{pid}|n:{}", encode_component(n))),
         (None, None) => None,
     }
 }
@@ -96,18 +116,18 @@ impl OrgKeys {
     }
     /// Cards of a raw stage where `user` is creator, owner or conversation assignee.
     pub fn stage_person(&self, kind: CardKind, rk: &str, user: &str) -> String {
-        self.k(&["zp", kind.tag(), rk, user])
+        self.k(&["zp", kind.tag(), rk, &encode_component(user)])
     }
     /// Cards of a raw stage where `user` is a conversation assignee.
     pub fn stage_assignee(&self, kind: CardKind, rk: &str, user: &str) -> String {
-        self.k(&["za", kind.tag(), rk, user])
+        self.k(&["za", kind.tag(), rk, &encode_component(user)])
     }
     /// Cards of a raw stage with no owner and no conversation assignee.
     pub fn stage_unassigned(&self, kind: CardKind, rk: &str) -> String {
         self.k(&["zu", kind.tag(), rk])
     }
     pub fn stage_source(&self, kind: CardKind, rk: &str, source: &str) -> String {
-        self.k(&["zs", kind.tag(), rk, source])
+        self.k(&["zs", kind.tag(), rk, &encode_component(source)])
     }
     pub fn stage_bulk(&self, kind: CardKind, rk: &str) -> String {
         self.k(&["zb", kind.tag(), rk])
@@ -143,13 +163,69 @@ mod tests {
             let close = open + key[open..].find('}').unwrap();
             assert_eq!(&key[open + 1..close], "64f0a1b2c3d4e5f6a7b8c9d1", "{key}");
         }
-        assert_eq!(o.stage(CardKind::Contact, &rk), "pb:{64f0a1b2c3d4e5f6a7b8c9d1}:z:c:p1|n:Won {big}");
+        assert_eq!(o.stage(CardKind::Contact, &rk), "pb:{64f0a1b2c3d4e5f6a7b8c9d1}:z:c:p1|n:Won %7Bbig%7D");
     }
 
     #[test]
     fn raw_stage_key_prefers_the_stage_id() {
         assert_eq!(raw_stage_key(Some("p"), Some("s"), Some("New")).as_deref(), Some("p|s:s"));
         assert_eq!(raw_stage_key(None, None, Some("New")).as_deref(), Some("-|n:New"));
+        assert_eq!(raw_stage_key(Some("-"), None, Some("New")).as_deref(), Some("%2D|n:New"), "a pipeline id '-' is not legacy");
         assert_eq!(raw_stage_key(Some("p"), None, None), None);
+    }
+
+    /// The review's example: status `Won:abc` with owner `def` against stage `Won` with owner
+    /// `abc:def`, and the same with sources.
+    #[test]
+    fn values_with_separators_never_share_a_key() {
+        let o = KeySpace::new("pb").org("64f0a1b2c3d4e5f6a7b8c9d1");
+        let (a, b) = (raw_stage_key(Some("p"), None, Some("Won:abc")).unwrap(), raw_stage_key(Some("p"), None, Some("Won")).unwrap());
+        assert_ne!(o.stage_person(CardKind::Contact, &a, "def"), o.stage_person(CardKind::Contact, &b, "abc:def"));
+        assert_ne!(o.stage_source(CardKind::Contact, &a, "def"), o.stage_source(CardKind::Contact, &b, "abc:def"));
+        assert_ne!(raw_stage_key(Some("p|s:x"), Some("y"), None), raw_stage_key(Some("p"), Some("x|s:y"), None));
+    }
+
+    /// Any two different tuples of values give different keys, for every kind of index key.
+    mod injective {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Short strings over the separators, where collisions would be found fast.
+        fn part() -> impl Strategy<Value = Option<String>> {
+            proptest::option::of("[a:|{}%\\-sn]{0,4}")
+        }
+
+        fn keys(t: &(Option<String>, Option<String>, Option<String>, String, String)) -> Vec<String> {
+            let o = KeySpace::new("pb").org("64f0a1b2c3d4e5f6a7b8c9d1");
+            let Some(rk) = raw_stage_key(t.0.as_deref(), t.1.as_deref(), t.2.as_deref()) else { return vec![] };
+            vec![
+                o.stage(CardKind::Contact, &rk),
+                o.stage_person(CardKind::Contact, &rk, &t.3),
+                o.stage_assignee(CardKind::Contact, &rk, &t.3),
+                o.stage_source(CardKind::Contact, &rk, &t.4),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+            #[test]
+            fn different_values_different_keys(
+                x in (part(), part(), part(), "[a:|{}%\\-]{0,4}", "[a:|{}%\\-]{0,4}"),
+                y in (part(), part(), part(), "[a:|{}%\\-]{0,4}", "[a:|{}%\\-]{0,4}"),
+            ) {
+                // A stage id wins over a status: the status does not take part in the key then.
+                let norm = |t: &(Option<String>, Option<String>, Option<String>, String, String)| {
+                    (t.0.clone(), t.1.clone(), if t.1.is_some() { None } else { t.2.clone() }, t.3.clone(), t.4.clone())
+                };
+                let (kx, ky) = (keys(&x), keys(&y));
+                if !kx.is_empty() && !ky.is_empty() {
+                    // stage: (pid, stage, status); person/assignee add the user; source adds the source.
+                    prop_assert_eq!(kx[0] == ky[0], (norm(&x).0, norm(&x).1, norm(&x).2) == (norm(&y).0, norm(&y).1, norm(&y).2));
+                    prop_assert_eq!(kx[1] == ky[1], kx[0] == ky[0] && x.3 == y.3);
+                    prop_assert_eq!(kx[3] == ky[3], kx[0] == ky[0] && x.4 == y.4);
+                }
+            }
+        }
     }
 }
