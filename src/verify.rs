@@ -12,6 +12,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// key -> member -> score (None for plain sets)
 type Entries = BTreeMap<String, BTreeMap<String, Option<f64>>>;
+/// contact id -> the members of one of its sets
+type MembersOf = BTreeMap<String, BTreeSet<String>>;
+/// The key of a contact's set
+type KeyOf = fn(&OrgKeys, &str) -> String;
 
 #[derive(Debug, Default, Clone)]
 pub struct DriftReport {
@@ -136,19 +140,8 @@ pub fn expected_entries(
 }
 
 async fn actual_entries(conn: &mut redis::aio::ConnectionManager, keys: &OrgKeys) -> redis::RedisResult<Entries> {
-    let mut names: Vec<String> = Vec::new();
-    for pattern in [format!("{}:z*", keys.base), format!("{}:tri:*", keys.base)] {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) =
-                redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).query_async(conn).await?;
-            names.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-    }
+    let mut names: Vec<String> = scan(conn, &format!("{}:z*", keys.base)).await?;
+    names.extend(scan(conn, &format!("{}:tri:*", keys.base)).await?);
     let mut out = Entries::new();
     for name in names {
         let members: BTreeMap<String, Option<f64>> = if name[keys.base.len()..].starts_with(":tri:") {
@@ -402,7 +395,7 @@ async fn verify_conversations(
     snap: &OrgSnapshot,
     report: &mut DriftReport,
 ) -> anyhow::Result<()> {
-    let stored: HashMap<String, Vec<u8>> = conn.hgetall(format!("{}:conv", keys.base)).await?;
+    let stored: HashMap<String, Vec<u8>> = conn.hgetall(keys.conversations()).await?;
     let mut convs_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut asg_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for c in &snap.conversations {
@@ -434,10 +427,15 @@ async fn verify_conversations(
         }
     }
     report.application_sets += apps_of.len();
-    for (tag, want) in [("convsof", convs_of), ("asgof", asg_of), ("appsof", apps_of)] {
+    let sets: [(&str, MembersOf, KeyOf); 3] = [
+        ("convsof", convs_of, OrgKeys::conversations_of),
+        ("asgof", asg_of, OrgKeys::assignees_of),
+        ("appsof", apps_of, OrgKeys::applications_of),
+    ];
+    for (tag, want, key_of) in sets {
         let mut have_keys: BTreeSet<String> = scan(conn, &format!("{}:{tag}:*", keys.base)).await?.into_iter().collect();
         for (cid, members) in &want {
-            let key = format!("{}:{tag}:{cid}", keys.base);
+            let key = key_of(keys, cid);
             have_keys.remove(&key);
             let have: BTreeSet<String> = conn.smembers(&key).await?;
             if &have != members {

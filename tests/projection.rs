@@ -406,7 +406,6 @@ async fn verify_finds_damage_in_every_structure() {
         rmpv::encode::write_value(&mut b, &rmpv::Value::Map(vec![])).unwrap();
         b
     };
-    let base = &keys.base;
     let damages: Vec<(String, redis::Cmd, &str)> = vec![
         (
             keys.metas(CardKind::Contact),
@@ -414,14 +413,10 @@ async fn verify_finds_damage_in_every_structure() {
             "metadata",
         ),
         (keys.messages_of(&msg_cid), redis::cmd("ZREM").arg(keys.messages_of(&msg_cid)).arg(&msg.id).clone(), "messages of"),
-        (format!("{base}:conv"), redis::cmd("HSET").arg(format!("{base}:conv")).arg(&conv.id).arg(&empty_msgpack).clone(), "conversation"),
-        (format!("{base}:convsof:{cid}"), redis::cmd("SREM").arg(format!("{base}:convsof:{cid}")).arg(&conv.id).clone(), "convsof of"),
-        (
-            format!("{base}:asgof:{cid}"),
-            redis::cmd("SADD").arg(format!("{base}:asgof:{cid}")).arg("65a0000000000000000000ff").clone(),
-            "asgof of",
-        ),
-        (format!("{base}:appsof:{app_cid}"), redis::cmd("SREM").arg(format!("{base}:appsof:{app_cid}")).arg(&app.id).clone(), "appsof of"),
+        (keys.conversations(), redis::cmd("HSET").arg(keys.conversations()).arg(&conv.id).arg(&empty_msgpack).clone(), "conversation"),
+        (keys.conversations_of(&cid), redis::cmd("SREM").arg(keys.conversations_of(&cid)).arg(&conv.id).clone(), "convsof of"),
+        (keys.assignees_of(&cid), redis::cmd("SADD").arg(keys.assignees_of(&cid)).arg("65a0000000000000000000ff").clone(), "asgof of"),
+        (keys.applications_of(&app_cid), redis::cmd("SREM").arg(keys.applications_of(&app_cid)).arg(&app.id).clone(), "appsof of"),
         (keys.versions(), redis::cmd("HSET").arg(keys.versions()).arg(format!("c:{}", card.id)).arg("999").clone(), "version of"),
         (keys.users(), redis::cmd("HSET").arg(keys.users()).arg(&user.id).arg(r#"["65a0000000000000000000fe"]"#).clone(), "user "),
     ];

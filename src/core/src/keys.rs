@@ -107,8 +107,21 @@ impl OrgKeys {
     pub fn messages_of(&self, contact_id: &str) -> String {
         self.k(&["msgs", contact_id])
     }
+    /// The union of the assignees of a contact's conversations.
     pub fn assignees_of(&self, contact_id: &str) -> String {
         self.k(&["asgof", contact_id])
+    }
+    /// Conversations: id -> msgpack {cid, asg}.
+    pub fn conversations(&self) -> String {
+        self.k(&["conv"])
+    }
+    /// The ids of a contact's conversations.
+    pub fn conversations_of(&self, contact_id: &str) -> String {
+        self.k(&["convsof", contact_id])
+    }
+    /// The ids of a contact's applications.
+    pub fn applications_of(&self, contact_id: &str) -> String {
+        self.k(&["appsof", contact_id])
     }
     /// Every card of a raw stage; score = createdAt millis (-inf when missing), member = id.
     pub fn stage(&self, kind: CardKind, rk: &str) -> String {
