@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod dlq;
 pub mod mongo;
 pub mod query;
 pub mod seed;

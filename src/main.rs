@@ -36,9 +36,111 @@ enum Command {
     Lag(LagArgs),
     /// Print an HS256 bearer token (demo, load tests).
     Token(TokenArgs),
+    /// Dead letters: list them, show one, replay them into their topics once the cause is fixed.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Raw baselines for the benchmarks (deploy/bench.sh).
     #[command(subcommand)]
     Bench(pipeline_board::bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// One line per dead letter (topic and parked): id, time, origin, reason.
+    List(DlqArgs),
+    /// Everything about the selected dead letters, payload included.
+    Show(DlqArgs),
+    /// Re-produce the selected dead letters into their original topics (once each).
+    Replay {
+        #[command(flatten)]
+        args: DlqArgs,
+        /// Say what would be replayed, replay nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct DlqArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[command(flatten)]
+    select: pipeline_board::dlq::Selection,
+}
+
+impl DlqArgs {
+    /// The selected dead letters of the topic and of the parked stream, oldest first.
+    async fn letters(&self) -> anyhow::Result<(KafkaConnection, redis::aio::ConnectionManager, Vec<pipeline_board::dlq::DeadLetter>)> {
+        let kafka = KafkaConnection::from_args(&self.kafka)?;
+        let (k, topic) = (kafka.clone(), self.kafka.topics.topic_dlq.clone());
+        let mut all = tokio::task::spawn_blocking(move || pipeline_board::dlq::read_topic(&k, &topic)).await??;
+        let mut conn = board_core::config::redis_connection(&self.redis.redis_url).await?;
+        all.extend(pipeline_board::dlq::read_parked(&mut conn, &KeySpace::new(&self.redis.redis_prefix).parked_dead_letters()).await?);
+        all.retain(|d| self.select.matches(d));
+        Ok((kafka, conn, all))
+    }
+}
+
+async fn dlq(cmd: DlqCommand) -> anyhow::Result<ExitCode> {
+    let at = |d: &pipeline_board::dlq::DeadLetter| d.at.map(board_core::time::format_millis).unwrap_or_else(|| "-".into());
+    match cmd {
+        DlqCommand::List(args) => {
+            let (_, _, letters) = args.letters().await?;
+            for d in &letters {
+                let reason: String = d.reason.chars().take(100).collect();
+                println!("{}	{}	{}/{}/{}	{}	{reason}", d.id, at(d), d.origin_topic, d.origin_partition, d.origin_offset, d.code);
+            }
+            let parked = letters.iter().filter(|d| d.dlq_offset.is_none()).count();
+            println!("{} dead letters ({} in the topic, {parked} parked in redis)", letters.len(), letters.len() - parked);
+        }
+        DlqCommand::Show(args) => {
+            let (_, _, letters) = args.letters().await?;
+            for d in &letters {
+                println!(
+                    "id: {}
+time: {}
+origin: {}/{}/{}
+code: {}
+reason: {}",
+                    d.id,
+                    at(d),
+                    d.origin_topic,
+                    d.origin_partition,
+                    d.origin_offset,
+                    d.code,
+                    d.reason
+                );
+                println!(
+                    "key: {}
+payload ({} bytes):
+{}
+",
+                    d.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
+                    d.payload.len(),
+                    String::from_utf8_lossy(&d.payload)
+                );
+            }
+            if letters.is_empty() {
+                eprintln!("no dead letter matches");
+                return Ok(ExitCode::from(1));
+            }
+        }
+        DlqCommand::Replay { args, dry_run } => {
+            let (kafka, mut conn, letters) = args.letters().await?;
+            let set = KeySpace::new(&args.redis.redis_prefix).replayed_dead_letters();
+            let r = pipeline_board::dlq::replay(&kafka, &mut conn, &set, &letters, dry_run).await?;
+            println!(
+                "{} {} dead letters into their topics; {} skipped (replayed before), {} skipped (no origin topic)",
+                if dry_run { "would replay" } else { "replayed" },
+                r.replayed,
+                r.already,
+                r.no_origin
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args)]
@@ -208,6 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::Dlq(cmd) => dlq(cmd).await,
         Command::Bench(cmd) => {
             pipeline_board::bench::run(cmd).await?;
             Ok(ExitCode::SUCCESS)

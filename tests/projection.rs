@@ -499,3 +499,70 @@ async fn values_with_separators_stay_apart_on_the_board() {
     assert_eq!(ask(json!({"source": "x:y"})).await, won(vec![], vec![&b]));
     env.cleanup().await;
 }
+
+/// A dead letter whose cause is fixed (here: a Function that wrongly refused a card) is listed
+/// with its reason and origin, replayed into its topic, applied; a second replay does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
+    use pipeline_board::core::functions::{load_library, LIBRARY};
+    use pipeline_board::dlq::{read_parked, read_topic, replay, ReplayReport};
+    let mut env = TestEnv::new("replay").await;
+    let dir = common::TempDir::new("replay-redis");
+    let own = OwnRedis::start(free_port(), &dir.0);
+    own.wait_ready().await;
+    env.redis_url = own.url();
+    let t = env.topics.clone();
+    let (org, p, s, c, u) = (oid(1), oid(2), oid(3), oid(10), oid(20));
+    let pipeline = json!({"_id": p, "orgId": org, "name": "Sales", "type": "Contact", "isActive": true,
+        "stages": [{"_id": s, "name": "New", "order": 0}], "version": 1});
+    env.produce(&t.topic_pipelines, &p, &event("pipeline.upserted", &org, "pipeline", pipeline)).await;
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+
+    // A library with a validation bug refuses this card as if its content were at fault.
+    let mut r = env.redis().await;
+    let buggy = LIBRARY.replacen(
+        "local function upsert_card(keys, args)\n",
+        &format!("local function upsert_card(keys, args)\n  if args[2] == '{c}' then invalid('simulated validation bug') end\n"),
+        1,
+    );
+    redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(&buggy).query_async::<String>(&mut r).await.unwrap();
+    env.produce(&t.topic_contacts, &c, &event("contact.upserted", &org, "contact", contact(&org, &c, 1, &p, &s, &u, "Ann"))).await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert_eq!(projector.counters.dead_lettered.load(Ordering::Relaxed), 1);
+    let body_key = env.keys.org(&org).bodies(CardKind::Contact);
+    assert!(!r.hexists::<_, _, bool>(&body_key, &c).await.unwrap());
+
+    // The cause is fixed; the operator lists and replays.
+    load_library(&mut r).await.unwrap();
+    let kafka = env.kafka();
+    let (k, dlq_topic) = (kafka.clone(), t.topic_dlq.clone());
+    let letters = tokio::task::spawn_blocking(move || read_topic(&k, &dlq_topic)).await.unwrap().unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!((letters[0].origin_topic.as_str(), letters[0].code.as_str()), (t.topic_contacts.as_str(), "rejected"));
+    assert!(letters[0].reason.contains("simulated validation bug"), "{}", letters[0].reason);
+    assert!(read_parked(&mut r, &env.keys.parked_dead_letters()).await.unwrap().is_empty());
+    let replayed_set = env.keys.replayed_dead_letters();
+    let first = replay(&kafka, &mut r, &replayed_set, &letters, false).await.unwrap();
+    assert_eq!(first, ReplayReport { replayed: 1, already: 0, no_origin: 0 });
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert!(r.hexists::<_, _, bool>(&body_key, &c).await.unwrap(), "applied once replayed");
+    let second = replay(&kafka, &mut r, &replayed_set, &letters, false).await.unwrap();
+    assert_eq!(second, ReplayReport { replayed: 0, already: 1, no_origin: 0 }, "a second replay does nothing");
+    projector.stop().await.unwrap();
+
+    // The command prints the same.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline-board"))
+        .args(["dlq", "list", "--origin", &t.topic_contacts])
+        .env("KAFKA_BROKERS", &env.brokers)
+        .env("REDIS_URL", &env.redis_url)
+        .env("REDIS_PREFIX", env.keys.prefix())
+        .env("TOPIC_DLQ", &t.topic_dlq)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("1 dead letters (1 in the topic, 0 parked in redis)"), "{stdout}");
+    assert!(stdout.contains("simulated validation bug"), "{stdout}");
+    own.stop();
+}

@@ -61,6 +61,10 @@ impl KeySpace {
     pub fn parked_dead_letters(&self) -> String {
         format!("{}:dlq:parked", self.prefix)
     }
+    /// Ids of the dead letters `dlq replay` re-produced (a second replay skips them).
+    pub fn replayed_dead_letters(&self) -> String {
+        format!("{}:dlq:replayed", self.prefix)
+    }
     /// Consumer progress (next offset per topic-partition), written after each applied batch.
     pub fn progress(&self, group: &str) -> String {
         format!("{}:progress:{group}", self.prefix)
