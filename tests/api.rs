@@ -354,6 +354,13 @@ async fn service_endpoints() {
     assert_eq!(health.status().as_u16(), 200);
     let ready: Value = client.get(format!("{}/readyz", f.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!((ready["status"].as_str(), ready["redis"].as_str(), ready["mongodb"].as_str()), (Some("ready"), Some("up"), Some("up")));
+    // The lag comes from Redis alone (the ends the projector published): caught up, it is 0.
+    let url = f.url.clone();
+    eventually(Duration::from_secs(20), "readiness reports a projection lag of 0", || {
+        let url = url.clone();
+        async move { reqwest::get(format!("{url}/readyz")).await.unwrap().json::<Value>().await.unwrap()["projectionLag"] == json!(0) }
+    })
+    .await;
     let openapi: Value = client.get(format!("{}/openapi.json", f.url)).send().await.unwrap().json().await.unwrap();
     assert!(openapi["paths"]["/api/contacts"]["post"].is_object(), "{openapi}");
     let (org, snap) = &f.orgs[0];

@@ -64,3 +64,38 @@ pub async fn lag(
     }
     Ok(out)
 }
+
+/// Writes the partitions' ends to Redis (`KeySpace::partition_ends`), for readers without a
+/// Kafka client.
+pub async fn publish_ends(
+    kafka: &KafkaConnection,
+    topics: &[String],
+    redis: &mut redis::aio::ConnectionManager,
+    ends_key: &str,
+) -> anyhow::Result<()> {
+    let (kafka, topics_owned) = (kafka.clone(), topics.to_vec());
+    let marks = tokio::task::spawn_blocking(move || watermarks(&kafka, &topics_owned)).await??;
+    let fields: Vec<(String, i64)> = marks.iter().map(|((t, p), (_, high))| (field(t, *p), *high)).collect();
+    if !fields.is_empty() {
+        redis.hset_multiple::<_, _, _, ()>(ends_key, &fields).await?;
+    }
+    Ok(())
+}
+
+/// The lag from what Redis holds: the applied offsets and the ends the projector published.
+/// None until a projector has published ends.
+pub async fn lag_from_redis(redis: &mut redis::aio::ConnectionManager, progress_key: &str, ends_key: &str) -> anyhow::Result<Option<Lag>> {
+    let ends: BTreeMap<String, i64> = redis.hgetall(ends_key).await?;
+    if ends.is_empty() {
+        return Ok(None);
+    }
+    let applied: BTreeMap<String, i64> = redis.hgetall(progress_key).await?;
+    let mut out = Lag::default();
+    for (f, high) in ends {
+        let Some((topic, partition)) = f.rsplit_once('/').and_then(|(t, p)| Some((t.to_string(), p.parse::<i32>().ok()?))) else {
+            continue;
+        };
+        out.partitions.insert((topic, partition), (applied.get(&f).copied().unwrap_or(0), high));
+    }
+    Ok(Some(out))
+}

@@ -188,6 +188,8 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     // resolves this future; the loop never waits for it between batches.
     let caught_up = caught_up_watch(&settings, applier.connection(), progress_key.clone());
     tokio::pin!(caught_up);
+    // Stops with this function, however it returns.
+    let _ends_publisher = AbortOnDrop(publish_ends_every_second(&settings, applier.connection()));
     info!(group = %settings.group_id, topics = ?settings.topics.inputs(), "projector started");
 
     loop {
@@ -251,6 +253,28 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     }
     finish(&consumer);
     Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keeps the partitions' ends in Redis, every second while the projector runs, so the API reads
+/// the projection's lag without a Kafka client.
+fn publish_ends_every_second(settings: &ProjectorSettings, mut conn: redis::aio::ConnectionManager) -> tokio::task::JoinHandle<()> {
+    let (kafka, topics, key) = (settings.kafka.clone(), settings.topics.inputs(), settings.keys.partition_ends(&settings.group_id));
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = progress::publish_ends(&kafka, &topics, &mut conn, &key).await {
+                debug!(error = %e, "partition ends not published");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
 }
 
 /// Resolves once every input partition is applied to its end; never, unless asked for.

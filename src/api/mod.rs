@@ -5,7 +5,7 @@ pub mod auth;
 mod contacts;
 pub mod health;
 
-use crate::consumers::{progress, KafkaConnection};
+use crate::consumers::progress;
 use crate::query::mongo_path::MongoReader;
 use crate::query::projection::ProjectionReader;
 use auth::Verifier;
@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use board_core::config::{KafkaArgs, MongoArgs, RedisArgs};
+use board_core::config::{MongoArgs, RedisArgs};
 use board_core::keys::KeySpace;
 use health::{Dependency, Health};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -38,8 +38,6 @@ pub struct ServeArgs {
     pub redis: RedisArgs,
     #[command(flatten)]
     pub mongo: MongoArgs,
-    #[command(flatten)]
-    pub kafka: KafkaArgs,
     /// The projector's consumer group, whose progress is the projection's freshness.
     #[arg(long, env = "KAFKA_GROUP_ID", default_value = "pipeline-board")]
     pub group_id: String,
@@ -55,7 +53,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HEALTH_INTERVAL_MS", default_value_t = 1_000)]
     pub health_interval_ms: u64,
     /// How often the projection lag reported in `meta` is measured (0: never).
-    #[arg(long, env = "LAG_INTERVAL_MS", default_value_t = 5_000)]
+    #[arg(long, env = "LAG_INTERVAL_MS", default_value_t = 1_000)]
     pub lag_interval_ms: u64,
 }
 
@@ -179,7 +177,7 @@ impl Application {
         let mongo_db = crate::mongo::connect(&args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
         let lag = Arc::new(AtomicI64::new(-1));
         if args.lag_interval_ms > 0 {
-            spawn_lag_probe(args, KafkaConnection::from_args(&args.kafka)?, redis.clone(), keys.clone(), lag.clone());
+            spawn_lag_probe(args, redis.clone(), keys.clone(), lag.clone());
         }
         let health = Health::default();
         health.spawn_probe(redis.clone(), mongo_db.clone(), Duration::from_millis(args.health_interval_ms.max(100)));
@@ -208,19 +206,17 @@ impl Application {
     }
 }
 
-fn spawn_lag_probe(
-    args: &ServeArgs,
-    kafka: KafkaConnection,
-    mut redis: redis::aio::ConnectionManager,
-    keys: KeySpace,
-    lag: Arc<AtomicI64>,
-) {
-    let topics = args.kafka.topics.inputs();
-    let key = keys.progress(&args.group_id);
+/// The projection's lag from Redis alone (the applied offsets and the partition ends the
+/// projector publishes): the API never opens a Kafka client.
+fn spawn_lag_probe(args: &ServeArgs, mut redis: redis::aio::ConnectionManager, keys: KeySpace, lag: Arc<AtomicI64>) {
+    let (progress_key, ends_key) = (keys.progress(&args.group_id), keys.partition_ends(&args.group_id));
     let every = Duration::from_millis(args.lag_interval_ms);
     tokio::spawn(async move {
         loop {
-            let measured = progress::lag(&kafka, &topics, &mut redis, &key).await.map(|l| l.total()).unwrap_or(-1);
+            let measured = match progress::lag_from_redis(&mut redis, &progress_key, &ends_key).await {
+                Ok(Some(l)) => l.total(),
+                _ => -1,
+            };
             lag.store(measured, Ordering::Relaxed);
             metrics::gauge!("pb_projection_lag_events").set(measured as f64);
             tokio::time::sleep(every).await;

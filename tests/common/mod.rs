@@ -243,13 +243,12 @@ pub const JWT_SECRET: &str = "test-secret-of-sufficient-length";
 
 impl TestEnv {
     pub fn serve_args(&self) -> pipeline_board::api::ServeArgs {
-        use pipeline_board::core::config::{KafkaArgs, MongoArgs, RedisArgs};
+        use pipeline_board::core::config::{MongoArgs, RedisArgs};
         pipeline_board::api::ServeArgs {
             listen_addr: "127.0.0.1:0".into(),
             auth: pipeline_board::api::auth::AuthArgs::hs256(JWT_SECRET),
             redis: RedisArgs { redis_url: self.redis_url.clone(), redis_prefix: self.keys.prefix().to_string() },
             mongo: MongoArgs { mongodb_uri: self.mongo_uri.clone(), mongodb_db: self.mongo_db.clone() },
-            kafka: KafkaArgs { kafka_brokers: self.brokers.clone(), kafka_options: Vec::new(), topics: self.topics.clone() },
             group_id: self.group.clone(),
             request_timeout_ms: 30_000,
             health_interval_ms: 200,

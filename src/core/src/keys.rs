@@ -69,6 +69,12 @@ impl KeySpace {
     pub fn progress(&self, group: &str) -> String {
         format!("{}:progress:{group}", self.prefix)
     }
+    /// The partitions' ends (high watermarks) as the projector last saw them, field
+    /// `<topic>/<partition>`: with `progress`, the projection's lag from Redis alone (the API
+    /// never opens a Kafka client).
+    pub fn partition_ends(&self, group: &str) -> String {
+        format!("{}:ends:{group}", self.prefix)
+    }
 }
 
 /// The keys of one org. `base` is also the first KEYS argument of every Function call: it
