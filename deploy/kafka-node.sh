@@ -75,7 +75,11 @@ start() { # dir port
   local i
   for ((i = 0; i < 600; i++)); do
     port_open "$port" && { echo "[kafka] node answers on 127.0.0.1:$port"; return 0; }
-    running "$dir" || { echo "[kafka] node exited; see $dir/broker.log $dir/stdout.log" >&2; tail -20 "$dir/stdout.log" >&2; exit 1; }
+    running "$dir" || {
+      echo "[kafka] node exited; see $dir/broker.log $dir/stdout.log" >&2
+      tail -20 "$dir/stdout.log" "$dir/broker.log" >&2 2>/dev/null
+      exit 1
+    }
     sleep 0.1
   done
   echo "[kafka] node did not answer on 127.0.0.1:$port within 60 s" >&2

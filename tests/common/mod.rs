@@ -211,8 +211,16 @@ impl TestEnv {
         cmd.spawn().expect("start projector")
     }
 
-    /// Removes this test's keys (best effort; the prefix is unique anyway).
+    /// Removes this test's keys, topics and MongoDB database (best effort; all are unique
+    /// anyway, but a broker and a PostgreSQL that keep every test's leftovers start slower).
     pub async fn cleanup(&self) {
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).create().expect("admin client");
+        let mut names = self.topics.inputs();
+        names.push(self.topics.topic_dlq.clone());
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let _ = admin.delete_topics(&names, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await;
+        let _ = self.mongo().await.drop().await;
         let mut conn = self.redis().await;
         let pattern = format!("{}:*", self.keys.prefix());
         let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.unwrap_or_default();
@@ -323,16 +331,22 @@ pub struct OwnKafka {
 impl OwnKafka {
     pub async fn start() -> OwnKafka {
         let dir = TempDir::new("kafka");
-        // The controller listens on port + 1: take a free pair.
-        let port = loop {
-            let p = free_port();
-            if std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-                break p;
-            }
-        };
-        let node = OwnKafka { dir, port };
+        let node = OwnKafka { dir, port: Self::free_pair() };
         node.run("start").await;
         node
+    }
+
+    /// A free port whose successor is free too (the controller listens on port + 1), below the
+    /// ephemeral range (32768 and up on Linux), where the many client connections of the tests
+    /// running beside this one cannot take it between this check and the broker's bind.
+    fn free_pair() -> u16 {
+        use rand::Rng;
+        loop {
+            let p = rand::rng().random_range(20_000..32_000u16);
+            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                return p;
+            }
+        }
     }
 
     pub fn brokers(&self) -> String {
