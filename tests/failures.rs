@@ -11,6 +11,18 @@ use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// A projector this slow (one round trip per 10 events) is still mid-ingest when the test acts.
+const SLOW: &[&str] = &["--max-batch", "10", "--linger-ms", "0"];
+
+/// Holds `projector` still (SIGSTOP) once it has applied something and asserts that it is then
+/// mid-ingest: a fact the test can build on, not a race.
+async fn stop_mid_ingest(env: &TestEnv, projector: &std::process::Child) {
+    await_applied(env, 1, Duration::from_secs(60)).await;
+    signal(projector, Signal::SIGSTOP);
+    let lag = env.lag().await;
+    assert!(lag.applied() > 0 && lag.total() > 0, "projector stopped mid-ingest: {lag:?}");
+}
+
 /// Awaits `applied_offsets() >= at_least`; returns what it was then.
 async fn await_applied(env: &TestEnv, at_least: i64, within: Duration) -> i64 {
     let deadline = std::time::Instant::now() + within;
@@ -37,13 +49,8 @@ async fn kafka_broker_stopped_mid_ingest_and_started_again() {
     let kafka = OwnKafka::start().await;
     let env = TestEnv::on_brokers("broker-restart", &kafka.brokers()).await;
     let first = env.seed(small_seed(1, 800, 31)).await;
-    let mut projector = env.projector_process(&["--max-batch", "10", "--linger-ms", "0"], &[]);
-
-    // Hold the projector still (SIGSTOP) once it is underway, so "mid-ingest" is a fact, not a race.
-    await_applied(&env, 1, Duration::from_secs(60)).await;
-    signal(&projector, Signal::SIGSTOP);
-    let lag = env.lag().await;
-    assert!(lag.applied() > 0 && lag.total() > 0, "projector stopped mid-ingest: {lag:?}");
+    let mut projector = env.projector_process(SLOW, &[]);
+    stop_mid_ingest(&env, &projector).await;
     kafka.stop().await;
     signal(&projector, Signal::SIGCONT);
     // With the broker gone the projector cannot finish: it must not exit either.
@@ -78,7 +85,7 @@ async fn projector_killed_at_twenty_random_points_loses_nothing() {
     let mut kills_mid_ingest = 0;
     let mut reached = 0;
     for (i, point) in points.iter().enumerate() {
-        let mut child = env.projector_process(&["--max-batch", "10", "--linger-ms", "0"], &options);
+        let mut child = env.projector_process(SLOW, &options);
         // Past the point, and past where the last one was killed: every restart does some work.
         reached = await_applied(&env, (*point).max(reached + 1), Duration::from_secs(120)).await;
         signal(&child, Signal::SIGKILL);
@@ -105,11 +112,8 @@ async fn projector_killed_at_twenty_random_points_loses_nothing() {
 async fn consumers_joining_and_leaving_mid_ingest() {
     let env = TestEnv::new("rebalance").await;
     let seeded = env.seed(small_seed(1, 4000, 41)).await;
-    let mut a = env.projector_process(&["--max-batch", "10", "--linger-ms", "0"], &[]);
-    await_applied(&env, 1, Duration::from_secs(60)).await;
-    signal(&a, Signal::SIGSTOP);
-    let lag = env.lag().await;
-    assert!(lag.applied() > 0 && lag.total() > 0, "the first consumer is mid-ingest: {lag:?}");
+    let mut a = env.projector_process(SLOW, &[]);
+    stop_mid_ingest(&env, &a).await;
 
     // The second joins; the first resumes with its batch in flight and must rejoin.
     let mut settings = env.settings();

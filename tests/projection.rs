@@ -291,28 +291,17 @@ async fn versions_compare_exactly_as_64_bit_integers() {
 /// fixed, nothing is dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_function_is_retried_not_dead_lettered() {
-    use pipeline_board::core::functions::{load_library, LIBRARY};
-    let mut env = TestEnv::new("script-bug").await;
-    let dir = common::TempDir::new("script-bug-redis");
-    let own = OwnRedis::start(free_port(), &dir.0);
-    own.wait_ready().await;
-    env.redis_url = own.url();
+    use pipeline_board::core::functions::load_library;
+    let (env, own, _dir) = env_with_own_redis("script-bug").await;
     let t = env.topics.clone();
     let (org, p, s, c, u) = (oid(1), oid(2), oid(3), oid(10), oid(20));
-    let pipeline = json!({"_id": p, "orgId": org, "name": "Sales", "type": "Contact", "isActive": true,
-        "stages": [{"_id": s, "name": "New", "order": 0}], "version": 1});
-    env.produce(&t.topic_pipelines, &p, &event("pipeline.upserted", &org, "pipeline", pipeline)).await;
+    env.produce(&t.topic_pipelines, &p, &one_stage_pipeline(&org, &p, &s)).await;
     env.produce(&t.topic_contacts, &c, &event("contact.upserted", &org, "contact", contact(&org, &c, 1, &p, &s, &u, "Ann"))).await;
     let projector = env.spawn_projector();
     env.wait_caught_up(Duration::from_secs(60)).await;
 
     let mut r = env.redis().await;
-    let broken = LIBRARY.replacen(
-        "local function upsert_card(keys, args)\n",
-        "local function upsert_card(keys, args)\n  error('simulated bug in a deployed library')\n",
-        1,
-    );
-    assert_ne!(broken, LIBRARY);
+    let broken = upsert_card_starting_with("error('simulated bug in a deployed library')");
     redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(&broken).query_async::<String>(&mut r).await.unwrap();
     env.produce(&t.topic_contacts, &c, &event("contact.upserted", &org, "contact", contact(&org, &c, 2, &p, &s, &u, "Bea"))).await;
     let counters = projector.counters.clone();
@@ -504,28 +493,18 @@ async fn values_with_separators_stay_apart_on_the_board() {
 /// with its reason and origin, replayed into its topic, applied; a second replay does nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
-    use pipeline_board::core::functions::{load_library, LIBRARY};
+    use pipeline_board::core::functions::load_library;
     use pipeline_board::dlq::{read_parked, read_topic, replay, ReplayReport};
-    let mut env = TestEnv::new("replay").await;
-    let dir = common::TempDir::new("replay-redis");
-    let own = OwnRedis::start(free_port(), &dir.0);
-    own.wait_ready().await;
-    env.redis_url = own.url();
+    let (env, own, _dir) = env_with_own_redis("replay").await;
     let t = env.topics.clone();
     let (org, p, s, c, u) = (oid(1), oid(2), oid(3), oid(10), oid(20));
-    let pipeline = json!({"_id": p, "orgId": org, "name": "Sales", "type": "Contact", "isActive": true,
-        "stages": [{"_id": s, "name": "New", "order": 0}], "version": 1});
-    env.produce(&t.topic_pipelines, &p, &event("pipeline.upserted", &org, "pipeline", pipeline)).await;
+    env.produce(&t.topic_pipelines, &p, &one_stage_pipeline(&org, &p, &s)).await;
     let projector = env.spawn_projector();
     env.wait_caught_up(Duration::from_secs(60)).await;
 
     // A library with a validation bug refuses this card as if its content were at fault.
     let mut r = env.redis().await;
-    let buggy = LIBRARY.replacen(
-        "local function upsert_card(keys, args)\n",
-        &format!("local function upsert_card(keys, args)\n  if args[2] == '{c}' then invalid('simulated validation bug') end\n"),
-        1,
-    );
+    let buggy = upsert_card_starting_with(&format!("if args[2] == '{c}' then invalid('simulated validation bug') end"));
     redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(&buggy).query_async::<String>(&mut r).await.unwrap();
     env.produce(&t.topic_contacts, &c, &event("contact.upserted", &org, "contact", contact(&org, &c, 1, &p, &s, &u, "Ann"))).await;
     env.wait_caught_up(Duration::from_secs(60)).await;
@@ -565,4 +544,30 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
     assert!(stdout.contains("1 dead letters (1 in the topic, 0 parked in redis)"), "{stdout}");
     assert!(stdout.contains("simulated validation bug"), "{stdout}");
     own.stop();
+}
+
+/// A test environment whose Redis is a server of the test's own: the Function library is global
+/// to a Redis server, so a test that replaces it must not share one with the tests beside it.
+async fn env_with_own_redis(name: &str) -> (TestEnv, OwnRedis, common::TempDir) {
+    let mut env = TestEnv::new(name).await;
+    let dir = common::TempDir::new(&format!("{name}-redis"));
+    let own = OwnRedis::start(free_port(), &dir.0);
+    own.wait_ready().await;
+    env.redis_url = own.url();
+    (env, own, dir)
+}
+
+/// The event of an active Contact pipeline with one stage, "New".
+fn one_stage_pipeline(org: &str, p: &str, s: &str) -> Vec<u8> {
+    let pipeline = json!({"_id": p, "orgId": org, "name": "Sales", "type": "Contact", "isActive": true,
+        "stages": [{"_id": s, "name": "New", "order": 0}], "version": 1});
+    event("pipeline.upserted", org, "pipeline", pipeline)
+}
+
+/// The Function library with `line` run first in `upsert_card` (a library deployed with a bug).
+fn upsert_card_starting_with(line: &str) -> String {
+    let anchor = "local function upsert_card(keys, args)\n";
+    let patched = pipeline_board::core::functions::LIBRARY.replacen(anchor, &format!("{anchor}  {line}\n"), 1);
+    assert_ne!(patched, pipeline_board::core::functions::LIBRARY, "upsert_card is where the test expects it");
+    patched
 }
