@@ -1,9 +1,6 @@
 //! `pipeline-board bench ...`: the raw costs our numbers are compared against, measured with the
 //! same clients on the same data (see deploy/bench.sh).
-use crate::query::projection::ProjectionReader;
-use crate::query::request::ContactsRequest;
-use board_core::config::{KafkaArgs, RedisArgs};
-use board_core::keys::KeySpace;
+use board_core::config::KafkaArgs;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -16,18 +13,6 @@ pub enum BenchCommand {
         #[command(flatten)]
         kafka: KafkaArgs,
     },
-    /// Print the exact Redis call that answers a board request: key, then plan JSON, one a line.
-    BoardCall {
-        #[command(flatten)]
-        redis: RedisArgs,
-        #[arg(long)]
-        org: String,
-        #[arg(long)]
-        user: String,
-        /// The request body (JSON).
-        #[arg(long, default_value = "{}")]
-        body: String,
-    },
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -39,22 +24,6 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 bytes as f64 / 1e6,
                 messages as f64 / secs.max(1e-9)
             );
-        }
-        BenchCommand::BoardCall { redis, org, user, body } => {
-            let conn = board_core::config::redis_connection(&redis.redis_url).await?;
-            let reader = ProjectionReader::new(conn, KeySpace::new(&redis.redis_prefix));
-            let query = ContactsRequest::parse(body.as_bytes())?.into_query()?;
-            let (_, cmd) =
-                reader.board_call(&org, &user, &query, chrono::Utc::now().timestamp_millis()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            // args: FCALL_RO pb_board 1 <key> <plan>
-            let args: Vec<String> = cmd
-                .args_iter()
-                .filter_map(|a| match a {
-                    redis::Arg::Simple(b) => Some(String::from_utf8_lossy(b).into_owned()),
-                    _ => None,
-                })
-                .collect();
-            println!("{}\n{}", args[3], args[4]);
         }
     }
     Ok(())

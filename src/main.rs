@@ -167,6 +167,9 @@ struct ProjectArgs {
     /// Most events applied in one Redis round trip.
     #[arg(long, env = "PROJECT_MAX_BATCH", default_value_t = 1000)]
     max_batch: usize,
+    /// An event larger than this many bytes is dead-lettered (`too_large`) without being parsed.
+    #[arg(long, env = "MAX_EVENT_BYTES", default_value_t = pipeline_board::consumers::projector::DEFAULT_MAX_EVENT_BYTES)]
+    max_event_bytes: usize,
     /// Milliseconds to wait for more events before applying a partial batch.
     #[arg(long, env = "PROJECT_LINGER_MS", default_value_t = 5)]
     linger_ms: u64,
@@ -239,6 +242,7 @@ async fn project(args: ProjectArgs) -> anyhow::Result<ExitCode> {
         KeySpace::new(&args.redis.redis_prefix),
     );
     settings.max_batch = args.max_batch.max(1);
+    settings.max_event_bytes = args.max_event_bytes.max(1);
     settings.linger = Duration::from_millis(args.linger_ms);
     settings.session_timeout = Duration::from_millis(args.session_timeout_ms);
     settings.exit_when_caught_up = args.exit_when_caught_up;

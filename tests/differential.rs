@@ -266,6 +266,7 @@ impl Round<'_> {
     /// oracle must agree on them.
     async fn run(&self, label: &str, snaps: &[(String, OrgSnapshot)], requests: usize, rng: &mut ChaCha8Rng) {
         let (mut non_empty, mut with_cards, mut not_found, mut custom) = (0, 0, 0, 0);
+        let mut routes: std::collections::BTreeMap<&str, usize> = Default::default();
         for i in 0..requests {
             let (org, snap) = snaps.choose(rng).unwrap();
             let (body, user, now) = random_request(snap, rng, self.base_now);
@@ -283,7 +284,8 @@ impl Round<'_> {
             }
             let from_projection = self.projection.answer(org, &user, &query, now).await;
             match (from_projection, from_mongo) {
-                (Ok(a), Ok(b)) => {
+                (Ok((a, route)), Ok(b)) => {
+                    *routes.entry(route.name()).or_default() += 1;
                     assert!(
                         a == b,
                         "{label} request #{i} {body} (user {user}, now {now}) answered differently: {}",
@@ -310,9 +312,13 @@ impl Round<'_> {
         // The generator must produce answers with content, not only empty boards.
         assert!(non_empty > requests / 3, "{label}: only {non_empty} of {requests} requests matched any card");
         assert!(with_cards > requests / 4, "{label}: only {with_cards} of {requests} requests returned cards");
+        // Both structures of the projection must have been compared.
+        for route in ["sorted_sets", "index"] {
+            assert!(routes.get(route).copied().unwrap_or(0) > requests / 20, "{label}: too few boards answered by {route}: {routes:?}");
+        }
         eprintln!(
             "{label}: {requests} requests compared with the oracle: {non_empty} with matches, {with_cards} with cards on the page, \
-             {custom} with customFields (MongoDB and oracle), {not_found} not found on every path"
+             {custom} with customFields (MongoDB and oracle), {not_found} not found on every path; projection routes {routes:?}"
         );
     }
 }
@@ -347,7 +353,7 @@ async fn projection_and_mongodb_answer_identically() {
     let env = TestEnv::new("diff").await;
     let seeded = env.seed_and_project(small_seed(2, 350, 99)).await;
 
-    let projection = ProjectionReader::new(env.redis().await, env.keys.clone());
+    let projection = ProjectionReader::new(env.redis().await, env.keys.clone(), std::time::Duration::from_secs(10));
     let db = env.mongo().await;
     let mongo_reader = MongoReader::new(db.clone(), pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
     let mut snaps = Vec::new();

@@ -4,6 +4,7 @@ mod common;
 
 use common::{eventually, free_port, small_seed, OwnRedis, TestEnv};
 use pipeline_board::core::model::CardKind;
+use pipeline_board::core::record::{CardRecord, ContactState};
 use pipeline_board::mongo;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -102,11 +103,12 @@ async fn versions_duplicates_and_tombstones() {
     assert_eq!(members(r.zrange(keys.stage(CardKind::Contact, &rk_new), 0, -1).await.unwrap()), BTreeSet::from([c.clone()]));
     assert!(!r.exists::<_, bool>(keys.stage(CardKind::Contact, &rk_won)).await.unwrap(), "moved out of the old stage");
     assert!(!r.exists::<_, bool>(keys.stage_person(CardKind::Contact, &rk_won, &u1)).await.unwrap(), "old owner index emptied");
-    assert!(!r.exists::<_, bool>(keys.stage_assignee(CardKind::Contact, &rk_new, &u3)).await.unwrap(), "old assignee index emptied");
-    assert_eq!(members(r.zrange(keys.stage_assignee(CardKind::Contact, &rk_new, &u2), 0, -1).await.unwrap()), BTreeSet::from([c.clone()]));
-    assert_eq!(r.zcard::<_, i64>(keys.messages_of(&c)).await.unwrap(), 2, "a redelivered message counts once");
-    assert!(!r.hexists::<_, _, bool>(keys.bodies(CardKind::Contact), &d).await.unwrap(), "tombstoned card stays deleted");
-    assert_eq!(r.hget::<_, _, i64>(keys.versions(), format!("c:{d}")).await.unwrap(), 2);
+    assert!(!r.exists::<_, bool>(keys.stage_person(CardKind::Contact, &rk_new, &u3)).await.unwrap(), "old assignee's index emptied");
+    assert_eq!(members(r.zrange(keys.stage_person(CardKind::Contact, &rk_new, &u2), 0, -1).await.unwrap()), BTreeSet::from([c.clone()]));
+    let state = ContactState::decode(&r.hget::<_, _, Vec<u8>>(keys.contact_states(), &c).await.unwrap()).unwrap();
+    assert_eq!(state.message_times.len(), 2, "a redelivered message counts once");
+    let tombstone = CardRecord::decode(&r.hget::<_, _, Vec<u8>>(keys.cards(CardKind::Contact), &d).await.unwrap()).unwrap();
+    assert_eq!((tombstone.card, tombstone.version), (None, 2), "the tombstoned card stays deleted");
 
     // The same final state written to MongoDB: verify finds the projection equal to it.
     let db = env.mongo().await;
@@ -150,7 +152,7 @@ async fn poison_events_go_to_the_dead_letter_topic_and_the_consumer_goes_on() {
     assert_eq!(counters.dead_lettered.load(Ordering::Relaxed), 3);
     assert_eq!(counters.applied.load(Ordering::Relaxed), 1);
     let mut r = env.redis().await;
-    assert!(r.hexists::<_, _, bool>(env.keys.org(&org).bodies(CardKind::Contact), &c).await.unwrap());
+    assert!(r.hexists::<_, _, bool>(env.keys.org(&org).cards(CardKind::Contact), &c).await.unwrap());
 
     // The dead-letter topic holds the three events unchanged, with their reasons.
     let consumer: StreamConsumer = ClientConfig::new()
@@ -250,39 +252,96 @@ async fn redis_outage_is_retried_and_nothing_is_skipped() {
 }
 
 /// Versions are compared exactly as 64-bit integers (Lua numbers are doubles: 2^53 + 1 == 2^53
-/// there), and a version out of 1..=2^63-1 is the event's fault (`PB_INVALID`). Called directly:
-/// the Function is the unit under test.
+/// there), through the projector's own apply step against Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_compare_exactly_as_64_bit_integers() {
+    use pipeline_board::consumers::apply::RedisApplier;
+    use pipeline_board::consumers::batch::Outcome;
     use pipeline_board::core::events::Event;
-    use pipeline_board::core::functions::{load_library, FunctionCall, INVALID_CODE};
     let env = TestEnv::new("exact-versions").await;
+    let mut applier = RedisApplier::connect(&env.redis_url, env.keys.clone()).await.unwrap();
+    let (org, p, s, c, u) = (oid(1), oid(2), oid(3), oid(10), oid(20));
+    let upsert = |v: i64| {
+        let doc = serde_json::from_value(contact(&org, &c, v, &p, &s, &u, &format!("v{v}"))).unwrap();
+        Event::CardUpserted(CardKind::Contact, Box::new(doc))
+    };
+    let two53 = 1i64 << 53;
+    let cases = [
+        (two53, Outcome::Applied),
+        (two53 + 1, Outcome::Applied),
+        (two53, Outcome::Stale),
+        (two53 + 1, Outcome::Stale),
+        (i64::MAX, Outcome::Applied),
+        (i64::MAX - 1, Outcome::Stale),
+    ];
+    for (v, expected) in cases {
+        let e = upsert(v);
+        assert_eq!(applier.apply(&[&e]).await.unwrap(), vec![expected], "version {v}");
+    }
+    // In one batch too: the last of the newer versions wins, the rest coalesce away.
+    let c2 = oid(11);
+    let batch: Vec<Event> = [two53 + 1, two53, two53 + 1]
+        .iter()
+        .map(|v| {
+            Event::CardUpserted(
+                CardKind::Contact,
+                Box::new(serde_json::from_value(contact(&org, &c2, *v, &p, &s, &u, &v.to_string())).unwrap()),
+            )
+        })
+        .collect();
+    let refs: Vec<&Event> = batch.iter().collect();
+    assert_eq!(applier.apply(&refs).await.unwrap(), vec![Outcome::Applied, Outcome::Stale, Outcome::Stale]);
+    let mut r = env.redis().await;
+    let keys = env.keys.org(&org);
+    let rec = |id: String| {
+        let key = keys.cards(CardKind::Contact);
+        let mut r = r.clone();
+        async move { CardRecord::decode(&r.hget::<_, _, Vec<u8>>(key, id).await.unwrap()).unwrap() }
+    };
+    assert_eq!(rec(c.clone()).await.version, i64::MAX);
+    let second = rec(c2.clone()).await;
+    assert_eq!((second.version, second.card.unwrap().first_name.unwrap()), (two53 + 1, (two53 + 1).to_string()));
+    let _: () = redis::cmd("PING").query_async(&mut r).await.unwrap();
+    env.cleanup().await;
+}
+
+/// `pb_commit` is the one Redis script: it writes only if every guard holds, and it checks every
+/// op before the first write (Redis keeps the writes of a script that fails midway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_function_guards_and_validates_before_writing() {
+    use pipeline_board::core::functions::{load_library, Commit, Guard, Write};
+    let env = TestEnv::new("commit-fn").await;
     let mut r = env.redis().await;
     load_library(&mut r).await.unwrap();
-    let (org, p, s, c, u) = (oid(1), oid(2), oid(3), oid(10), oid(20));
-    let call = |v: i64| {
-        let doc = serde_json::from_value(contact(&org, &c, v, &p, &s, &u, &format!("v{v}"))).unwrap();
-        FunctionCall::for_event(&env.keys, &Event::CardUpserted(CardKind::Contact, Box::new(doc)))
-    };
-    let upsert = |v: i64| call(v).to_cmd();
-    let two53 = 1i64 << 53;
-    for (v, expected) in
-        [(two53, "applied"), (two53 + 1, "applied"), (two53, "stale"), (two53 + 1, "stale"), (i64::MAX, "applied"), (i64::MAX - 1, "stale")]
-    {
-        let reply: String = upsert(v).query_async(&mut r).await.unwrap();
-        assert_eq!(reply, expected, "version {v}");
-    }
-    let keys = env.keys.org(&org);
-    assert_eq!(r.hget::<_, _, String>(keys.versions(), format!("c:{c}")).await.unwrap(), i64::MAX.to_string());
-
-    // Out-of-range or malformed versions (the event parser refuses them first; the Function
-    // still checks what it is given).
-    for bad in ["0", "-1", "1.5", "9223372036854775808", "99999999999999999999", "abc", ""] {
-        let mut invalid = call(1);
-        invalid.args[2] = bad.as_bytes().to_vec(); // kind, id, version, meta, body
-        let err = invalid.to_cmd().query_async::<String>(&mut r).await.err();
-        assert_eq!(err.as_ref().and_then(|e| e.code()), Some(INVALID_CODE), "version {bad:?}: {err:?}");
-    }
+    let keys = env.keys.org(&oid(1));
+    let (h, z) = (keys.cards(CardKind::Contact), keys.stage(CardKind::Contact, "p|s:s"));
+    let write = vec![
+        Write::HSet { key: h.clone(), field: "a".into(), value: b"v1".to_vec() },
+        Write::ZAdd { key: z.clone(), score: 5.0, member: "a".into() },
+        Write::ZAdd { key: z.clone(), score: f64::NEG_INFINITY, member: "b".into() },
+    ];
+    let absent = Guard { key: h.clone(), field: "a".into(), expected: None };
+    let commit = |guards: Vec<Guard>, writes: Vec<Write>| Commit { org: keys.clone(), guards, writes }.to_cmd();
+    assert_eq!(commit(vec![absent.clone()], write.clone()).query_async::<String>(&mut r).await.unwrap(), "ok");
+    assert_eq!(
+        r.zrange_withscores::<_, Vec<(String, f64)>>(&z, 0, -1).await.unwrap(),
+        vec![("b".to_string(), f64::NEG_INFINITY), ("a".into(), 5.0)]
+    );
+    // The same guard no longer holds: nothing is written.
+    let other = vec![Write::HSet { key: h.clone(), field: "a".into(), value: b"v2".to_vec() }];
+    assert_eq!(commit(vec![absent], other.clone()).query_async::<String>(&mut r).await.unwrap(), "conflict");
+    let holds = Guard { key: h.clone(), field: "a".into(), expected: Some(b"v1".to_vec()) };
+    let wrong = Guard { key: h.clone(), field: "a".into(), expected: Some(b"v0".to_vec()) };
+    assert_eq!(commit(vec![wrong], other.clone()).query_async::<String>(&mut r).await.unwrap(), "conflict");
+    assert_eq!(r.hget::<_, _, Vec<u8>>(&h, "a").await.unwrap(), b"v1");
+    assert_eq!(commit(vec![holds], other).query_async::<String>(&mut r).await.unwrap(), "ok");
+    assert_eq!(r.hget::<_, _, Vec<u8>>(&h, "a").await.unwrap(), b"v2");
+    // An unknown op after a valid one: an error, and the valid one was not written either.
+    let mut bad = commit(vec![], vec![Write::HSet { key: h.clone(), field: "x".into(), value: b"1".to_vec() }]);
+    bad.arg("Q").arg(":card:c").arg("y");
+    let err = bad.query_async::<String>(&mut r).await.unwrap_err();
+    assert!(err.to_string().contains("PB_BAD_OP"), "{err}");
+    assert!(!r.hexists::<_, _, bool>(&h, "x").await.unwrap(), "nothing written before the bad op");
     env.cleanup().await;
 }
 
@@ -301,7 +360,7 @@ async fn a_failing_function_is_retried_not_dead_lettered() {
     env.wait_caught_up(Duration::from_secs(60)).await;
 
     let mut r = env.redis().await;
-    let broken = upsert_card_starting_with("error('simulated bug in a deployed library')");
+    let broken = commit_starting_with("error('simulated bug in a deployed library')");
     redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(&broken).query_async::<String>(&mut r).await.unwrap();
     env.produce(&t.topic_contacts, &c, &event("contact.upserted", &org, "contact", contact(&org, &c, 2, &p, &s, &u, "Bea"))).await;
     let counters = projector.counters.clone();
@@ -316,7 +375,8 @@ async fn a_failing_function_is_retried_not_dead_lettered() {
     env.wait_caught_up(Duration::from_secs(60)).await;
     projector.stop().await.unwrap();
     assert_eq!(counters.dead_lettered.load(Ordering::Relaxed), 0);
-    assert_eq!(r.hget::<_, _, i64>(env.keys.org(&org).versions(), format!("c:{c}")).await.unwrap(), 2, "applied once fixed");
+    let rec = CardRecord::decode(&r.hget::<_, _, Vec<u8>>(env.keys.org(&org).cards(CardKind::Contact), &c).await.unwrap()).unwrap();
+    assert_eq!(rec.version, 2, "applied once fixed");
     own.stop();
 }
 
@@ -368,10 +428,11 @@ async fn verify_finds_damage_in_every_structure() {
     let report = env.verify(std::slice::from_ref(&org)).await;
     assert!(report.is_clean(), "drift: {:#?}", report.samples);
     for (what, n) in [
-        ("metas", report.metas),
-        ("message sets", report.message_sets),
+        ("cards", report.cards),
+        ("index keys", report.index_keys),
+        ("contact states", report.contact_states),
+        ("messages", report.messages),
         ("conversations", report.conversations),
-        ("application sets", report.application_sets),
         ("versions", report.versions),
         ("users", report.users),
         ("teams", report.teams),
@@ -382,34 +443,33 @@ async fn verify_finds_damage_in_every_structure() {
     let db = env.mongo().await;
     let snap = mongo::load_org(&db, &org).await.unwrap();
     let keys = env.keys.org(&org);
+    let mut r = env.redis().await;
     let conv = snap.conversations.iter().find(|c| c.contact_id.is_some() && c.assignees.as_ref().is_some_and(|a| !a.is_empty())).unwrap();
     let cid = conv.contact_id.clone().unwrap();
-    let msg = snap.messages.iter().find(|m| m.contact_id.is_some()).unwrap();
-    let msg_cid = msg.contact_id.clone().unwrap();
-    let app = snap.applications.iter().find(|a| a.contact_id.is_some()).unwrap();
-    let app_cid = app.contact_id.clone().unwrap();
-    let card = &snap.contacts[0];
+    let card = snap.contacts.iter().find(|c| c.pipeline_stage.is_some()).unwrap();
     let user = &snap.users[0];
-    let empty_msgpack = {
-        let mut b = Vec::new();
-        rmpv::encode::write_value(&mut b, &rmpv::Value::Map(vec![])).unwrap();
-        b
-    };
+    let pipeline = &snap.pipelines[0];
+    let record = CardRecord::decode(&r.hget::<_, _, Vec<u8>>(keys.cards(CardKind::Contact), &card.id).await.unwrap()).unwrap();
+    let mut wrong_derived = record.clone();
+    wrong_derived.derived.assignees.push("65a0000000000000000000ff".into());
+    let mut older = record.clone();
+    older.version -= 1;
+    let mut state = ContactState::decode(&r.hget::<_, _, Vec<u8>>(keys.contact_states(), &cid).await.unwrap()).unwrap();
+    state.message_times.push(1);
+    let stage_key =
+        keys.stage(CardKind::Contact, &format!("{}|s:{}", card.pipeline_id.clone().unwrap(), card.pipeline_stage.clone().unwrap()));
+    let hset = |key: &str, field: &str, value: Vec<u8>| redis::cmd("HSET").arg(key).arg(field).arg(value).clone();
     let damages: Vec<(String, redis::Cmd, &str)> = vec![
-        (
-            keys.metas(CardKind::Contact),
-            redis::cmd("HSET").arg(keys.metas(CardKind::Contact)).arg(&card.id).arg(&empty_msgpack).clone(),
-            "metadata",
-        ),
-        (keys.messages_of(&msg_cid), redis::cmd("ZREM").arg(keys.messages_of(&msg_cid)).arg(&msg.id).clone(), "messages of"),
-        (keys.conversations(), redis::cmd("HSET").arg(keys.conversations()).arg(&conv.id).arg(&empty_msgpack).clone(), "conversation"),
-        (keys.conversations_of(&cid), redis::cmd("SREM").arg(keys.conversations_of(&cid)).arg(&conv.id).clone(), "convsof of"),
-        (keys.assignees_of(&cid), redis::cmd("SADD").arg(keys.assignees_of(&cid)).arg("65a0000000000000000000ff").clone(), "asgof of"),
-        (keys.applications_of(&app_cid), redis::cmd("SREM").arg(keys.applications_of(&app_cid)).arg(&app.id).clone(), "appsof of"),
-        (keys.versions(), redis::cmd("HSET").arg(keys.versions()).arg(format!("c:{}", card.id)).arg("999").clone(), "version of"),
-        (keys.users(), redis::cmd("HSET").arg(keys.users()).arg(&user.id).arg(r#"["65a0000000000000000000fe"]"#).clone(), "user "),
+        (keys.cards(CardKind::Contact), hset(&keys.cards(CardKind::Contact), &card.id, wrong_derived.encode()), "derived fields"),
+        (keys.cards(CardKind::Contact), hset(&keys.cards(CardKind::Contact), &card.id, older.encode()), "version of"),
+        (keys.cards(CardKind::Contact), hset(&keys.cards(CardKind::Contact), &card.id, b"junk".to_vec()), "does not decode"),
+        (keys.contact_states(), hset(&keys.contact_states(), &cid, state.encode()), "contact state"),
+        (keys.conversations(), hset(&keys.conversations(), &conv.id, b"junk".to_vec()), "conversation"),
+        (stage_key.clone(), redis::cmd("ZREM").arg(&stage_key).arg(&card.id).clone(), "index"),
+        (stage_key.clone(), redis::cmd("ZADD").arg(&stage_key).arg(1).arg("65a0000000000000000000fd").clone(), "index"),
+        (keys.versions(), redis::cmd("HSET").arg(keys.versions()).arg(format!("p:{}", pipeline.id)).arg("999").clone(), "version of"),
+        (keys.users(), hset(&keys.users(), &user.id, br#"["65a0000000000000000000fe"]"#.to_vec()), "user "),
     ];
-    let mut r = env.redis().await;
     for (key, damage, named) in damages {
         let saved: Vec<u8> = redis::cmd("DUMP").arg(&key).query_async(&mut r).await.unwrap();
         let _: redis::Value = damage.query_async(&mut r).await.unwrap();
@@ -420,26 +480,6 @@ async fn verify_finds_damage_in_every_structure() {
     }
     assert!(env.verify(std::slice::from_ref(&org)).await.is_clean(), "restored");
     env.cleanup().await;
-}
-
-/// functions.lua's `enc` and `keys::encode_component` are one function: the writer (Lua) and
-/// the readers (Rust) name the same keys.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_components_are_encoded_alike_in_lua_and_rust() {
-    use pipeline_board::core::functions::load_library;
-    use pipeline_board::core::keys::encode_component;
-    use rand::Rng;
-    let env = TestEnv::new("enc").await;
-    let mut r = env.redis().await;
-    load_library(&mut r).await.unwrap();
-    let alphabet: Vec<char> = "a:|{}%-Zß王\u{1F600} ".chars().collect();
-    let mut rng = rand::rng();
-    let mut values: Vec<String> = vec!["".into(), "-".into(), "%2D".into(), "Won: {big} | deal".into()];
-    values.extend((0..300).map(|_| (0..rng.random_range(0..8)).map(|_| alphabet[rng.random_range(0..alphabet.len())]).collect()));
-    for v in values {
-        let lua: String = redis::cmd("FCALL_RO").arg("pb_key_component").arg(0).arg(&v).query_async(&mut r).await.unwrap();
-        assert_eq!(lua, encode_component(&v), "{v:?}");
-    }
 }
 
 /// Two legacy cards whose status and source differ only in where a `:` falls: each is found by
@@ -463,13 +503,13 @@ async fn values_with_separators_stay_apart_on_the_board() {
     env.wait_caught_up(Duration::from_secs(60)).await;
     projector.stop().await.unwrap();
 
-    let reader = pipeline_board::query::projection::ProjectionReader::new(env.redis().await, env.keys.clone());
+    let reader = pipeline_board::query::projection::ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10));
     let ask = |body: Value| {
         let reader = reader.clone();
         let org = org.clone();
         async move {
             let q = pipeline_board::query::request::ContactsRequest::parse(body.to_string().as_bytes()).unwrap().into_query().unwrap();
-            let answer = reader.answer(&org, &oid(99), &q, 0).await.unwrap();
+            let (answer, _) = reader.answer(&org, &oid(99), &q, 0).await.unwrap();
             answer
                 .buckets
                 .iter()
@@ -489,43 +529,44 @@ async fn values_with_separators_stay_apart_on_the_board() {
     env.cleanup().await;
 }
 
-/// A dead letter whose cause is fixed (here: a Function that wrongly refused a card) is listed
-/// with its reason and origin, replayed into its topic, applied; a second replay does nothing.
+/// A dead letter whose cause is fixed (here: an event over the projector's size limit, which
+/// the operator raises) is listed with its reason and origin, replayed into its topic, applied;
+/// a second replay does nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
-    use pipeline_board::core::functions::load_library;
     use pipeline_board::dlq::{read_parked, read_topic, replay, ReplayReport};
-    let (env, own, _dir) = env_with_own_redis("replay").await;
+    let env = TestEnv::new("replay").await;
     let t = env.topics.clone();
     let (org, p, s, c, u) = (oid(1), oid(2), oid(3), oid(10), oid(20));
-    env.produce(&t.topic_pipelines, &p, &one_stage_pipeline(&org, &p, &s)).await;
-    let projector = env.spawn_projector();
-    env.wait_caught_up(Duration::from_secs(60)).await;
-
-    // A library with a validation bug refuses this card as if its content were at fault.
-    let mut r = env.redis().await;
-    let buggy = upsert_card_starting_with(&format!("if args[2] == '{c}' then invalid('simulated validation bug') end"));
-    redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(&buggy).query_async::<String>(&mut r).await.unwrap();
-    env.produce(&t.topic_contacts, &c, &event("contact.upserted", &org, "contact", contact(&org, &c, 1, &p, &s, &u, "Ann"))).await;
+    let pipeline = one_stage_pipeline(&org, &p, &s);
+    let card = event("contact.upserted", &org, "contact", contact(&org, &c, 1, &p, &s, &u, "Ann"));
+    assert!(pipeline.len() < card.len(), "the limit below lets the pipeline through");
+    env.produce(&t.topic_pipelines, &p, &pipeline).await;
+    env.produce(&t.topic_contacts, &c, &card).await;
+    let mut strict = env.settings();
+    strict.max_event_bytes = card.len() - 1;
+    let projector = env.spawn_projector_with(strict);
     env.wait_caught_up(Duration::from_secs(60)).await;
     assert_eq!(projector.counters.dead_lettered.load(Ordering::Relaxed), 1);
-    let body_key = env.keys.org(&org).bodies(CardKind::Contact);
-    assert!(!r.hexists::<_, _, bool>(&body_key, &c).await.unwrap());
+    projector.stop().await.unwrap();
+    let mut r = env.redis().await;
+    let cards_key = env.keys.org(&org).cards(CardKind::Contact);
+    assert!(!r.hexists::<_, _, bool>(&cards_key, &c).await.unwrap());
+    let projector = env.spawn_projector();
 
-    // The cause is fixed; the operator lists and replays.
-    load_library(&mut r).await.unwrap();
+    // The cause is fixed (the projector runs with the default limit again); the operator lists and replays.
     let kafka = env.kafka();
     let (k, dlq_topic) = (kafka.clone(), t.topic_dlq.clone());
     let letters = tokio::task::spawn_blocking(move || read_topic(&k, &dlq_topic)).await.unwrap().unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
-    assert_eq!((letters[0].origin_topic.as_str(), letters[0].code.as_str()), (t.topic_contacts.as_str(), "rejected"));
-    assert!(letters[0].reason.contains("simulated validation bug"), "{}", letters[0].reason);
+    assert_eq!((letters[0].origin_topic.as_str(), letters[0].code.as_str()), (t.topic_contacts.as_str(), "too_large"));
+    assert!(letters[0].reason.contains("larger than the limit"), "{}", letters[0].reason);
     assert!(read_parked(&mut r, &env.keys.parked_dead_letters()).await.unwrap().is_empty());
     let replayed_set = env.keys.replayed_dead_letters();
     let first = replay(&kafka, &mut r, &replayed_set, &letters, false).await.unwrap();
     assert_eq!(first, ReplayReport { replayed: 1, already: 0, no_origin: 0 });
     env.wait_caught_up(Duration::from_secs(60)).await;
-    assert!(r.hexists::<_, _, bool>(&body_key, &c).await.unwrap(), "applied once replayed");
+    assert!(r.hexists::<_, _, bool>(&cards_key, &c).await.unwrap(), "applied once replayed");
     let second = replay(&kafka, &mut r, &replayed_set, &letters, false).await.unwrap();
     assert_eq!(second, ReplayReport { replayed: 0, already: 1, no_origin: 0 }, "a second replay does nothing");
     projector.stop().await.unwrap();
@@ -542,8 +583,8 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("1 dead letters (1 in the topic, 0 parked in redis)"), "{stdout}");
-    assert!(stdout.contains("simulated validation bug"), "{stdout}");
-    own.stop();
+    assert!(stdout.contains("larger than the limit"), "{stdout}");
+    env.cleanup().await;
 }
 
 /// A test environment whose Redis is a server of the test's own: the Function library is global
@@ -564,10 +605,10 @@ fn one_stage_pipeline(org: &str, p: &str, s: &str) -> Vec<u8> {
     event("pipeline.upserted", org, "pipeline", pipeline)
 }
 
-/// The Function library with `line` run first in `upsert_card` (a library deployed with a bug).
-fn upsert_card_starting_with(line: &str) -> String {
-    let anchor = "local function upsert_card(keys, args)\n";
+/// The Function library with `line` run first in `commit` (a library deployed with a bug).
+fn commit_starting_with(line: &str) -> String {
+    let anchor = "local function commit(keys, args)\n";
     let patched = pipeline_board::core::functions::LIBRARY.replacen(anchor, &format!("{anchor}  {line}\n"), 1);
-    assert_ne!(patched, pipeline_board::core::functions::LIBRARY, "upsert_card is where the test expects it");
+    assert_ne!(patched, pipeline_board::core::functions::LIBRARY, "commit is where the test expects it");
     patched
 }

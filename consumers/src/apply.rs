@@ -1,21 +1,39 @@
-//! Applies a batch of parsed events to Redis: one pipelined round trip, one FCALL per event.
-use board_core::events::{Event, PoisonReason};
-use board_core::functions::{load_library, ApplyOutcome, FunctionCall};
+//! Applies a batch of parsed events to Redis: reads what the pure batch step (`batch.rs`) asks
+//! for, one pipelined round trip per round, then commits every org's writes with one pipelined
+//! round trip of `FCALL pb_commit` (atomic per org). An org whose commit met a concurrent change
+//! (another projector wrote a value this batch read) is read again and recomputed.
+use crate::batch::{self, Outcome, Slot, Snapshot, Step};
+use board_core::events::Event;
+use board_core::functions::{load_library, Commit, CommitOutcome};
 use board_core::keys::KeySpace;
 use redis::aio::ConnectionManager;
 use redis::RedisError;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
+use tracing::{debug, warn};
 
 /// Redis could not take the batch now (down, restarting, out of memory, failing over). The
-/// batch is retried as a whole: every call in it is idempotent.
+/// batch is retried as a whole: its writes are a pure function of what it reads.
 #[derive(Debug, thiserror::Error)]
 #[error("redis unavailable: {0}")]
 pub struct Transient(pub String);
+
+impl From<RedisError> for Transient {
+    fn from(e: RedisError) -> Self {
+        Transient(e.to_string())
+    }
+}
 
 pub struct RedisApplier {
     conn: ConnectionManager,
     keys: KeySpace,
 }
+
+/// A step that keeps asking for more after this many read rounds has a bug (each round adds
+/// slots, and a batch touches finitely many): fail the batch rather than loop.
+const MAX_READ_ROUNDS: usize = 16;
+/// Conflicts of one org in a row before the batch is given up as transient (and retried whole).
+const MAX_CONFLICTS: usize = 50;
 
 impl RedisApplier {
     /// Connects (retrying inside the connection manager) and loads the Function library.
@@ -37,40 +55,111 @@ impl RedisApplier {
         self.conn.clone()
     }
 
-    /// Applies `events` in order. Per event: the outcome, or the reason Redis rejected it for
-    /// good (a poison event, for the dead-letter topic). Err: nothing may be assumed applied.
-    pub async fn apply(&mut self, events: &[&Event]) -> Result<Vec<Result<ApplyOutcome, PoisonReason>>, Transient> {
-        if events.is_empty() {
-            return Ok(Vec::new());
+    /// Applies `events` in order; one outcome per event. Err: nothing may be assumed applied
+    /// (orgs committed before the error are committed: a retry finds their events stale).
+    pub async fn apply(&mut self, events: &[&Event]) -> Result<Vec<Outcome>, Transient> {
+        let mut by_org: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, e) in events.iter().enumerate() {
+            by_org.entry(e.org_id()).or_default().push(i);
         }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for e in events {
-            FunctionCall::for_event(&self.keys, e).add_to(&mut pipe);
-        }
-        let replies: Vec<redis::RedisResult<String>> = pipe.query_async(&mut self.conn).await.map_err(|e| Transient(e.to_string()))?;
-        let mut out = Vec::with_capacity(replies.len());
-        for reply in replies {
-            match reply {
-                Ok(s) => out.push(ApplyOutcome::parse(&s).ok_or_else(|| PoisonReason::Rejected(format!("unexpected reply {s:?}")))),
-                Err(e) if is_permanent(&e) => out.push(Err(PoisonReason::Rejected(e.to_string()))),
+        let mut outcomes = vec![Outcome::Stale; events.len()];
+        let mut snap = Snapshot::new();
+        let mut pending: Vec<&str> = by_org.keys().copied().collect();
+        let mut conflicts: HashMap<&str, usize> = HashMap::new();
+        while !pending.is_empty() {
+            // Read until every pending org's step is done.
+            let mut commits: Vec<(&str, Commit)> = Vec::new();
+            let mut rounds = 0;
+            loop {
+                let mut need: Vec<Slot> = Vec::new();
+                let mut done: Vec<(&str, Option<Commit>, Vec<Outcome>)> = Vec::new();
+                for org in &pending {
+                    let keys = self.keys.org(org);
+                    let evs: Vec<&Event> = by_org[org].iter().map(|i| events[*i]).collect();
+                    match batch::step(&keys, &evs, &snap) {
+                        Step::Need(slots) => need.extend(slots),
+                        Step::Done { commit, outcomes, undecodable } => {
+                            if undecodable > 0 {
+                                warn!(org, undecodable, "stored values of an older model replaced");
+                            }
+                            done.push((org, commit, outcomes));
+                        }
+                    }
+                }
+                if need.is_empty() {
+                    for (org, commit, outs) in done {
+                        for (i, o) in by_org[org].iter().zip(outs) {
+                            outcomes[*i] = o;
+                        }
+                        if let Some(c) = commit {
+                            commits.push((org, c));
+                        }
+                    }
+                    break;
+                }
+                rounds += 1;
+                if rounds > MAX_READ_ROUNDS {
+                    return Err(Transient(format!("batch step still needs {} values after {MAX_READ_ROUNDS} rounds", need.len())));
+                }
+                self.read(need, &mut snap).await?;
+            }
+            if commits.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for (_, c) in &commits {
+                pipe.add_command(c.to_cmd());
+            }
+            let replies: Vec<String> = match pipe.query_async(&mut self.conn).await {
+                Ok(r) => r,
                 Err(e) => {
                     if e.to_string().contains("Function not found") {
-                        // Redis restarted without persistence: load the library again, retry.
+                        // Redis restarted without persistence: load the library for the retry.
                         let _ = load_library(&mut self.conn).await;
                     }
-                    return Err(Transient(e.to_string()));
+                    return Err(e.into());
+                }
+            };
+            pending.clear();
+            for ((org, commit), reply) in commits.iter().zip(replies) {
+                match CommitOutcome::parse(&reply) {
+                    Some(CommitOutcome::Committed) => {}
+                    Some(CommitOutcome::Conflict) => {
+                        let n = conflicts.entry(org).or_default();
+                        *n += 1;
+                        if *n > MAX_CONFLICTS {
+                            return Err(Transient(format!("org {org}: {MAX_CONFLICTS} commit conflicts in a row")));
+                        }
+                        debug!(org, "commit conflict; reading again");
+                        metrics::counter!("pb_commit_conflicts_total").increment(1);
+                        for g in &commit.guards {
+                            snap.remove(&Slot { key: g.key.clone(), field: g.field.clone() });
+                        }
+                        pending.push(org);
+                    }
+                    None => return Err(Transient(format!("unexpected pb_commit reply {reply:?}"))),
                 }
             }
         }
-        Ok(out)
+        Ok(outcomes)
     }
-}
 
-/// Only `PB_INVALID`, which the Functions raise for content they cannot apply, is the event's
-/// fault. Everything else (I/O, LOADING, BUSY, OOM, cluster moves, a missing library, a killed
-/// script, a bug in a deployed library: plain `ERR`) is Redis' or our state and must never cost
-/// an event: the batch is retried.
-fn is_permanent(e: &RedisError) -> bool {
-    e.code() == Some(board_core::functions::INVALID_CODE)
+    /// Reads `slots` into `snap`: one HMGET per hash, all in one round trip.
+    async fn read(&mut self, slots: Vec<Slot>, snap: &mut Snapshot) -> Result<(), Transient> {
+        let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for s in slots {
+            by_key.entry(s.key).or_default().push(s.field);
+        }
+        let mut pipe = redis::pipe();
+        for (key, fields) in &by_key {
+            pipe.cmd("HMGET").arg(key).arg(fields);
+        }
+        let replies: Vec<Vec<Option<Vec<u8>>>> = pipe.query_async(&mut self.conn).await?;
+        for ((key, fields), values) in by_key.into_iter().zip(replies) {
+            for (field, value) in fields.into_iter().zip(values) {
+                snap.insert(Slot { key: key.clone(), field }, value);
+            }
+        }
+        Ok(())
+    }
 }

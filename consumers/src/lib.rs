@@ -2,6 +2,7 @@
 //! model, at least once, with offsets stored only after Redis acknowledged the writes.
 
 pub mod apply;
+pub mod batch;
 pub mod dead_letter;
 pub mod kafka;
 pub mod progress;

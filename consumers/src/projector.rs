@@ -5,12 +5,12 @@
 //! happen in the same task, a revoke (which librdkafka runs inside a poll) never overlaps an
 //! in-flight batch: what is committed on revoke is exactly what Redis has acknowledged.
 use crate::apply::{RedisApplier, Transient};
+use crate::batch::Outcome;
 use crate::dead_letter::{DeadLetters, Origin};
 use crate::kafka::KafkaConnection;
 use crate::progress;
 use board_core::config::Topics;
 use board_core::events::{parse_event, Event, PoisonReason};
-use board_core::functions::ApplyOutcome;
 use board_core::keys::KeySpace;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
@@ -25,6 +25,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+/// 1 MiB: far above any real contact document, far below what would hurt the projector.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+
 #[derive(Debug, Clone)]
 pub struct ProjectorSettings {
     pub kafka: KafkaConnection,
@@ -34,6 +37,8 @@ pub struct ProjectorSettings {
     pub keys: KeySpace,
     /// Most events applied in one Redis round trip.
     pub max_batch: usize,
+    /// An event larger than this is dead-lettered (`too_large`) without being parsed.
+    pub max_event_bytes: usize,
     /// How long to wait for more events before applying a partial batch.
     pub linger: Duration,
     pub session_timeout: Duration,
@@ -50,6 +55,7 @@ impl ProjectorSettings {
             redis_url: redis_url.to_string(),
             keys,
             max_batch: 1000,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             linger: Duration::from_millis(5),
             session_timeout: Duration::from_secs(6),
             exit_when_caught_up: false,
@@ -230,7 +236,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
             // A dead-letter topic that stays unreachable must not stop the partitions for good.
             let dlq =
                 DeadLetterSink { topic: &dead_letters, parked_stream: &parked_stream, park_unsent: attempts > DLQ_ATTEMPTS_BEFORE_PARKING };
-            match process_batch(&mut applier, &dlq, &batch, &counters).await {
+            match process_batch(&mut applier, &dlq, &batch, settings.max_event_bytes, &counters).await {
                 Ok(()) => break,
                 Err(e) => {
                     counters.redis_retries.fetch_add(1, Ordering::Relaxed);
@@ -322,11 +328,18 @@ async fn process_batch(
     applier: &mut RedisApplier,
     dead_letters: &DeadLetterSink<'_>,
     batch: &[OwnedMessage],
+    max_event_bytes: usize,
     counters: &RunCounters,
 ) -> Result<(), Transient> {
     let started = Instant::now();
-    let parsed: Vec<Result<Event, PoisonReason>> =
-        batch.iter().map(|m| m.payload().ok_or(PoisonReason::InvalidJson("empty message".into())).and_then(parse_event)).collect();
+    let parse = |m: &OwnedMessage| {
+        let payload = m.payload().ok_or(PoisonReason::InvalidJson("empty message".into()))?;
+        if payload.len() > max_event_bytes {
+            return Err(PoisonReason::TooLarge { size: payload.len(), limit: max_event_bytes });
+        }
+        parse_event(payload)
+    };
+    let parsed: Vec<Result<Event, PoisonReason>> = batch.iter().map(parse).collect();
     let good: Vec<&Event> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
     let mut outcomes = applier.apply(&good).await?.into_iter();
 
@@ -336,9 +349,8 @@ async fn process_batch(
         match p {
             Err(reason) => poison.push((msg, reason.clone())),
             Ok(_) => match outcomes.next().expect("one outcome per applied event") {
-                Ok(ApplyOutcome::Applied) => applied += 1,
-                Ok(ApplyOutcome::Stale) => stale += 1,
-                Err(reason) => poison.push((msg, reason)),
+                Outcome::Applied => applied += 1,
+                Outcome::Stale => stale += 1,
             },
         }
     }

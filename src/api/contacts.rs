@@ -60,12 +60,21 @@ pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i6
         "projection_unavailable"
     } else {
         match s.projection.answer(org, user, q, now).await {
-            Ok(a) => return Ok((a, AnswerMeta { answered_by: "projection", reason: None, projection_lag: s.projection_lag() })),
+            Ok((a, route)) => {
+                let meta =
+                    AnswerMeta { answered_by: "projection", route: Some(route.name()), reason: None, projection_lag: s.projection_lag() };
+                return Ok((a, meta));
+            }
             // The projection may not know the pipeline yet (its event is late or dead-lettered):
             // only the source of truth may say it does not exist.
             Err(ProjectionError::Api(ApiError::NotFound(_))) => "pipeline_not_projected",
             Err(ProjectionError::Api(e)) => return Err(e),
             Err(ProjectionError::NotBuilt) => "projection_not_built",
+            // A filter the index could not finish in time would not be cheaper for MongoDB.
+            Err(ProjectionError::Index(e)) => {
+                tracing::warn!(error = %e, "index deadline");
+                return Err(ApiError::Timeout);
+            }
             Err(ProjectionError::Unavailable(e)) => {
                 tracing::warn!(error = %e, "projection unavailable; answering from MongoDB");
                 "projection_unavailable"
@@ -76,7 +85,7 @@ pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i6
         return Err(ApiError::DependencyDown(Dependency::Mongodb.name()));
     }
     match s.mongo.answer(org, user, q, now).await {
-        Ok(a) => Ok((a, AnswerMeta { answered_by: "mongodb", reason: Some(reason), projection_lag: s.projection_lag() })),
+        Ok(a) => Ok((a, AnswerMeta { answered_by: "mongodb", route: None, reason: Some(reason), projection_lag: s.projection_lag() })),
         Err(MongoPathError::Api(e)) => Err(e),
         Err(MongoPathError::Unavailable(e)) => Err(ApiError::Unavailable(e)),
         Err(MongoPathError::TooBroad(n)) => Err(ApiError::TooBroadForMongodb(n)),

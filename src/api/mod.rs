@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Longest time one request may take before it is answered 503.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+    /// Longest time the in-memory index may filter one board (search, team and the other
+    /// filters the sorted sets do not answer) before the request is answered 503 `timeout`.
+    #[arg(long, env = "INDEX_DEADLINE_MS", default_value_t = 2_000)]
+    pub index_deadline_ms: u64,
     /// Most contact ids the MongoDB path collects for one filter (conversations, messages);
     /// a broader filter is answered 503 `mongodb_filter_too_broad` instead of an unbounded query.
     #[arg(long, env = "MONGODB_PATH_MAX_IDS", default_value_t = crate::query::mongo_path::DEFAULT_MAX_IDS)]
@@ -182,7 +186,7 @@ impl Application {
         let health = Health::default();
         health.spawn_probe(redis.clone(), mongo_db.clone(), Duration::from_millis(args.health_interval_ms.max(100)));
         let state = AppState {
-            projection: ProjectionReader::new(redis.clone(), keys.clone()),
+            projection: ProjectionReader::new(redis.clone(), keys.clone(), Duration::from_millis(args.index_deadline_ms.max(1))),
             mongo: MongoReader::new(mongo_db.clone(), args.mongodb_path_max_ids),
             redis,
             mongo_db,

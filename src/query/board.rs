@@ -129,6 +129,9 @@ pub struct BucketAnswer {
 #[serde(rename_all = "camelCase")]
 pub struct AnswerMeta {
     pub answered_by: &'static str,
+    /// Which structure of the projection answered: `sorted_sets` or `index`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -273,7 +276,7 @@ mod tests {
                 })
                 .collect(),
         };
-        let meta = AnswerMeta { answered_by: "projection", reason: None, projection_lag: None };
+        let meta = AnswerMeta { answered_by: "projection", route: None, reason: None, projection_lag: None };
         let json: serde_json::Value = serde_json::from_slice(&answer.to_json_bytes(&meta)).unwrap();
         assert_eq!(json["dataByStatus"].as_object().unwrap().len(), 3, "{json}");
         assert_eq!((json["dataByStatus"][won1]["total"].as_u64(), json["dataByStatus"][won2]["total"].as_u64()), (Some(0), Some(1)));

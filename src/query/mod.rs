@@ -2,6 +2,8 @@
 //! paths (the Redis projection and MongoDB) that must give identical answers.
 pub mod board;
 pub mod error;
+pub mod index;
+pub mod index_cache;
 pub mod mongo_path;
 pub mod projection;
 pub mod request;

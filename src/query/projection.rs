@@ -1,16 +1,21 @@
-//! The projection path: reads the org's pipelines, builds the board plan, and answers every
-//! bucket in one read-only Function call (`pb_board` in functions.lua). Two round trips per
-//! board, whatever the number of stages and filters.
-use super::board::{self, BoardAnswer, BucketAnswer, CardOut};
+//! The projection path. A board whose filters are any of none, one person (`my`, one owner, a
+//! user id), `unanswered` and a created range is read natively from the sorted sets: per raw
+//! stage key one count and one range read, pipelined in one round trip, then the page's card
+//! records with one `HMGET` — Redis work proportional to the page, never to the matches. Every
+//! other board is answered by the in-memory index (`index.rs`) off Redis' thread, under a
+//! deadline; the page's records still come from Redis.
+use super::board::{self, BoardAnswer, BoardPlan, BucketAnswer, CardOut};
 use super::error::ApiError;
+use super::index::{IndexBucket, IndexError};
+use super::index_cache::IndexCache;
 use super::request::{BoardQuery, MessageStatus, OwnerScope};
-use board_core::card::{trigrams, StoredCard};
-use board_core::keys::KeySpace;
-use board_core::model::Pipeline;
+use board_core::keys::{KeySpace, OrgKeys};
+use board_core::model::{CardKind, Pipeline};
+use board_core::record::CardRecord;
 use board_core::time::Millis;
 use redis::aio::ConnectionManager;
-use redis::Value;
-use serde::Serialize;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// Why the projection did not answer.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +29,9 @@ pub enum ProjectionError {
     /// Redis failed: ask MongoDB.
     #[error("redis: {0}")]
     Unavailable(String),
+    /// The in-memory index could not finish within its deadline.
+    #[error(transparent)]
+    Index(#[from] IndexError),
 }
 
 impl From<redis::RedisError> for ProjectionError {
@@ -32,68 +40,85 @@ impl From<redis::RedisError> for ProjectionError {
     }
 }
 
-/// At most this many trigrams of a search term are intersected: any subset still finds every
-/// match (the literal check removes the rest), and a long term stays cheap.
-const MAX_GRAMS: usize = 8;
-
-#[derive(Debug, Serialize)]
-struct LuaBucket {
-    rks: Vec<String>,
-    offset: u64,
-    limit: u64,
+/// Which sorted set answers a board directly: the filters it can carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetShape {
+    pub person: Option<String>,
+    pub unanswered: bool,
+    /// Score bounds (createdAt): `-inf`/`+inf` when no created range.
+    pub created: Option<(String, String)>,
 }
 
-#[derive(Debug, Serialize, Default)]
-struct LuaPlan {
-    k: &'static str,
-    buckets: Vec<LuaBucket>,
-    cmin: String,
-    cmax: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    created: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cstart: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cend: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    people: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    team_of: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    assignees: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    unassigned: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    source: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bulk: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    answered: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    quiet_before: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    msg_min: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    msg_max: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    term: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    grams: Option<Vec<String>>,
-}
+impl SetShape {
+    /// The shape of `q` if the sorted sets answer it, None if the index must.
+    pub fn of(q: &BoardQuery, user: &str) -> Option<SetShape> {
+        let f = &q.filters;
+        let person = match &f.owner {
+            OwnerScope::All => None,
+            OwnerScope::Mine => Some(user.to_string()),
+            OwnerScope::Users(u) if u.len() == 1 => Some(u[0].clone()),
+            _ => return None,
+        };
+        let unanswered = match f.message_status {
+            MessageStatus::All => false,
+            MessageStatus::Unanswered => true,
+            MessageStatus::Answered => return None,
+        };
+        // The quiet window ("no message since t") holds for every card without messages.
+        let source_applies = f.source.is_some() && q.kind == CardKind::Contact;
+        if f.search.is_some() || f.assignees.is_some() || source_applies || f.bulk_only || f.messaged_in.is_some() {
+            return None;
+        }
+        if f.quiet_for.is_some() && !unanswered {
+            return None;
+        }
+        // "(-inf" leaves out cards without createdAt, which no range matches.
+        let created = f.created.map(|r| {
+            (
+                r.start.map(|s| s.to_string()).unwrap_or_else(|| "(-inf".into()),
+                r.end.map(|e| e.to_string()).unwrap_or_else(|| "+inf".into()),
+            )
+        });
+        Some(SetShape { person, unanswered, created })
+    }
 
-fn bound(v: Option<i64>, open: &str) -> String {
-    v.map(|x| x.to_string()).unwrap_or_else(|| open.to_string())
+    pub fn key(&self, keys: &OrgKeys, kind: CardKind, rk: &str) -> String {
+        match (&self.person, self.unanswered) {
+            (None, false) => keys.stage(kind, rk),
+            (None, true) => keys.stage_unanswered(kind, rk),
+            (Some(u), false) => keys.stage_person(kind, rk, u),
+            (Some(u), true) => keys.stage_person_unanswered(kind, rk, u),
+        }
+    }
 }
 
 #[derive(Clone)]
 pub struct ProjectionReader {
     conn: ConnectionManager,
     keys: KeySpace,
+    index: IndexCache,
+    index_deadline: Duration,
+}
+
+/// Which path of the projection answered a board (for `meta` and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProjectionRoute {
+    SortedSets,
+    Index,
+}
+
+impl ProjectionRoute {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProjectionRoute::SortedSets => "sorted_sets",
+            ProjectionRoute::Index => "index",
+        }
+    }
 }
 
 impl ProjectionReader {
-    pub fn new(conn: ConnectionManager, keys: KeySpace) -> Self {
-        ProjectionReader { conn, keys }
+    pub fn new(conn: ConnectionManager, keys: KeySpace, index_deadline: Duration) -> Self {
+        ProjectionReader { index: IndexCache::new(conn.clone(), keys.clone()), conn, keys, index_deadline }
     }
 
     pub async fn pipelines(&self, org: &str) -> Result<Vec<Pipeline>, ProjectionError> {
@@ -107,126 +132,179 @@ impl ProjectionReader {
     }
 
     /// `user` is the caller (`my`, `team`); `now` anchors `lastMessageTimeRange`.
-    pub async fn answer(&self, org: &str, user: &str, q: &BoardQuery, now: Millis) -> Result<BoardAnswer, ProjectionError> {
-        let (plan, call) = self.board_call(org, user, q, now).await?;
-        let mut conn = self.conn.clone();
-        let reply: Value = call.query_async(&mut conn).await?;
-        let buckets = decode_reply(reply, &plan)?;
-        Ok(BoardAnswer { kind: q.kind, buckets })
-    }
-
-    /// The one `FCALL_RO pb_board` that answers the board (benchmarks replay it verbatim).
-    pub async fn board_call(
+    pub async fn answer(
         &self,
         org: &str,
         user: &str,
         q: &BoardQuery,
         now: Millis,
-    ) -> Result<(board::BoardPlan, redis::Cmd), ProjectionError> {
+    ) -> Result<(BoardAnswer, ProjectionRoute), ProjectionError> {
         let pipelines = self.pipelines(org).await?;
         if pipelines.is_empty() {
             return Err(ProjectionError::NotBuilt);
         }
         let plan = board::plan(&pipelines, q)?;
-        let f = &q.filters;
-        let mut lua = LuaPlan {
-            k: q.kind.tag(),
-            buckets: plan.buckets.iter().map(|b| LuaBucket { rks: plan.raw_keys(b), offset: b.offset, limit: b.limit }).collect(),
-            cmin: "-inf".into(),
-            cmax: "+inf".into(),
-            ..Default::default()
+        let (pages, route) = match SetShape::of(q, user) {
+            Some(shape) => (self.read_sets(org, q.kind, &plan, &shape).await?, ProjectionRoute::SortedSets),
+            None => (self.read_index(org, user, q, &plan, now).await?, ProjectionRoute::Index),
         };
-        if let Some(r) = f.created {
-            // "(-inf" leaves out cards without createdAt, which no range matches.
-            lua.cmin = bound(r.start, "(-inf");
-            lua.cmax = bound(r.end, "+inf");
-            lua.created = Some(true);
-            lua.cstart = r.start;
-            lua.cend = r.end;
-        }
-        match &f.owner {
-            OwnerScope::All => {}
-            OwnerScope::Mine => lua.people = Some(vec![user.to_string()]),
-            OwnerScope::Team => lua.team_of = Some(user.to_string()),
-            OwnerScope::Unassigned => lua.unassigned = Some(true),
-            OwnerScope::Users(u) => lua.people = Some(u.clone()),
-        }
-        lua.assignees = f.assignees.clone();
-        lua.source = f.source.clone();
-        lua.bulk = f.bulk_only.then_some(true);
-        lua.answered = match f.message_status {
-            MessageStatus::All => None,
-            MessageStatus::Answered => Some("yes"),
-            MessageStatus::Unanswered => Some("no"),
-        };
-        lua.quiet_before = f.quiet_for.map(|d| now - d);
-        if let Some(r) = f.messaged_in {
-            lua.msg_min = Some(bound(r.start, "-inf"));
-            lua.msg_max = Some(bound(r.end, "+inf"));
-        }
-        if let Some(s) = &f.search {
-            let term = board_core::text::fold(s);
-            let grams = trigrams(&term);
-            if !grams.is_empty() {
-                // Spread the chosen trigrams over the term.
-                let step = grams.len().div_ceil(MAX_GRAMS);
-                lua.grams = Some(grams.into_iter().step_by(step).collect());
-            }
-            lua.term = Some(term);
-        }
-        let plan_json = serde_json::to_string(&lua).map_err(|e| ProjectionError::Unavailable(e.to_string()))?;
-        let mut cmd = redis::cmd("FCALL_RO");
-        cmd.arg("pb_board").arg(1).arg(self.keys.org(org).base).arg(plan_json);
-        Ok((plan, cmd))
+        let buckets = self.render(org, q.kind, &plan, pages).await?;
+        Ok((BoardAnswer { kind: q.kind, buckets }, route))
     }
-}
 
-/// The derived fields of a card from its msgpack meta (written by functions.lua): `asg`, the
-/// sorted assignee union, and `lm`, the last message time. Lua's msgpack writes an empty table as
-/// an empty array or map, and an integral number as an integer: both are accepted.
-fn derived_of_meta(meta: &[u8]) -> Option<(Vec<String>, Option<Millis>)> {
-    let rmpv::Value::Map(fields) = rmpv::decode::read_value(&mut &meta[..]).ok()? else { return None };
-    let (mut assignees, mut last) = (Vec::new(), None);
-    for (k, v) in fields {
-        match k.as_str() {
-            Some("asg") => {
-                if let rmpv::Value::Array(a) = v {
-                    assignees = a.iter().filter_map(|u| u.as_str().map(str::to_string)).collect();
+    /// Totals and page ids from the sorted sets. One round trip in the usual case (each bucket
+    /// has one non-empty raw stage); a bucket that spans several (legacy cards, status-only
+    /// cards) reads the first offset+limit of each in a second one and merges.
+    pub async fn read_sets(
+        &self,
+        org: &str,
+        kind: CardKind,
+        plan: &BoardPlan,
+        shape: &SetShape,
+    ) -> Result<Vec<IndexBucket>, ProjectionError> {
+        let keys = self.keys.org(org);
+        let sets: Vec<Vec<String>> =
+            plan.buckets.iter().map(|b| plan.raw_keys(b).iter().map(|rk| shape.key(&keys, kind, rk)).collect()).collect();
+        let mut pipe = redis::pipe();
+        for (b, keys) in plan.buckets.iter().zip(&sets) {
+            for key in keys {
+                match &shape.created {
+                    None => {
+                        pipe.cmd("ZCARD").arg(key);
+                        let last = (b.offset + b.limit).saturating_sub(1);
+                        pipe.cmd("ZRANGE").arg(key).arg(b.offset).arg(last).arg("REV");
+                    }
+                    Some((min, max)) => {
+                        pipe.cmd("ZCOUNT").arg(key).arg(min).arg(max);
+                        pipe.cmd("ZRANGE").arg(key).arg(max).arg(min).arg("BYSCORE").arg("REV").arg("LIMIT").arg(b.offset).arg(b.limit);
+                    }
                 }
             }
-            Some("lm") => last = v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)),
-            _ => {}
         }
+        let mut replies: std::vec::IntoIter<redis::Value> =
+            pipe.query_async::<Vec<redis::Value>>(&mut self.conn.clone()).await?.into_iter();
+        let mut out = Vec::with_capacity(plan.buckets.len());
+        let mut spanning: Vec<(usize, Vec<String>)> = Vec::new();
+        for (i, keys) in sets.iter().enumerate() {
+            let mut total = 0u64;
+            let mut non_empty = Vec::new();
+            let mut ids = Vec::new();
+            for key in keys {
+                let n: u64 = redis::from_redis_value(replies.next().ok_or_else(|| bad("count"))?).map_err(|e| bad(&e.to_string()))?;
+                let page: Vec<String> =
+                    redis::from_redis_value(replies.next().ok_or_else(|| bad("range"))?).map_err(|e| bad(&e.to_string()))?;
+                if n > 0 {
+                    total += n;
+                    non_empty.push(key.clone());
+                    ids = page;
+                }
+            }
+            if non_empty.len() > 1 {
+                spanning.push((i, non_empty));
+            }
+            out.push(IndexBucket { total, ids });
+        }
+        if !spanning.is_empty() {
+            let mut pipe = redis::pipe();
+            for (i, keys) in &spanning {
+                let b = &plan.buckets[*i];
+                let (min, max) = shape.created.clone().unwrap_or_else(|| ("-inf".into(), "+inf".into()));
+                for key in keys {
+                    pipe.cmd("ZRANGE")
+                        .arg(key)
+                        .arg(&max)
+                        .arg(&min)
+                        .arg("BYSCORE")
+                        .arg("REV")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(b.offset + b.limit)
+                        .arg("WITHSCORES");
+                }
+            }
+            let mut replies = pipe.query_async::<Vec<Vec<(String, f64)>>>(&mut self.conn.clone()).await?.into_iter();
+            for (i, keys) in &spanning {
+                let b = &plan.buckets[*i];
+                let mut all: Vec<(f64, String)> = Vec::new();
+                for _ in keys {
+                    all.extend(replies.next().ok_or_else(|| bad("merge range"))?.into_iter().map(|(id, s)| (s, id)));
+                }
+                // Board order: score descending, then id descending (as ZRANGE REV orders).
+                all.sort_by(|x, y| y.0.total_cmp(&x.0).then_with(|| y.1.cmp(&x.1)));
+                out[*i].ids = all.into_iter().skip(b.offset as usize).take(b.limit as usize).map(|(_, id)| id).collect();
+            }
+        }
+        Ok(out)
     }
-    Some((assignees, last))
-}
 
-fn bad_reply(what: &str) -> ProjectionError {
-    ProjectionError::Unavailable(format!("unexpected pb_board reply: {what}"))
-}
-
-fn decode_reply(reply: Value, plan: &board::BoardPlan) -> Result<Vec<BucketAnswer>, ProjectionError> {
-    let Value::Array(buckets) = reply else { return Err(bad_reply("not an array")) };
-    if buckets.len() != plan.buckets.len() {
-        return Err(bad_reply("bucket count"));
+    async fn read_index(
+        &self,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        plan: &BoardPlan,
+        now: Millis,
+    ) -> Result<Vec<IndexBucket>, ProjectionError> {
+        let slot = self.index.current(org).await?;
+        let deadline = Instant::now() + self.index_deadline;
+        let (q, plan, user) = (q.clone(), plan.clone(), user.to_string());
+        let answered =
+            tokio::task::spawn_blocking(move || slot.index.read().expect("not poisoned").answer(&plan, &q, &user, now, deadline))
+                .await
+                .map_err(|e| ProjectionError::Unavailable(format!("index task: {e}")))?;
+        Ok(answered?)
     }
-    let mut out = Vec::with_capacity(buckets.len());
-    for (spec, bucket) in plan.buckets.iter().zip(buckets) {
-        let Value::Array(items) = bucket else { return Err(bad_reply("bucket not an array")) };
-        let mut items = items.into_iter();
-        let total = match items.next() {
-            Some(Value::Int(n)) => n.max(0) as u64,
-            _ => return Err(bad_reply("total")),
+
+    /// The page's cards from their records: one HMGET for the whole board.
+    async fn render(
+        &self,
+        org: &str,
+        kind: CardKind,
+        plan: &BoardPlan,
+        pages: Vec<IndexBucket>,
+    ) -> Result<Vec<BucketAnswer>, ProjectionError> {
+        let ids: Vec<&String> = pages.iter().flat_map(|p| &p.ids).collect();
+        let records: HashMap<&str, CardRecord> = if ids.is_empty() {
+            HashMap::new()
+        } else {
+            let mut conn = self.conn.clone();
+            let raw: Vec<Option<Vec<u8>>> =
+                redis::cmd("HMGET").arg(self.keys.org(org).cards(kind)).arg(&ids).query_async(&mut conn).await?;
+            let mut m = HashMap::with_capacity(ids.len());
+            for (id, bytes) in ids.iter().zip(raw) {
+                if let Some(b) = bytes {
+                    m.insert(id.as_str(), CardRecord::decode(&b).map_err(|e| bad(&format!("card record: {e}")))?);
+                }
+            }
+            m
         };
-        let rest: Vec<Value> = items.collect();
-        let mut cards = Vec::with_capacity(rest.len() / 3);
-        for chunk in rest.chunks(3) {
-            let [_, Value::BulkString(body), Value::BulkString(meta)] = chunk else { return Err(bad_reply("card triple")) };
-            let stored = StoredCard::decode(body).map_err(|e| bad_reply(&format!("card body: {e}")))?;
-            let (assignees, last_message_at) = derived_of_meta(meta).ok_or_else(|| bad_reply("card meta"))?;
-            cards.push(CardOut { doc: stored.to_doc(), assignees, last_message_at });
-        }
-        out.push(BucketAnswer { name: spec.name.clone(), stage_id: spec.stage.as_ref().map(|s| s.id.clone()), total, cards });
+        Ok(plan
+            .buckets
+            .iter()
+            .zip(&pages)
+            .map(|(spec, page)| BucketAnswer {
+                name: spec.name.clone(),
+                stage_id: spec.stage.as_ref().map(|s| s.id.clone()),
+                total: page.total,
+                cards: page
+                    .ids
+                    .iter()
+                    // A card deleted between the read of the ids and of the records drops out.
+                    .filter_map(|id| records.get(id.as_str()))
+                    .filter_map(|r| {
+                        let card = r.card.as_ref()?;
+                        Some(CardOut {
+                            doc: card.to_doc(),
+                            assignees: r.derived.assignees.clone(),
+                            last_message_at: r.derived.last_message_at(),
+                        })
+                    })
+                    .collect(),
+            })
+            .collect())
     }
-    Ok(out)
+}
+
+fn bad(what: &str) -> ProjectionError {
+    ProjectionError::Unavailable(format!("unexpected projection reply: {what}"))
 }

@@ -259,6 +259,7 @@ impl TestEnv {
             mongo: MongoArgs { mongodb_uri: self.mongo_uri.clone(), mongodb_db: self.mongo_db.clone() },
             group_id: self.group.clone(),
             request_timeout_ms: 30_000,
+            index_deadline_ms: 10_000,
             health_interval_ms: 200,
             mongodb_path_max_ids: pipeline_board::query::mongo_path::DEFAULT_MAX_IDS,
             lag_interval_ms: 1_000,

@@ -42,8 +42,10 @@ pub enum PoisonReason {
     InvalidDocument(String),
     #[error("document orgId {doc:?} differs from the event orgId {event:?}")]
     OrgMismatch { event: String, doc: String },
-    #[error("rejected by the projection: {0}")]
-    Rejected(String),
+    /// Larger than the projector's `--max-event-bytes`: refused before parsing, so one huge
+    /// event cannot cost unbounded work. Raise the limit and replay it if it was legitimate.
+    #[error("event of {size} bytes is larger than the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
 }
 
 impl PoisonReason {
@@ -54,7 +56,7 @@ impl PoisonReason {
             PoisonReason::UnknownType(_) => "unknown_type",
             PoisonReason::InvalidDocument(_) => "invalid_document",
             PoisonReason::OrgMismatch { .. } => "org_mismatch",
-            PoisonReason::Rejected(_) => "rejected",
+            PoisonReason::TooLarge { .. } => "too_large",
         }
     }
 }

@@ -79,7 +79,7 @@ impl KeySpace {
 
 /// The keys of one org. `base` is also the first KEYS argument of every Function call: it
 /// routes the call to the org's slot on Redis Cluster.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrgKeys {
     pub base: String,
 }
@@ -93,17 +93,23 @@ impl OrgKeys {
         }
         s
     }
-    /// Last applied version (tombstones stay) of every document, field `<tag>:<id>`.
+    /// Last applied version (tombstones stay) of pipelines and users, field `p:<id>` / `u:<id>`
+    /// (cards and conversations keep theirs in their records).
     pub fn versions(&self) -> String {
         self.k(&["ver"])
     }
-    /// bincode card bodies, field = card id.
-    pub fn bodies(&self, kind: CardKind) -> String {
-        self.k(&["body", kind.tag()])
+    /// Card records (`record::CardRecord`, bincode), field = card id; deleted cards stay as
+    /// tombstones.
+    pub fn cards(&self, kind: CardKind) -> String {
+        self.k(&["card", kind.tag()])
     }
-    /// msgpack index metadata of each card (what its index entries were derived from).
-    pub fn metas(&self, kind: CardKind) -> String {
-        self.k(&["meta", kind.tag()])
+    /// Contact states (`record::ContactState`, bincode), field = contact id.
+    pub fn contact_states(&self) -> String {
+        self.k(&["cs"])
+    }
+    /// Conversations (`record::ConversationRecord`, bincode), field = conversation id.
+    pub fn conversations(&self) -> String {
+        self.k(&["conv"])
     }
     pub fn pipelines(&self) -> String {
         self.k(&["pipelines"])
@@ -114,62 +120,26 @@ impl OrgKeys {
     pub fn team(&self, team_id: &str) -> String {
         self.k(&["team", team_id])
     }
-    pub fn messages_of(&self, contact_id: &str) -> String {
-        self.k(&["msgs", contact_id])
-    }
-    /// The union of the assignees of a contact's conversations.
-    pub fn assignees_of(&self, contact_id: &str) -> String {
-        self.k(&["asgof", contact_id])
-    }
-    /// Conversations: id -> msgpack {cid, asg}.
-    pub fn conversations(&self) -> String {
-        self.k(&["conv"])
-    }
-    /// The ids of a contact's conversations.
-    pub fn conversations_of(&self, contact_id: &str) -> String {
-        self.k(&["convsof", contact_id])
-    }
-    /// The ids of a contact's applications.
-    pub fn applications_of(&self, contact_id: &str) -> String {
-        self.k(&["appsof", contact_id])
+    /// The org's change stream: one entry per applied batch, listing the cards it changed. The
+    /// API's in-memory index follows it (src/index).
+    pub fn changes(&self) -> String {
+        self.k(&["changes"])
     }
     /// Every card of a raw stage; score = createdAt millis (-inf when missing), member = id.
     pub fn stage(&self, kind: CardKind, rk: &str) -> String {
         self.k(&["z", kind.tag(), rk])
     }
-    /// Cards of a raw stage where `user` is creator, owner or conversation assignee.
-    pub fn stage_person(&self, kind: CardKind, rk: &str, user: &str) -> String {
-        self.k(&["zp", kind.tag(), rk, &encode_component(user)])
-    }
-    /// Cards of a raw stage where `user` is a conversation assignee.
-    pub fn stage_assignee(&self, kind: CardKind, rk: &str, user: &str) -> String {
-        self.k(&["za", kind.tag(), rk, &encode_component(user)])
-    }
-    /// Cards of a raw stage with no owner and no conversation assignee.
-    pub fn stage_unassigned(&self, kind: CardKind, rk: &str) -> String {
-        self.k(&["zu", kind.tag(), rk])
-    }
-    pub fn stage_source(&self, kind: CardKind, rk: &str, source: &str) -> String {
-        self.k(&["zs", kind.tag(), rk, &encode_component(source)])
-    }
-    pub fn stage_bulk(&self, kind: CardKind, rk: &str) -> String {
-        self.k(&["zb", kind.tag(), rk])
-    }
-    /// Cards of a raw stage whose contact has at least one message (score = createdAt).
-    pub fn stage_answered(&self, kind: CardKind, rk: &str) -> String {
-        self.k(&["zm", kind.tag(), rk])
-    }
     /// Cards of a raw stage whose contact has no message (unanswered); score = createdAt.
     pub fn stage_unanswered(&self, kind: CardKind, rk: &str) -> String {
         self.k(&["zn", kind.tag(), rk])
     }
-    /// The same cards scored by their contact's last message time.
-    pub fn stage_last_message(&self, kind: CardKind, rk: &str) -> String {
-        self.k(&["zl", kind.tag(), rk])
+    /// Cards of a raw stage where `user` is creator, owner or conversation assignee.
+    pub fn stage_person(&self, kind: CardKind, rk: &str, user: &str) -> String {
+        self.k(&["zp", kind.tag(), rk, &encode_component(user)])
     }
-    /// Search index: card ids whose lower-cased name or phone fields contain the trigram.
-    pub fn trigram(&self, kind: CardKind, gram: &str) -> String {
-        self.k(&["tri", kind.tag(), gram])
+    /// The same, of cards whose contact has no message.
+    pub fn stage_person_unanswered(&self, kind: CardKind, rk: &str, user: &str) -> String {
+        self.k(&["zpn", kind.tag(), rk, &encode_component(user)])
     }
 }
 
@@ -181,7 +151,9 @@ mod tests {
     fn all_keys_of_an_org_share_one_hash_tag() {
         let o = KeySpace::new("pb").org("64f0a1b2c3d4e5f6a7b8c9d1");
         let rk = raw_stage_key(Some("p1"), None, Some("Won {big}")).unwrap();
-        for key in [o.versions(), o.stage_person(CardKind::Contact, &rk, "u1"), o.trigram(CardKind::Application, "}{x")] {
+        for key in
+            [o.versions(), o.stage_person(CardKind::Contact, &rk, "u1"), o.stage_person_unanswered(CardKind::Application, &rk, "}{x")]
+        {
             let open = key.find('{').unwrap();
             let close = open + key[open..].find('}').unwrap();
             assert_eq!(&key[open + 1..close], "64f0a1b2c3d4e5f6a7b8c9d1", "{key}");
@@ -204,7 +176,7 @@ mod tests {
         let o = KeySpace::new("pb").org("64f0a1b2c3d4e5f6a7b8c9d1");
         let (a, b) = (raw_stage_key(Some("p"), None, Some("Won:abc")).unwrap(), raw_stage_key(Some("p"), None, Some("Won")).unwrap());
         assert_ne!(o.stage_person(CardKind::Contact, &a, "def"), o.stage_person(CardKind::Contact, &b, "abc:def"));
-        assert_ne!(o.stage_source(CardKind::Contact, &a, "def"), o.stage_source(CardKind::Contact, &b, "abc:def"));
+        assert_ne!(o.stage_person_unanswered(CardKind::Contact, &a, "def"), o.stage_person_unanswered(CardKind::Contact, &b, "abc:def"));
         assert_ne!(raw_stage_key(Some("p|s:x"), Some("y"), None), raw_stage_key(Some("p"), Some("x|s:y"), None));
     }
 
@@ -224,8 +196,8 @@ mod tests {
             vec![
                 o.stage(CardKind::Contact, &rk),
                 o.stage_person(CardKind::Contact, &rk, &t.3),
-                o.stage_assignee(CardKind::Contact, &rk, &t.3),
-                o.stage_source(CardKind::Contact, &rk, &t.4),
+                o.stage_person_unanswered(CardKind::Contact, &rk, &t.3),
+                o.stage_unanswered(CardKind::Contact, &rk),
             ]
         }
 
@@ -243,10 +215,11 @@ mod tests {
                 };
                 let (kx, ky) = (keys(&x), keys(&y));
                 if !kx.is_empty() && !ky.is_empty() {
-                    // stage: (pid, stage, status); person/assignee add the user; source adds the source.
+                    // stage: (pid, stage, status); the person sets add the user.
                     prop_assert_eq!(kx[0] == ky[0], (norm(&x).0, norm(&x).1, norm(&x).2) == (norm(&y).0, norm(&y).1, norm(&y).2));
                     prop_assert_eq!(kx[1] == ky[1], kx[0] == ky[0] && x.3 == y.3);
-                    prop_assert_eq!(kx[3] == ky[3], kx[0] == ky[0] && x.4 == y.4);
+                    prop_assert_eq!(kx[2] == ky[2], kx[1] == ky[1]);
+                    prop_assert_eq!(kx[3] == ky[3], kx[0] == ky[0]);
                 }
             }
         }

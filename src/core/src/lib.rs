@@ -8,6 +8,7 @@ pub mod events;
 pub mod functions;
 pub mod keys;
 pub mod model;
+pub mod record;
 pub mod telemetry;
 pub mod text;
 pub mod time;

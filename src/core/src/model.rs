@@ -125,7 +125,7 @@ pub struct User {
 
 /// Which board a card lives on. Contacts answer `pipelineType: Contact`, applications
 /// `pipelineType: Application`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum CardKind {
     Contact,
     Application,

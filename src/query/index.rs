@@ -1,0 +1,362 @@
+//! The API's in-memory index of one org: answers, off Redis' thread, every board the Redis sorted
+//! sets do not answer directly (search, team, several owners, assignees, unassigned, source, bulk,
+//! answered, the last-message windows, and their combinations).
+//!
+//! Rows are card records (`record::CardRecord`) reduced to what filters look at; membership
+//! filters are Roaring bitmaps over row numbers, so a filter is a few bitmap operations whatever
+//! its selectivity, and search terms of 3+ characters start from trigram postings. What remains
+//! per candidate (time ranges, the literal search check) runs over the candidates only, under a
+//! deadline. Pure: `index_cache.rs` loads and follows the org's change stream.
+use super::board::BoardPlan;
+use super::request::{BoardQuery, MessageStatus, OwnerScope};
+use board_core::card::{search_fields, trigrams};
+use board_core::keys::raw_stage_key;
+use board_core::model::CardKind;
+use board_core::record::{has_message_between, quiet_since, CardRecord};
+use board_core::time::Millis;
+use roaring::RoaringBitmap;
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+struct Row {
+    kind: CardKind,
+    id: String,
+    created: Option<Millis>,
+    message_times: Vec<Millis>,
+    /// case-folded names and phone numbers
+    text: Vec<String>,
+    /// Index memberships, kept to take the row out again.
+    stage: Option<String>,
+    people: Vec<String>,
+    assignees: Vec<String>,
+    source: Option<String>,
+    bulk: bool,
+    unassigned: bool,
+    grams: Vec<String>,
+}
+
+/// Why the index did not answer.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum IndexError {
+    #[error("the board's filters took longer than the index deadline")]
+    Deadline,
+}
+
+#[derive(Debug, Default)]
+pub struct OrgIndex {
+    /// The last change-stream entry applied (`0-0`: none).
+    pub stream_id: String,
+    slot_of: HashMap<(CardKind, String), u32>,
+    rows: Vec<Option<Row>>,
+    free: Vec<u32>,
+    by_stage: HashMap<(CardKind, String), RoaringBitmap>,
+    by_person: HashMap<String, RoaringBitmap>,
+    by_assignee: HashMap<String, RoaringBitmap>,
+    by_source: HashMap<String, RoaringBitmap>,
+    by_gram: HashMap<String, RoaringBitmap>,
+    bulk: RoaringBitmap,
+    unassigned: RoaringBitmap,
+    answered: RoaringBitmap,
+    /// user -> teams, from the projection's users
+    teams_of: HashMap<String, Vec<String>>,
+}
+
+/// One bucket's answer: the exact total and the ids of the page, in board order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexBucket {
+    pub total: u64,
+    pub ids: Vec<String>,
+}
+
+/// At most this many trigrams of a term are intersected (any subset finds every match; the
+/// literal check removes the rest).
+const MAX_GRAMS: usize = 8;
+
+fn set(map: &mut HashMap<String, RoaringBitmap>, key: &str, row: u32, on: bool) {
+    if on {
+        map.entry(key.to_string()).or_default().insert(row);
+    } else if let Some(b) = map.get_mut(key) {
+        b.remove(row);
+        if b.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+impl OrgIndex {
+    pub fn new(stream_id: String) -> Self {
+        OrgIndex { stream_id, ..Default::default() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slot_of.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slot_of.is_empty()
+    }
+
+    pub fn set_users(&mut self, users: impl IntoIterator<Item = (String, Vec<String>)>) {
+        self.teams_of = users.into_iter().collect();
+    }
+
+    pub fn set_user(&mut self, user: String, teams: Option<Vec<String>>) {
+        match teams {
+            Some(t) => self.teams_of.insert(user, t),
+            None => self.teams_of.remove(&user),
+        };
+    }
+
+    /// Puts a card's current record in (None or a tombstone: takes it out).
+    pub fn put(&mut self, kind: CardKind, id: &str, rec: Option<&CardRecord>) {
+        let key = (kind, id.to_string());
+        if let Some(row) = self.slot_of.remove(&key) {
+            let old = self.rows[row as usize].take().expect("a slot points at a row");
+            self.unlink(row, &old);
+            self.free.push(row);
+        }
+        let Some(rec) = rec else { return };
+        let Some(card) = &rec.card else { return };
+        let people: Vec<String> = rec.people().into_iter().map(str::to_string).collect();
+        let text = search_fields(&card.to_doc());
+        let grams: BTreeSet<String> = text.iter().flat_map(|t| trigrams(t)).collect();
+        let r = Row {
+            kind,
+            id: id.to_string(),
+            created: card.created_at,
+            message_times: rec.derived.message_times.clone(),
+            text,
+            stage: raw_stage_key(card.pipeline_id.as_deref(), card.pipeline_stage.as_deref(), card.status.as_deref()),
+            people,
+            assignees: rec.derived.assignees.clone(),
+            // `source` filters only the Contact board (CONTRACT.md 3).
+            source: if kind == CardKind::Contact { card.source.clone() } else { None },
+            bulk: card.is_bulk_sms == Some(true),
+            unassigned: card.owner.is_none() && rec.derived.assignees.is_empty(),
+            grams: grams.into_iter().collect(),
+        };
+        let row = self.free.pop().unwrap_or_else(|| {
+            self.rows.push(None);
+            (self.rows.len() - 1) as u32
+        });
+        self.link(row, &r, true);
+        self.rows[row as usize] = Some(r);
+        self.slot_of.insert(key, row);
+    }
+
+    fn unlink(&mut self, row: u32, r: &Row) {
+        self.link(row, r, false)
+    }
+
+    fn link(&mut self, row: u32, r: &Row, on: bool) {
+        if let Some(s) = &r.stage {
+            let key = (r.kind, s.clone());
+            if on {
+                self.by_stage.entry(key).or_default().insert(row);
+            } else if let Some(b) = self.by_stage.get_mut(&key) {
+                b.remove(row);
+                if b.is_empty() {
+                    self.by_stage.remove(&key);
+                }
+            }
+        }
+        for p in &r.people {
+            set(&mut self.by_person, p, row, on);
+        }
+        for a in &r.assignees {
+            set(&mut self.by_assignee, a, row, on);
+        }
+        if let Some(s) = &r.source {
+            set(&mut self.by_source, s, row, on);
+        }
+        for g in &r.grams {
+            set(&mut self.by_gram, g, row, on);
+        }
+        for (flag, bitmap) in
+            [(r.bulk, &mut self.bulk), (r.unassigned, &mut self.unassigned), (!r.message_times.is_empty(), &mut self.answered)]
+        {
+            if flag && on {
+                bitmap.insert(row);
+            } else if flag {
+                bitmap.remove(row);
+            }
+        }
+    }
+
+    fn union_of(map: &HashMap<String, RoaringBitmap>, keys: impl IntoIterator<Item = impl AsRef<str>>) -> RoaringBitmap {
+        let mut out = RoaringBitmap::new();
+        for k in keys {
+            if let Some(b) = map.get(k.as_ref()) {
+                out |= b;
+            }
+        }
+        out
+    }
+
+    /// The members of the caller's teams (`ownerFilter: team`).
+    fn team_members(&self, user: &str) -> BTreeSet<&str> {
+        let Some(teams) = self.teams_of.get(user) else { return BTreeSet::new() };
+        self.teams_of.iter().filter(|(_, ts)| ts.iter().any(|t| teams.contains(t))).map(|(u, _)| u.as_str()).collect()
+    }
+
+    /// Answers every bucket of `plan`. `user` is the caller; `now` anchors the quiet window.
+    pub fn answer(
+        &self,
+        plan: &BoardPlan,
+        q: &BoardQuery,
+        user: &str,
+        now: Millis,
+        deadline: Instant,
+    ) -> Result<Vec<IndexBucket>, IndexError> {
+        let f = &q.filters;
+        // Everything that is one bitmap operation, shared by every bucket.
+        let mut filters: Vec<RoaringBitmap> = Vec::new();
+        match &f.owner {
+            OwnerScope::All => {}
+            OwnerScope::Mine => filters.push(Self::union_of(&self.by_person, [user])),
+            OwnerScope::Users(us) => filters.push(Self::union_of(&self.by_person, us)),
+            OwnerScope::Team => filters.push(Self::union_of(&self.by_person, self.team_members(user))),
+            OwnerScope::Unassigned => filters.push(self.unassigned.clone()),
+        }
+        if let Some(a) = &f.assignees {
+            filters.push(Self::union_of(&self.by_assignee, a));
+        }
+        if let (Some(s), CardKind::Contact) = (&f.source, q.kind) {
+            filters.push(Self::union_of(&self.by_source, [s]));
+        }
+        if f.bulk_only {
+            filters.push(self.bulk.clone());
+        }
+        let term = f.search.as_deref().map(board_core::text::fold);
+        if let Some(t) = &term {
+            let grams = trigrams(t);
+            if !grams.is_empty() {
+                let step = grams.len().div_ceil(MAX_GRAMS);
+                for g in grams.iter().step_by(step) {
+                    filters.push(self.by_gram.get(g).cloned().unwrap_or_default());
+                }
+            }
+        }
+        let quiet = f.quiet_for.map(|d| now - d);
+        let mut out = Vec::with_capacity(plan.buckets.len());
+        for b in &plan.buckets {
+            let mut cand = RoaringBitmap::new();
+            for rk in plan.raw_keys(b) {
+                if let Some(s) = self.by_stage.get(&(q.kind, rk)) {
+                    cand |= s;
+                }
+            }
+            for x in &filters {
+                cand &= x;
+            }
+            match f.message_status {
+                MessageStatus::All => {}
+                MessageStatus::Answered => cand &= &self.answered,
+                MessageStatus::Unanswered => cand -= &self.answered,
+            }
+            let mut hits: Vec<(i64, &str)> = Vec::new();
+            for (n, row) in cand.iter().enumerate() {
+                if n % 4096 == 4095 && Instant::now() > deadline {
+                    return Err(IndexError::Deadline);
+                }
+                let r = self.rows[row as usize].as_ref().expect("bitmaps hold live rows");
+                if let Some(c) = f.created {
+                    if !r.created.is_some_and(|t| c.contains(t)) {
+                        continue;
+                    }
+                }
+                if quiet.is_some_and(|since| !quiet_since(&r.message_times, since)) {
+                    continue;
+                }
+                if f.messaged_in.is_some_and(|m| !has_message_between(&r.message_times, m.start, m.end)) {
+                    continue;
+                }
+                if let Some(t) = &term {
+                    if !r.text.iter().any(|x| x.contains(t.as_str())) {
+                        continue;
+                    }
+                }
+                hits.push((r.created.unwrap_or(i64::MIN), &r.id));
+            }
+            let total = hits.len() as u64;
+            let want = (b.offset + b.limit) as usize;
+            // Board order: createdAt descending, then id descending; only the first `want`
+            // matter.
+            let by_board_order = |x: &(i64, &str), y: &(i64, &str)| y.cmp(x);
+            if hits.len() > want && want > 0 {
+                hits.select_nth_unstable_by(want - 1, by_board_order);
+                hits.truncate(want);
+            }
+            hits.sort_unstable_by(by_board_order);
+            let ids = hits.into_iter().skip(b.offset as usize).take(b.limit as usize).map(|(_, id)| id.to_string()).collect();
+            out.push(IndexBucket { total, ids });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::request::ContactsRequest;
+    use board_core::model::{CardDoc, Phone, Pipeline, Stage};
+    use board_core::record::Derived;
+
+    fn card(id: &str, stage: &str, created: i64, owner: &str, name: &str) -> CardDoc {
+        CardDoc {
+            id: id.into(),
+            org_id: "o".into(),
+            first_name: Some(name.into()),
+            phone_numbers: Some(vec![Phone { value: Some("+49 171 555".into()), kind: None }]),
+            owner: Some(owner.into()),
+            pipeline_id: Some("p".into()),
+            pipeline_stage: Some(stage.into()),
+            created_at: Some(created),
+            version: Some(1),
+            ..Default::default()
+        }
+    }
+
+    fn board(body: &str, index: &OrgIndex) -> Vec<IndexBucket> {
+        let pipelines = vec![Pipeline {
+            id: "p".into(),
+            org_id: "o".into(),
+            kind: Some("Contact".into()),
+            is_active: Some(true),
+            stages: Some(vec![Stage { id: "s1".into(), name: Some("New".into()), order: Some(0) }]),
+            ..Default::default()
+        }];
+        let q = ContactsRequest::parse(body.as_bytes()).unwrap().into_query().unwrap();
+        let plan = crate::query::board::plan(&pipelines, &q).unwrap();
+        index.answer(&plan, &q, "u1", 1_000, Instant::now() + std::time::Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn filters_order_pages_and_updates() {
+        let mut ix = OrgIndex::new("0-0".into());
+        ix.put(CardKind::Contact, "c1", Some(&CardRecord::live(&card("c1", "s1", 10, "u1", "Jane"), Derived::default())));
+        ix.put(CardKind::Contact, "c2", Some(&CardRecord::live(&card("c2", "s1", 20, "u2", "Janet"), Derived::default())));
+        ix.put(
+            CardKind::Contact,
+            "c3",
+            Some(&CardRecord::live(&card("c3", "s1", 20, "u2", "Bob"), Derived { assignees: vec!["u1".into()], message_times: vec![900] })),
+        );
+        let all = board("{}", &ix);
+        assert_eq!((all[0].total, all[0].ids.clone()), (3, vec!["c3".to_string(), "c2".into(), "c1".into()]));
+        assert_eq!(board(r#"{"ownerFilter": "my"}"#, &ix)[0].ids, ["c3", "c1"]);
+        assert_eq!(board(r#"{"search": "JAN"}"#, &ix)[0].ids, ["c2", "c1"]);
+        assert_eq!(board(r#"{"search": "t"}"#, &ix)[0].ids, ["c2"]);
+        assert_eq!(board(r#"{"search": "171 5"}"#, &ix)[0].total, 3);
+        assert_eq!(board(r#"{"messageStatus": "answered"}"#, &ix)[0].ids, ["c3"]);
+        assert_eq!(board(r#"{"lastMessageTimeRange": {"value": 1, "unit": "hours"}}"#, &ix)[0].total, 2, "c3 wrote 100 ms ago");
+        assert_eq!(board(r#"{"size": 1, "page": {"New": 2}}"#, &ix)[0].ids, ["c2"]);
+        // An update moves the row; a delete takes it out.
+        ix.put(CardKind::Contact, "c1", Some(&CardRecord::live(&card("c1", "s1", 10, "u2", "Zed"), Derived::default())));
+        assert_eq!(board(r#"{"ownerFilter": "my"}"#, &ix)[0].ids, ["c3"]);
+        assert_eq!(board(r#"{"search": "jan"}"#, &ix)[0].ids, ["c2"]);
+        ix.put(CardKind::Contact, "c2", Some(&CardRecord::tombstone(2)));
+        assert_eq!(board("{}", &ix)[0].total, 2);
+        assert_eq!(ix.len(), 2);
+    }
+}

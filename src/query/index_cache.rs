@@ -1,0 +1,192 @@
+//! Keeps one `OrgIndex` per org in the API's memory, current with the projection: loaded from the
+//! card records on the first board that needs it, then brought up to date before each such board
+//! from the org's change stream (`K:changes`, written by the same atomic commit as the records).
+//! A reader that fell further behind than the stream keeps (`max-deleted-entry-id` past its
+//! position) reloads the org.
+use super::index::OrgIndex;
+use board_core::keys::KeySpace;
+use board_core::model::CardKind;
+use board_core::record::CardRecord;
+use redis::aio::ConnectionManager;
+use redis::{RedisError, Value};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use tracing::info;
+
+/// One org's index and the lock that serializes its loading and catching up.
+#[derive(Default)]
+pub struct OrgSlot {
+    sync: tokio::sync::Mutex<bool>,
+    pub index: RwLock<OrgIndex>,
+}
+
+#[derive(Clone)]
+pub struct IndexCache {
+    conn: ConnectionManager,
+    keys: KeySpace,
+    orgs: Arc<Mutex<HashMap<String, Arc<OrgSlot>>>>,
+}
+
+/// Card records as HSCAN returns them: (id, bincode).
+type RecordChunk = Vec<(String, Vec<u8>)>;
+
+/// A stream id `ms-seq` as a comparable pair.
+fn stream_pos(id: &str) -> (u64, u64) {
+    let (a, b) = id.split_once('-').unwrap_or((id, "0"));
+    (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// `XINFO STREAM`: (last-generated-id, max-deleted-entry-id); ("0-0", "0-0") when the stream
+/// does not exist yet.
+async fn stream_state(conn: &mut ConnectionManager, key: &str) -> Result<(String, String), RedisError> {
+    let reply: Result<Value, RedisError> = redis::cmd("XINFO").arg("STREAM").arg(key).query_async(conn).await;
+    let fields: Vec<(String, Value)> = match reply {
+        Ok(Value::Array(items)) => items.chunks(2).filter_map(|c| Some((text(&c[0])?, c.get(1)?.clone()))).collect(),
+        Ok(Value::Map(items)) => items.into_iter().filter_map(|(k, v)| Some((text(&k)?, v))).collect(),
+        Ok(_) => Vec::new(),
+        Err(e) if e.to_string().contains("no such key") => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let get = |name: &str| fields.iter().find(|(k, _)| k == name).and_then(|(_, v)| text(v)).unwrap_or_else(|| "0-0".into());
+    Ok((get("last-generated-id"), get("max-deleted-entry-id")))
+}
+
+impl IndexCache {
+    pub fn new(conn: ConnectionManager, keys: KeySpace) -> Self {
+        IndexCache { conn, keys, orgs: Arc::default() }
+    }
+
+    /// The org's index, current with everything committed before this call.
+    pub async fn current(&self, org: &str) -> Result<Arc<OrgSlot>, RedisError> {
+        let slot = self.orgs.lock().expect("not poisoned").entry(org.to_string()).or_default().clone();
+        let mut loaded = slot.sync.lock().await;
+        let mut conn = self.conn.clone();
+        let keys = self.keys.org(org);
+        let (last, max_deleted) = stream_state(&mut conn, &keys.changes()).await?;
+        let at = slot.index.read().expect("not poisoned").stream_id.clone();
+        if !*loaded || stream_pos(&at) < stream_pos(&max_deleted) {
+            let index = self.load(org, last).await?;
+            info!(org, cards = index.len(), "in-memory index loaded");
+            *slot.index.write().expect("not poisoned") = index;
+            *loaded = true;
+        } else if at != last {
+            self.catch_up(org, &slot, &at, &last).await?;
+        }
+        drop(loaded);
+        Ok(slot)
+    }
+
+    async fn load(&self, org: &str, stream_id: String) -> Result<OrgIndex, RedisError> {
+        let mut conn = self.conn.clone();
+        let keys = self.keys.org(org);
+        let mut raw: Vec<(CardKind, RecordChunk)> = Vec::new();
+        for kind in [CardKind::Contact, CardKind::Application] {
+            let mut cursor = 0u64;
+            loop {
+                let (next, chunk): (u64, Vec<(String, Vec<u8>)>) =
+                    redis::cmd("HSCAN").arg(keys.cards(kind)).arg(cursor).arg("COUNT").arg(2000).query_async(&mut conn).await?;
+                raw.push((kind, chunk));
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        let users: Vec<(String, String)> = redis::cmd("HGETALL").arg(keys.users()).query_async(&mut conn).await?;
+        // Decoding a large org is CPU work: keep it off the async workers.
+        let built = tokio::task::spawn_blocking(move || {
+            let mut index = OrgIndex::new(stream_id);
+            index.set_users(users.into_iter().map(|(u, t)| (u, serde_json::from_str(&t).unwrap_or_default())));
+            for (kind, chunk) in raw {
+                for (id, bytes) in chunk {
+                    index.put(kind, &id, CardRecord::decode(&bytes).ok().as_ref());
+                }
+            }
+            index
+        })
+        .await;
+        built.map_err(|e| RedisError::from(std::io::Error::other(format!("index load: {e}"))))
+    }
+
+    async fn catch_up(&self, org: &str, slot: &OrgSlot, from: &str, to: &str) -> Result<(), RedisError> {
+        let mut conn = self.conn.clone();
+        let keys = self.keys.org(org);
+        let mut cards: BTreeSet<(CardKind, String)> = BTreeSet::new();
+        let mut users: BTreeSet<String> = BTreeSet::new();
+        let mut at = from.to_string();
+        while stream_pos(&at) < stream_pos(to) {
+            let entries: Vec<(String, Vec<(String, String)>)> = {
+                let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                    .arg(keys.changes())
+                    .arg(format!("({at}"))
+                    .arg(to)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await?;
+                reply
+                    .ids
+                    .into_iter()
+                    .map(|e| {
+                        let fields = e.map.iter().filter_map(|(k, v)| Some((k.clone(), text(v)?))).collect();
+                        (e.id, fields)
+                    })
+                    .collect()
+            };
+            let Some((last, _)) = entries.last() else { break };
+            at = last.clone();
+            for (_, fields) in entries {
+                for (_, ids) in fields {
+                    for line in ids.lines() {
+                        match line.split_once(':') {
+                            Some(("c", id)) => cards.insert((CardKind::Contact, id.to_string())),
+                            Some(("a", id)) => cards.insert((CardKind::Application, id.to_string())),
+                            Some(("u", id)) => users.insert(id.to_string()),
+                            _ => false,
+                        };
+                    }
+                }
+            }
+        }
+        let mut pipe = redis::pipe();
+        let (contacts, apps): (Vec<_>, Vec<_>) = cards.iter().partition(|(k, _)| *k == CardKind::Contact);
+        let ids = |v: &Vec<&(CardKind, String)>| v.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>();
+        let (contact_ids, app_ids, user_ids) = (ids(&contacts), ids(&apps), users.into_iter().collect::<Vec<_>>());
+        for (key, fields) in
+            [(keys.cards(CardKind::Contact), &contact_ids), (keys.cards(CardKind::Application), &app_ids), (keys.users(), &user_ids)]
+        {
+            if fields.is_empty() {
+                pipe.cmd("ECHO").arg("none");
+            } else {
+                pipe.cmd("HMGET").arg(key).arg(fields);
+            }
+        }
+        let (c, a, u): (Value, Value, Value) = pipe.query_async(&mut conn).await?;
+        let values = |v: Value| -> Vec<Option<Vec<u8>>> {
+            match v {
+                Value::Array(items) => items.into_iter().map(|x| if let Value::BulkString(b) = x { Some(b) } else { None }).collect(),
+                _ => Vec::new(),
+            }
+        };
+        let (c, a, u) = (values(c), values(a), values(u));
+        let mut index = slot.index.write().expect("not poisoned");
+        for (kind, ids, vals) in [(CardKind::Contact, &contact_ids, c), (CardKind::Application, &app_ids, a)] {
+            for (id, v) in ids.iter().zip(vals) {
+                index.put(kind, id, v.and_then(|b| CardRecord::decode(&b).ok()).as_ref());
+            }
+        }
+        for (id, v) in user_ids.into_iter().zip(u) {
+            index.set_user(id, v.and_then(|b| serde_json::from_slice(&b).ok()));
+        }
+        index.stream_id = at;
+        Ok(())
+    }
+}
