@@ -1,55 +1,74 @@
 #!/usr/bin/env bash
-# Benchmarks (never part of the tests): ingest throughput and memory, and board latency over HTTP
-# against the raw Redis work of the same board, all measured in one run on one machine.
-#   deploy/bench.sh [contacts]      (default 200000; one org)
-# Each run uses its own topics, consumer group and Redis prefix; `redis-cli --scan --pattern
-# 'bench-*' | xargs redis-cli del` cleans up afterwards.
+# The benchmark at scale (never part of the tests), every number from one run on one machine:
+#   deploy/bench.sh [contacts]      (default 1000000: one org of that size plus 3 orgs of 5,000)
+# Ingest beside the raw Kafka read rate and the raw Redis rate of the same write mix; Redis bytes
+# per card; boards (a)-(h) over HTTP with wrk at 1 and 32 connections beside the same Redis work
+# issued directly, the simplest possible board and a canned axum response of the same size;
+# freshness under load; the MongoDB path against the projection. The output is printed and
+# written into docs/benchmarks.md (section "Latest run").
+# Each run uses its own topics, consumer group, Redis prefix and MongoDB database; `deploy/bench.sh
+# --clean` removes what earlier runs left.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pipeline-board/target}"
-CONTACTS="${1:-200000}"
+HOME_DIR="${PIPELINE_BOARD_HOME:-$HOME/.cache/pipeline-board}"
+if [ "${1:-}" = "--clean" ]; then
+  redis-cli --scan --pattern 'bench-*' | xargs -r -n 1000 redis-cli unlink >/dev/null
+  echo "bench keys removed"; exit 0
+fi
+CONTACTS="${1:-1000000}"
 DURATION="${BENCH_SECONDS:-8}"
 bash deploy/stack.sh up >/dev/null
 cargo build --release --locked -q
 BIN="$CARGO_TARGET_DIR/release/pipeline-board"
 RUN="bench-$(date +%s)"
+OUT="$(mktemp --suffix .bench)"
 export REDIS_PREFIX="$RUN" KAFKA_GROUP_ID="$RUN" JWT_SECRET="bench-secret-not-for-production-0123456789" MONGODB_DB="$RUN" LOG_FORMAT=text RUST_LOG=warn
 for t in contacts applications conversations messages pipelines users dlq; do
   upper=$(echo "$t" | tr a-z A-Z)
   export "TOPIC_$upper=$RUN.crm.$t"
 done
-# The run's own topics, through the Admin API of the stack's broker.
-bash deploy/kafka-node.sh topics "${PIPELINE_BOARD_HOME:-$HOME/.cache/pipeline-board}/kafka/node" 4 \
+bash deploy/kafka-node.sh topics "$HOME_DIR/kafka/node" 4 \
   $(for t in contacts applications conversations messages pipelines users dlq; do echo "$RUN.crm.$t"; done) >/dev/null
 used_memory() { redis-cli info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r'; }
-
-echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; redis $(redis-server --version | awk '{print $3}')"
-echo "== seed: 1 org, $CONTACTS contacts (events to Kafka only)"
-"$BIN" seed --orgs 1 --contacts "$CONTACTS" --no-mongo --quiet
+cards_of() { echo $(( $(redis-cli hlen "$RUN:{$1}:card:c") + $(redis-cli hlen "$RUN:{$1}:card:a") )); }
+{
+echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2}'); redis $(redis-server --version | awk '{print $3}'); commit $(git rev-parse --short HEAD)"
+echo "== command: deploy/bench.sh $CONTACTS (BENCH_SECONDS=$DURATION)"
+echo "== seed: 1 org of $CONTACTS contacts, ~3 messages each (events only), and 3 orgs of 5,000 (MongoDB and events)"
+"$BIN" seed --orgs 1 --contacts "$CONTACTS" --messages 3 --no-mongo --quiet > "$OUT.big"
+grep -E '^seeded' "$OUT.big"
+BIG=$(awk '/^org/ {print $2; exit}' "$OUT.big")
+"$BIN" seed --orgs 3 --contacts 5000 --seed 7 --quiet > "$OUT.small"
+grep -E '^seeded' "$OUT.small"
+SMALL=$(awk '/^org/ {print $2; exit}' "$OUT.small")
 
 echo "== ingest: pipeline-board project --exit-when-caught-up"
 before=$(used_memory)
 "$BIN" project --exit-when-caught-up --metrics-addr "" 2>/dev/null
 after=$(used_memory)
-ORG=$(redis-cli --scan --pattern "$RUN:{*}:pipelines" | head -1 | sed 's/.*{\(.*\)}.*/\1/')
-cards=$(( $(redis-cli hlen "$RUN:{$ORG}:body:c") + $(redis-cli hlen "$RUN:{$ORG}:body:a") ))
-echo "redis used_memory grew by $(( (after - before) / 1048576 )) MiB for $(redis-cli hlen "$RUN:{$ORG}:body:c") contacts and $(redis-cli hlen "$RUN:{$ORG}:body:a") applications with their messages: $(( (after - before) / cards )) bytes per card"
+total_cards=0
+for org in $(redis-cli --scan --pattern "$RUN:{*}:pipelines" | sed 's/.*{\(.*\)}.*/\1/'); do total_cards=$(( total_cards + $(cards_of "$org") )); done
+BIG_CARDS=$(cards_of "$BIG")
+echo "redis used_memory grew by $(( (after - before) / 1048576 )) MiB for $total_cards cards (big org: $BIG_CARDS) with their conversations and messages: $(( (after - before) / total_cards )) bytes per card"
 
 echo "== raw kafka read of the same topics"
 "$BIN" bench kafka-read
-echo "== raw redis writes (redis-benchmark, pipelined 100)"
-redis-benchmark -q -n 1000000 -P 100 -t hset,sadd,zadd | tr '\r' '\n' | grep -v '^$' | grep -v 'rps=' || true
+echo "== raw redis rate of the same write mix (final writes of 200,000 cards as plain pipelined HSET/ZADD)"
+all_events=$(redis-cli hgetall "$RUN:progress:$RUN" | awk 'NR % 2 == 0 {s += $1} END {print s}')
+"$BIN" bench redis-writes --org "$BIG" --cards 200000 --events-per-card "$(awk -v e="$all_events" -v c="$total_cards" 'BEGIN {printf "%.2f", e / c}')"
 
-echo "== queries: HTTP (wrk) vs the raw Redis work of the same board (redis-benchmark FCALL_RO)"
-USER_ID=$(redis-cli hkeys "$RUN:{$ORG}:users" | head -1)
-TOKEN=$("$BIN" token --org "$ORG" --user "$USER_ID")
+USER_ID=$(redis-cli hkeys "$RUN:{$BIG}:users" | head -1)
+TOKEN=$("$BIN" token --org "$BIG" --user "$USER_ID")
+SMALL_USER=$(redis-cli hkeys "$RUN:{$SMALL}:users" | head -1)
+SMALL_TOKEN=$("$BIN" token --org "$SMALL" --user "$SMALL_USER")
 PORT=18181
-# The consumer keeps running (caught up) while the board is queried, as in production.
 "$BIN" project --metrics-addr "" >/dev/null 2>&1 &
 PROJECT_PID=$!
 "$BIN" serve --listen-addr "127.0.0.1:$PORT" >/dev/null 2>&1 &
 SERVE_PID=$!
-trap 'kill $SERVE_PID $PROJECT_PID 2>/dev/null || true' EXIT
+CANNED_PID=
+trap 'kill $SERVE_PID $PROJECT_PID $CANNED_PID 2>/dev/null || true' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
 SCRIPT=$(mktemp --suffix .lua)
 cat >"$SCRIPT" <<'LUA'
@@ -58,33 +77,70 @@ wrk.body = os.getenv("BODY")
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. os.getenv("TOKEN")
 LUA
+ask() { curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d "$1"; }
 since=$(date -u -d '-180 days' +%Y-%m-%dT%H:%M:%S.000Z)
+FIRST_STAGE=$(ask '{"size":1}' | python3 -c 'import json,sys; print(next(iter(json.load(sys.stdin)["data"])))')
+# The in-memory index loads on the first board that needs it: load it before measuring.
+load_started=$(date +%s.%N)
+ask '{"size":1,"search":"jane"}' >/dev/null
+echo "in-memory index of the big org loaded by the first search in $(awk -v a="$load_started" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s"
 declare -A BODIES=(
-  [1-unfiltered]='{"size":25}'
-  [2-owner+created]="{\"size\":25,\"owner\":[\"$USER_ID\"],\"createdDateRange\":{\"start\":\"$since\"}}"
-  [3-my+unanswered]='{"size":25,"ownerFilter":"my","messageStatus":"unanswered"}'
-  [4-search-phone]='{"size":25,"search":"47110"}'
-  [5-search-name]='{"size":25,"search":"jane"}'
-  [6-page-40]='{"size":25,"page":{"New Lead":40,"Won":40,"Qualified":40}}'
+  [a-none]='{"size":25}'
+  [b-my]='{"size":25,"ownerFilter":"my"}'
+  [c-owner+created]="{\"size\":25,\"owner\":[\"$USER_ID\"],\"createdDateRange\":{\"start\":\"$since\"}}"
+  [d-team]='{"size":25,"ownerFilter":"team"}'
+  [e-my+unanswered+quiet]='{"size":25,"ownerFilter":"my","messageStatus":"unanswered","lastMessageTimeRange":{"value":7,"unit":"days"}}'
+  [f-search-name]='{"size":25,"search":"jane"}'
+  [g-search-phone]='{"size":25,"search":"47110"}'
+  [h-page-200]="{\"size\":25,\"stages\":[\"$FIRST_STAGE\"],\"page\":{\"$FIRST_STAGE\":200}}"
 )
-printf '%-16s %5s | %10s %10s %10s | %10s %10s %10s\n' query conns "http p50" "http p99" "http rps" "redis p50" "redis p99" "redis rps"
+wrk_row() { # label conns body -> one table row
+  local out p50 p99 max rps errs
+  out=$(BODY="$3" TOKEN="$TOKEN" wrk -t $(( $2 > 1 ? 2 : 1 )) -c "$2" -d "${DURATION}s" --latency -s "$SCRIPT" "http://127.0.0.1:${4:-$PORT}/api/contacts")
+  p50=$(echo "$out" | awk '$1=="50%" {print $2}'); p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  max=$(echo "$out" | awk '$1=="Latency" {print $4}'); rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  errs=$(echo "$out" | awk '/Non-2xx/ {print "non-2xx " $NF}')
+  printf '%-24s %5s | %9s %9s %9s %9s %s\n' "$1" "$2" "$p50" "$p99" "$max" "$rps" "$errs"
+}
+echo "== boards on the big org, all stages, size 25: HTTP (wrk) | the same Redis work issued directly (pipeline-board bench board)"
+printf '%-24s %5s | %9s %9s %9s %9s | %s\n' board conns "http p50" "http p99" "http max" "http rps" "redis work"
 for name in $(echo "${!BODIES[@]}" | tr ' ' '\n' | sort); do
   body="${BODIES[$name]}"
-  first_total=$(curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d "$body" \
-    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(b["total"] for b in d["data"].values()), d["meta"]["answeredBy"])')
-  mapfile -t call < <("$BIN" bench board-call --org "$ORG" --user "$USER_ID" --body "$body")
+  info=$(ask "$body" | python3 -c 'import json,sys; d=json.load(sys.stdin); m=d.get("meta",{}); print(sum(b["total"] for b in d["data"].values()), m.get("answeredBy"), m.get("route"))')
   for c in 1 32; do
-    out=$(BODY="$body" TOKEN="$TOKEN" wrk -t $(( c > 1 ? 2 : 1 )) -c "$c" -d "${DURATION}s" --latency -s "$SCRIPT" "http://127.0.0.1:$PORT/api/contacts")
-    p50=$(echo "$out" | awk '$1=="50%" {print $2}'); p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-    # About three seconds of the raw call at the rate HTTP reached (at least 2 per connection).
-    n=$(awk -v r="$rps" -v c="$c" 'BEGIN { n = int(r * 3); if (n < 2 * c) n = 2 * c; print n }')
-    # The CSV row starts with the command text (JSON with commas and quotes): read it from the end.
-    raw=$(redis-benchmark -c "$c" -n "$n" --csv FCALL_RO pb_board 1 "${call[0]}" "${call[1]}" | tail -1 | tr -d '"')
-    rrps=$(echo "$raw" | awk -F, '{print $(NF-6)}'); rp50=$(echo "$raw" | awk -F, '{print $(NF-3)}'); rp99=$(echo "$raw" | awk -F, '{print $(NF-1)}')
-    printf '%-16s %5s | %10s %10s %10s | %8sms %8sms %10s %s\n' "$name" "$c" "$p50" "$p99" "$rps" "$rp50" "$rp99" "$rrps" "${non2xx:+NON-2XX:$non2xx}"
+    row=$(wrk_row "$name" "$c" "$body")
+    raw=$("$BIN" bench board --org "$BIG" --user "$USER_ID" --body "$body" --conns "$c" --seconds 3)
+    echo "$row | $raw"
   done
-  echo "   ($name: $first_total; body $body)"
+  echo "   ($name: total $info; body $body)"
 done
-rm -f "$SCRIPT"
+echo "== the simplest possible board on the same Redis (per stage ZRANGE 0 24 REV + ZCARD, one HMGET of the page's records)"
+for c in 1 32; do echo "simplest board  conns $c | $("$BIN" bench board --org "$BIG" --user "$USER_ID" --simplest --conns "$c" --seconds 3)"; done
+BYTES=$(ask '{"size":25}' | wc -c)
+echo "== a canned axum response of the same size ($BYTES bytes)"
+"$BIN" bench canned --listen 127.0.0.1:18182 --bytes "$BYTES" & CANNED_PID=$!
+for _ in $(seq 100); do curl -sf -X POST http://127.0.0.1:18182/api/contacts >/dev/null && break; sleep 0.1; done
+for c in 1 32; do wrk_row canned "$c" '{}' 18182; done
+kill $CANNED_PID; CANNED_PID=
+echo "== freshness: produce -> visible in an API answer, under 5,000 events/s and 500 boards/s"
+"$BIN" bench freshness --api "http://127.0.0.1:$PORT" --org "$BIG" --token "$TOKEN" --probe-org "$SMALL" --probe-token "$SMALL_TOKEN" --seconds 20
+echo "== the MongoDB path against the projection on a 5,000-contact org (same process, no HTTP; identical answers checked)"
+"$BIN" bench mongo-vs-projection --org "$SMALL" --user "$SMALL_USER" --n 10 --body '{"size":25}' --body '{"size":25,"ownerFilter":"my"}' \
+  --body '{"size":25,"search":"jan"}' --body '{"size":25,"ownerFilter":"team","messageStatus":"unanswered"}'
+echo "== redis after the run: $(redis-cli info memory | awk -F: '/^used_memory_human:/ {print $2}' | tr -d '\r') used; the API process: $(ps -o rss= -p $SERVE_PID | awk '{printf "%.0f MiB RSS", $1/1024}')"
+} 2>&1 | tee "$OUT"
+rm -f "$SCRIPT" "$OUT.small" "$OUT.big"
+python3 - "$OUT" <<'PY'
+import re, sys, datetime
+run = open(sys.argv[1]).read()
+path = "docs/benchmarks.md"
+doc = open(path).read()
+start, end = "<!-- latest-run -->", "<!-- /latest-run -->"
+block = f"{start}\n## Latest run ({datetime.date.today()})\nOutput of `deploy/bench.sh`, verbatim:\n\n```\n{run.strip()}\n```\n{end}"
+if start in doc:
+    doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+else:
+    doc = doc.replace("\n", "\n\n" + block + "\n", 1)
+open(path, "w").write(doc)
+PY
+echo "written to docs/benchmarks.md"

@@ -353,7 +353,9 @@ async fn projection_and_mongodb_answer_identically() {
     let env = TestEnv::new("diff").await;
     let seeded = env.seed_and_project(small_seed(2, 350, 99)).await;
 
-    let projection = ProjectionReader::new(env.redis().await, env.keys.clone(), std::time::Duration::from_secs(10));
+    let projection = ProjectionReader::new(env.redis().await, env.keys.clone(), std::time::Duration::from_secs(10))
+        // Pages from offset 5 on are selected by pb_union_page: both ways are compared.
+        .with_deep_page_offset(5);
     let db = env.mongo().await;
     let mongo_reader = MongoReader::new(db.clone(), pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
     let mut snaps = Vec::new();

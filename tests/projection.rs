@@ -612,3 +612,65 @@ fn commit_starting_with(line: &str) -> String {
     assert_ne!(patched, pipeline_board::core::functions::LIBRARY, "commit is where the test expects it");
     patched
 }
+
+/// `pb_union_page` against the obvious answer (sort the whole union, skip, take) on random sets
+/// with many ties, cards without createdAt, and random created ranges, offsets and limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn union_page_selects_the_same_cards_as_a_full_merge() {
+    use pipeline_board::core::functions::load_library;
+    use rand::{Rng, SeedableRng};
+    let env = TestEnv::new("union-page").await;
+    let mut r = env.redis().await;
+    load_library(&mut r).await.unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let base = env.keys.org(&oid(1)).base;
+    for round in 0..40 {
+        let keys: Vec<String> = (0..rng.random_range(1..=4)).map(|k| format!("{base}:z:c:round{round}-{k}")).collect();
+        let mut all: Vec<(f64, String)> = Vec::new();
+        for key in &keys {
+            for _ in 0..rng.random_range(0..300) {
+                let id = format!("{:024x}", rng.random::<u64>() % 5000);
+                // Few distinct scores: many ties; some cards without createdAt.
+                let score =
+                    if rng.random_bool(0.1) { f64::NEG_INFINITY } else { 1_700_000_000_000.0 + (rng.random_range(0..40) * 1000) as f64 };
+                if all.iter().any(|(_, x)| x == &id) {
+                    continue; // one card is in one raw stage set
+                }
+                let _: () = redis::cmd("ZADD")
+                    .arg(key)
+                    .arg(pipeline_board::core::functions::score_arg(score))
+                    .arg(&id)
+                    .query_async(&mut r)
+                    .await
+                    .unwrap();
+                all.push((score, id));
+            }
+        }
+        let (min, max, lo, hi) = match rng.random_range(0..3) {
+            0 => ("-inf".to_string(), "+inf".to_string(), f64::NEG_INFINITY, f64::INFINITY),
+            1 => ("(-inf".to_string(), "1700000020000".to_string(), f64::MIN, 1_700_000_020_000.0),
+            _ => ("1700000010000".to_string(), "+inf".to_string(), 1_700_000_010_000.0, f64::INFINITY),
+        };
+        let mut expected: Vec<(f64, String)> =
+            all.iter().filter(|(s, _)| *s >= lo && *s <= hi && !(lo == f64::MIN && *s == f64::NEG_INFINITY)).cloned().collect();
+        expected.sort_by(|x, y| y.0.total_cmp(&x.0).then_with(|| y.1.cmp(&x.1)));
+        for _ in 0..5 {
+            let offset = rng.random_range(0..=expected.len() + 5);
+            let limit = rng.random_range(1..30);
+            let want: Vec<String> = expected.iter().skip(offset).take(limit).map(|(_, id)| id.clone()).collect();
+            let got: Vec<String> = redis::cmd("FCALL_RO")
+                .arg("pb_union_page")
+                .arg(keys.len())
+                .arg(&keys)
+                .arg(offset)
+                .arg(limit)
+                .arg(&min)
+                .arg(&max)
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            assert_eq!(got, want, "round {round}: offset {offset} limit {limit} range {min}..{max} over {} cards", expected.len());
+        }
+    }
+    env.cleanup().await;
+}

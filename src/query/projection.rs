@@ -40,6 +40,11 @@ impl From<redis::RedisError> for ProjectionError {
     }
 }
 
+/// From this offset on, a page of a bucket spanning several raw stage sets is selected inside
+/// Redis by `pb_union_page` (work proportional to the page) instead of reading the first
+/// offset + limit of every set and merging them here.
+pub const DEEP_PAGE_OFFSET: u64 = 100;
+
 /// Which sorted set answers a board directly: the filters it can carry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SetShape {
@@ -98,6 +103,7 @@ pub struct ProjectionReader {
     keys: KeySpace,
     index: IndexCache,
     index_deadline: Duration,
+    deep_page_offset: u64,
 }
 
 /// Which path of the projection answered a board (for `meta` and metrics).
@@ -118,7 +124,19 @@ impl ProjectionRoute {
 
 impl ProjectionReader {
     pub fn new(conn: ConnectionManager, keys: KeySpace, index_deadline: Duration) -> Self {
-        ProjectionReader { index: IndexCache::new(conn.clone(), keys.clone()), conn, keys, index_deadline }
+        ProjectionReader {
+            index: IndexCache::new(conn.clone(), keys.clone()),
+            conn,
+            keys,
+            index_deadline,
+            deep_page_offset: DEEP_PAGE_OFFSET,
+        }
+    }
+
+    /// Where deep-page selection starts (`DEEP_PAGE_OFFSET`); tests lower it to compare both ways.
+    pub fn with_deep_page_offset(mut self, offset: u64) -> Self {
+        self.deep_page_offset = offset;
+        self
     }
 
     pub async fn pipelines(&self, org: &str) -> Result<Vec<Pipeline>, ProjectionError> {
@@ -139,17 +157,60 @@ impl ProjectionReader {
         q: &BoardQuery,
         now: Millis,
     ) -> Result<(BoardAnswer, ProjectionRoute), ProjectionError> {
+        let (plan, pages, route) = self.pages(org, user, q, now).await?;
+        let records = self.records(org, q.kind, &pages).await?;
+        let buckets = render(&plan, pages, &records)?;
+        Ok((BoardAnswer { kind: q.kind, buckets }, route))
+    }
+
+    /// The plan, each bucket's total and page ids, and which structure answered.
+    pub async fn pages(
+        &self,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        now: Millis,
+    ) -> Result<(BoardPlan, Vec<IndexBucket>, ProjectionRoute), ProjectionError> {
         let pipelines = self.pipelines(org).await?;
         if pipelines.is_empty() {
             return Err(ProjectionError::NotBuilt);
         }
         let plan = board::plan(&pipelines, q)?;
-        let (pages, route) = match SetShape::of(q, user) {
-            Some(shape) => (self.read_sets(org, q.kind, &plan, &shape).await?, ProjectionRoute::SortedSets),
-            None => (self.read_index(org, user, q, &plan, now).await?, ProjectionRoute::Index),
+        Ok(match SetShape::of(q, user) {
+            Some(shape) => {
+                let pages = self.read_sets(org, q.kind, &plan, &shape).await?;
+                (plan, pages, ProjectionRoute::SortedSets)
+            }
+            None => {
+                let pages = self.read_index(org, user, q, &plan, now).await?;
+                (plan, pages, ProjectionRoute::Index)
+            }
+        })
+    }
+
+    /// The Redis work of a board alone, without decoding or rendering (benchmarks compare the
+    /// service with it): the pipelines, the sorted-set reads or the index's freshness check,
+    /// and the page's records. `index_pages` are the index's answer computed beforehand (its CPU
+    /// work is not Redis work). Returns the bytes of records read.
+    pub async fn redis_work(
+        &self,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        index_pages: Option<&[IndexBucket]>,
+    ) -> Result<usize, ProjectionError> {
+        let pipelines = self.pipelines(org).await?;
+        let plan = board::plan(&pipelines, q)?;
+        let pages = match (SetShape::of(q, user), index_pages) {
+            (Some(shape), _) => self.read_sets(org, q.kind, &plan, &shape).await?,
+            (None, Some(pages)) => {
+                self.index.current(org).await?;
+                pages.to_vec()
+            }
+            (None, None) => return Err(bad("the index's pages are needed for an index board")),
         };
-        let buckets = self.render(org, q.kind, &plan, pages).await?;
-        Ok((BoardAnswer { kind: q.kind, buckets }, route))
+        let records = self.raw_records(org, q.kind, &pages).await?;
+        Ok(records.iter().flatten().map(Vec::len).sum())
     }
 
     /// Totals and page ids from the sorted sets. One round trip in the usual case (each bucket
@@ -205,29 +266,40 @@ impl ProjectionReader {
             out.push(IndexBucket { total, ids });
         }
         if !spanning.is_empty() {
+            let (min, max) = shape.created.clone().unwrap_or_else(|| ("-inf".into(), "+inf".into()));
             let mut pipe = redis::pipe();
             for (i, keys) in &spanning {
                 let b = &plan.buckets[*i];
-                let (min, max) = shape.created.clone().unwrap_or_else(|| ("-inf".into(), "+inf".into()));
-                for key in keys {
-                    pipe.cmd("ZRANGE")
-                        .arg(key)
-                        .arg(&max)
-                        .arg(&min)
-                        .arg("BYSCORE")
-                        .arg("REV")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(b.offset + b.limit)
-                        .arg("WITHSCORES");
+                if b.offset < self.deep_page_offset {
+                    for key in keys {
+                        pipe.cmd("ZRANGE")
+                            .arg(key)
+                            .arg(&max)
+                            .arg(&min)
+                            .arg("BYSCORE")
+                            .arg("REV")
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(b.offset + b.limit)
+                            .arg("WITHSCORES");
+                    }
+                } else {
+                    pipe.cmd("FCALL_RO").arg("pb_union_page").arg(keys.len()).arg(keys).arg(b.offset).arg(b.limit).arg(&min).arg(&max);
                 }
             }
-            let mut replies = pipe.query_async::<Vec<Vec<(String, f64)>>>(&mut self.conn.clone()).await?.into_iter();
+            let mut replies = self.query_reads(pipe).await?.into_iter();
             for (i, keys) in &spanning {
                 let b = &plan.buckets[*i];
+                if b.offset >= self.deep_page_offset {
+                    out[*i].ids =
+                        redis::from_redis_value(replies.next().ok_or_else(|| bad("union page"))?).map_err(|e| bad(&e.to_string()))?;
+                    continue;
+                }
                 let mut all: Vec<(f64, String)> = Vec::new();
                 for _ in keys {
-                    all.extend(replies.next().ok_or_else(|| bad("merge range"))?.into_iter().map(|(id, s)| (s, id)));
+                    let part: Vec<(String, f64)> =
+                        redis::from_redis_value(replies.next().ok_or_else(|| bad("merge range"))?).map_err(|e| bad(&e.to_string()))?;
+                    all.extend(part.into_iter().map(|(id, s)| (s, id)));
                 }
                 // Board order: score descending, then id descending (as ZRANGE REV orders).
                 all.sort_by(|x, y| y.0.total_cmp(&x.0).then_with(|| y.1.cmp(&x.1)));
@@ -235,6 +307,19 @@ impl ProjectionReader {
             }
         }
         Ok(out)
+    }
+
+    /// Runs read commands; loads the Function library once if Redis lost it (a restart without
+    /// persistence) and the reads use `pb_union_page`.
+    async fn query_reads(&self, pipe: redis::Pipeline) -> Result<Vec<redis::Value>, ProjectionError> {
+        let mut conn = self.conn.clone();
+        match pipe.query_async::<Vec<redis::Value>>(&mut conn).await {
+            Err(e) if e.to_string().contains("Function not found") => {
+                board_core::functions::load_library(&mut conn).await?;
+                Ok(pipe.query_async(&mut conn).await?)
+            }
+            other => Ok(other?),
+        }
     }
 
     async fn read_index(
@@ -255,54 +340,54 @@ impl ProjectionReader {
         Ok(answered?)
     }
 
-    /// The page's cards from their records: one HMGET for the whole board.
-    async fn render(
-        &self,
-        org: &str,
-        kind: CardKind,
-        plan: &BoardPlan,
-        pages: Vec<IndexBucket>,
-    ) -> Result<Vec<BucketAnswer>, ProjectionError> {
+    /// The page's card records, as stored, in page order: one HMGET for the whole board.
+    async fn raw_records(&self, org: &str, kind: CardKind, pages: &[IndexBucket]) -> Result<Vec<Option<Vec<u8>>>, ProjectionError> {
         let ids: Vec<&String> = pages.iter().flat_map(|p| &p.ids).collect();
-        let records: HashMap<&str, CardRecord> = if ids.is_empty() {
-            HashMap::new()
-        } else {
-            let mut conn = self.conn.clone();
-            let raw: Vec<Option<Vec<u8>>> =
-                redis::cmd("HMGET").arg(self.keys.org(org).cards(kind)).arg(&ids).query_async(&mut conn).await?;
-            let mut m = HashMap::with_capacity(ids.len());
-            for (id, bytes) in ids.iter().zip(raw) {
-                if let Some(b) = bytes {
-                    m.insert(id.as_str(), CardRecord::decode(&b).map_err(|e| bad(&format!("card record: {e}")))?);
-                }
-            }
-            m
-        };
-        Ok(plan
-            .buckets
-            .iter()
-            .zip(&pages)
-            .map(|(spec, page)| BucketAnswer {
-                name: spec.name.clone(),
-                stage_id: spec.stage.as_ref().map(|s| s.id.clone()),
-                total: page.total,
-                cards: page
-                    .ids
-                    .iter()
-                    // A card deleted between the read of the ids and of the records drops out.
-                    .filter_map(|id| records.get(id.as_str()))
-                    .filter_map(|r| {
-                        let card = r.card.as_ref()?;
-                        Some(CardOut {
-                            doc: card.to_doc(),
-                            assignees: r.derived.assignees.clone(),
-                            last_message_at: r.derived.last_message_at(),
-                        })
-                    })
-                    .collect(),
-            })
-            .collect())
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("HMGET").arg(self.keys.org(org).cards(kind)).arg(&ids).query_async(&mut conn).await?)
     }
+
+    async fn records(&self, org: &str, kind: CardKind, pages: &[IndexBucket]) -> Result<HashMap<String, CardRecord>, ProjectionError> {
+        let raw = self.raw_records(org, kind, pages).await?;
+        let mut out = HashMap::with_capacity(raw.len());
+        for (id, bytes) in pages.iter().flat_map(|p| &p.ids).zip(raw) {
+            if let Some(b) = bytes {
+                out.insert(id.clone(), CardRecord::decode(&b).map_err(|e| bad(&format!("card record: {e}")))?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The buckets of the answer from the pages and their records.
+fn render(plan: &BoardPlan, pages: Vec<IndexBucket>, records: &HashMap<String, CardRecord>) -> Result<Vec<BucketAnswer>, ProjectionError> {
+    Ok(plan
+        .buckets
+        .iter()
+        .zip(pages)
+        .map(|(spec, page)| BucketAnswer {
+            name: spec.name.clone(),
+            stage_id: spec.stage.as_ref().map(|s| s.id.clone()),
+            total: page.total,
+            cards: page
+                .ids
+                .iter()
+                // A card deleted between the read of the ids and of the records drops out.
+                .filter_map(|id| records.get(id))
+                .filter_map(|r| {
+                    let card = r.card.as_ref()?;
+                    Some(CardOut {
+                        doc: card.to_doc(),
+                        assignees: r.derived.assignees.clone(),
+                        last_message_at: r.derived.last_message_at(),
+                    })
+                })
+                .collect(),
+        })
+        .collect())
 }
 
 fn bad(what: &str) -> ProjectionError {

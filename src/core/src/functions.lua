@@ -60,3 +60,72 @@ local function commit(keys, args)
 end
 
 redis.register_function('pb_commit', commit)
+
+-- A page deep inside the union of a bucket's raw stage sets (read-only, no state): the ids of
+-- ranks [offset, offset + limit) in board order (score descending, then id descending), in work
+-- proportional to the page, not to the offset. Binary search finds the score of the first card
+-- of the page with ZCOUNTs (O(log n) each), then only that score's ties and the page are read.
+-- KEYS: the sets (one slot: the org's). ARGV: offset, limit, min, max (ZCOUNT syntax bounds of a
+-- created range; '-inf' '+inf' when none).
+local function union_page(keys, args)
+  local offset, limit, min, max = tonumber(args[1]), tonumber(args[2]), args[3], args[4]
+  local function count_from(s) -- cards with score >= s (s a number or '-inf') within [min, max]
+    local n = 0
+    for _, k in ipairs(keys) do n = n + redis.call('ZCOUNT', k, s, max) end
+    return n
+  end
+  local function num(s) if s == '-inf' then return -math.huge end if s == '+inf' or s == 'inf' then return math.huge end return tonumber(s) end
+  if count_from(min) <= offset then return {} end
+  local function fmt(n) return string.format('%.0f', n) end
+  -- Cards without createdAt score -inf and sort last; `finite` excludes them.
+  local finite = min
+  if min == '-inf' then finite = '(-inf' end
+  -- The lowest and highest finite scores in range bound the search.
+  local lo, hi = nil, nil
+  for _, k in ipairs(keys) do
+    local top = redis.call('ZRANGE', k, max, finite, 'BYSCORE', 'REV', 'LIMIT', 0, 1, 'WITHSCORES')
+    local bottom = redis.call('ZRANGE', k, finite, max, 'BYSCORE', 'LIMIT', 0, 1, 'WITHSCORES')
+    if #top > 0 then
+      local t, b = num(top[2]), num(bottom[2])
+      if not hi or t > hi then hi = t end
+      if not lo or b < lo then lo = b end
+    end
+  end
+  -- s*: the largest score with count_from(s*) > offset (the first card of the page has it).
+  local star, above
+  if not hi or count_from(finite) <= offset then
+    star, above = '-inf', (hi and count_from(finite)) or 0
+  else
+    local a, b = lo, hi -- invariant: count_from(a) > offset
+    while a < b do
+      local m = math.floor((a + b + 1) / 2)
+      if count_from(fmt(m)) > offset then a = m else b = m - 1 end
+    end
+    star, above = fmt(a), 0
+    for _, k in ipairs(keys) do above = above + redis.call('ZCOUNT', k, '(' .. star, max) end
+  end
+  local skip = offset - above
+  -- Ties at s* in id-descending order, then the cards below s*, merged across the sets.
+  local ties, below = {}, {}
+  for _, k in ipairs(keys) do
+    for _, id in ipairs(redis.call('ZRANGE', k, star, star, 'BYSCORE', 'REV', 'LIMIT', 0, skip + limit)) do ties[#ties + 1] = id end
+    if star ~= '-inf' then
+      local r = redis.call('ZRANGE', k, '(' .. star, min, 'BYSCORE', 'REV', 'LIMIT', 0, limit, 'WITHSCORES')
+      for i = 1, #r, 2 do below[#below + 1] = { num(r[i + 1]), r[i] } end
+    end
+  end
+  table.sort(ties, function(x, y) return x > y end)
+  table.sort(below, function(x, y) if x[1] ~= y[1] then return x[1] > y[1] end return x[2] > y[2] end)
+  local out = {}
+  for i = skip + 1, #ties do
+    if #out == limit then return out end
+    out[#out + 1] = ties[i]
+  end
+  for _, e in ipairs(below) do
+    if #out == limit then break end
+    out[#out + 1] = e[2]
+  end
+  return out
+end
+
+redis.register_function{ function_name = 'pb_union_page', callback = union_page, flags = { 'no-writes' } }
