@@ -2,7 +2,7 @@
 //! started by deploy/stack.sh. Kill, restart and rebalance tests are in tests/failures.rs.
 mod common;
 
-use common::{eventually, free_port, small_seed, OwnRedis, TestEnv};
+use common::{env_with_own_redis, eventually, free_port, small_seed, OwnRedis, TestEnv};
 use pipeline_board::core::model::CardKind;
 use pipeline_board::core::record::{CardRecord, ContactState};
 use pipeline_board::mongo;
@@ -338,7 +338,7 @@ async fn the_commit_function_guards_and_validates_before_writing() {
     assert_eq!(r.hget::<_, _, Vec<u8>>(&h, "a").await.unwrap(), b"v2");
     // An unknown op after a valid one: an error, and the valid one was not written either.
     let mut bad = commit(vec![], vec![Write::HSet { key: h.clone(), field: "x".into(), value: b"1".to_vec() }]);
-    bad.arg("Q").arg(":card:c").arg("y");
+    bad.arg("Q").arg(":card:c").arg(1).arg("y");
     let err = bad.query_async::<String>(&mut r).await.unwrap_err();
     assert!(err.to_string().contains("PB_BAD_OP"), "{err}");
     assert!(!r.hexists::<_, _, bool>(&h, "x").await.unwrap(), "nothing written before the bad op");
@@ -585,17 +585,6 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
     assert!(stdout.contains("1 dead letters (1 in the topic, 0 parked in redis)"), "{stdout}");
     assert!(stdout.contains("larger than the limit"), "{stdout}");
     env.cleanup().await;
-}
-
-/// A test environment whose Redis is a server of the test's own: the Function library is global
-/// to a Redis server, so a test that replaces it must not share one with the tests beside it.
-async fn env_with_own_redis(name: &str) -> (TestEnv, OwnRedis, common::TempDir) {
-    let mut env = TestEnv::new(name).await;
-    let dir = common::TempDir::new(&format!("{name}-redis"));
-    let own = OwnRedis::start(free_port(), &dir.0);
-    own.wait_ready().await;
-    env.redis_url = own.url();
-    (env, own, dir)
 }
 
 /// The event of an active Contact pipeline with one stage, "New".

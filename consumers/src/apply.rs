@@ -133,7 +133,7 @@ impl RedisApplier {
                         debug!(org, "commit conflict; reading again");
                         metrics::counter!("pb_commit_conflicts_total").increment(1);
                         for g in &commit.guards {
-                            snap.remove(&Slot { key: g.key.clone(), field: g.field.clone() });
+                            snap.remove(&g.key, &g.field);
                         }
                         pending.push(org);
                     }

@@ -23,8 +23,31 @@ pub struct Slot {
     pub field: String,
 }
 
-/// What was read so far: slot -> value (None: absent).
-pub type Snapshot = HashMap<Slot, Option<Vec<u8>>>;
+/// What was read so far: hash -> field -> value (None: absent). Nested so that a lookup by
+/// `&str` allocates nothing.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot(HashMap<String, HashMap<String, Option<Vec<u8>>>>);
+
+impl Snapshot {
+    pub fn new() -> Self {
+        Snapshot::default()
+    }
+    /// None: not read yet; Some(None): read, absent.
+    pub fn get(&self, key: &str, field: &str) -> Option<Option<&[u8]>> {
+        self.0.get(key)?.get(field).map(Option::as_deref)
+    }
+    pub fn insert(&mut self, slot: Slot, value: Option<Vec<u8>>) {
+        self.0.entry(slot.key).or_default().insert(slot.field, value);
+    }
+    pub fn remove(&mut self, key: &str, field: &str) {
+        if let Some(m) = self.0.get_mut(key) {
+            m.remove(field);
+        }
+    }
+    fn value(&self, key: &str, field: &str) -> Option<&[u8]> {
+        self.get(key, field).flatten()
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -46,9 +69,10 @@ pub enum Step {
 pub fn step(keys: &OrgKeys, events: &[&Event], snap: &Snapshot) -> Step {
     let mut w = Working {
         keys,
+        names: Names::new(keys),
         snap,
         missing: BTreeSet::new(),
-        read: BTreeSet::new(),
+        read: Vec::new(),
         undecodable: 0,
         cards: BTreeMap::new(),
         contacts: BTreeMap::new(),
@@ -66,13 +90,38 @@ pub fn step(keys: &OrgKeys, events: &[&Event], snap: &Snapshot) -> Step {
     Step::Done { commit, outcomes, undecodable }
 }
 
+/// The org's hash names, built once per step (each lookup would build them again).
+struct Names {
+    cards: [String; 2],
+    contacts: String,
+    conversations: String,
+    versions: String,
+    users: String,
+}
+
+impl Names {
+    fn new(keys: &OrgKeys) -> Self {
+        Names {
+            cards: [keys.cards(CardKind::Contact), keys.cards(CardKind::Application)],
+            contacts: keys.contact_states(),
+            conversations: keys.conversations(),
+            versions: keys.versions(),
+            users: keys.users(),
+        }
+    }
+    fn cards(&self, kind: CardKind) -> &str {
+        &self.cards[kind as usize]
+    }
+}
+
 struct Working<'a> {
     keys: &'a OrgKeys,
+    names: Names,
     snap: &'a Snapshot,
     /// Slots the step needed and the snapshot lacks.
     missing: BTreeSet<Slot>,
-    /// Slots the step read: the commit's guards.
-    read: BTreeSet<Slot>,
+    /// Slots the step read: the commit's guards (each once: every accessor caches its values).
+    read: Vec<Slot>,
     undecodable: usize,
     cards: BTreeMap<(CardKind, String), Option<CardRecord>>,
     contacts: BTreeMap<String, ContactState>,
@@ -87,15 +136,14 @@ struct Working<'a> {
 impl<'a> Working<'a> {
     /// The stored bytes of a slot; None when absent or not read yet (then it is asked for).
     fn raw(&mut self, key: String, field: &str) -> Option<&'a [u8]> {
-        let slot = Slot { key, field: field.to_string() };
-        match self.snap.get(&slot) {
+        let snap: &'a Snapshot = self.snap;
+        match snap.get(&key, field) {
             Some(v) => {
-                let v = v.as_deref();
-                self.read.insert(slot);
+                self.read.push(Slot { key, field: field.to_string() });
                 v
             }
             None => {
-                self.missing.insert(slot);
+                self.missing.insert(Slot { key, field: field.to_string() });
                 None
             }
         }
@@ -116,14 +164,14 @@ impl<'a> Working<'a> {
         if let Some(v) = self.cards.get(&k) {
             return v.clone();
         }
-        let v = self.decoded(self.keys.cards(kind), id, |b| CardRecord::decode(b).ok());
+        let v = self.decoded(self.names.cards(kind).to_string(), id, |b| CardRecord::decode(b).ok());
         self.cards.insert(k, v.clone());
         v
     }
 
     fn contact(&mut self, cid: &str) -> &mut ContactState {
         if !self.contacts.contains_key(cid) {
-            let v = self.decoded(self.keys.contact_states(), cid, |b| ContactState::decode(b).ok()).unwrap_or_default();
+            let v = self.decoded(self.names.contacts.clone(), cid, |b| ContactState::decode(b).ok()).unwrap_or_default();
             self.contacts.insert(cid.to_string(), v);
         }
         self.contacts.get_mut(cid).expect("inserted above")
@@ -133,7 +181,7 @@ impl<'a> Working<'a> {
         if let Some(v) = self.conversations.get(id) {
             return v.clone();
         }
-        let v = self.decoded(self.keys.conversations(), id, |b| ConversationRecord::decode(b).ok());
+        let v = self.decoded(self.names.conversations.clone(), id, |b| ConversationRecord::decode(b).ok());
         self.conversations.insert(id.to_string(), v.clone());
         v
     }
@@ -142,7 +190,7 @@ impl<'a> Working<'a> {
         if let Some(v) = self.versions.get(field) {
             return *v;
         }
-        let v = self.decoded(self.keys.versions(), field, |b| std::str::from_utf8(b).ok()?.parse().ok());
+        let v = self.decoded(self.names.versions.clone(), field, |b| std::str::from_utf8(b).ok()?.parse().ok());
         self.versions.insert(field.to_string(), v);
         v
     }
@@ -280,7 +328,7 @@ impl<'a> Working<'a> {
         if let Some(entry) = self.users.get_mut(&u.id) {
             entry.1 = teams;
         } else {
-            let old: Vec<String> = self.decoded(self.keys.users(), &u.id, |b| serde_json::from_slice(b).ok()).unwrap_or_default();
+            let old: Vec<String> = self.decoded(self.names.users.clone(), &u.id, |b| serde_json::from_slice(b).ok()).unwrap_or_default();
             self.users.insert(u.id.clone(), (old, teams));
         }
         true
@@ -294,8 +342,7 @@ impl<'a> Working<'a> {
         let cards = std::mem::take(&mut self.cards);
         for ((kind, id), new) in cards {
             let key = keys.cards(kind);
-            let old_raw = self.snap.get(&Slot { key: key.clone(), field: id.clone() }).cloned().flatten();
-            let old = old_raw.as_deref().and_then(|b| CardRecord::decode(b).ok());
+            let old = self.snap.value(&key, &id).and_then(|b| CardRecord::decode(b).ok());
             if old == new {
                 continue;
             }
@@ -316,9 +363,9 @@ impl<'a> Working<'a> {
         }
         for (cid, state) in std::mem::take(&mut self.contacts) {
             let slot = Slot { key: keys.contact_states(), field: cid.clone() };
-            let old = self.snap.get(&slot).cloned().flatten();
+            let old = self.snap.value(&slot.key, &slot.field);
             let new = (!state.is_empty()).then(|| state.encode());
-            if old != new {
+            if old != new.as_deref() {
                 writes.push(match new {
                     Some(value) => Write::HSet { key: slot.key, field: cid, value },
                     None => Write::HDel { key: slot.key, field: cid },
@@ -328,14 +375,14 @@ impl<'a> Working<'a> {
         for (id, rec) in std::mem::take(&mut self.conversations) {
             let slot = Slot { key: keys.conversations(), field: id.clone() };
             let Some(new) = rec.map(|r| r.encode()) else { continue };
-            if self.snap.get(&slot).and_then(Option::as_ref) != Some(&new) {
+            if self.snap.value(&slot.key, &slot.field) != Some(new.as_slice()) {
                 writes.push(Write::HSet { key: slot.key, field: id, value: new });
             }
         }
         for (field, v) in std::mem::take(&mut self.versions) {
             let slot = Slot { key: keys.versions(), field: field.clone() };
             let Some(new) = v.map(|v| v.to_string().into_bytes()) else { continue };
-            if self.snap.get(&slot).and_then(Option::as_ref) != Some(&new) {
+            if self.snap.value(&slot.key, &slot.field) != Some(new.as_slice()) {
                 writes.push(Write::HSet { key: slot.key, field, value: new });
             }
         }
@@ -362,10 +409,15 @@ impl<'a> Working<'a> {
         if !changed_cards.is_empty() {
             writes.push(Write::XAdd { key: keys.changes(), field: "ids".into(), value: changed_cards.join("\n").into_bytes() });
         }
-        let guards = self
-            .read
-            .iter()
-            .map(|s| Guard { key: s.key.clone(), field: s.field.clone(), expected: self.snap.get(s).cloned().flatten() })
+        let mut read = std::mem::take(&mut self.read);
+        read.sort_unstable();
+        read.dedup();
+        let guards = read
+            .into_iter()
+            .map(|s| {
+                let expected = self.snap.value(&s.key, &s.field).map(<[u8]>::to_vec);
+                Guard { key: s.key, field: s.field, expected }
+            })
             .collect();
         Some(Commit { org: keys.clone(), guards, writes })
     }

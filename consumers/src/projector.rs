@@ -54,7 +54,7 @@ impl ProjectorSettings {
             topics,
             redis_url: redis_url.to_string(),
             keys,
-            max_batch: 1000,
+            max_batch: 2000,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             linger: Duration::from_millis(5),
             session_timeout: Duration::from_secs(6),
@@ -198,27 +198,36 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     let _ends_publisher = AbortOnDrop(publish_ends_every_second(&settings, applier.connection()));
     info!(group = %settings.group_id, topics = ?settings.topics.inputs(), "projector started");
 
+    // Messages received (and parsed) while the previous batch was being applied: Kafka reads and
+    // JSON parsing overlap Redis' work on the batch before. Offsets are still stored strictly
+    // batch after batch, each only after Redis acknowledged it.
+    let mut carry: Vec<Parsed> = Vec::new();
+    let parse = |m: OwnedMessage| {
+        let event = parse_message(&m, settings.max_event_bytes);
+        (m, event)
+    };
     loop {
-        let first = tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            _ = &mut caught_up => break,
-            m = consumer.recv() => m,
-        };
-        let mut batch = match first {
-            Ok(m) => {
-                let _ = counters.first_batch_at.compare_exchange(0, unix_millis(), Ordering::Relaxed, Ordering::Relaxed);
-                vec![m.detach()]
+        let mut batch = std::mem::take(&mut carry);
+        if batch.is_empty() {
+            let first = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                _ = &mut caught_up => break,
+                m = consumer.recv() => m,
+            };
+            match first {
+                Ok(m) => batch.push(parse(m.detach())),
+                Err(e) => {
+                    warn!(error = %e, "kafka poll error; the client reconnects by itself");
+                    continue;
+                }
             }
-            Err(e) => {
-                warn!(error = %e, "kafka poll error; the client reconnects by itself");
-                continue;
-            }
-        };
+        }
+        let _ = counters.first_batch_at.compare_exchange(0, unix_millis(), Ordering::Relaxed, Ordering::Relaxed);
         let deadline = Instant::now() + settings.linger;
         while batch.len() < settings.max_batch {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m.detach()),
+                Ok(Ok(m)) => batch.push(parse(m.detach())),
                 Ok(Err(e)) => {
                     warn!(error = %e, "kafka poll error");
                     break;
@@ -236,7 +245,19 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
             // A dead-letter topic that stays unreachable must not stop the partitions for good.
             let dlq =
                 DeadLetterSink { topic: &dead_letters, parked_stream: &parked_stream, park_unsent: attempts > DLQ_ATTEMPTS_BEFORE_PARKING };
-            match process_batch(&mut applier, &dlq, &batch, settings.max_event_bytes, &counters).await {
+            let applying = process_batch(&mut applier, &dlq, &batch, &counters);
+            tokio::pin!(applying);
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    r = &mut applying => break r,
+                    m = consumer.recv(), if carry.len() < settings.max_batch => match m {
+                        Ok(m) => carry.push(parse(m.detach())),
+                        Err(e) => warn!(error = %e, "kafka poll error"),
+                    },
+                }
+            };
+            match result {
                 Ok(()) => break,
                 Err(e) => {
                     counters.redis_retries.fetch_add(1, Ordering::Relaxed);
@@ -327,25 +348,16 @@ struct DeadLetterSink<'a> {
 async fn process_batch(
     applier: &mut RedisApplier,
     dead_letters: &DeadLetterSink<'_>,
-    batch: &[OwnedMessage],
-    max_event_bytes: usize,
+    batch: &[Parsed],
     counters: &RunCounters,
 ) -> Result<(), Transient> {
     let started = Instant::now();
-    let parse = |m: &OwnedMessage| {
-        let payload = m.payload().ok_or(PoisonReason::InvalidJson("empty message".into()))?;
-        if payload.len() > max_event_bytes {
-            return Err(PoisonReason::TooLarge { size: payload.len(), limit: max_event_bytes });
-        }
-        parse_event(payload)
-    };
-    let parsed: Vec<Result<Event, PoisonReason>> = batch.iter().map(parse).collect();
-    let good: Vec<&Event> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
+    let good: Vec<&Event> = batch.iter().filter_map(|(_, p)| p.as_ref().ok()).collect();
     let mut outcomes = applier.apply(&good).await?.into_iter();
 
     let mut poison: Vec<(&OwnedMessage, PoisonReason)> = Vec::new();
     let (mut applied, mut stale) = (0u64, 0u64);
-    for (msg, p) in batch.iter().zip(&parsed) {
+    for (msg, p) in batch {
         match p {
             Err(reason) => poison.push((msg, reason.clone())),
             Ok(_) => match outcomes.next().expect("one outcome per applied event") {
@@ -383,16 +395,28 @@ async fn process_batch(
     Ok(())
 }
 
+/// A message and what parsing made of it.
+type Parsed = (OwnedMessage, Result<Event, PoisonReason>);
+
+/// An event larger than `max_event_bytes` is refused unparsed (bounded work per event).
+fn parse_message(m: &OwnedMessage, max_event_bytes: usize) -> Result<Event, PoisonReason> {
+    let payload = m.payload().ok_or(PoisonReason::InvalidJson("empty message".into()))?;
+    if payload.len() > max_event_bytes {
+        return Err(PoisonReason::TooLarge { size: payload.len(), limit: max_event_bytes });
+    }
+    parse_event(payload)
+}
+
 /// Stores, per partition, the offset after the last message of the batch, and records it as
 /// progress in Redis.
 async fn store_offsets(
     consumer: &StreamConsumer<ProjectorContext>,
-    batch: &[OwnedMessage],
+    batch: &[Parsed],
     redis: &mut redis::aio::ConnectionManager,
     progress_key: &str,
 ) {
     let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for m in batch {
+    for (m, _) in batch {
         let e = next.entry((m.topic(), m.partition())).or_insert(0);
         *e = (*e).max(m.offset() + 1);
     }

@@ -186,7 +186,7 @@ impl Application {
         let health = Health::default();
         health.spawn_probe(redis.clone(), mongo_db.clone(), Duration::from_millis(args.health_interval_ms.max(100)));
         let state = AppState {
-            projection: ProjectionReader::new(redis.clone(), keys.clone(), Duration::from_millis(args.index_deadline_ms.max(1))),
+            projection: ProjectionReader::new(redis.clone(), keys.clone(), Duration::from_millis(args.index_deadline_ms)),
             mongo: MongoReader::new(mongo_db.clone(), args.mongodb_path_max_ids),
             redis,
             mongo_db,

@@ -67,7 +67,9 @@ fn hot(c: &mut Criterion) {
     let refs: Vec<&Event> = events.iter().collect();
     let mut snap = Snapshot::new();
     if let Step::Need(slots) = batch::step(&keys, &refs, &snap) {
-        snap.extend(slots.into_iter().map(|s| (s, None)));
+        for s in slots {
+            snap.insert(s, None);
+        }
     }
     c.bench_function("batch step: 1,000 new contacts", |b| {
         b.iter(|| match batch::step(&keys, black_box(&refs), &snap) {

@@ -241,6 +241,9 @@ impl OrgIndex {
         let quiet = f.quiet_for.map(|d| now - d);
         let mut out = Vec::with_capacity(plan.buckets.len());
         for b in &plan.buckets {
+            if Instant::now() >= deadline {
+                return Err(IndexError::Deadline);
+            }
             let mut cand = RoaringBitmap::new();
             for rk in plan.raw_keys(b) {
                 if let Some(s) = self.by_stage.get(&(q.kind, rk)) {
@@ -257,7 +260,7 @@ impl OrgIndex {
             }
             let mut hits: Vec<(i64, &str)> = Vec::new();
             for (n, row) in cand.iter().enumerate() {
-                if n % 4096 == 4095 && Instant::now() > deadline {
+                if n % 4096 == 4095 && Instant::now() >= deadline {
                     return Err(IndexError::Deadline);
                 }
                 let r = self.rows[row as usize].as_ref().expect("bitmaps hold live rows");

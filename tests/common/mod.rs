@@ -493,3 +493,14 @@ impl OwnRedis {
         self.dir.clone()
     }
 }
+
+/// A test environment whose Redis is a server of the test's own: the Function library is global
+/// to a Redis server, so a test that replaces it must not share one with the tests beside it.
+pub async fn env_with_own_redis(name: &str) -> (TestEnv, OwnRedis, TempDir) {
+    let mut env = TestEnv::new(name).await;
+    let dir = TempDir::new(&format!("{name}-redis"));
+    let own = OwnRedis::start(free_port(), &dir.0);
+    own.wait_ready().await;
+    env.redis_url = own.url();
+    (env, own, dir)
+}

@@ -73,7 +73,8 @@ struct Envelope {
 
 pub fn parse_event(payload: &[u8]) -> Result<Event, PoisonReason> {
     let value: Value = serde_json::from_slice(payload).map_err(|e| PoisonReason::InvalidJson(e.to_string()))?;
-    let env: Envelope = serde_json::from_value(value.clone()).map_err(|e| PoisonReason::InvalidDocument(e.to_string()))?;
+    // Deserialized from the borrowed tree: no copy of the event.
+    let env = Envelope::deserialize(&value).map_err(|e| PoisonReason::InvalidDocument(e.to_string()))?;
     let kind = env.kind.ok_or(PoisonReason::MissingField("type"))?;
     env.event_id.filter(|s| !s.is_empty()).ok_or(PoisonReason::MissingField("eventId"))?;
     env.occurred_at.ok_or(PoisonReason::MissingField("occurredAt"))?;
@@ -112,7 +113,7 @@ pub fn parse_event(payload: &[u8]) -> Result<Event, PoisonReason> {
 
 fn doc<T: serde::de::DeserializeOwned>(value: &Value, field: &'static str) -> Result<T, PoisonReason> {
     let v = value.get(field).filter(|v| v.is_object()).ok_or(PoisonReason::MissingField(field))?;
-    serde_json::from_value(v.clone()).map_err(|e| PoisonReason::InvalidDocument(format!("{field}: {e}")))
+    T::deserialize(v).map_err(|e| PoisonReason::InvalidDocument(format!("{field}: {e}")))
 }
 
 fn id_field(value: &Value, field: &'static str) -> Result<String, PoisonReason> {

@@ -4,57 +4,65 @@
 -- Every rule (versions, buckets, derived fields) lives in Rust (src/core/src/record.rs and
 -- consumers/src/batch.rs); this only compares and writes.
 --
--- KEYS[1]: the org's key base `<prefix>:{<orgId>}`. Every key written is KEYS[1] .. suffix, so all
+-- KEYS[1]: the org's key base `<prefix>:{<orgId>}`. Every key touched is KEYS[1] .. suffix, so all
 -- of them live in the org's hash slot (Redis Cluster).
--- ARGV[1]: number of guards; then per guard: hash suffix, field, expected value ('0' = the field
--- must be absent, '1' .. value = it must hold value).
--- Then the writes, each an op code and its arguments:
---   H suffix field value | h suffix field            HSET | HDEL
---   Z suffix score member | z suffix member          ZADD | ZREM
---   S suffix member | s suffix member                SADD | SREM
---   X suffix maxlen field value                      XADD suffix MAXLEN ~ maxlen * field value
+-- ARGV: a sequence of groups, each an op code, a key suffix, a count n and n items:
+--   G suffix n (field expected)*n   guards: each field must hold `expected` ('' = absent: no
+--                                   stored value is empty); checked before any write
+--   H suffix n (field value)*n      HSET          h suffix n field*n         HDEL
+--   Z suffix n (score member)*n     ZADD          z suffix n member*n        ZREM
+--   S suffix n member*n             SADD          s suffix n member*n        SREM
+--   X suffix n (maxlen field value) XADD suffix MAXLEN ~ maxlen * field value (n = 1)
+-- One group is one command (in chunks of 500 items: Lua's unpack has a stack limit), so a batch
+-- of a thousand cards is a few hundred calls, not thousands.
 -- Reply: 'ok', or 'conflict' (nothing written: another projector changed a guarded field since
 -- it was read; the caller reads again and recomputes).
+local width = { G = 2, H = 2, h = 1, Z = 2, z = 1, S = 1, s = 1, X = 3 }
+local command = { H = 'HSET', h = 'HDEL', Z = 'ZADD', z = 'ZREM', S = 'SADD', s = 'SREM' }
+local CHUNK = 500
+
 local function commit(keys, args)
   local K = keys[1]
-  local guards = tonumber(args[1])
-  local i = 2
-  for _ = 1, guards do
-    local cur = redis.call('HGET', K .. args[i], args[i + 1])
-    local want = args[i + 2]
-    if want == '0' then
-      if cur then return 'conflict' end
-    elseif cur ~= string.sub(want, 2) then
-      return 'conflict'
-    end
-    i = i + 3
-  end
-  -- Check every op before the first write: Redis keeps the writes of a script that fails midway.
-  local arity = { H = 4, h = 3, Z = 4, z = 3, S = 3, s = 3, X = 5 }
-  local n, j = #args, i
-  while j <= n do
-    local a = arity[args[j]]
-    if not a or j + a - 1 > n then return redis.error_reply('PB_BAD_OP ' .. tostring(args[j]) .. ' at ' .. j) end
-    j = j + a
-  end
+  -- Check the shape of every group before the first write: Redis keeps the writes of a script
+  -- that fails midway.
+  local groups, i, n = {}, 1, #args
   while i <= n do
-    local op, key = args[i], K .. args[i + 1]
-    if op == 'H' then
-      redis.call('HSET', key, args[i + 2], args[i + 3])
-    elseif op == 'h' then
-      redis.call('HDEL', key, args[i + 2])
-    elseif op == 'Z' then
-      redis.call('ZADD', key, args[i + 2], args[i + 3])
-    elseif op == 'z' then
-      redis.call('ZREM', key, args[i + 2])
-    elseif op == 'S' then
-      redis.call('SADD', key, args[i + 2])
-    elseif op == 's' then
-      redis.call('SREM', key, args[i + 2])
-    else
-      redis.call('XADD', key, 'MAXLEN', '~', args[i + 2], '*', args[i + 3], args[i + 4])
+    local op, count = args[i], tonumber(args[i + 2])
+    local w = width[op]
+    if not w or not count or i + 2 + count * w > n then
+      return redis.error_reply('PB_BAD_OP ' .. tostring(op) .. ' at ' .. i)
     end
-    i = i + arity[op]
+    groups[#groups + 1] = { op, K .. args[i + 1], i + 3, count * w }
+    i = i + 3 + count * w
+  end
+  for _, g in ipairs(groups) do
+    local op, key, from, len = g[1], g[2], g[3], g[4]
+    if op == 'G' then
+      local fields = {}
+      for j = from, from + len - 1, 2 do fields[#fields + 1] = args[j] end
+      for c = 1, #fields, CHUNK do
+        local cur = redis.call('HMGET', key, unpack(fields, c, math.min(c + CHUNK - 1, #fields)))
+        for x = 1, #cur do
+          local want = args[from + 2 * (c + x - 2) + 1]
+          if want == '' then
+            if cur[x] then return 'conflict' end
+          elseif cur[x] ~= want then
+            return 'conflict'
+          end
+        end
+      end
+    end
+  end
+  for _, g in ipairs(groups) do
+    local op, key, from, len = g[1], g[2], g[3], g[4]
+    if op == 'X' then
+      redis.call('XADD', key, 'MAXLEN', '~', args[from], '*', args[from + 1], args[from + 2])
+    elseif op ~= 'G' then
+      local step = width[op] * CHUNK
+      for c = from, from + len - 1, step do
+        redis.call(command[op], key, unpack(args, c, math.min(c + step - 1, from + len - 1)))
+      end
+    end
   end
   return 'ok'
 end

@@ -58,35 +58,62 @@ impl Commit {
         &key[self.org.base.len()..]
     }
 
+    /// One `FCALL pb_commit`: the guards, then the writes grouped by command and key (one Redis
+    /// call per group inside the Function). Grouping keeps meaning: a commit holds each card's
+    /// final state, so no field or member is written twice and the order of groups does not
+    /// matter, except for the change-stream entry, which goes last.
     pub fn to_cmd(&self) -> redis::Cmd {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg("pb_commit").arg(1).arg(&self.org.base).arg(self.guards.len());
+        let scores: Vec<String> =
+            self.writes.iter().map(|w| if let Write::ZAdd { score, .. } = w { score_arg(*score) } else { String::new() }).collect();
+        let mut groups = Groups::default();
         for g in &self.guards {
-            cmd.arg(self.suffix(&g.key)).arg(&g.field);
-            match &g.expected {
-                None => cmd.arg("0"),
-                Some(v) => {
-                    let mut e = Vec::with_capacity(v.len() + 1);
-                    e.push(b'1');
-                    e.extend_from_slice(v);
-                    cmd.arg(e)
-                }
-            };
+            // Absent is the empty string: no stored value is empty (records and states encode
+            // to at least one byte, empty states are deleted, versions and team lists are text).
+            groups.add("G", &g.key, &[g.field.as_bytes(), g.expected.as_deref().unwrap_or_default()]);
         }
-        for w in &self.writes {
+        let mut stream: Vec<(&str, &str, &[u8])> = Vec::new();
+        for (w, score) in self.writes.iter().zip(&scores) {
             match w {
-                Write::HSet { key, field, value } => cmd.arg("H").arg(self.suffix(key)).arg(field).arg(value.as_slice()),
-                Write::HDel { key, field } => cmd.arg("h").arg(self.suffix(key)).arg(field),
-                Write::ZAdd { key, score, member } => cmd.arg("Z").arg(self.suffix(key)).arg(score_arg(*score)).arg(member),
-                Write::ZRem { key, member } => cmd.arg("z").arg(self.suffix(key)).arg(member),
-                Write::SAdd { key, member } => cmd.arg("S").arg(self.suffix(key)).arg(member),
-                Write::SRem { key, member } => cmd.arg("s").arg(self.suffix(key)).arg(member),
-                Write::XAdd { key, field, value } => {
-                    cmd.arg("X").arg(self.suffix(key)).arg(CHANGES_MAXLEN).arg(field).arg(value.as_slice())
-                }
-            };
+                Write::HSet { key, field, value } => groups.add("H", key, &[field.as_bytes(), value]),
+                Write::HDel { key, field } => groups.add("h", key, &[field.as_bytes()]),
+                Write::ZAdd { key, member, .. } => groups.add("Z", key, &[score.as_bytes(), member.as_bytes()]),
+                Write::ZRem { key, member } => groups.add("z", key, &[member.as_bytes()]),
+                Write::SAdd { key, member } => groups.add("S", key, &[member.as_bytes()]),
+                Write::SRem { key, member } => groups.add("s", key, &[member.as_bytes()]),
+                Write::XAdd { key, field, value } => stream.push((key, field, value)),
+            }
+        }
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("pb_commit").arg(1).arg(&self.org.base);
+        for (op, key, count, items) in &groups.list {
+            cmd.arg(*op).arg(self.suffix(key)).arg(*count);
+            for item in items {
+                cmd.arg(*item);
+            }
+        }
+        for (key, field, value) in stream {
+            cmd.arg("X").arg(self.suffix(key)).arg(1).arg(CHANGES_MAXLEN).arg(field).arg(value);
         }
         cmd
+    }
+}
+
+/// Writes grouped by (op, key), in order of first appearance.
+#[derive(Default)]
+struct Groups<'a> {
+    list: Vec<(&'static str, &'a str, usize, Vec<&'a [u8]>)>,
+    at: std::collections::HashMap<(&'static str, &'a str), usize>,
+}
+
+impl<'a> Groups<'a> {
+    fn add(&mut self, op: &'static str, key: &'a str, item: &[&'a [u8]]) {
+        let i = *self.at.entry((op, key)).or_insert_with(|| {
+            self.list.push((op, key, 0, Vec::new()));
+            self.list.len() - 1
+        });
+        let g = &mut self.list[i];
+        g.2 += 1;
+        g.3.extend_from_slice(item);
     }
 }
 
