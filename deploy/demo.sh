@@ -8,7 +8,16 @@ bash deploy/stack.sh up
 cargo build --release --locked
 BIN="$CARGO_TARGET_DIR/release/pipeline-board"
 export MONGODB_DB="${MONGODB_DB:-crm}"
-if [ "$(redis-cli --scan --pattern 'pb:{*}:pipelines' | head -1)" = "" ]; then
+# The read model changed (model 2): a projection an older build left under the default prefix is
+# removed, and the topics are projected again from the start under a consumer group of model 2.
+export KAFKA_GROUP_ID="${KAFKA_GROUP_ID:-pipeline-board-m2}"
+reprojected=0
+if [ "$(redis-cli get pb:model)" != "2" ] && [ -n "$(redis-cli --scan --pattern 'pb:*' | head -1)" ]; then
+  echo "removing a projection of an older read model under the prefix pb (the topics are projected again)"
+  redis-cli --scan --pattern 'pb:*' | xargs -r -n 1000 redis-cli unlink >/dev/null
+  reprojected=1
+fi
+if [ "$reprojected" = 0 ] && [ "$(redis-cli --scan --pattern 'pb:{*}:pipelines' | head -1)" = "" ]; then
   "$BIN" seed --orgs "${DEMO_ORGS:-3}" --contacts "${DEMO_CONTACTS:-5000}"
 fi
 "$BIN" project --exit-when-caught-up --metrics-addr ""

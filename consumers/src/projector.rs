@@ -185,6 +185,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
             }
         }
     };
+    check_model(&mut applier.connection(), &settings.keys, &settings.group_id).await?;
     let dead_letters = DeadLetters::new(&settings.kafka, &settings.topics.topic_dlq)?;
     let parked_stream = settings.keys.parked_dead_letters();
     let consumer = build_consumer(&settings, counters.clone())?;
@@ -279,6 +280,30 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         counters.last_batch_at.store(unix_millis(), Ordering::Relaxed);
     }
     finish(&consumer);
+    Ok(())
+}
+
+/// Claims the prefix for this build's read model, or refuses to start if another model's
+/// projection is there (its records would be misread and left behind). Model 1 wrote no marker:
+/// its trace is a progress hash of the group without one.
+async fn check_model(conn: &mut redis::aio::ConnectionManager, keys: &KeySpace, group: &str) -> anyhow::Result<()> {
+    use board_core::keys::MODEL_VERSION;
+    let key = keys.model();
+    let found: Option<String> = conn.get(&key).await?;
+    let found = match found {
+        Some(v) => v,
+        None if conn.exists::<_, bool>(keys.progress(group)).await? => "1".to_string(),
+        None => {
+            let _: Option<String> = redis::cmd("SET").arg(&key).arg(MODEL_VERSION).arg("NX").query_async(conn).await?;
+            conn.get::<_, Option<String>>(&key).await?.unwrap_or_default()
+        }
+    };
+    anyhow::ensure!(
+        found == MODEL_VERSION,
+        "the projection under REDIS_PREFIX {:?} was built by read model {found} and this build writes model {MODEL_VERSION}: \
+         project into a new REDIS_PREFIX and KAFKA_GROUP_ID, or remove the old keys and the group's offsets first",
+        keys.prefix()
+    );
     Ok(())
 }
 

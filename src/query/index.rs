@@ -33,7 +33,14 @@ struct Row {
     source: Option<String>,
     bulk: bool,
     unassigned: bool,
-    grams: Vec<String>,
+}
+
+impl Row {
+    /// The trigrams of its search text (recomputed to unlink: keeping them would cost ~800 bytes
+    /// a card).
+    fn grams(&self) -> BTreeSet<String> {
+        self.text.iter().flat_map(|t| trigrams(t)).collect()
+    }
 }
 
 /// Why the index did not answer.
@@ -75,7 +82,14 @@ const MAX_GRAMS: usize = 8;
 
 fn set(map: &mut HashMap<String, RoaringBitmap>, key: &str, row: u32, on: bool) {
     if on {
-        map.entry(key.to_string()).or_default().insert(row);
+        match map.get_mut(key) {
+            Some(b) => {
+                b.insert(row);
+            }
+            None => {
+                map.insert(key.to_string(), RoaringBitmap::from_iter([row]));
+            }
+        }
     } else if let Some(b) = map.get_mut(key) {
         b.remove(row);
         if b.is_empty() {
@@ -120,7 +134,6 @@ impl OrgIndex {
         let Some(card) = &rec.card else { return };
         let people: Vec<String> = rec.people().into_iter().map(str::to_string).collect();
         let text = search_fields(&card.to_doc());
-        let grams: BTreeSet<String> = text.iter().flat_map(|t| trigrams(t)).collect();
         let r = Row {
             kind,
             id: id.to_string(),
@@ -134,7 +147,6 @@ impl OrgIndex {
             source: if kind == CardKind::Contact { card.source.clone() } else { None },
             bulk: card.is_bulk_sms == Some(true),
             unassigned: card.owner.is_none() && rec.derived.assignees.is_empty(),
-            grams: grams.into_iter().collect(),
         };
         let row = self.free.pop().unwrap_or_else(|| {
             self.rows.push(None);
@@ -170,8 +182,8 @@ impl OrgIndex {
         if let Some(s) = &r.source {
             set(&mut self.by_source, s, row, on);
         }
-        for g in &r.grams {
-            set(&mut self.by_gram, g, row, on);
+        for g in r.grams() {
+            set(&mut self.by_gram, &g, row, on);
         }
         for (flag, bitmap) in
             [(r.bulk, &mut self.bulk), (r.unassigned, &mut self.unassigned), (!r.message_times.is_empty(), &mut self.answered)]

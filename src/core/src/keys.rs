@@ -40,6 +40,10 @@ pub fn raw_stage_key(pipeline_id: Option<&str>, stage_id: Option<&str>, status: 
     }
 }
 
+/// The read model this build writes (2: card records, contact states, four sorted-set families,
+/// the change stream; 1 was the Lua-per-event model with trigram sets).
+pub const MODEL_VERSION: &str = "2";
+
 #[derive(Debug, Clone)]
 pub struct KeySpace {
     prefix: String,
@@ -64,6 +68,11 @@ impl KeySpace {
     /// Ids of the dead letters `dlq replay` re-produced (a second replay skips them).
     pub fn replayed_dead_letters(&self) -> String {
         format!("{}:dlq:replayed", self.prefix)
+    }
+    /// Which read model built the projection under this prefix (`MODEL_VERSION`): a projector
+    /// never writes one model's records beside another's.
+    pub fn model(&self) -> String {
+        format!("{}:model", self.prefix)
     }
     /// Consumer progress (next offset per topic-partition), written after each applied batch.
     pub fn progress(&self, group: &str) -> String {
