@@ -64,8 +64,17 @@ impl IndexCache {
         IndexCache { conn, keys, orgs: Arc::default() }
     }
 
-    /// The org's index, current with everything committed before this call.
+    /// The org's index, current with everything committed before this call. The work runs in a
+    /// task of its own: a request that gives up (its deadline) does not cancel a load that the
+    /// next requests of the org will need.
     pub async fn current(&self, org: &str) -> Result<Arc<OrgSlot>, RedisError> {
+        let (cache, org) = (self.clone(), org.to_string());
+        tokio::spawn(async move { cache.current_here(&org).await })
+            .await
+            .map_err(|e| RedisError::from(std::io::Error::other(format!("index task: {e}"))))?
+    }
+
+    async fn current_here(&self, org: &str) -> Result<Arc<OrgSlot>, RedisError> {
         let slot = self.orgs.lock().expect("not poisoned").entry(org.to_string()).or_default().clone();
         let mut loaded = slot.sync.lock().await;
         let mut conn = self.conn.clone();
