@@ -73,6 +73,12 @@ pub struct OrgIndex {
     rows: Vec<Option<Row>>,
     free: Vec<u32>,
     by_stage: HashMap<(CardKind, String), RoaringBitmap>,
+    /// The rows of each raw stage in board order (createdAt descending, then id descending): a
+    /// page is read by walking it and testing the filters' bitmap, so a broad filter (team)
+    /// costs about the page, not the matches.
+    order: HashMap<(CardKind, String), Vec<u32>>,
+    /// While loading, `order` is appended to and sorted once at the end.
+    loading: bool,
     by_person: HashMap<String, RoaringBitmap>,
     by_assignee: HashMap<String, RoaringBitmap>,
     by_source: HashMap<String, RoaringBitmap>,
@@ -140,36 +146,101 @@ impl OrgIndex {
     /// Puts a card's current record in (None or a tombstone: takes it out).
     pub fn put(&mut self, kind: CardKind, id: &str, rec: Option<&CardRecord>) {
         let key = (kind, id.to_string());
-        if let Some(row) = self.slot_of.remove(&key) {
+        let old = self.slot_of.remove(&key).map(|row| {
             let old = self.rows[row as usize].take().expect("a slot points at a row");
             self.unlink(row, &old);
             self.free.push(row);
-        }
-        let Some(rec) = rec else { return };
-        let Some(card) = &rec.card else { return };
-        let people: Vec<String> = rec.people().into_iter().map(str::to_string).collect();
-        let text = search_fields(&card.to_doc());
-        let r = Row {
+            (row, old)
+        });
+        let new = rec.and_then(|rec| Some((rec, rec.card.as_ref()?))).map(|(rec, card)| Row {
             kind,
             id: id.to_string(),
             created: card.created_at,
             message_times: rec.derived.message_times.clone(),
-            text,
+            text: search_fields(&card.to_doc()),
             stage: raw_stage_key(card.pipeline_id.as_deref(), card.pipeline_stage.as_deref(), card.status.as_deref()),
-            people,
+            people: rec.people().into_iter().map(str::to_string).collect(),
             assignees: rec.derived.assignees.clone(),
             // `source` filters only the Contact board (CONTRACT.md 3).
             source: if kind == CardKind::Contact { card.source.clone() } else { None },
             bulk: card.is_bulk_sms == Some(true),
             unassigned: card.owner.is_none() && rec.derived.assignees.is_empty(),
+        });
+        let Some(r) = new else {
+            if let Some((row, o)) = old {
+                self.order_remove(row, &o);
+            }
+            return;
         };
         let row = self.free.pop().unwrap_or_else(|| {
             self.rows.push(None);
             (self.rows.len() - 1) as u32
         });
         self.link(row, &r, true);
+        // A card that keeps its row, stage and createdAt (messages, assignments) keeps its place.
+        let moved = match &old {
+            Some((orow, o)) => !(*orow == row && o.stage == r.stage && o.created == r.created),
+            None => true,
+        };
+        if moved {
+            if let Some((orow, o)) = &old {
+                self.order_remove(*orow, o);
+            }
+            self.order_insert(row, &r);
+        }
         self.rows[row as usize] = Some(r);
         self.slot_of.insert(key, row);
+    }
+
+    /// Board order: the greater key comes first.
+    fn board_key(&self, row: u32) -> (i64, &str) {
+        let r = self.rows[row as usize].as_ref().expect("ordered rows are live");
+        (r.created.unwrap_or(i64::MIN), &r.id)
+    }
+
+    fn order_insert(&mut self, row: u32, r: &Row) {
+        let Some(stage) = &r.stage else { return };
+        let key = (r.created.unwrap_or(i64::MIN), r.id.as_str());
+        let mut list = self.order.remove(&(r.kind, stage.clone())).unwrap_or_default();
+        if self.loading {
+            list.push(row);
+        } else {
+            let at = list.partition_point(|x| self.board_key(*x) > key);
+            list.insert(at, row);
+        }
+        self.order.insert((r.kind, stage.clone()), list);
+    }
+
+    /// `r` is the row's old content (already taken out of `rows`).
+    fn order_remove(&mut self, row: u32, r: &Row) {
+        let Some(stage) = &r.stage else { return };
+        let key = (r.created.unwrap_or(i64::MIN), r.id.as_str());
+        let Some(mut list) = self.order.remove(&(r.kind, stage.clone())) else { return };
+        if self.loading {
+            list.retain(|x| *x != row);
+        } else {
+            let at = list.partition_point(|x| *x != row && self.board_key(*x) > key);
+            if let Some(i) = list[at..].iter().position(|x| *x == row) {
+                list.remove(at + i);
+            }
+        }
+        if !list.is_empty() {
+            self.order.insert((r.kind, stage.clone()), list);
+        }
+    }
+
+    /// Starts a bulk load: `put` appends to the stage orders, `finish_load` sorts them once.
+    pub fn start_load(&mut self) {
+        self.loading = true;
+    }
+
+    pub fn finish_load(&mut self) {
+        self.loading = false;
+        let mut order = std::mem::take(&mut self.order);
+        for list in order.values_mut() {
+            list.sort_unstable_by(|a, b| self.board_key(*b).cmp(&self.board_key(*a)));
+        }
+        self.order = order;
     }
 
     fn unlink(&mut self, row: u32, r: &Row) {
@@ -234,6 +305,46 @@ impl OrgIndex {
         self.teams_of.iter().filter(|(_, ts)| ts.iter().any(|t| teams.contains(t))).map(|(u, _)| u.as_str()).collect()
     }
 
+    /// The ids of ranks [offset, offset + limit) among the rows of `stages` that are in `cand`,
+    /// in board order: a merge of the stages' ordered lists that skips rows not in `cand`.
+    fn walk(
+        &self,
+        kind: CardKind,
+        stages: &[String],
+        cand: &RoaringBitmap,
+        offset: usize,
+        limit: usize,
+        deadline: Instant,
+    ) -> Result<Vec<String>, IndexError> {
+        let lists: Vec<&[u32]> = stages.iter().filter_map(|s| self.order.get(&(kind, s.clone())).map(Vec::as_slice)).collect();
+        let mut at = vec![0usize; lists.len()];
+        let (mut seen, mut out, mut steps) = (0usize, Vec::with_capacity(limit), 0usize);
+        while out.len() < limit {
+            // Advance each list to its next row in `cand`, then take the first in board order.
+            let mut best: Option<usize> = None;
+            for (i, list) in lists.iter().enumerate() {
+                while at[i] < list.len() && !cand.contains(list[at[i]]) {
+                    at[i] += 1;
+                    steps += 1;
+                    if steps % 4096 == 0 && Instant::now() >= deadline {
+                        return Err(IndexError::Deadline);
+                    }
+                }
+                if at[i] < list.len() && best.is_none_or(|b| self.board_key(list[at[i]]) > self.board_key(lists[b][at[b]])) {
+                    best = Some(i);
+                }
+            }
+            let Some(b) = best else { break };
+            let row = lists[b][at[b]];
+            at[b] += 1;
+            if seen >= offset {
+                out.push(self.rows[row as usize].as_ref().expect("live").id.clone());
+            }
+            seen += 1;
+        }
+        Ok(out)
+    }
+
     /// Answers every bucket of `plan`. `user` is the caller; `now` anchors the quiet window.
     pub fn answer(
         &self,
@@ -273,6 +384,8 @@ impl OrgIndex {
             }
         }
         let quiet = f.quiet_for.map(|d| now - d);
+        // Filters checked card by card (times, the literal search).
+        let per_row = f.created.is_some() || quiet.is_some() || f.messaged_in.is_some() || term.is_some();
         let mut out = Vec::with_capacity(plan.buckets.len());
         for b in &plan.buckets {
             if Instant::now() >= deadline {
@@ -291,6 +404,13 @@ impl OrgIndex {
                 MessageStatus::All => {}
                 MessageStatus::Answered => cand &= &self.answered,
                 MessageStatus::Unanswered => cand -= &self.answered,
+            }
+            if !per_row {
+                // Every filter is in the bitmap: the total is its size, and the page is found by
+                // walking the bucket's stages in board order.
+                let ids = self.walk(q.kind, &plan.raw_keys(b), &cand, b.offset as usize, b.limit as usize, deadline)?;
+                out.push(IndexBucket { total: cand.len(), ids });
+                continue;
             }
             let mut hits: Vec<(i64, &str)> = Vec::new();
             for (n, row) in cand.iter().enumerate() {

@@ -113,12 +113,14 @@ impl IndexCache {
         // Decoding a large org is CPU work: keep it off the async workers.
         let built = tokio::task::spawn_blocking(move || {
             let mut index = OrgIndex::new(stream_id);
+            index.start_load();
             index.set_users(users.into_iter().map(|(u, t)| (u, serde_json::from_str(&t).unwrap_or_default())));
             for (kind, chunk) in raw {
                 for (id, bytes) in chunk {
                     index.put(kind, &id, CardRecord::decode(&bytes).ok().as_ref());
                 }
             }
+            index.finish_load();
             index
         })
         .await;

@@ -213,9 +213,12 @@ impl ProjectionReader {
         Ok(records.iter().flatten().map(Vec::len).sum())
     }
 
-    /// Totals and page ids from the sorted sets. One round trip in the usual case (each bucket
-    /// has one non-empty raw stage); a bucket that spans several (legacy cards, status-only
-    /// cards) reads the first offset+limit of each in a second one and merges.
+    /// Totals and page ids from the sorted sets, in one round trip: per raw stage set of each
+    /// bucket a count and a range read. A shallow page (offset below `deep_page_offset`) reads
+    /// the first offset + limit of each set with scores (by rank, the cheapest read), so a bucket
+    /// that spans several sets (legacy cards, status-only cards) is merged here at once. A deep
+    /// page reads just its slice by rank; if its bucket spans several non-empty sets, a second
+    /// round trip selects it inside Redis with `pb_union_page` (work proportional to the page).
     pub async fn read_sets(
         &self,
         org: &str,
@@ -228,82 +231,67 @@ impl ProjectionReader {
             plan.buckets.iter().map(|b| plan.raw_keys(b).iter().map(|rk| shape.key(&keys, kind, rk)).collect()).collect();
         let mut pipe = redis::pipe();
         for (b, keys) in plan.buckets.iter().zip(&sets) {
+            let shallow = b.offset < self.deep_page_offset;
+            let (first, count) = if shallow { (0, b.offset + b.limit) } else { (b.offset, b.limit) };
             for key in keys {
                 match &shape.created {
                     None => {
                         pipe.cmd("ZCARD").arg(key);
-                        let last = (b.offset + b.limit).saturating_sub(1);
-                        pipe.cmd("ZRANGE").arg(key).arg(b.offset).arg(last).arg("REV");
+                        pipe.cmd("ZRANGE").arg(key).arg(first).arg((first + count).saturating_sub(1)).arg("REV");
                     }
                     Some((min, max)) => {
                         pipe.cmd("ZCOUNT").arg(key).arg(min).arg(max);
-                        pipe.cmd("ZRANGE").arg(key).arg(max).arg(min).arg("BYSCORE").arg("REV").arg("LIMIT").arg(b.offset).arg(b.limit);
+                        pipe.cmd("ZRANGE").arg(key).arg(max).arg(min).arg("BYSCORE").arg("REV").arg("LIMIT").arg(first).arg(count);
                     }
+                }
+                if shallow {
+                    pipe.arg("WITHSCORES");
                 }
             }
         }
-        let mut replies: std::vec::IntoIter<redis::Value> =
-            pipe.query_async::<Vec<redis::Value>>(&mut self.conn.clone()).await?.into_iter();
+        let mut replies = pipe.query_async::<Vec<redis::Value>>(&mut self.conn.clone()).await?.into_iter();
+        let mut next = || replies.next().ok_or_else(|| bad("reply count"));
         let mut out = Vec::with_capacity(plan.buckets.len());
-        let mut spanning: Vec<(usize, Vec<String>)> = Vec::new();
-        for (i, keys) in sets.iter().enumerate() {
-            let mut total = 0u64;
-            let mut non_empty = Vec::new();
-            let mut ids = Vec::new();
+        let mut deep_spanning: Vec<(usize, Vec<String>)> = Vec::new();
+        for (i, (b, keys)) in plan.buckets.iter().zip(&sets).enumerate() {
+            let shallow = b.offset < self.deep_page_offset;
+            let (mut total, mut non_empty, mut ids) = (0u64, Vec::new(), Vec::new());
+            let mut merged: Vec<(f64, String)> = Vec::new();
             for key in keys {
-                let n: u64 = redis::from_redis_value(replies.next().ok_or_else(|| bad("count"))?).map_err(|e| bad(&e.to_string()))?;
-                let page: Vec<String> =
-                    redis::from_redis_value(replies.next().ok_or_else(|| bad("range"))?).map_err(|e| bad(&e.to_string()))?;
+                let n: u64 = redis::from_redis_value(next()?).map_err(|e| bad(&e.to_string()))?;
+                if shallow {
+                    let part: Vec<(String, f64)> = redis::from_redis_value(next()?).map_err(|e| bad(&e.to_string()))?;
+                    merged.extend(part.into_iter().map(|(id, s)| (s, id)));
+                } else {
+                    let page: Vec<String> = redis::from_redis_value(next()?).map_err(|e| bad(&e.to_string()))?;
+                    if n > 0 {
+                        ids = page;
+                    }
+                }
                 if n > 0 {
                     total += n;
                     non_empty.push(key.clone());
-                    ids = page;
                 }
             }
-            if non_empty.len() > 1 {
-                spanning.push((i, non_empty));
+            if shallow {
+                // Board order: score descending, then id descending (as ZRANGE REV orders).
+                merged.sort_by(|x, y| y.0.total_cmp(&x.0).then_with(|| y.1.cmp(&x.1)));
+                ids = merged.into_iter().skip(b.offset as usize).take(b.limit as usize).map(|(_, id)| id).collect();
+            } else if non_empty.len() > 1 {
+                deep_spanning.push((i, non_empty));
             }
             out.push(IndexBucket { total, ids });
         }
-        if !spanning.is_empty() {
+        if !deep_spanning.is_empty() {
             let (min, max) = shape.created.clone().unwrap_or_else(|| ("-inf".into(), "+inf".into()));
             let mut pipe = redis::pipe();
-            for (i, keys) in &spanning {
+            for (i, keys) in &deep_spanning {
                 let b = &plan.buckets[*i];
-                if b.offset < self.deep_page_offset {
-                    for key in keys {
-                        pipe.cmd("ZRANGE")
-                            .arg(key)
-                            .arg(&max)
-                            .arg(&min)
-                            .arg("BYSCORE")
-                            .arg("REV")
-                            .arg("LIMIT")
-                            .arg(0)
-                            .arg(b.offset + b.limit)
-                            .arg("WITHSCORES");
-                    }
-                } else {
-                    pipe.cmd("FCALL_RO").arg("pb_union_page").arg(keys.len()).arg(keys).arg(b.offset).arg(b.limit).arg(&min).arg(&max);
-                }
+                pipe.cmd("FCALL_RO").arg("pb_union_page").arg(keys.len()).arg(keys).arg(b.offset).arg(b.limit).arg(&min).arg(&max);
             }
-            let mut replies = self.query_reads(pipe).await?.into_iter();
-            for (i, keys) in &spanning {
-                let b = &plan.buckets[*i];
-                if b.offset >= self.deep_page_offset {
-                    out[*i].ids =
-                        redis::from_redis_value(replies.next().ok_or_else(|| bad("union page"))?).map_err(|e| bad(&e.to_string()))?;
-                    continue;
-                }
-                let mut all: Vec<(f64, String)> = Vec::new();
-                for _ in keys {
-                    let part: Vec<(String, f64)> =
-                        redis::from_redis_value(replies.next().ok_or_else(|| bad("merge range"))?).map_err(|e| bad(&e.to_string()))?;
-                    all.extend(part.into_iter().map(|(id, s)| (s, id)));
-                }
-                // Board order: score descending, then id descending (as ZRANGE REV orders).
-                all.sort_by(|x, y| y.0.total_cmp(&x.0).then_with(|| y.1.cmp(&x.1)));
-                out[*i].ids = all.into_iter().skip(b.offset as usize).take(b.limit as usize).map(|(_, id)| id).collect();
+            let replies = self.query_reads(pipe).await?;
+            for ((i, _), reply) in deep_spanning.iter().zip(replies) {
+                out[*i].ids = redis::from_redis_value(reply).map_err(|e| bad(&e.to_string()))?;
             }
         }
         Ok(out)
