@@ -316,9 +316,9 @@ async fn freshness(
         pipeline_board_consumers::KafkaConnection::from_args(kafka)?.client_config(&[("linger.ms", "1")]).create()?;
     let mut conn = board_core::config::redis_connection(&redis.redis_url).await?;
     let keys = KeySpace::new(&redis.redis_prefix);
-    let (_, ids): (u64, Vec<String>) =
+    let (_, records): (u64, Vec<(String, Vec<u8>)>) =
         redis::cmd("HSCAN").arg(keys.org(org).cards(CardKind::Contact)).arg(0).arg("COUNT").arg(2000).query_async(&mut conn).await?;
-    let contact_ids: Vec<String> = ids.into_iter().step_by(2).collect();
+    let contact_ids: Vec<String> = records.into_iter().map(|(id, _)| id).collect();
     anyhow::ensure!(!contact_ids.is_empty(), "org {org} has no contacts in the projection");
     let raw: Vec<(String, String)> = redis::cmd("HGETALL").arg(keys.org(probe_org).pipelines()).query_async(&mut conn).await?;
     let pipeline: Pipeline = raw

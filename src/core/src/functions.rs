@@ -12,7 +12,7 @@ pub async fn load_library<C: redis::aio::ConnectionLike + Send>(conn: &mut C) ->
 
 /// Entries the change stream keeps per org (approximately: `MAXLEN ~`). A reader further
 /// behind than this reloads the org.
-pub const CHANGES_MAXLEN: usize = 10_000;
+pub const CHANGES_MAXLEN: usize = 1_000;
 
 /// One write of a commit.
 #[derive(Debug, Clone, PartialEq)]
