@@ -113,6 +113,18 @@ async fn the_worst_case_request_costs_redis_the_same_on_a_small_and_a_large_org(
     assert_eq!((status, err["error"]["code"].as_str()), (503, Some("timeout")), "{err}");
     let (status, _) = post_board(&strict, Some(&bearer), r#"{"size": 25, "ownerFilter": "my"}"#).await;
     assert_eq!(status, 200);
+
+    // An idle org's index is dropped and loaded again, with the same answer, on its next board.
+    let reader =
+        pipeline_board::query::projection::ProjectionReader::new(env.redis().await, env.keys.clone(), std::time::Duration::from_secs(10));
+    let q = pipeline_board::query::request::ContactsRequest::parse(br#"{"ownerFilter": "team"}"#).unwrap().into_query().unwrap();
+    let user = snap.users[0].id.clone();
+    let (first, route) = reader.answer(&large, &user, &q, 0).await.unwrap();
+    assert_eq!(route.name(), "index");
+    assert_eq!(reader.evict_idle_indexes(std::time::Duration::ZERO), 1, "the org's index is dropped");
+    assert_eq!(reader.evict_idle_indexes(std::time::Duration::ZERO), 0);
+    let (again, _) = reader.answer(&large, &user, &q, 0).await.unwrap();
+    assert_eq!(first, again, "reloaded, same answer");
     env.cleanup().await;
     own.stop();
 }

@@ -9,7 +9,7 @@
 //! deadline. Pure: `index_cache.rs` loads and follows the org's change stream.
 use super::board::BoardPlan;
 use super::request::{BoardQuery, MessageStatus, OwnerScope};
-use board_core::card::search_fields;
+use board_core::card::{search_fields, trigrams, Trigram};
 use board_core::keys::raw_stage_key;
 use board_core::model::CardKind;
 use board_core::record::{has_message_between, quiet_since, CardRecord};
@@ -35,26 +35,11 @@ struct Row {
     unassigned: bool,
 }
 
-/// A trigram as three characters: a map key without an allocation.
-type Gram = [char; 3];
-
-/// The distinct trigrams of case-folded texts (by Unicode scalar, as `card::trigrams`).
-fn grams_of<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<Gram> {
-    let mut out = Vec::new();
-    for t in texts {
-        let chars: Vec<char> = t.chars().collect();
-        out.extend(chars.windows(3).map(|w| [w[0], w[1], w[2]]));
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
 impl Row {
     /// The trigrams of its search text (recomputed to unlink: keeping them would cost ~800 bytes
     /// a card).
-    fn grams(&self) -> Vec<Gram> {
-        grams_of(self.text.iter().map(String::as_str))
+    fn grams(&self) -> Vec<Trigram> {
+        trigrams(self.text.iter().map(String::as_str))
     }
 }
 
@@ -82,7 +67,7 @@ pub struct OrgIndex {
     by_person: HashMap<String, RoaringBitmap>,
     by_assignee: HashMap<String, RoaringBitmap>,
     by_source: HashMap<String, RoaringBitmap>,
-    by_gram: HashMap<Gram, RoaringBitmap>,
+    by_gram: HashMap<Trigram, RoaringBitmap>,
     bulk: RoaringBitmap,
     unassigned: RoaringBitmap,
     answered: RoaringBitmap,
@@ -375,7 +360,7 @@ impl OrgIndex {
         }
         let term = f.search.as_deref().map(board_core::text::fold);
         if let Some(t) = &term {
-            let grams = grams_of([t.as_str()]);
+            let grams = trigrams([t.as_str()]);
             if !grams.is_empty() {
                 let step = grams.len().div_ceil(MAX_GRAMS);
                 for g in grams.iter().step_by(step) {

@@ -10,7 +10,9 @@ use board_core::record::CardRecord;
 use redis::aio::ConnectionManager;
 use redis::{RedisError, Value};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 use tracing::info;
 
 /// One org's index and the lock that serializes its loading and catching up.
@@ -18,6 +20,16 @@ use tracing::info;
 pub struct OrgSlot {
     sync: tokio::sync::Mutex<bool>,
     pub index: RwLock<OrgIndex>,
+    /// Unix seconds of the last board that used it (idle indexes are dropped).
+    last_used: AtomicI64,
+}
+
+/// An org's index is dropped after this long without an index board: the API's memory follows
+/// the orgs being worked on, and a dropped org is loaded again on its next index board.
+pub const INDEX_IDLE: Duration = Duration::from_secs(600);
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
 }
 
 #[derive(Clone)]
@@ -25,6 +37,7 @@ pub struct IndexCache {
     conn: ConnectionManager,
     keys: KeySpace,
     orgs: Arc<Mutex<HashMap<String, Arc<OrgSlot>>>>,
+    sweeper: Arc<Mutex<bool>>,
 }
 
 /// Card records as HSCAN returns them: (id, bincode).
@@ -61,7 +74,38 @@ async fn stream_state(conn: &mut ConnectionManager, key: &str) -> Result<(String
 
 impl IndexCache {
     pub fn new(conn: ConnectionManager, keys: KeySpace) -> Self {
-        IndexCache { conn, keys, orgs: Arc::default() }
+        IndexCache { conn, keys, orgs: Arc::default(), sweeper: Arc::default() }
+    }
+
+    /// Drops the indexes of orgs idle for longer than `idle`; reports what stays as metrics.
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        let cutoff = unix_now() - idle.as_secs() as i64;
+        let mut orgs = self.orgs.lock().expect("not poisoned");
+        let before = orgs.len();
+        orgs.retain(|_, slot| slot.last_used.load(Ordering::Relaxed) > cutoff);
+        let cards: usize = orgs.values().map(|s| s.index.read().map(|i| i.len()).unwrap_or_default()).sum();
+        metrics::gauge!("pb_index_orgs").set(orgs.len() as f64);
+        metrics::gauge!("pb_index_cards").set(cards as f64);
+        before - orgs.len()
+    }
+
+    /// Starts, once, the task that evicts idle indexes every minute.
+    fn start_sweeper(&self) {
+        let mut started = self.sweeper.lock().expect("not poisoned");
+        if *started {
+            return;
+        }
+        *started = true;
+        let cache = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let evicted = cache.evict_idle(INDEX_IDLE);
+                if evicted > 0 {
+                    info!(evicted, "idle in-memory indexes dropped");
+                }
+            }
+        });
     }
 
     /// The org's index, current with everything committed before this call. The work runs in a
@@ -75,7 +119,9 @@ impl IndexCache {
     }
 
     async fn current_here(&self, org: &str) -> Result<Arc<OrgSlot>, RedisError> {
+        self.start_sweeper();
         let slot = self.orgs.lock().expect("not poisoned").entry(org.to_string()).or_default().clone();
+        slot.last_used.store(unix_now(), Ordering::Relaxed);
         let mut loaded = slot.sync.lock().await;
         let mut conn = self.conn.clone();
         let keys = self.keys.org(org);

@@ -133,6 +133,12 @@ impl ProjectionReader {
         }
     }
 
+    /// Drops the in-memory indexes of orgs without an index board for `idle` (a background task
+    /// does this every minute with `index_cache::INDEX_IDLE`); returns how many.
+    pub fn evict_idle_indexes(&self, idle: Duration) -> usize {
+        self.index.evict_idle(idle)
+    }
+
     /// Where deep-page selection starts (`DEEP_PAGE_OFFSET`); tests lower it to compare both ways.
     pub fn with_deep_page_offset(mut self, offset: u64) -> Self {
         self.deep_page_offset = offset;

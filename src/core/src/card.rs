@@ -1,7 +1,6 @@
-//! How one card is stored in the projection: a compact bincode body (what the API returns)
-//! and the small index metadata the Redis Functions derive the card's index entries from.
-use crate::keys::raw_stage_key;
-use crate::model::{CardDoc, CardKind, Phone};
+//! How one card is stored in the projection (a compact bincode body: what the API returns) and
+//! what `search` looks into: the case-folded fields and their trigrams.
+use crate::model::{CardDoc, Phone};
 use crate::time::Millis;
 use serde::{Deserialize, Serialize};
 
@@ -92,49 +91,6 @@ impl StoredCard {
     }
 }
 
-/// What the Functions need to place a card in its indexes. Absent fields are omitted (not
-/// null) because Lua's cjson turns null into a value that is not `nil`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CoreMeta {
-    /// Raw stage key, see `keys::raw_stage_key`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rk: Option<String>,
-    /// createdAt millis: the score of every createdAt-ordered index.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sc: Option<Millis>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub src: Option<String>,
-    pub bulk: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cre: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub own: Option<String>,
-    /// The contact whose conversations and messages this card shows (itself for a contact).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cid: Option<String>,
-    /// Lower-cased searchable fields: names and phone numbers.
-    pub txt: Vec<String>,
-}
-
-impl CoreMeta {
-    pub fn from_doc(kind: CardKind, d: &CardDoc) -> Self {
-        CoreMeta {
-            rk: raw_stage_key(d.pipeline_id.as_deref(), d.pipeline_stage.as_deref(), d.status.as_deref()),
-            sc: d.created_at,
-            // `source` filters only the Contact board (CONTRACT.md section 3).
-            src: if kind == CardKind::Contact { d.source.clone() } else { None },
-            bulk: d.is_bulk_sms == Some(true),
-            cre: d.created_by.clone(),
-            own: d.owner.clone(),
-            cid: match kind {
-                CardKind::Contact => Some(d.id.clone()),
-                CardKind::Application => d.contact_id.clone(),
-            },
-            txt: search_fields(d),
-        }
-    }
-}
-
 /// The fields `search` looks into, case-folded (`text::fold`), empty ones dropped.
 pub fn search_fields(d: &CardDoc) -> Vec<String> {
     let phones = d.phone_numbers.iter().flatten().filter_map(|p| p.value.as_deref());
@@ -147,12 +103,18 @@ pub fn search_fields(d: &CardDoc) -> Vec<String> {
         .collect()
 }
 
-/// The distinct trigrams (by Unicode scalar) of a case-folded text. `functions.lua` splits the
-/// same way, so a search term's trigrams name the same index keys.
-pub fn trigrams(text: &str) -> Vec<String> {
-    let chars: Vec<char> = text.chars().collect();
-    let mut out: Vec<String> = chars.windows(3).map(|w| w.iter().collect()).collect();
-    out.sort();
+/// A trigram: three Unicode scalars (a map key without an allocation).
+pub type Trigram = [char; 3];
+
+/// The distinct trigrams of case-folded texts, by Unicode scalar: a search term of 3+
+/// characters is found only among cards that have every trigram of it (the API's index).
+pub fn trigrams<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<Trigram> {
+    let mut out = Vec::new();
+    for t in texts {
+        let chars: Vec<char> = t.chars().collect();
+        out.extend(chars.windows(3).map(|w| [w[0], w[1], w[2]]));
+    }
+    out.sort_unstable();
     out.dedup();
     out
 }
@@ -164,9 +126,9 @@ mod tests {
 
     #[test]
     fn trigrams_are_by_character() {
-        assert_eq!(trigrams("zoë"), vec!["zoë"]);
-        assert_eq!(trigrams("aaaa"), vec!["aaa"]);
-        assert!(trigrams("ab").is_empty());
+        assert_eq!(trigrams(["zoë"]), vec![['z', 'o', 'ë']]);
+        assert_eq!(trigrams(["aaaa", "xaaa"]), vec![['a', 'a', 'a'], ['x', 'a', 'a']]);
+        assert!(trigrams(["ab"]).is_empty());
     }
 
     proptest! {
@@ -191,8 +153,8 @@ mod tests {
             let chars: Vec<char> = lower.chars().collect();
             prop_assume!(start + len <= chars.len());
             let term: String = chars[start..start + len].iter().collect();
-            let indexed = trigrams(&lower);
-            for g in trigrams(&term) { prop_assert!(indexed.contains(&g)); }
+            let indexed = trigrams([lower.as_str()]);
+            for g in trigrams([term.as_str()]) { prop_assert!(indexed.contains(&g)); }
         }
     }
 }

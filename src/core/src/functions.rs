@@ -1,6 +1,6 @@
-//! The projection's Redis Function library (`functions.lua`: one thin `pb_commit`) and the
-//! typed builder of one commit: guards (what the projector read, which must still hold) and the
-//! writes it computed.
+//! The projection's Redis Function library (`functions.lua`: the thin writer `pb_commit` and the
+//! read-only `pb_union_page`) and the typed builder of one commit: guards (what the projector
+//! read, which must still hold) and the writes it computed.
 use crate::keys::OrgKeys;
 
 pub const LIBRARY: &str = include_str!("functions.lua");

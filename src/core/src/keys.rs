@@ -1,9 +1,9 @@
 //! The Redis key model. Every key of one org starts with `<prefix>:{<orgId>}` so that all of an
-//! org's keys share one Redis Cluster hash slot: the projection's Functions and the API's board
-//! query touch many keys in one call, which Redis Cluster allows only within one slot.
+//! org's keys share one Redis Cluster hash slot: one commit writes many of them atomically and
+//! one board pipelines reads of many, which Redis Cluster allows only within one slot.
 //!
-//! The same names are built by `functions.lua` (the writer) and here (the readers: the API and
-//! `verify`). docs/key-model.md describes them; a unit test pins them.
+//! Every name is built here, for the projector, the API and `verify` alike (the Functions get
+//! them as arguments). docs/key-model.md describes them; a unit test pins them.
 use crate::model::CardKind;
 
 /// Where the raw stage of a card is: `<pipelineId or "-">|s:<pipelineStage>` when the card has a
@@ -11,10 +11,8 @@ use crate::model::CardKind;
 /// cards without a `pipelineId` (they belong to their org's active pipeline of their kind).
 /// Stage membership is resolved at query time from these raw keys, so a pipeline that is
 /// renamed, activated or deactivated never forces a rewrite of its cards.
-/// Every value inside a key passes through here (its `pid`, stage, status, user and source
-/// parts), so that no two different values give one key: `%`, `:`, `|`, `{`, `}` and `-` (the
+/// Every value inside a key passes through here (its `pid`, stage, status and user parts), so that no two different values give one key: `%`, `:`, `|`, `{`, `}` and `-` (the
 /// key model's separators and the legacy marker) become `%XX`. Injective: `%` is escaped too.
-/// functions.lua's `enc` is the same function (a test compares them on Redis).
 pub fn encode_component(value: &str) -> std::borrow::Cow<'_, str> {
     const SPECIAL: &[char] = &['%', ':', '|', '{', '}', '-'];
     if !value.contains(SPECIAL) {
