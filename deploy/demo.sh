@@ -11,15 +11,14 @@ export MONGODB_DB="${MONGODB_DB:-crm}"
 # The read model changed (model 2): a projection an older build left under the default prefix is
 # removed, and the topics are projected again from the start under a consumer group of model 2.
 export KAFKA_GROUP_ID="${KAFKA_GROUP_ID:-pipeline-board-m2}"
-reprojected=0
-if [ "$(redis-cli get pb:model)" != "2" ] && [ -n "$(redis-cli --scan --pattern 'pb:*' | head -1)" ]; then
-  echo "removing a projection of an older read model under the prefix pb (the topics are projected again)"
-  redis-cli --scan --pattern 'pb:*' | xargs -r -n 1000 redis-cli unlink >/dev/null
-  reprojected=1
+P="${REDIS_PREFIX:-pb}"
+if [ "$(redis-cli get "$P:model")" != "2" ] && [ -n "$(redis-cli --scan --pattern "$P:*" | head -1)" ]; then
+  echo "removing a projection of an older read model under the prefix $P (the topics are projected again)"
+  redis-cli --scan --pattern "$P:*" | xargs -r -n 1000 redis-cli unlink >/dev/null
 fi
-if [ "$reprojected" = 0 ] && [ "$(redis-cli --scan --pattern 'pb:{*}:pipelines' | head -1)" = "" ]; then
-  "$BIN" seed --orgs "${DEMO_ORGS:-3}" --contacts "${DEMO_CONTACTS:-5000}"
-fi
+# MongoDB (the source of truth) decides whether the demo data set exists: Redis runs without
+# persistence here, so an empty projection is rebuilt from the topics, never seeded twice.
+"$BIN" seed --if-empty --orgs "${DEMO_ORGS:-3}" --contacts "${DEMO_CONTACTS:-5000}"
 "$BIN" project --exit-when-caught-up --metrics-addr ""
 "$BIN" verify
 export JWT_SECRET="${JWT_SECRET:-demo-secret-not-for-production-0123456789}"

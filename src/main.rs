@@ -208,6 +208,9 @@ struct SeedCommand {
     mongo: MongoArgs,
     #[command(flatten)]
     seed: seed::SeedArgs,
+    /// Seed only if MongoDB holds no org yet (the demo: a second run keeps its data set).
+    #[arg(long)]
+    if_empty: bool,
 }
 
 #[derive(clap::Args)]
@@ -285,6 +288,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Project(args) => project(args).await,
         Command::Seed(args) => {
+            if args.if_empty {
+                let db = mongo::connect(&args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
+                let orgs = mongo::org_ids(&db).await?;
+                if !orgs.is_empty() {
+                    println!("MongoDB database {:?} already holds {} orgs: nothing seeded", args.mongo.mongodb_db, orgs.len());
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
             let started = Instant::now();
             let r = seed::run(
                 &args.seed,
