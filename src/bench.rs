@@ -7,7 +7,7 @@ use crate::query::projection::ProjectionReader;
 use crate::query::request::{BoardQuery, ContactsRequest};
 use board_core::config::{KafkaArgs, MongoArgs, RedisArgs};
 use board_core::keys::KeySpace;
-use board_core::model::{CardKind, Pipeline};
+use board_core::model::CardKind;
 use board_core::record::{index_entries, CardRecord};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -163,6 +163,12 @@ fn query(body: &str) -> anyhow::Result<BoardQuery> {
     Ok(ContactsRequest::parse(body.as_bytes())?.into_query()?)
 }
 
+/// The board plan the API would make for `q`, from the projection's pipelines.
+async fn board_plan(reader: &ProjectionReader, org: &str, q: &BoardQuery) -> anyhow::Result<crate::query::board::BoardPlan> {
+    let pipelines = reader.pipelines(org).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(crate::query::board::plan(&pipelines, q)?)
+}
+
 async fn board(redis: &RedisArgs, org: &str, user: &str, body: &str, conns: usize, length: Duration, simplest: bool) -> anyhow::Result<()> {
     let reader = Arc::new(reader(redis).await?);
     let q = Arc::new(query(body)?);
@@ -170,7 +176,7 @@ async fn board(redis: &RedisArgs, org: &str, user: &str, body: &str, conns: usiz
     // The index's answer, computed once: its CPU work is not Redis work.
     let (_, pages, _) = reader.pages(org, user, &q, now).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let pages: Arc<Vec<IndexBucket>> = Arc::new(pages);
-    let simplest_keys = if simplest { Some(Arc::new(simplest_board_keys(redis, org, &q).await?)) } else { None };
+    let simplest_keys = if simplest { Some(Arc::new(simplest_board_keys(&reader, redis, org, &q).await?)) } else { None };
     let conn = board_core::config::redis_connection(&redis.redis_url).await?;
     let cards_key = Arc::new(KeySpace::new(&redis.redis_prefix).org(org).cards(q.kind));
     let started = Instant::now();
@@ -203,12 +209,9 @@ async fn board(redis: &RedisArgs, org: &str, user: &str, body: &str, conns: usiz
 }
 
 /// The plain sorted set of each stage of the board's pipeline (all its cards).
-async fn simplest_board_keys(redis: &RedisArgs, org: &str, q: &BoardQuery) -> anyhow::Result<Vec<String>> {
-    let mut conn = board_core::config::redis_connection(&redis.redis_url).await?;
+async fn simplest_board_keys(reader: &ProjectionReader, redis: &RedisArgs, org: &str, q: &BoardQuery) -> anyhow::Result<Vec<String>> {
     let keys = KeySpace::new(&redis.redis_prefix).org(org);
-    let raw: Vec<(String, String)> = redis::cmd("HGETALL").arg(keys.pipelines()).query_async(&mut conn).await?;
-    let pipelines: Vec<Pipeline> = raw.into_iter().filter_map(|(_, j)| serde_json::from_str(&j).ok()).collect();
-    let plan = crate::query::board::plan(&pipelines, q)?;
+    let plan = board_plan(reader, org, q).await?;
     Ok(plan.buckets.iter().filter_map(|b| plan.raw_keys(b).first().map(|rk| keys.stage(q.kind, rk))).collect())
 }
 
@@ -320,15 +323,10 @@ async fn freshness(
         redis::cmd("HSCAN").arg(keys.org(org).cards(CardKind::Contact)).arg(0).arg("COUNT").arg(2000).query_async(&mut conn).await?;
     let contact_ids: Vec<String> = records.into_iter().map(|(id, _)| id).collect();
     anyhow::ensure!(!contact_ids.is_empty(), "org {org} has no contacts in the projection");
-    let raw: Vec<(String, String)> = redis::cmd("HGETALL").arg(keys.org(probe_org).pipelines()).query_async(&mut conn).await?;
-    let pipeline: Pipeline = raw
-        .into_iter()
-        .filter_map(|(_, j)| serde_json::from_str::<Pipeline>(&j).ok())
-        .filter(|p| p.is_active == Some(true) && p.kind.as_deref() == Some("Contact"))
-        .min_by(|a, b| a.id.cmp(&b.id))
-        .ok_or_else(|| anyhow::anyhow!("probe org {probe_org} has no active Contact pipeline"))?;
-    let stage =
-        pipeline.stages.clone().unwrap_or_default().into_iter().min_by_key(|s| s.order).ok_or_else(|| anyhow::anyhow!("no stage"))?;
+    // The probe card goes to the first column of the probe org's board.
+    let plan = board_plan(&reader(redis).await?, probe_org, &query("{}")?).await?;
+    let pipeline = plan.pipeline.clone();
+    let stage = plan.buckets.first().and_then(|b| b.stage.clone()).ok_or_else(|| anyhow::anyhow!("probe org {probe_org}: no stage"))?;
     let stage_name = stage.name.clone().unwrap_or_default();
     let http = reqwest::Client::new();
     let url = format!("{api}/api/contacts");

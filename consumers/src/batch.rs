@@ -123,7 +123,8 @@ struct Working<'a> {
     /// Slots the step read: the commit's guards (each once: every accessor caches its values).
     read: Vec<Slot>,
     undecodable: usize,
-    cards: BTreeMap<(CardKind, String), Option<CardRecord>>,
+    /// Each card touched: (its record as read, its record now).
+    cards: BTreeMap<(CardKind, String), (Option<CardRecord>, Option<CardRecord>)>,
     contacts: BTreeMap<String, ContactState>,
     conversations: BTreeMap<String, Option<ConversationRecord>>,
     /// `K:ver` fields of pipelines and users
@@ -161,12 +162,19 @@ impl<'a> Working<'a> {
 
     fn card(&mut self, kind: CardKind, id: &str) -> Option<CardRecord> {
         let k = (kind, id.to_string());
-        if let Some(v) = self.cards.get(&k) {
-            return v.clone();
+        if let Some((_, now)) = self.cards.get(&k) {
+            return now.clone();
         }
         let v = self.decoded(self.names.cards(kind).to_string(), id, |b| CardRecord::decode(b).ok());
-        self.cards.insert(k, v.clone());
+        self.cards.insert(k, (v.clone(), v.clone()));
         v
+    }
+
+    /// Sets a card's record (it was read by `card` first).
+    fn set_card(&mut self, kind: CardKind, id: &str, rec: CardRecord) {
+        if let Some((_, now)) = self.cards.get_mut(&(kind, id.to_string())) {
+            *now = Some(rec);
+        }
     }
 
     fn contact(&mut self, cid: &str) -> &mut ContactState {
@@ -263,7 +271,7 @@ impl<'a> Working<'a> {
             CardKind::Application => doc.contact_id.as_deref(),
         };
         let derived = cid.map(|c| self.contact(c).derived()).unwrap_or_default();
-        self.cards.insert((kind, doc.id.clone()), Some(CardRecord::live(doc, derived)));
+        self.set_card(kind, &doc.id, CardRecord::live(doc, derived));
         true
     }
 
@@ -277,7 +285,7 @@ impl<'a> Working<'a> {
                 self.contact(&cid).applications.remove(id);
             }
         }
-        self.cards.insert((kind, id.to_string()), Some(CardRecord::tombstone(version)));
+        self.set_card(kind, id, CardRecord::tombstone(version));
         true
     }
 
@@ -312,7 +320,7 @@ impl<'a> Working<'a> {
             if let Some(mut rec) = self.card(kind, &id).filter(|r| r.card.is_some()) {
                 if rec.derived != derived {
                     rec.derived = derived.clone();
-                    self.cards.insert((kind, id), Some(rec));
+                    self.set_card(kind, &id, rec);
                 }
             }
         }
@@ -340,13 +348,12 @@ impl<'a> Working<'a> {
         let mut writes = Vec::new();
         let mut changed_cards: Vec<String> = Vec::new();
         let cards = std::mem::take(&mut self.cards);
-        for ((kind, id), new) in cards {
-            let key = keys.cards(kind);
-            let old = self.snap.value(&key, &id).and_then(|b| CardRecord::decode(b).ok());
+        for ((kind, id), (old, new)) in cards {
             if old == new {
                 continue;
             }
             let Some(new) = new else { continue };
+            let key = self.names.cards(kind).to_string();
             let old_entries: HashMap<String, f64> =
                 old.as_ref().map(|o| index_entries(keys, kind, o)).unwrap_or_default().into_iter().collect();
             let new_entries: HashMap<String, f64> = index_entries(keys, kind, &new).into_iter().collect();
@@ -362,28 +369,27 @@ impl<'a> Working<'a> {
             changed_cards.push(format!("{}:{id}", kind.tag()));
         }
         for (cid, state) in std::mem::take(&mut self.contacts) {
-            let slot = Slot { key: keys.contact_states(), field: cid.clone() };
-            let old = self.snap.value(&slot.key, &slot.field);
+            let key = &self.names.contacts;
             let new = (!state.is_empty()).then(|| state.encode());
-            if old != new.as_deref() {
+            if self.snap.value(key, &cid) != new.as_deref() {
                 writes.push(match new {
-                    Some(value) => Write::HSet { key: slot.key, field: cid, value },
-                    None => Write::HDel { key: slot.key, field: cid },
+                    Some(value) => Write::HSet { key: key.clone(), field: cid, value },
+                    None => Write::HDel { key: key.clone(), field: cid },
                 });
             }
         }
         for (id, rec) in std::mem::take(&mut self.conversations) {
-            let slot = Slot { key: keys.conversations(), field: id.clone() };
+            let key = &self.names.conversations;
             let Some(new) = rec.map(|r| r.encode()) else { continue };
-            if self.snap.value(&slot.key, &slot.field) != Some(new.as_slice()) {
-                writes.push(Write::HSet { key: slot.key, field: id, value: new });
+            if self.snap.value(key, &id) != Some(new.as_slice()) {
+                writes.push(Write::HSet { key: key.clone(), field: id, value: new });
             }
         }
         for (field, v) in std::mem::take(&mut self.versions) {
-            let slot = Slot { key: keys.versions(), field: field.clone() };
+            let key = &self.names.versions;
             let Some(new) = v.map(|v| v.to_string().into_bytes()) else { continue };
-            if self.snap.value(&slot.key, &slot.field) != Some(new.as_slice()) {
-                writes.push(Write::HSet { key: slot.key, field, value: new });
+            if self.snap.value(key, &field) != Some(new.as_slice()) {
+                writes.push(Write::HSet { key: key.clone(), field, value: new });
             }
         }
         for (id, p) in std::mem::take(&mut self.pipelines) {
@@ -400,7 +406,8 @@ impl<'a> Working<'a> {
             for t in teams.iter().filter(|t| !old.contains(t)) {
                 writes.push(Write::SAdd { key: keys.team(t), member: id.clone() });
             }
-            writes.push(Write::HSet { key: keys.users(), field: id.clone(), value: serde_json::to_vec(&teams).expect("ids serialize") });
+            let value = serde_json::to_vec(&teams).expect("ids serialize");
+            writes.push(Write::HSet { key: self.names.users.clone(), field: id.clone(), value });
             changed_cards.push(format!("u:{id}"));
         }
         if writes.is_empty() {

@@ -1,9 +1,12 @@
-//! The consumer loop. One task polls a batch, applies it to Redis in one pipelined round trip,
-//! sends poison events to the dead-letter topic, and only then stores the batch's offsets
+//! The consumer loop. One task polls a batch, applies it to Redis (`apply.rs`), sends poison
+//! events to the dead-letter topic, and only then stores the batch's offsets
 //! (`enable.auto.offset.store=false`); librdkafka commits stored offsets in the background, and
-//! we commit synchronously on partition revoke and on shutdown. Because polling and applying
-//! happen in the same task, a revoke (which librdkafka runs inside a poll) never overlaps an
-//! in-flight batch: what is committed on revoke is exactly what Redis has acknowledged.
+//! we commit synchronously on partition revoke and on shutdown. The next batch is polled while
+//! the current one is applied, so a revoke (which librdkafka runs inside a poll) can come with a
+//! batch in flight: what it commits is still only what was stored, i.e. what Redis
+//! acknowledged. The batch in flight then stores offsets of partitions this consumer may no
+//! longer own (refused, logged); their new owner re-reads those events and applies them again,
+//! idempotently.
 use crate::apply::{RedisApplier, Transient};
 use crate::batch::Outcome;
 use crate::dead_letter::{DeadLetters, Origin};

@@ -86,14 +86,20 @@ pub struct IndexBucket {
 /// literal check removes the rest).
 const MAX_GRAMS: usize = 8;
 
-fn set(map: &mut HashMap<String, RoaringBitmap>, key: &str, row: u32, on: bool) {
+/// Puts `row` into (or takes it out of) the bitmap of `key`; an emptied bitmap goes. The key is
+/// borrowed and owned only when a bitmap is created.
+fn set<K, Q>(map: &mut HashMap<K, RoaringBitmap>, key: &Q, row: u32, on: bool)
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: ToOwned<Owned = K> + std::hash::Hash + Eq + ?Sized,
+{
     if on {
         match map.get_mut(key) {
             Some(b) => {
                 b.insert(row);
             }
             None => {
-                map.insert(key.to_string(), RoaringBitmap::from_iter([row]));
+                map.insert(key.to_owned(), RoaringBitmap::from_iter([row]));
             }
         }
     } else if let Some(b) = map.get_mut(key) {
@@ -234,34 +240,19 @@ impl OrgIndex {
 
     fn link(&mut self, row: u32, r: &Row, on: bool) {
         if let Some(s) = &r.stage {
-            let key = (r.kind, s.clone());
-            if on {
-                self.by_stage.entry(key).or_default().insert(row);
-            } else if let Some(b) = self.by_stage.get_mut(&key) {
-                b.remove(row);
-                if b.is_empty() {
-                    self.by_stage.remove(&key);
-                }
-            }
+            set(&mut self.by_stage, &(r.kind, s.clone()), row, on);
         }
         for p in &r.people {
-            set(&mut self.by_person, p, row, on);
+            set(&mut self.by_person, p.as_str(), row, on);
         }
         for a in &r.assignees {
-            set(&mut self.by_assignee, a, row, on);
+            set(&mut self.by_assignee, a.as_str(), row, on);
         }
         if let Some(s) = &r.source {
-            set(&mut self.by_source, s, row, on);
+            set(&mut self.by_source, s.as_str(), row, on);
         }
         for g in r.grams() {
-            if on {
-                self.by_gram.entry(g).or_default().insert(row);
-            } else if let Some(b) = self.by_gram.get_mut(&g) {
-                b.remove(row);
-                if b.is_empty() {
-                    self.by_gram.remove(&g);
-                }
-            }
+            set(&mut self.by_gram, &g, row, on);
         }
         for (flag, bitmap) in
             [(r.bulk, &mut self.bulk), (r.unassigned, &mut self.unassigned), (!r.message_times.is_empty(), &mut self.answered)]

@@ -213,35 +213,27 @@ impl IndexCache {
                 }
             }
         }
+        // The current records of what changed: one HMGET per hash, in one round trip.
+        let ids_of = |kind: CardKind| cards.iter().filter(|(k, _)| *k == kind).map(|(_, id)| id.clone()).collect::<Vec<_>>();
+        let groups = [
+            (Some(CardKind::Contact), keys.cards(CardKind::Contact), ids_of(CardKind::Contact)),
+            (Some(CardKind::Application), keys.cards(CardKind::Application), ids_of(CardKind::Application)),
+            (None, keys.users(), users.into_iter().collect()),
+        ];
+        let asked: Vec<&(Option<CardKind>, String, Vec<String>)> = groups.iter().filter(|g| !g.2.is_empty()).collect();
         let mut pipe = redis::pipe();
-        let (contacts, apps): (Vec<_>, Vec<_>) = cards.iter().partition(|(k, _)| *k == CardKind::Contact);
-        let ids = |v: &Vec<&(CardKind, String)>| v.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>();
-        let (contact_ids, app_ids, user_ids) = (ids(&contacts), ids(&apps), users.into_iter().collect::<Vec<_>>());
-        for (key, fields) in
-            [(keys.cards(CardKind::Contact), &contact_ids), (keys.cards(CardKind::Application), &app_ids), (keys.users(), &user_ids)]
-        {
-            if fields.is_empty() {
-                pipe.cmd("ECHO").arg("none");
-            } else {
-                pipe.cmd("HMGET").arg(key).arg(fields);
-            }
+        for (_, key, fields) in &asked {
+            pipe.cmd("HMGET").arg(key).arg(fields);
         }
-        let (c, a, u): (Value, Value, Value) = pipe.query_async(&mut conn).await?;
-        let values = |v: Value| -> Vec<Option<Vec<u8>>> {
-            match v {
-                Value::Array(items) => items.into_iter().map(|x| if let Value::BulkString(b) = x { Some(b) } else { None }).collect(),
-                _ => Vec::new(),
-            }
-        };
-        let (c, a, u) = (values(c), values(a), values(u));
+        let replies: Vec<Vec<Option<Vec<u8>>>> = if asked.is_empty() { Vec::new() } else { pipe.query_async(&mut conn).await? };
         let mut index = slot.index.write().expect("not poisoned");
-        for (kind, ids, vals) in [(CardKind::Contact, &contact_ids, c), (CardKind::Application, &app_ids, a)] {
-            for (id, v) in ids.iter().zip(vals) {
-                index.put(kind, id, v.and_then(|b| CardRecord::decode(&b).ok()).as_ref());
+        for ((kind, _, ids), values) in asked.into_iter().zip(replies) {
+            for (id, v) in ids.iter().zip(values) {
+                match kind {
+                    Some(kind) => index.put(*kind, id, v.and_then(|b| CardRecord::decode(&b).ok()).as_ref()),
+                    None => index.set_user(id.clone(), v.and_then(|b| serde_json::from_slice(&b).ok())),
+                }
             }
-        }
-        for (id, v) in user_ids.into_iter().zip(u) {
-            index.set_user(id, v.and_then(|b| serde_json::from_slice(&b).ok()));
         }
         index.stream_id = at;
         Ok(())

@@ -165,8 +165,17 @@ impl ProjectionReader {
     ) -> Result<(BoardAnswer, ProjectionRoute), ProjectionError> {
         let (plan, pages, route) = self.pages(org, user, q, now).await?;
         let records = self.records(org, q.kind, &pages).await?;
-        let buckets = render(&plan, pages, &records)?;
+        let buckets = render(&plan, pages, &records);
         Ok((BoardAnswer { kind: q.kind, buckets }, route))
+    }
+
+    /// Which pipeline and buckets the request answers, from the projection's pipelines.
+    async fn plan(&self, org: &str, q: &BoardQuery) -> Result<BoardPlan, ProjectionError> {
+        let pipelines = self.pipelines(org).await?;
+        if pipelines.is_empty() {
+            return Err(ProjectionError::NotBuilt);
+        }
+        Ok(board::plan(&pipelines, q)?)
     }
 
     /// The plan, each bucket's total and page ids, and which structure answered.
@@ -177,11 +186,7 @@ impl ProjectionReader {
         q: &BoardQuery,
         now: Millis,
     ) -> Result<(BoardPlan, Vec<IndexBucket>, ProjectionRoute), ProjectionError> {
-        let pipelines = self.pipelines(org).await?;
-        if pipelines.is_empty() {
-            return Err(ProjectionError::NotBuilt);
-        }
-        let plan = board::plan(&pipelines, q)?;
+        let plan = self.plan(org, q).await?;
         Ok(match SetShape::of(q, user) {
             Some(shape) => {
                 let pages = self.read_sets(org, q.kind, &plan, &shape).await?;
@@ -205,8 +210,7 @@ impl ProjectionReader {
         q: &BoardQuery,
         index_pages: Option<&[IndexBucket]>,
     ) -> Result<usize, ProjectionError> {
-        let pipelines = self.pipelines(org).await?;
-        let plan = board::plan(&pipelines, q)?;
+        let plan = self.plan(org, q).await?;
         let pages = match (SetShape::of(q, user), index_pages) {
             (Some(shape), _) => self.read_sets(org, q.kind, &plan, &shape).await?,
             (None, Some(pages)) => {
@@ -357,9 +361,8 @@ impl ProjectionReader {
 }
 
 /// The buckets of the answer from the pages and their records.
-fn render(plan: &BoardPlan, pages: Vec<IndexBucket>, records: &HashMap<String, CardRecord>) -> Result<Vec<BucketAnswer>, ProjectionError> {
-    Ok(plan
-        .buckets
+fn render(plan: &BoardPlan, pages: Vec<IndexBucket>, records: &HashMap<String, CardRecord>) -> Vec<BucketAnswer> {
+    plan.buckets
         .iter()
         .zip(pages)
         .map(|(spec, page)| BucketAnswer {
@@ -381,7 +384,7 @@ fn render(plan: &BoardPlan, pages: Vec<IndexBucket>, records: &HashMap<String, C
                 })
                 .collect(),
         })
-        .collect())
+        .collect()
 }
 
 fn bad(what: &str) -> ProjectionError {
