@@ -138,8 +138,10 @@ MONGO_USER=$(redis-cli hkeys "$RUN:{$MONGO_ORG}:users" | head -1)
 "$BIN" bench mongo-vs-projection --org "$MONGO_ORG" --user "$MONGO_USER" --n 10 --body '{"size":25}' --body '{"size":25,"ownerFilter":"my"}' \
   --body '{"size":25,"search":"jan"}' --body '{"size":25,"ownerFilter":"team","messageStatus":"unanswered"}'
 echo "== redis after the run: $(redis-cli info memory | awk -F: '/^used_memory_human:/ {print $2}' | tr -d '\r') used; the API process: $(ps -o rss= -p $SERVE_PID | awk '{printf "%.0f MiB RSS", $1/1024}')"
+rm -f "$SCRIPT"
 } 2>&1 | tee "$OUT"
-rm -f "$SCRIPT" "$OUT.small" "$OUT.big"
+# (The block above runs in a subshell of the pipe: its variables end with it.)
+rm -f "$OUT.small" "$OUT.big"
 python3 - "$OUT" <<'PY'
 import re, sys, datetime
 run = open(sys.argv[1]).read()
