@@ -177,8 +177,8 @@ async fn board(redis: &RedisArgs, org: &str, user: &str, body: &str, conns: usiz
     let (_, pages, _) = reader.pages(org, user, &q, now).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let pages: Arc<Vec<IndexBucket>> = Arc::new(pages);
     let simplest_keys = if simplest { Some(Arc::new(simplest_board_keys(&reader, redis, org, &q).await?)) } else { None };
-    let conn = board_core::config::redis_connection(&redis.redis_url).await?;
-    let cards_key = Arc::new(KeySpace::new(&redis.redis_prefix).org(org).cards(q.kind));
+    let mut conn = board_core::config::redis_connection(&redis.redis_url).await?;
+    let cards_key = Arc::new(KeySpace::new(&redis.redis_prefix).live_org(&mut conn, org).await?.cards(q.kind));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..conns {
@@ -210,7 +210,8 @@ async fn board(redis: &RedisArgs, org: &str, user: &str, body: &str, conns: usiz
 
 /// The plain sorted set of each stage of the board's pipeline (all its cards).
 async fn simplest_board_keys(reader: &ProjectionReader, redis: &RedisArgs, org: &str, q: &BoardQuery) -> anyhow::Result<Vec<String>> {
-    let keys = KeySpace::new(&redis.redis_prefix).org(org);
+    let mut conn = board_core::config::redis_connection(&redis.redis_url).await?;
+    let keys = KeySpace::new(&redis.redis_prefix).live_org(&mut conn, org).await?;
     let plan = board_plan(reader, org, q).await?;
     Ok(plan.buckets.iter().filter_map(|b| plan.raw_keys(b).first().map(|rk| keys.stage(q.kind, rk))).collect())
 }
@@ -231,7 +232,7 @@ async fn simplest_board(conn: &mut redis::aio::ConnectionManager, stages: &[Stri
 
 async fn redis_writes(redis: &RedisArgs, org: &str, cards: usize, events_per_card: f64) -> anyhow::Result<()> {
     let mut conn = board_core::config::redis_connection(&redis.redis_url).await?;
-    let keys = KeySpace::new(&redis.redis_prefix).org(org);
+    let keys = KeySpace::new(&redis.redis_prefix).live_org(&mut conn, org).await?;
     let scratch = KeySpace::new(format!("{}-rawwrites", redis.redis_prefix)).org(org);
     let mut records: Vec<(String, Vec<u8>)> = Vec::new();
     let mut cursor = 0u64;
@@ -319,8 +320,13 @@ async fn freshness(
         pipeline_board_consumers::KafkaConnection::from_args(kafka)?.client_config(&[("linger.ms", "1")]).create()?;
     let mut conn = board_core::config::redis_connection(&redis.redis_url).await?;
     let keys = KeySpace::new(&redis.redis_prefix);
-    let (_, records): (u64, Vec<(String, Vec<u8>)>) =
-        redis::cmd("HSCAN").arg(keys.org(org).cards(CardKind::Contact)).arg(0).arg("COUNT").arg(2000).query_async(&mut conn).await?;
+    let (_, records): (u64, Vec<(String, Vec<u8>)>) = redis::cmd("HSCAN")
+        .arg(keys.live_org(&mut conn, org).await?.cards(CardKind::Contact))
+        .arg(0)
+        .arg("COUNT")
+        .arg(2000)
+        .query_async(&mut conn)
+        .await?;
     let contact_ids: Vec<String> = records.into_iter().map(|(id, _)| id).collect();
     anyhow::ensure!(!contact_ids.is_empty(), "org {org} has no contacts in the projection");
     // The probe card goes to the first column of the probe org's board.

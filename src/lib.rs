@@ -7,6 +7,7 @@ pub mod bench;
 pub mod dlq;
 pub mod mongo;
 pub mod query;
+pub mod rebuild;
 pub mod seed;
 pub mod verify;
 

@@ -31,8 +31,8 @@ enum Command {
     Serve(pipeline_board::api::ServeArgs),
     /// The Kafka consumer that keeps the Redis projection current (run N of them: one group).
     Project(ProjectArgs),
-    /// Build a fresh projection generation and switch to it when caught up.
-    Rebuild,
+    /// Build a new projection generation beside the live one and switch to it once caught up.
+    Rebuild(pipeline_board::rebuild::RebuildArgs),
     /// Compare the projection with MongoDB; exit 0 only if there is no drift.
     Verify(VerifyArgs),
     /// Write a generated, realistic data set to MongoDB and as events to Kafka.
@@ -282,9 +282,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tracing::info!("stopped");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Rebuild => {
-            eprintln!("pipeline-board rebuild: not implemented yet");
-            Ok(ExitCode::from(2))
+        Command::Rebuild(args) => {
+            if let Some(report) = pipeline_board::rebuild::run(args).await? {
+                println!("{}", report.summary());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Project(args) => project(args).await,
         Command::Seed(args) => {

@@ -108,7 +108,7 @@ pub async fn verify_org(
     report: &mut DriftReport,
 ) -> anyhow::Result<()> {
     let snap = mongo::load_org(db, org).await?;
-    let keys = keyspace.org(org);
+    let keys = keyspace.live_org(conn, org).await?;
     let states = expected_contact_states(&snap);
     let none = ContactState::default();
 

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{env_with_own_redis, eventually, free_port, small_seed, OwnRedis, TestEnv};
+use pipeline_board::consumers::apply::Position;
 use pipeline_board::core::model::CardKind;
 use pipeline_board::core::record::{CardRecord, ContactState};
 use pipeline_board::mongo;
@@ -265,6 +266,7 @@ async fn versions_compare_exactly_as_64_bit_integers() {
         let doc = serde_json::from_value(contact(&org, &c, v, &p, &s, &u, &format!("v{v}"))).unwrap();
         Event::CardUpserted(CardKind::Contact, Box::new(doc))
     };
+    let at = |offset: i64| Position { topic: "t", partition: 0, offset };
     let two53 = 1i64 << 53;
     let cases = [
         (two53, Outcome::Applied),
@@ -276,7 +278,7 @@ async fn versions_compare_exactly_as_64_bit_integers() {
     ];
     for (v, expected) in cases {
         let e = upsert(v);
-        assert_eq!(applier.apply(&[&e]).await.unwrap(), vec![expected], "version {v}");
+        assert_eq!(applier.apply(&[&e], &[at(0)]).await.unwrap(), vec![expected], "version {v}");
     }
     // In one batch too: the last of the newer versions wins, the rest coalesce away.
     let c2 = oid(11);
@@ -290,7 +292,7 @@ async fn versions_compare_exactly_as_64_bit_integers() {
         })
         .collect();
     let refs: Vec<&Event> = batch.iter().collect();
-    assert_eq!(applier.apply(&refs).await.unwrap(), vec![Outcome::Applied, Outcome::Stale, Outcome::Stale]);
+    assert_eq!(applier.apply(&refs, &[at(1), at(2), at(3)]).await.unwrap(), vec![Outcome::Applied, Outcome::Stale, Outcome::Stale]);
     let mut r = env.redis().await;
     let keys = env.keys.org(&org);
     let rec = |id: String| {
@@ -321,7 +323,9 @@ async fn the_commit_function_guards_and_validates_before_writing() {
         Write::ZAdd { key: z.clone(), score: f64::NEG_INFINITY, member: "b".into() },
     ];
     let absent = Guard { key: h.clone(), field: "a".into(), expected: None };
-    let commit = |guards: Vec<Guard>, writes: Vec<Write>| Commit { org: keys.clone(), guards, writes }.to_cmd();
+    let commit = |guards: Vec<Guard>, writes: Vec<Write>| {
+        Commit { org: keys.clone(), guards, writes, generation: None, offsets: Vec::new() }.to_cmd()
+    };
     assert_eq!(commit(vec![absent.clone()], write.clone()).query_async::<String>(&mut r).await.unwrap(), "ok");
     assert_eq!(
         r.zrange_withscores::<_, Vec<(String, f64)>>(&z, 0, -1).await.unwrap(),

@@ -5,7 +5,7 @@
 use crate::batch::{self, Outcome, Slot, Snapshot, Step};
 use board_core::events::Event;
 use board_core::functions::{load_library, Commit, CommitOutcome};
-use board_core::keys::KeySpace;
+use board_core::keys::{Generation, KeySpace, OrgKeys};
 use redis::aio::ConnectionManager;
 use redis::RedisError;
 use std::collections::{BTreeMap, HashMap};
@@ -24,9 +24,31 @@ impl From<RedisError> for Transient {
     }
 }
 
+/// Where an applier writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The live projection: each org's current generation (its pointer), every commit guarded
+    /// by it, so a switch by `rebuild` is never written past.
+    Live,
+    /// One generation being built by `rebuild`, whatever the pointers say.
+    Building(Generation),
+}
+
+/// Where one event came from: its offsets become the org's applied offsets in the commit (a
+/// partition below 0: no offset, e.g. a document of a MongoDB snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+}
+
 pub struct RedisApplier {
     conn: ConnectionManager,
     keys: KeySpace,
+    target: Target,
+    /// The generation of each org seen (Live): a commit answered `moved` corrects it.
+    generations: HashMap<String, Generation>,
 }
 
 /// A step that keeps asking for more after this many read rounds has a bug (each round adds
@@ -44,7 +66,51 @@ impl RedisApplier {
             .set_response_timeout(Some(Duration::from_secs(30)));
         let mut conn = ConnectionManager::new_with_config(client, config).await?;
         load_library(&mut conn).await?;
-        Ok(RedisApplier { conn, keys })
+        Ok(RedisApplier { conn, keys, target: Target::Live, generations: HashMap::new() })
+    }
+
+    /// Writes into `target` from now on.
+    pub fn with_target(mut self, target: Target) -> Self {
+        self.target = target;
+        self.generations.clear();
+        self
+    }
+
+    /// Forgets the orgs' generations (after Redis lost its data).
+    pub fn forget_generations(&mut self) {
+        self.generations.clear();
+    }
+
+    /// Reads the generation pointers of orgs not seen yet, in one round trip.
+    async fn resolve_generations(&mut self, orgs: &[&str]) -> Result<(), Transient> {
+        if self.target != Target::Live {
+            return Ok(());
+        }
+        let unknown: Vec<&str> = orgs.iter().copied().filter(|o| !self.generations.contains_key(*o)).collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for org in &unknown {
+            pipe.cmd("GET").arg(self.keys.generation_pointer(org));
+        }
+        let names: Vec<Option<String>> = pipe.query_async(&mut self.conn).await?;
+        for (org, name) in unknown.into_iter().zip(names) {
+            let name = name.unwrap_or_default();
+            let generation = Generation::parse(&name).ok_or_else(|| Transient(format!("org {org}: bad generation pointer {name:?}")))?;
+            self.generations.insert(org.to_string(), generation);
+        }
+        Ok(())
+    }
+
+    fn org_keys(&self, org: &str) -> (OrgKeys, Option<(String, Generation)>) {
+        match &self.target {
+            Target::Building(g) => (self.keys.org_in(g, org), None),
+            Target::Live => {
+                let g = self.generations.get(org).cloned().unwrap_or_default();
+                (self.keys.org_in(&g, org), Some((self.keys.generation_pointer(org), g)))
+            }
+        }
     }
 
     pub fn keys(&self) -> &KeySpace {
@@ -55,13 +121,30 @@ impl RedisApplier {
         self.conn.clone()
     }
 
-    /// Applies `events` in order; one outcome per event. Err: nothing may be assumed applied
-    /// (orgs committed before the error are committed: a retry finds their events stale).
-    pub async fn apply(&mut self, events: &[&Event]) -> Result<Vec<Outcome>, Transient> {
+    /// Applies `events` (from `positions`, one each) in order; one outcome per event. Err:
+    /// nothing may be assumed applied (orgs committed before the error are committed: a retry
+    /// finds their events stale).
+    pub async fn apply(&mut self, events: &[&Event], positions: &[Position<'_>]) -> Result<Vec<Outcome>, Transient> {
+        debug_assert_eq!(events.len(), positions.len());
         let mut by_org: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, e) in events.iter().enumerate() {
             by_org.entry(e.org_id()).or_default().push(i);
         }
+        // Per org, the offset after its last event of each partition: recorded with its data.
+        let offsets: HashMap<&str, Vec<(String, i64)>> = by_org
+            .iter()
+            .map(|(org, idx)| {
+                let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+                for i in idx.iter().filter(|i| positions[**i].partition >= 0) {
+                    let p = positions[*i];
+                    let e = next.entry((p.topic, p.partition)).or_insert(0);
+                    *e = (*e).max(p.offset + 1);
+                }
+                (*org, next.into_iter().map(|((t, p), o)| (crate::progress::field(t, p), o)).collect())
+            })
+            .collect();
+        let orgs: Vec<&str> = by_org.keys().copied().collect();
+        self.resolve_generations(&orgs).await?;
         let mut outcomes = vec![Outcome::Stale; events.len()];
         let mut snap = Snapshot::new();
         let mut pending: Vec<&str> = by_org.keys().copied().collect();
@@ -74,7 +157,7 @@ impl RedisApplier {
                 let mut need: Vec<Slot> = Vec::new();
                 let mut done: Vec<(&str, Option<Commit>, Vec<Outcome>)> = Vec::new();
                 for org in &pending {
-                    let keys = self.keys.org(org);
+                    let (keys, generation) = self.org_keys(org);
                     let evs: Vec<&Event> = by_org[org].iter().map(|i| events[*i]).collect();
                     match batch::step(&keys, &evs, &snap) {
                         Step::Need(slots) => need.extend(slots),
@@ -82,7 +165,17 @@ impl RedisApplier {
                             if undecodable > 0 {
                                 warn!(org, undecodable, "stored values of an older model replaced");
                             }
-                            done.push((org, commit, outcomes));
+                            // Even a batch of stale events moves the org's applied offsets.
+                            let mut commit = commit.unwrap_or_else(|| Commit {
+                                org: keys.clone(),
+                                guards: Vec::new(),
+                                writes: Vec::new(),
+                                generation: None,
+                                offsets: Vec::new(),
+                            });
+                            commit.generation = generation;
+                            commit.offsets = offsets[org].clone();
+                            done.push((org, Some(commit), outcomes));
                         }
                     }
                 }
@@ -134,6 +227,17 @@ impl RedisApplier {
                         metrics::counter!("pb_commit_conflicts_total").increment(1);
                         for g in &commit.guards {
                             snap.remove(&g.key, &g.field);
+                        }
+                        pending.push(org);
+                    }
+                    Some(CommitOutcome::Moved(generation)) => {
+                        debug!(org, generation = %generation, "org switched to another generation; computing again there");
+                        metrics::counter!("pb_commit_moved_total").increment(1);
+                        self.generations.insert(org.to_string(), generation);
+                        let n = conflicts.entry(org).or_default();
+                        *n += 1;
+                        if *n > MAX_CONFLICTS {
+                            return Err(Transient(format!("org {org}: {MAX_CONFLICTS} generation moves in a row")));
                         }
                         pending.push(org);
                     }

@@ -426,6 +426,6 @@ impl<'a> Working<'a> {
                 Guard { key: s.key, field: s.field, expected }
             })
             .collect();
-        Some(Commit { org: keys.clone(), guards, writes })
+        Some(Commit { org: keys.clone(), guards, writes, generation: None, offsets: Vec::new() })
     }
 }

@@ -7,13 +7,15 @@
 //! acknowledged. The batch in flight then stores offsets of partitions this consumer may no
 //! longer own (refused, logged); their new owner re-reads those events and applies them again,
 //! idempotently.
-use crate::apply::{RedisApplier, Transient};
+use crate::apply::{Position, RedisApplier, Transient};
 use crate::batch::Outcome;
 use crate::dead_letter::{DeadLetters, Origin};
 use crate::kafka::KafkaConnection;
 use crate::progress;
+use crate::state;
 use board_core::config::Topics;
-use board_core::events::{parse_event, Event, PoisonReason};
+use board_core::events::{parse_event_timed, Event, PoisonReason};
+use board_core::functions::{load_library, progress_cmd};
 use board_core::keys::KeySpace;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
@@ -22,7 +24,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -106,6 +108,44 @@ impl RunCounters {
 
 struct ProjectorContext {
     counters: Arc<RunCounters>,
+    /// Where assigned partitions start: the progress Redis holds (read synchronously inside the
+    /// rebalance callback, so the assignment itself carries the offsets).
+    positions: Positions,
+}
+
+/// Reads the progress hash with a plain (blocking) Redis connection: the rebalance callback runs
+/// inside librdkafka's poll and must decide the offsets before it returns.
+struct Positions {
+    client: redis::Client,
+    progress_key: String,
+}
+
+impl Positions {
+    /// The next offset of each partition of `tpl`: Redis' progress; the beginning where Redis
+    /// has none (a new partition, or a projection that starts from nothing); the group's commit
+    /// only when Redis cannot be read (a projection found lost later is started again).
+    fn assign_offsets(&self, tpl: &mut TopicPartitionList) {
+        let read = || -> redis::RedisResult<std::collections::HashMap<String, i64>> {
+            let mut c = self.client.get_connection_with_timeout(Duration::from_secs(3))?;
+            c.set_read_timeout(Some(Duration::from_secs(3)))?;
+            redis::cmd("HGETALL").arg(&self.progress_key).query(&mut c)
+        };
+        let held = match read() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                warn!(error = %e, "progress not readable from redis on assignment; starting from the group's committed offsets");
+                None
+            }
+        };
+        let parts: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        for (topic, partition) in parts {
+            let offset = match &held {
+                Some(h) => h.get(&progress::field(&topic, partition)).map(|o| Offset::Offset(*o)).unwrap_or(Offset::Beginning),
+                None => Offset::Stored,
+            };
+            let _ = tpl.set_partition_offset(&topic, partition, offset);
+        }
+    }
 }
 
 impl ClientContext for ProjectorContext {
@@ -122,6 +162,36 @@ impl ClientContext for ProjectorContext {
 }
 
 impl ConsumerContext for ProjectorContext {
+    /// librdkafka's eager assignment, with the offsets Redis holds: the projection, not the
+    /// group's commits, says where its data ends.
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: rdkafka::types::RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        use rdkafka::types::RDKafkaRespErr::*;
+        match err {
+            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.positions.assign_offsets(tpl);
+                let rebalance = Rebalance::Assign(tpl);
+                self.pre_rebalance(consumer, &rebalance);
+                if let Err(e) = consumer.assign(tpl) {
+                    warn!(error = %e, "assign failed");
+                }
+                self.post_rebalance(consumer, &rebalance);
+            }
+            RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let rebalance = Rebalance::Revoke(tpl);
+                self.pre_rebalance(consumer, &rebalance);
+                if let Err(e) = consumer.unassign() {
+                    warn!(error = %e, "unassign failed");
+                }
+                self.post_rebalance(consumer, &rebalance);
+            }
+            other => {
+                let code: rdkafka::error::RDKafkaErrorCode = other.into();
+                warn!(error = %code, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             // Hand the partitions over with everything Redis acknowledged committed, so the
@@ -149,6 +219,7 @@ impl ConsumerContext for ProjectorContext {
 }
 
 fn build_consumer(s: &ProjectorSettings, counters: Arc<RunCounters>) -> anyhow::Result<StreamConsumer<ProjectorContext>> {
+    let positions = Positions { client: redis::Client::open(s.redis_url.as_str())?, progress_key: s.keys.progress(&s.group_id) };
     let session_ms = s.session_timeout.as_millis().max(6000);
     let (session, heartbeat, max_poll) = (session_ms.to_string(), (session_ms / 3).to_string(), (session_ms * 5).max(10_000).to_string());
     let consumer: StreamConsumer<ProjectorContext> = s
@@ -165,7 +236,7 @@ fn build_consumer(s: &ProjectorSettings, counters: Arc<RunCounters>) -> anyhow::
             ("topic.metadata.refresh.interval.ms", "5000"),
             ("statistics.interval.ms", "5000"),
         ])
-        .create_with_context(ProjectorContext { counters })?;
+        .create_with_context(ProjectorContext { counters, positions })?;
     let topics = s.topics.inputs();
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
@@ -189,6 +260,11 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         }
     };
     check_model(&mut applier.connection(), &settings.keys, &settings.group_id).await?;
+    let instance = Arc::new(std::sync::Mutex::new(
+        state::ensure(&mut applier.connection(), &settings.keys, &settings.kafka, &settings.topics.inputs()).await?,
+    ));
+    // Set when Redis lost the projection (by the watch below or by a refused progress write).
+    let lost = Arc::new(AtomicBool::new(false));
     let dead_letters = DeadLetters::new(&settings.kafka, &settings.topics.topic_dlq)?;
     let parked_stream = settings.keys.parked_dead_letters();
     let consumer = build_consumer(&settings, counters.clone())?;
@@ -200,6 +276,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     tokio::pin!(caught_up);
     // Stops with this function, however it returns.
     let _ends_publisher = AbortOnDrop(publish_ends_every_second(&settings, applier.connection()));
+    let _state_watch = AbortOnDrop(watch_state_every_second(&settings, applier.connection(), instance.clone(), lost.clone()));
     info!(group = %settings.group_id, topics = ?settings.topics.inputs(), "projector started");
 
     // Messages received (and parsed) while the previous batch was being applied: Kafka reads and
@@ -211,6 +288,12 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         (m, event)
     };
     loop {
+        if lost.swap(false, Ordering::Relaxed) {
+            // What was received belongs to positions Redis no longer holds.
+            carry.clear();
+            start_again_from_redis(&settings, &consumer, &mut applier, &instance).await;
+            continue;
+        }
         let mut batch = std::mem::take(&mut carry);
         if batch.is_empty() {
             let first = tokio::select! {
@@ -278,12 +361,93 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
                 }
             }
         }
-        store_offsets(&consumer, &batch, &mut progress_conn, &progress_key).await;
+        let current_instance = instance.lock().expect("not poisoned").clone();
+        if !store_offsets(&consumer, &batch, &mut progress_conn, &settings.keys, &progress_key, &current_instance).await {
+            lost.store(true, Ordering::Relaxed);
+            continue;
+        }
+        record_freshness(&batch);
         counters.batches.fetch_add(1, Ordering::Relaxed);
         counters.last_batch_at.store(unix_millis(), Ordering::Relaxed);
     }
     finish(&consumer);
     Ok(())
+}
+
+/// After Redis lost the projection: a new state (instance, target), then every assigned
+/// partition back to what Redis holds (nothing: its beginning).
+async fn start_again_from_redis(
+    settings: &ProjectorSettings,
+    consumer: &StreamConsumer<ProjectorContext>,
+    applier: &mut RedisApplier,
+    instance: &std::sync::Mutex<String>,
+) {
+    applier.forget_generations();
+    loop {
+        match state::ensure(&mut applier.connection(), &settings.keys, &settings.kafka, &settings.topics.inputs()).await {
+            Ok(i) => {
+                *instance.lock().expect("not poisoned") = i;
+                break;
+            }
+            Err(e) => {
+                warn!(error = %e, "projection state not written; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    let Ok(mut tpl) = consumer.assignment() else { return };
+    consumer.context().positions.assign_offsets(&mut tpl);
+    match consumer.seek_partitions(tpl, Duration::from_secs(10)) {
+        Ok(r) => info!(partitions = r.count(), "redis lost the projection: partitions positioned at what redis holds"),
+        Err(e) => warn!(error = %e, "seek after a lost projection failed"),
+    }
+    if let Err(e) = load_library(&mut applier.connection()).await {
+        warn!(error = %e, "function library not loaded");
+    }
+}
+
+/// Every second: is the instance this projector writes for still the one Redis holds (else
+/// Redis lost the projection: `lost`), and is a building projection whole now?
+fn watch_state_every_second(
+    settings: &ProjectorSettings,
+    mut conn: redis::aio::ConnectionManager,
+    instance: Arc<std::sync::Mutex<String>>,
+    lost: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let (keys, progress_key) = (settings.keys.clone(), settings.keys.progress(&settings.group_id));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let mine = instance.lock().expect("not poisoned").clone();
+            match state::instance(&mut conn, &keys).await {
+                Ok(held) if held.as_deref() != Some(mine.as_str()) => {
+                    warn!(held = ?held, mine, "redis no longer holds the projection this projector wrote: starting again");
+                    lost.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(error = %e, "projection state not read");
+                    continue;
+                }
+            }
+            match state::check_whole(&mut conn, &keys, &mine, &progress_key).await {
+                Ok(s) => metrics::gauge!("pb_projection_whole").set(if s == state::Status::Whole { 1.0 } else { 0.0 }),
+                Err(e) => debug!(error = %e, "wholeness not checked"),
+            }
+        }
+    })
+}
+
+/// Freshness: from each applied event's `occurredAt` to now (its batch acknowledged).
+fn record_freshness(batch: &[Parsed]) {
+    let now = unix_millis();
+    let h = metrics::histogram!("pb_projection_freshness_seconds");
+    for (_, p) in batch {
+        if let Ok((_, Some(at))) = p {
+            h.record(((now - at).max(0)) as f64 / 1000.0);
+        }
+    }
 }
 
 /// Claims the prefix for this build's read model, or refuses to start if another model's
@@ -380,8 +544,15 @@ async fn process_batch(
     counters: &RunCounters,
 ) -> Result<(), Transient> {
     let started = Instant::now();
-    let good: Vec<&Event> = batch.iter().filter_map(|(_, p)| p.as_ref().ok()).collect();
-    let mut outcomes = applier.apply(&good).await?.into_iter();
+    let mut good: Vec<&Event> = Vec::with_capacity(batch.len());
+    let mut positions: Vec<Position<'_>> = Vec::with_capacity(batch.len());
+    for (m, p) in batch {
+        if let Ok((e, _)) = p {
+            good.push(e);
+            positions.push(Position { topic: m.topic(), partition: m.partition(), offset: m.offset() });
+        }
+    }
+    let mut outcomes = applier.apply(&good, &positions).await?.into_iter();
 
     let mut poison: Vec<(&OwnedMessage, PoisonReason)> = Vec::new();
     let (mut applied, mut stale) = (0u64, 0u64);
@@ -423,30 +594,55 @@ async fn process_batch(
     Ok(())
 }
 
-/// A message and what parsing made of it.
-type Parsed = (OwnedMessage, Result<Event, PoisonReason>);
+/// A message and what parsing made of it (the event and when it occurred).
+pub(crate) type Parsed = (OwnedMessage, Result<(Event, Option<i64>), PoisonReason>);
 
 /// An event larger than `max_event_bytes` is refused unparsed (bounded work per event).
-fn parse_message(m: &OwnedMessage, max_event_bytes: usize) -> Result<Event, PoisonReason> {
+pub(crate) fn parse_message(m: &OwnedMessage, max_event_bytes: usize) -> Result<(Event, Option<i64>), PoisonReason> {
     let payload = m.payload().ok_or(PoisonReason::InvalidJson("empty message".into()))?;
     if payload.len() > max_event_bytes {
         return Err(PoisonReason::TooLarge { size: payload.len(), limit: max_event_bytes });
     }
-    parse_event(payload)
+    parse_event_timed(payload)
 }
 
-/// Stores, per partition, the offset after the last message of the batch, and records it as
-/// progress in Redis.
-async fn store_offsets(
-    consumer: &StreamConsumer<ProjectorContext>,
-    batch: &[Parsed],
-    redis: &mut redis::aio::ConnectionManager,
-    progress_key: &str,
-) {
+/// The offset after the last message of `batch`, per partition.
+pub(crate) fn next_offsets(batch: &[Parsed]) -> BTreeMap<(&str, i32), i64> {
     let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for (m, _) in batch {
         let e = next.entry((m.topic(), m.partition())).or_insert(0);
         *e = (*e).max(m.offset() + 1);
+    }
+    next
+}
+
+/// Records, per partition, the offset after the last message of the batch as progress in Redis
+/// (only while Redis holds the projection `instance`), then stores it for the group's commit.
+/// false: Redis no longer holds the projection (nothing recorded or stored).
+async fn store_offsets(
+    consumer: &StreamConsumer<ProjectorContext>,
+    batch: &[Parsed],
+    redis: &mut redis::aio::ConnectionManager,
+    keys: &KeySpace,
+    progress_key: &str,
+    instance: &str,
+) -> bool {
+    let next = next_offsets(batch);
+    let fields: Vec<(String, i64)> = next.iter().map(|((t, p), o)| (progress::field(t, *p), *o)).collect();
+    // Retried until Redis answers: the batch is applied, so its progress must be recorded (or
+    // the loss of the projection learnt) before the next one.
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match progress_cmd(keys, progress_key, instance, &fields).query_async::<String>(redis).await {
+            Ok(r) if r == "ok" => break,
+            Ok(_) => return false,
+            Err(e) if e.to_string().contains("Function not found") => return false,
+            Err(e) => {
+                debug!(error = %e, "progress not recorded; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
     }
     let mut tpl = TopicPartitionList::new();
     for ((topic, partition), offset) in &next {
@@ -454,11 +650,8 @@ async fn store_offsets(
     }
     if let Err(e) = consumer.store_offsets(&tpl) {
         // A partition revoked while this batch was built: its new owner re-reads the batch
-        // (idempotently) from the last commit.
+        // (idempotently) from the progress in Redis.
         debug!(error = %e, "offsets not stored (partition no longer assigned)");
     }
-    let fields: Vec<(String, i64)> = next.iter().map(|((t, p), o)| (progress::field(t, *p), *o)).collect();
-    if let Err(e) = redis.hset_multiple::<_, _, _, ()>(progress_key, &fields).await {
-        debug!(error = %e, "progress not recorded");
-    }
+    true
 }

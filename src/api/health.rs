@@ -2,8 +2,9 @@
 //! by every request: a request that needs a dependency known to be down is answered at once
 //! (503 `<dependency>_unavailable`, or the other path) instead of waiting for a connect or server
 //! selection timeout, and `/readyz` says which dependency is down.
+use pipeline_board_consumers::state::Status;
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,21 @@ struct State {
     mongodb_up: AtomicBool,
     /// Unix millis of the last completed probe (0: none yet).
     checked_at: AtomicI64,
+    /// The projection's state in Redis (`PROJECTION_*`).
+    projection: AtomicU8,
+}
+
+const PROJECTION_UNKNOWN: u8 = 0;
+const PROJECTION_MISSING: u8 = 1;
+const PROJECTION_BUILDING: u8 = 2;
+const PROJECTION_WHOLE: u8 = 3;
+
+fn status_code(s: Status) -> u8 {
+    match s {
+        Status::Missing => PROJECTION_MISSING,
+        Status::Building => PROJECTION_BUILDING,
+        Status::Whole => PROJECTION_WHOLE,
+    }
 }
 
 /// Shared, cheap to clone. Until the first probe completes both dependencies count as up, so a
@@ -38,7 +54,12 @@ pub struct Health(Arc<State>);
 
 impl Default for Health {
     fn default() -> Self {
-        Health(Arc::new(State { redis_up: AtomicBool::new(true), mongodb_up: AtomicBool::new(true), checked_at: AtomicI64::new(0) }))
+        Health(Arc::new(State {
+            redis_up: AtomicBool::new(true),
+            mongodb_up: AtomicBool::new(true),
+            checked_at: AtomicI64::new(0),
+            projection: AtomicU8::new(PROJECTION_UNKNOWN),
+        }))
     }
 }
 
@@ -74,6 +95,34 @@ impl Health {
         metrics::gauge!("pb_dependency_up", "dependency" => d.name()).set(if up { 1.0 } else { 0.0 });
     }
 
+    /// Why the projection must not answer now (None: it is whole, or not checked yet):
+    /// `projection_missing` (Redis holds none: never built, or lost) or `projection_rebuilding`
+    /// (it is being rebuilt from nothing and is not whole yet).
+    pub fn projection_reason(&self) -> Option<&'static str> {
+        match self.0.projection.load(Ordering::Relaxed) {
+            PROJECTION_MISSING => Some("projection_missing"),
+            PROJECTION_BUILDING => Some("projection_rebuilding"),
+            _ => None,
+        }
+    }
+
+    pub fn projection_status(&self) -> &'static str {
+        match self.0.projection.load(Ordering::Relaxed) {
+            PROJECTION_MISSING => "missing",
+            PROJECTION_BUILDING => "building",
+            PROJECTION_WHOLE => "whole",
+            _ => "unknown",
+        }
+    }
+
+    pub fn record_projection(&self, status: Status) {
+        let code = status_code(status);
+        if self.0.projection.swap(code, Ordering::Relaxed) != code {
+            tracing::info!(projection = status.name(), "projection state changed");
+        }
+        metrics::gauge!("pb_projection_whole").set(if status == Status::Whole { 1.0 } else { 0.0 });
+    }
+
     pub fn report(&self) -> HealthReport {
         let word = |up| if up { "up" } else { "down" };
         let down = [Dependency::Redis, Dependency::Mongodb].into_iter().filter(|d| !self.is_up(*d)).collect();
@@ -88,7 +137,15 @@ impl Health {
 
     /// Pings both dependencies every `every` (each ping bounded by the same interval, at most
     /// 2 s) for as long as the process runs.
-    pub fn spawn_probe(&self, redis: redis::aio::ConnectionManager, mongo: mongodb::Database, every: Duration) {
+    /// Reads the projection's state too (`keys.state()`): a Redis that lost the projection is
+    /// noticed within one interval.
+    pub fn spawn_probe(
+        &self,
+        redis: redis::aio::ConnectionManager,
+        mongo: mongodb::Database,
+        every: Duration,
+        keys: board_core::keys::KeySpace,
+    ) {
         let health = self.clone();
         let bound = every.min(Duration::from_secs(2));
         tokio::spawn(async move {
@@ -99,6 +156,12 @@ impl Health {
                 let mongo_ping = tokio::time::timeout(bound, mongo.run_command(bson::doc! {"ping": 1}));
                 let (r, m) = tokio::join!(redis_ping, mongo_ping);
                 health.record(Dependency::Redis, matches!(r, Ok(Ok(_))));
+                if matches!(r, Ok(Ok(_))) {
+                    let mut conn = redis.clone();
+                    if let Ok(Ok(s)) = tokio::time::timeout(bound, pipeline_board_consumers::state::status(&mut conn, &keys)).await {
+                        health.record_projection(s);
+                    }
+                }
                 health.record(Dependency::Mongodb, matches!(m, Ok(Ok(_))));
                 let now = chrono::Utc::now().timestamp_millis();
                 health.0.checked_at.store(now, Ordering::Relaxed);

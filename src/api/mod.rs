@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// How often the projection lag reported in `meta` is measured (0: never).
     #[arg(long, env = "LAG_INTERVAL_MS", default_value_t = 1_000)]
     pub lag_interval_ms: u64,
+    /// `/readyz` says ready only while the projection is whole and at most this many events
+    /// behind the topics' ends.
+    #[arg(long, env = "READY_MAX_LAG", default_value_t = 10_000)]
+    pub ready_max_lag: i64,
 }
 
 #[derive(Clone)]
@@ -75,6 +79,9 @@ pub struct AppState {
     pub health: Health,
     /// The Redis stream of dead letters the dead-letter topic refused (readiness reports it).
     pub parked_dead_letters: String,
+    pub keys: KeySpace,
+    /// Readiness' bound on the projection's lag.
+    pub ready_max_lag: i64,
 }
 
 impl AppState {
@@ -130,15 +137,23 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Ready when at least one data path can answer; `status` is `degraded` while one dependency is
-/// down and `down` names it (from the background probe: readiness checks never pile up on a
-/// dependency that hangs).
+/// Ready (200) when the projection is whole and at most `READY_MAX_LAG` events behind, and
+/// both dependencies are up; `degraded` (200) when only MongoDB is down (custom-field boards
+/// fail, the rest answers from the projection). 503 otherwise: `projection_not_ready` (Redis
+/// down, the projection missing or being rebuilt, or too far behind: boards are answered from
+/// MongoDB meanwhile, `projection` and `projectionLag` say why) or `unavailable` (both down).
+/// From the background probe: readiness checks never pile up on a dependency that hangs.
 async fn readyz(State(s): State<AppState>) -> Response {
     let report = s.health.report();
-    let (code, status) = match report.down.len() {
-        0 => (StatusCode::OK, "ready"),
-        1 => (StatusCode::OK, "degraded"),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    let lag = s.projection_lag();
+    let projection = s.health.projection_status();
+    let projection_ok =
+        s.health.is_up(Dependency::Redis) && matches!(projection, "whole" | "unknown") && lag.is_none_or(|l| l <= s.ready_max_lag);
+    let (code, status) = match (report.down.len(), projection_ok) {
+        (2, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        (_, false) => (StatusCode::SERVICE_UNAVAILABLE, "projection_not_ready"),
+        (0, true) => (StatusCode::OK, "ready"),
+        (_, true) => (StatusCode::OK, "degraded"),
     };
     // Dead letters that wait in Redis because the dead-letter topic refused them: the board is
     // fine, but an operator has work to do.
@@ -157,7 +172,9 @@ async fn readyz(State(s): State<AppState>) -> Response {
         "mongodb": report.mongodb,
         "down": report.down,
         "checkedAt": report.checked_at,
-        "projectionLag": s.projection_lag(),
+        "projectionLag": lag,
+        "projection": projection,
+        "readyMaxLag": s.ready_max_lag,
     });
     (code, Json(body)).into_response()
 }
@@ -184,7 +201,7 @@ impl Application {
             spawn_lag_probe(args, redis.clone(), keys.clone(), lag.clone());
         }
         let health = Health::default();
-        health.spawn_probe(redis.clone(), mongo_db.clone(), Duration::from_millis(args.health_interval_ms.max(100)));
+        health.spawn_probe(redis.clone(), mongo_db.clone(), Duration::from_millis(args.health_interval_ms.max(100)), keys.clone());
         let state = AppState {
             projection: ProjectionReader::new(redis.clone(), keys.clone(), Duration::from_millis(args.index_deadline_ms)),
             mongo: MongoReader::new(mongo_db.clone(), args.mongodb_path_max_ids),
@@ -196,6 +213,8 @@ impl Application {
             metrics: metrics_handle(),
             health,
             parked_dead_letters: keys.parked_dead_letters(),
+            keys: keys.clone(),
+            ready_max_lag: args.ready_max_lag,
         };
         let listener = tokio::net::TcpListener::bind(&args.listen_addr).await?;
         Ok(Application { listener, router: router(state) })

@@ -54,6 +54,8 @@ pub enum IndexError {
 pub struct OrgIndex {
     /// The last change-stream entry applied (`0-0`: none).
     pub stream_id: String,
+    /// The key base (org and generation) it was loaded from.
+    pub base: String,
     slot_of: HashMap<(CardKind, String), u32>,
     rows: Vec<Option<Row>>,
     free: Vec<u32>,

@@ -4,7 +4,7 @@
 //! A reader that fell further behind than the stream keeps (`max-deleted-entry-id` past its
 //! position) reloads the org.
 use super::index::OrgIndex;
-use board_core::keys::KeySpace;
+use board_core::keys::OrgKeys;
 use board_core::model::CardKind;
 use board_core::record::CardRecord;
 use redis::aio::ConnectionManager;
@@ -35,7 +35,6 @@ fn unix_now() -> i64 {
 #[derive(Clone)]
 pub struct IndexCache {
     conn: ConnectionManager,
-    keys: KeySpace,
     orgs: Arc<Mutex<HashMap<String, Arc<OrgSlot>>>>,
     sweeper: Arc<Mutex<bool>>,
 }
@@ -73,8 +72,8 @@ async fn stream_state(conn: &mut ConnectionManager, key: &str) -> Result<(String
 }
 
 impl IndexCache {
-    pub fn new(conn: ConnectionManager, keys: KeySpace) -> Self {
-        IndexCache { conn, keys, orgs: Arc::default(), sweeper: Arc::default() }
+    pub fn new(conn: ConnectionManager) -> Self {
+        IndexCache { conn, orgs: Arc::default(), sweeper: Arc::default() }
     }
 
     /// Drops the indexes of orgs idle for longer than `idle`; reports what stays as metrics.
@@ -111,37 +110,41 @@ impl IndexCache {
     /// The org's index, current with everything committed before this call. The work runs in a
     /// task of its own: a request that gives up (its deadline) does not cancel a load that the
     /// next requests of the org will need.
-    pub async fn current(&self, org: &str) -> Result<Arc<OrgSlot>, RedisError> {
-        let (cache, org) = (self.clone(), org.to_string());
-        tokio::spawn(async move { cache.current_here(&org).await })
+    pub async fn current(&self, org: &str, keys: &OrgKeys) -> Result<Arc<OrgSlot>, RedisError> {
+        let (cache, org, keys) = (self.clone(), org.to_string(), keys.clone());
+        tokio::spawn(async move { cache.current_here(&org, &keys).await })
             .await
             .map_err(|e| RedisError::from(std::io::Error::other(format!("index task: {e}"))))?
     }
 
-    async fn current_here(&self, org: &str) -> Result<Arc<OrgSlot>, RedisError> {
+    /// `keys`: the generation the request reads; an index of another generation (a rebuild
+    /// switched the org) is loaded again.
+    async fn current_here(&self, org: &str, keys: &OrgKeys) -> Result<Arc<OrgSlot>, RedisError> {
         self.start_sweeper();
         let slot = self.orgs.lock().expect("not poisoned").entry(org.to_string()).or_default().clone();
         slot.last_used.store(unix_now(), Ordering::Relaxed);
         let mut loaded = slot.sync.lock().await;
         let mut conn = self.conn.clone();
-        let keys = self.keys.org(org);
         let (last, max_deleted) = stream_state(&mut conn, &keys.changes()).await?;
-        let at = slot.index.read().expect("not poisoned").stream_id.clone();
-        if !*loaded || stream_pos(&at) < stream_pos(&max_deleted) {
-            let index = self.load(org, last).await?;
+        let (at, base) = {
+            let index = slot.index.read().expect("not poisoned");
+            (index.stream_id.clone(), index.base.clone())
+        };
+        if !*loaded || stream_pos(&at) < stream_pos(&max_deleted) || base != keys.base {
+            let mut index = self.load(keys, last).await?;
+            index.base = keys.base.clone();
             info!(org, cards = index.len(), "in-memory index loaded");
             *slot.index.write().expect("not poisoned") = index;
             *loaded = true;
         } else if at != last {
-            self.catch_up(org, &slot, &at, &last).await?;
+            self.catch_up(keys, &slot, &at, &last).await?;
         }
         drop(loaded);
         Ok(slot)
     }
 
-    async fn load(&self, org: &str, stream_id: String) -> Result<OrgIndex, RedisError> {
+    async fn load(&self, keys: &OrgKeys, stream_id: String) -> Result<OrgIndex, RedisError> {
         let mut conn = self.conn.clone();
-        let keys = self.keys.org(org);
         let mut raw: Vec<(CardKind, RecordChunk)> = Vec::new();
         for kind in [CardKind::Contact, CardKind::Application] {
             let mut cursor = 0u64;
@@ -173,9 +176,8 @@ impl IndexCache {
         built.map_err(|e| RedisError::from(std::io::Error::other(format!("index load: {e}"))))
     }
 
-    async fn catch_up(&self, org: &str, slot: &OrgSlot, from: &str, to: &str) -> Result<(), RedisError> {
+    async fn catch_up(&self, keys: &OrgKeys, slot: &OrgSlot, from: &str, to: &str) -> Result<(), RedisError> {
         let mut conn = self.conn.clone();
-        let keys = self.keys.org(org);
         let mut cards: BTreeSet<(CardKind, String)> = BTreeSet::new();
         let mut users: BTreeSet<String> = BTreeSet::new();
         let mut at = from.to_string();

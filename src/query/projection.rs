@@ -124,13 +124,7 @@ impl ProjectionRoute {
 
 impl ProjectionReader {
     pub fn new(conn: ConnectionManager, keys: KeySpace, index_deadline: Duration) -> Self {
-        ProjectionReader {
-            index: IndexCache::new(conn.clone(), keys.clone()),
-            conn,
-            keys,
-            index_deadline,
-            deep_page_offset: DEEP_PAGE_OFFSET,
-        }
+        ProjectionReader { index: IndexCache::new(conn.clone()), conn, keys, index_deadline, deep_page_offset: DEEP_PAGE_OFFSET }
     }
 
     /// Drops the in-memory indexes of orgs without an index board for `idle` (a background task
@@ -145,9 +139,20 @@ impl ProjectionReader {
         self
     }
 
+    /// The org's keys in the generation that holds it now (its pointer; absent: the base one).
+    /// A request resolves this once and reads everything from that generation: a rebuild's
+    /// switch is atomic per org, and the old generation stays readable for its grace period.
+    pub async fn live_keys(&self, org: &str) -> Result<OrgKeys, ProjectionError> {
+        Ok(self.keys.live_org(&mut self.conn.clone(), org).await?)
+    }
+
     pub async fn pipelines(&self, org: &str) -> Result<Vec<Pipeline>, ProjectionError> {
+        self.pipelines_at(&self.live_keys(org).await?).await
+    }
+
+    async fn pipelines_at(&self, keys: &OrgKeys) -> Result<Vec<Pipeline>, ProjectionError> {
         let mut conn = self.conn.clone();
-        let raw: Vec<(String, String)> = redis::cmd("HGETALL").arg(self.keys.org(org).pipelines()).query_async(&mut conn).await?;
+        let raw: Vec<(String, String)> = redis::cmd("HGETALL").arg(keys.pipelines()).query_async(&mut conn).await?;
         raw.into_iter()
             .map(|(_, json)| {
                 serde_json::from_str(&json).map_err(|e| ProjectionError::Unavailable(format!("bad pipeline in projection: {e}")))
@@ -163,15 +168,16 @@ impl ProjectionReader {
         q: &BoardQuery,
         now: Millis,
     ) -> Result<(BoardAnswer, ProjectionRoute), ProjectionError> {
-        let (plan, pages, route) = self.pages(org, user, q, now).await?;
-        let records = self.records(org, q.kind, &pages).await?;
+        let keys = self.live_keys(org).await?;
+        let (plan, pages, route) = self.pages_at(&keys, org, user, q, now).await?;
+        let records = self.records(&keys, q.kind, &pages).await?;
         let buckets = render(&plan, pages, &records);
         Ok((BoardAnswer { kind: q.kind, buckets }, route))
     }
 
     /// Which pipeline and buckets the request answers, from the projection's pipelines.
-    async fn plan(&self, org: &str, q: &BoardQuery) -> Result<BoardPlan, ProjectionError> {
-        let pipelines = self.pipelines(org).await?;
+    async fn plan(&self, keys: &OrgKeys, q: &BoardQuery) -> Result<BoardPlan, ProjectionError> {
+        let pipelines = self.pipelines_at(keys).await?;
         if pipelines.is_empty() {
             return Err(ProjectionError::NotBuilt);
         }
@@ -186,14 +192,25 @@ impl ProjectionReader {
         q: &BoardQuery,
         now: Millis,
     ) -> Result<(BoardPlan, Vec<IndexBucket>, ProjectionRoute), ProjectionError> {
-        let plan = self.plan(org, q).await?;
+        self.pages_at(&self.live_keys(org).await?, org, user, q, now).await
+    }
+
+    async fn pages_at(
+        &self,
+        keys: &OrgKeys,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        now: Millis,
+    ) -> Result<(BoardPlan, Vec<IndexBucket>, ProjectionRoute), ProjectionError> {
+        let plan = self.plan(keys, q).await?;
         Ok(match SetShape::of(q, user) {
             Some(shape) => {
-                let pages = self.read_sets(org, q.kind, &plan, &shape).await?;
+                let pages = self.read_sets(keys, q.kind, &plan, &shape).await?;
                 (plan, pages, ProjectionRoute::SortedSets)
             }
             None => {
-                let pages = self.read_index(org, user, q, &plan, now).await?;
+                let pages = self.read_index(keys, org, user, q, &plan, now).await?;
                 (plan, pages, ProjectionRoute::Index)
             }
         })
@@ -210,16 +227,17 @@ impl ProjectionReader {
         q: &BoardQuery,
         index_pages: Option<&[IndexBucket]>,
     ) -> Result<usize, ProjectionError> {
-        let plan = self.plan(org, q).await?;
+        let keys = self.live_keys(org).await?;
+        let plan = self.plan(&keys, q).await?;
         let pages = match (SetShape::of(q, user), index_pages) {
-            (Some(shape), _) => self.read_sets(org, q.kind, &plan, &shape).await?,
+            (Some(shape), _) => self.read_sets(&keys, q.kind, &plan, &shape).await?,
             (None, Some(pages)) => {
-                self.index.current(org).await?;
+                self.index.current(org, &keys).await?;
                 pages.to_vec()
             }
             (None, None) => return Err(bad("the index's pages are needed for an index board")),
         };
-        let records = self.raw_records(org, q.kind, &pages).await?;
+        let records = self.raw_records(&keys, q.kind, &pages).await?;
         Ok(records.iter().flatten().map(Vec::len).sum())
     }
 
@@ -229,16 +247,15 @@ impl ProjectionReader {
     /// that spans several sets (legacy cards, status-only cards) is merged here at once. A deep
     /// page reads just its slice by rank; if its bucket spans several non-empty sets, a second
     /// round trip selects it inside Redis with `pb_union_page` (work proportional to the page).
-    pub async fn read_sets(
+    async fn read_sets(
         &self,
-        org: &str,
+        keys: &OrgKeys,
         kind: CardKind,
         plan: &BoardPlan,
         shape: &SetShape,
     ) -> Result<Vec<IndexBucket>, ProjectionError> {
-        let keys = self.keys.org(org);
         let sets: Vec<Vec<String>> =
-            plan.buckets.iter().map(|b| plan.raw_keys(b).iter().map(|rk| shape.key(&keys, kind, rk)).collect()).collect();
+            plan.buckets.iter().map(|b| plan.raw_keys(b).iter().map(|rk| shape.key(keys, kind, rk)).collect()).collect();
         let mut pipe = redis::pipe();
         for (b, keys) in plan.buckets.iter().zip(&sets) {
             let shallow = b.offset < self.deep_page_offset;
@@ -322,13 +339,14 @@ impl ProjectionReader {
 
     async fn read_index(
         &self,
+        keys: &OrgKeys,
         org: &str,
         user: &str,
         q: &BoardQuery,
         plan: &BoardPlan,
         now: Millis,
     ) -> Result<Vec<IndexBucket>, ProjectionError> {
-        let slot = self.index.current(org).await?;
+        let slot = self.index.current(org, keys).await?;
         let deadline = Instant::now() + self.index_deadline;
         let (q, plan, user) = (q.clone(), plan.clone(), user.to_string());
         let answered =
@@ -339,17 +357,17 @@ impl ProjectionReader {
     }
 
     /// The page's card records, as stored, in page order: one HMGET for the whole board.
-    async fn raw_records(&self, org: &str, kind: CardKind, pages: &[IndexBucket]) -> Result<Vec<Option<Vec<u8>>>, ProjectionError> {
+    async fn raw_records(&self, keys: &OrgKeys, kind: CardKind, pages: &[IndexBucket]) -> Result<Vec<Option<Vec<u8>>>, ProjectionError> {
         let ids: Vec<&String> = pages.iter().flat_map(|p| &p.ids).collect();
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let mut conn = self.conn.clone();
-        Ok(redis::cmd("HMGET").arg(self.keys.org(org).cards(kind)).arg(&ids).query_async(&mut conn).await?)
+        Ok(redis::cmd("HMGET").arg(keys.cards(kind)).arg(&ids).query_async(&mut conn).await?)
     }
 
-    async fn records(&self, org: &str, kind: CardKind, pages: &[IndexBucket]) -> Result<HashMap<String, CardRecord>, ProjectionError> {
-        let raw = self.raw_records(org, kind, pages).await?;
+    async fn records(&self, keys: &OrgKeys, kind: CardKind, pages: &[IndexBucket]) -> Result<HashMap<String, CardRecord>, ProjectionError> {
+        let raw = self.raw_records(keys, kind, pages).await?;
         let mut out = HashMap::with_capacity(raw.len());
         for (id, bytes) in pages.iter().flat_map(|p| &p.ids).zip(raw) {
             if let Some(b) = bytes {

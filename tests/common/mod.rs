@@ -148,7 +148,8 @@ impl TestEnv {
         let deadline = Instant::now() + within;
         loop {
             let lag = self.lag().await;
-            if lag.total() == 0 && lag.applied() > 0 {
+            let status = pipeline_board::consumers::state::status(&mut self.redis().await, &self.keys).await.expect("state");
+            if lag.total() == 0 && lag.applied() > 0 && status == pipeline_board::consumers::state::Status::Whole {
                 return lag;
             }
             assert!(Instant::now() < deadline, "projection not caught up within {within:?}: {lag:?}");
@@ -263,6 +264,7 @@ impl TestEnv {
             health_interval_ms: 200,
             mongodb_path_max_ids: pipeline_board::query::mongo_path::DEFAULT_MAX_IDS,
             lag_interval_ms: 1_000,
+            ready_max_lag: 10_000,
         }
     }
 

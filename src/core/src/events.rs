@@ -72,12 +72,18 @@ struct Envelope {
 }
 
 pub fn parse_event(payload: &[u8]) -> Result<Event, PoisonReason> {
+    parse_event_timed(payload).map(|(e, _)| e)
+}
+
+/// The event and when it occurred (unix millis; None if `occurredAt` is not RFC 3339): the
+/// projector measures freshness from it.
+pub fn parse_event_timed(payload: &[u8]) -> Result<(Event, Option<i64>), PoisonReason> {
     let value: Value = serde_json::from_slice(payload).map_err(|e| PoisonReason::InvalidJson(e.to_string()))?;
     // Deserialized from the borrowed tree: no copy of the event.
     let env = Envelope::deserialize(&value).map_err(|e| PoisonReason::InvalidDocument(e.to_string()))?;
     let kind = env.kind.ok_or(PoisonReason::MissingField("type"))?;
     env.event_id.filter(|s| !s.is_empty()).ok_or(PoisonReason::MissingField("eventId"))?;
-    env.occurred_at.ok_or(PoisonReason::MissingField("occurredAt"))?;
+    let occurred_at = env.occurred_at.ok_or(PoisonReason::MissingField("occurredAt"))?;
     let org = env.org_id.filter(|o| is_object_id(o)).ok_or(PoisonReason::MissingField("orgId"))?;
 
     let event = match kind.as_str() {
@@ -108,7 +114,7 @@ pub fn parse_event(payload: &[u8]) -> Result<Event, PoisonReason> {
     if event.org_id() != org {
         return Err(PoisonReason::OrgMismatch { event: org, doc: event.org_id().to_string() });
     }
-    Ok(event)
+    Ok((event, crate::time::parse_rfc3339(&occurred_at)))
 }
 
 fn doc<T: serde::de::DeserializeOwned>(value: &Value, field: &'static str) -> Result<T, PoisonReason> {

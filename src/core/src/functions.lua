@@ -4,28 +4,38 @@
 -- Every rule (versions, buckets, derived fields) lives in Rust (src/core/src/record.rs and
 -- consumers/src/batch.rs); this only compares and writes.
 --
--- KEYS[1]: the org's key base `<prefix>:{<orgId>}`. Every key touched is KEYS[1] .. suffix, so all
--- of them live in the org's hash slot (Redis Cluster).
--- ARGV: a sequence of groups, each an op code, a key suffix, a count n and n items:
+-- KEYS[1]: the org's key base `<prefix>[:<generation>]:{<orgId>}`. Every key touched is KEYS[1] ..
+-- suffix, so all of them live in the org's hash slot (Redis Cluster).
+-- KEYS[2] (the live projector's commits): the org's generation pointer. ARGV[1] is then the
+-- generation the projector wrote for ('' = base, pointer absent); if the pointer says another,
+-- nothing is written and the reply is 'moved:<generation>' (a rebuild switched the org).
+-- ARGV (after that): a sequence of groups, each an op code, a key suffix, a count n and n items:
 --   G suffix n (field expected)*n   guards: each field must hold `expected` ('' = absent: no
 --                                   stored value is empty); checked before any write
 --   H suffix n (field value)*n      HSET          h suffix n field*n         HDEL
 --   Z suffix n (score member)*n     ZADD          z suffix n member*n        ZREM
 --   S suffix n member*n             SADD          s suffix n member*n        SREM
 --   X suffix n (maxlen field value) XADD suffix MAXLEN ~ maxlen * field value (n = 1)
+--   O suffix n (field offset)*n     HSET each field unless it already holds a larger offset
 -- One group is one command (in chunks of 500 items: Lua's unpack has a stack limit), so a batch
 -- of a thousand cards is a few hundred calls, not thousands.
 -- Reply: 'ok', or 'conflict' (nothing written: another projector changed a guarded field since
 -- it was read; the caller reads again and recomputes).
-local width = { G = 2, H = 2, h = 1, Z = 2, z = 1, S = 1, s = 1, X = 3 }
+local width = { G = 2, H = 2, h = 1, Z = 2, z = 1, S = 1, s = 1, X = 3, O = 2 }
 local command = { H = 'HSET', h = 'HDEL', Z = 'ZADD', z = 'ZREM', S = 'SADD', s = 'SREM' }
 local CHUNK = 500
 
 local function commit(keys, args)
   local K = keys[1]
+  local i, n = 1, #args
+  if keys[2] then
+    local current = redis.call('GET', keys[2]) or ''
+    if current ~= args[1] then return 'moved:' .. current end
+    i = 2
+  end
   -- Check the shape of every group before the first write: Redis keeps the writes of a script
   -- that fails midway.
-  local groups, i, n = {}, 1, #args
+  local groups = {}
   while i <= n do
     local op, count = args[i], tonumber(args[i + 2])
     local w = width[op]
@@ -57,6 +67,11 @@ local function commit(keys, args)
     local op, key, from, len = g[1], g[2], g[3], g[4]
     if op == 'X' then
       redis.call('XADD', key, 'MAXLEN', '~', args[from], '*', args[from + 1], args[from + 2])
+    elseif op == 'O' then
+      for j = from, from + len - 1, 2 do
+        local had = redis.call('HGET', key, args[j])
+        if not had or tonumber(had) < tonumber(args[j + 1]) then redis.call('HSET', key, args[j], args[j + 1]) end
+      end
     elseif op ~= 'G' then
       local step = width[op] * CHUNK
       for c = from, from + len - 1, step do
@@ -68,6 +83,39 @@ local function commit(keys, args)
 end
 
 redis.register_function('pb_commit', commit)
+
+-- Moves an org to another generation, atomically, if that generation holds every event of the
+-- org that the current one holds: for each partition in the current generation's offsets, the
+-- new one's offset must be at least as large. Both generations and the pointer are in the org's
+-- slot. KEYS: pointer, new generation's offsets, current generation's offsets.
+-- ARGV: new generation ('' = base), expected current generation ('' = base).
+-- Reply: 'ok', 'moved:<generation>' (the pointer is not what the caller expected), or
+-- 'behind:<topic/partition>' (nothing changed: replay further and call again).
+local function switch(keys, args)
+  local current = redis.call('GET', keys[1]) or ''
+  if current ~= args[2] then return 'moved:' .. current end
+  local have = redis.call('HGETALL', keys[3])
+  for j = 1, #have, 2 do
+    local new = redis.call('HGET', keys[2], have[j])
+    if not new or tonumber(new) < tonumber(have[j + 1]) then return 'behind:' .. have[j] end
+  end
+  if args[1] == '' then redis.call('DEL', keys[1]) else redis.call('SET', keys[1], args[1]) end
+  return 'ok'
+end
+
+redis.register_function('pb_switch', switch)
+
+-- Records consumer progress only while the projection it belongs to is still the one Redis
+-- holds: KEYS: the state hash, the progress hash; ARGV: instance, then (field offset)*n.
+-- Reply: 'ok', or 'lost' (Redis lost or replaced the projection: nothing written, the caller
+-- starts again from what Redis holds).
+local function progress(keys, args)
+  if redis.call('HGET', keys[1], 'instance') ~= args[1] then return 'lost' end
+  if #args > 1 then redis.call('HSET', keys[2], unpack(args, 2)) end
+  return 'ok'
+end
+
+redis.register_function('pb_progress', progress)
 
 -- A page deep inside the union of a bucket's raw stage sets (read-only, no state): the ids of
 -- ranks [offset, offset + limit) in board order (score descending, then id descending), in work

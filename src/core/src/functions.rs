@@ -1,7 +1,7 @@
 //! The projection's Redis Function library (`functions.lua`: the thin writer `pb_commit` and the
 //! read-only `pb_union_page`) and the typed builder of one commit: guards (what the projector
 //! read, which must still hold) and the writes it computed.
-use crate::keys::OrgKeys;
+use crate::keys::{Generation, OrgKeys};
 
 pub const LIBRARY: &str = include_str!("functions.lua");
 
@@ -41,6 +41,12 @@ pub struct Commit {
     pub org: OrgKeys,
     pub guards: Vec<Guard>,
     pub writes: Vec<Write>,
+    /// The live projector's commits: (the org's generation pointer key, the generation the
+    /// writes are for). The commit applies only while the pointer still says so.
+    pub generation: Option<(String, Generation)>,
+    /// The offsets of the org's events in this batch, per `<topic>/<partition>` (the offset
+    /// after the last one), kept with the data in `OrgKeys::offsets` (never lowered).
+    pub offsets: Vec<(String, i64)>,
 }
 
 /// Redis' text for a score: integral millis print exactly, a card without createdAt is -inf.
@@ -83,12 +89,25 @@ impl Commit {
                 Write::XAdd { key, field, value } => stream.push((key, field, value)),
             }
         }
+        let offsets_key = self.org.offsets();
+        for (field, offset) in &self.offsets {
+            groups.add_owned("O", &offsets_key, field.as_bytes(), offset.to_string().into_bytes());
+        }
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg("pb_commit").arg(1).arg(&self.org.base);
+        match &self.generation {
+            Some((pointer, generation)) => cmd.arg("pb_commit").arg(2).arg(&self.org.base).arg(pointer).arg(generation.name()),
+            None => cmd.arg("pb_commit").arg(1).arg(&self.org.base),
+        };
         for (op, key, count, items) in &groups.list {
             cmd.arg(*op).arg(self.suffix(key)).arg(*count);
             for item in items {
                 cmd.arg(*item);
+            }
+        }
+        for (op, key, count, items) in &groups.owned {
+            cmd.arg(*op).arg(self.suffix(key)).arg(*count);
+            for item in items {
+                cmd.arg(item.as_slice());
             }
         }
         for (key, field, value) in stream {
@@ -103,9 +122,22 @@ impl Commit {
 struct Groups<'a> {
     list: Vec<(&'static str, &'a str, usize, Vec<&'a [u8]>)>,
     at: std::collections::HashMap<(&'static str, &'a str), usize>,
+    /// Groups whose items are made here (offsets as text): one group per key.
+    owned: Vec<(&'static str, String, usize, Vec<Vec<u8>>)>,
 }
 
 impl<'a> Groups<'a> {
+    fn add_owned(&mut self, op: &'static str, key: &str, field: &[u8], value: Vec<u8>) {
+        match self.owned.iter_mut().find(|g| g.0 == op && g.1 == key) {
+            Some(g) => {
+                g.2 += 1;
+                g.3.push(field.to_vec());
+                g.3.push(value);
+            }
+            None => self.owned.push((op, key.to_string(), 1, vec![field.to_vec(), value])),
+        }
+    }
+
     fn add(&mut self, op: &'static str, key: &'a str, item: &[&'a [u8]]) {
         let i = *self.at.entry((op, key)).or_insert_with(|| {
             self.list.push((op, key, 0, Vec::new()));
@@ -118,11 +150,14 @@ impl<'a> Groups<'a> {
 }
 
 /// What `pb_commit` answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
     Committed,
     /// A guarded field changed since it was read: read again, recompute, commit again.
     Conflict,
+    /// The org is in another generation now (a rebuild switched it): nothing was written;
+    /// compute again against that generation.
+    Moved(Generation),
 }
 
 impl CommitOutcome {
@@ -130,7 +165,53 @@ impl CommitOutcome {
         match s {
             "ok" => Some(CommitOutcome::Committed),
             "conflict" => Some(CommitOutcome::Conflict),
-            _ => None,
+            _ => s.strip_prefix("moved:").and_then(Generation::parse).map(CommitOutcome::Moved),
         }
     }
+}
+
+/// What `pb_switch` answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwitchOutcome {
+    Switched,
+    /// The pointer was not the expected generation (another switch came first).
+    Moved(Generation),
+    /// The new generation lacks events of this partition that the current one holds.
+    Behind(String),
+}
+
+impl SwitchOutcome {
+    pub fn parse(s: &str) -> Option<Self> {
+        if s == "ok" {
+            return Some(SwitchOutcome::Switched);
+        }
+        if let Some(p) = s.strip_prefix("behind:") {
+            return Some(SwitchOutcome::Behind(p.to_string()));
+        }
+        s.strip_prefix("moved:").and_then(Generation::parse).map(SwitchOutcome::Moved)
+    }
+}
+
+/// `FCALL pb_switch`: moves `org` from `from` to `to` if `to` holds all it holds.
+pub fn switch_cmd(keys: &crate::keys::KeySpace, org: &str, from: &Generation, to: &Generation) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("pb_switch")
+        .arg(3)
+        .arg(keys.generation_pointer(org))
+        .arg(keys.org_in(to, org).offsets())
+        .arg(keys.org_in(from, org).offsets())
+        .arg(to.name())
+        .arg(from.name());
+    cmd
+}
+
+/// `FCALL pb_progress`: records `offsets` in `progress_key` if `instance` is still the
+/// projection Redis holds. Replies 'ok' or 'lost'.
+pub fn progress_cmd(keys: &crate::keys::KeySpace, progress_key: &str, instance: &str, offsets: &[(String, i64)]) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("pb_progress").arg(2).arg(keys.state()).arg(progress_key).arg(instance);
+    for (field, offset) in offsets {
+        cmd.arg(field).arg(*offset);
+    }
+    cmd
 }

@@ -42,6 +42,37 @@ pub fn raw_stage_key(pipeline_id: Option<&str>, stage_id: Option<&str>, status: 
 /// the change stream; 1 was the Lua-per-event model with trigram sets).
 pub const MODEL_VERSION: &str = "2";
 
+/// A projection generation: the base one (`""`, the keys without a generation segment) or
+/// `g<number>`, built by a rebuild beside the live one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Generation(String);
+
+impl Generation {
+    pub fn base() -> Self {
+        Generation(String::new())
+    }
+    /// `g<number>`, or "" for the base; anything else is not a generation.
+    pub fn parse(name: &str) -> Option<Self> {
+        let valid = name.is_empty() || name.strip_prefix('g').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        valid.then(|| Generation(name.to_string()))
+    }
+    pub fn numbered(n: u64) -> Self {
+        Generation(format!("g{n}"))
+    }
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+    pub fn is_base(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Display for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "base" } else { &self.0 })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KeySpace {
     prefix: String,
@@ -54,9 +85,62 @@ impl KeySpace {
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
-    /// `org_id` must already be a validated ObjectId (no braces can reach the hash tag).
+    /// The org's keys in the base generation (`<prefix>:{<orgId>}`), where an org lives until a
+    /// rebuild moves it. `org_id` must already be a validated ObjectId (no braces can reach the
+    /// hash tag).
     pub fn org(&self, org_id: &str) -> OrgKeys {
-        OrgKeys { base: format!("{}:{{{}}}", self.prefix, org_id) }
+        self.org_in(&Generation::base(), org_id)
+    }
+    /// The org's keys in `generation`: `<prefix>:<generation>:{<orgId>}` (the same hash slot as
+    /// the base generation and the pointer: a switch is one atomic call in the org's slot).
+    pub fn org_in(&self, generation: &Generation, org_id: &str) -> OrgKeys {
+        match generation.name() {
+            "" => OrgKeys { base: format!("{}:{{{}}}", self.prefix, org_id) },
+            g => OrgKeys { base: format!("{}:{g}:{{{}}}", self.prefix, org_id) },
+        }
+    }
+    /// The org's keys in the generation that holds it now (its pointer; absent: the base).
+    pub async fn live_org<C: redis::aio::ConnectionLike + Send>(&self, conn: &mut C, org_id: &str) -> redis::RedisResult<OrgKeys> {
+        let name: Option<String> = redis::cmd("GET").arg(self.generation_pointer(org_id)).query_async(conn).await?;
+        let name = name.unwrap_or_default();
+        let generation = Generation::parse(&name).ok_or_else(|| {
+            redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "not a generation",
+                format!("{}: {name:?}", self.generation_pointer(org_id)),
+            ))
+        })?;
+        Ok(self.org_in(&generation, org_id))
+    }
+    /// Which generation holds the org now (a string; absent: the base generation). Readers
+    /// resolve it first; the projector's commits are guarded by it; `rebuild` switches it.
+    pub fn generation_pointer(&self, org_id: &str) -> String {
+        format!("{}:{{{}}}:generation", self.prefix, org_id)
+    }
+    /// Whether the projection under this prefix is whole (hash: `instance`, `status`
+    /// building|whole, `since`, `wholeAt`). It lives beside the progress in one hash slot
+    /// (`{meta}`): a progress write is accepted only while the instance it was made for is the
+    /// one Redis holds, so a Redis that lost its data cannot be handed a position past the data.
+    pub fn state(&self) -> String {
+        format!("{}:{{meta}}:state", self.prefix)
+    }
+    /// The partitions' ends when the projection (re)started from nothing: it is whole once
+    /// every partition is applied up to these.
+    pub fn state_target(&self) -> String {
+        format!("{}:{{meta}}:target", self.prefix)
+    }
+    /// The running rebuild's lease (a string with a TTL, renewed while it runs).
+    pub fn rebuild_lease(&self) -> String {
+        format!("{}:{{meta}}:rebuild:lease", self.prefix)
+    }
+    /// What the last rebuild was doing (hash: generation, source, orgs, phase, counters): a
+    /// rebuild killed at any point is resumed from here.
+    pub fn rebuild_state(&self) -> String {
+        format!("{}:{{meta}}:rebuild", self.prefix)
+    }
+    /// The orgs a rebuild wrote into its generation (a set).
+    pub fn rebuild_orgs(&self, generation: &Generation) -> String {
+        format!("{}:{{meta}}:rebuild:{}:orgs", self.prefix, generation.name())
     }
     /// Dead letters the dead-letter topic refused (too large, topic missing, not authorized):
     /// a Redis stream, kept until an operator re-drives them (never trimmed: nothing is lost).
@@ -72,9 +156,11 @@ impl KeySpace {
     pub fn model(&self) -> String {
         format!("{}:model", self.prefix)
     }
-    /// Consumer progress (next offset per topic-partition), written after each applied batch.
+    /// Consumer progress (next offset per topic-partition), written after each applied batch:
+    /// where a consumer starts (what Redis holds, not the group's commits). A rebuild keeps its
+    /// own under the group name `rebuild-<generation>`.
     pub fn progress(&self, group: &str) -> String {
-        format!("{}:progress:{group}", self.prefix)
+        format!("{}:{{meta}}:progress:{group}", self.prefix)
     }
     /// The partitions' ends (high watermarks) as the projector last saw them, field
     /// `<topic>/<partition>`: with `progress`, the projection's lag from Redis alone (the API
@@ -99,6 +185,12 @@ impl OrgKeys {
             s.push_str(p);
         }
         s
+    }
+    /// The offsets of this org's events applied here, per `<topic>/<partition>` (the offset after
+    /// the last one), written by the same atomic commit as the data: a switch of generations
+    /// compares them.
+    pub fn offsets(&self) -> String {
+        self.k(&["offsets"])
     }
     /// Last applied version (tombstones stay) of pipelines and users, field `p:<id>` / `u:<id>`
     /// (cards and conversations keep theirs in their records).
@@ -166,6 +258,21 @@ mod tests {
             assert_eq!(&key[open + 1..close], "64f0a1b2c3d4e5f6a7b8c9d1", "{key}");
         }
         assert_eq!(o.stage(CardKind::Contact, &rk), "pb:{64f0a1b2c3d4e5f6a7b8c9d1}:z:c:p1|n:Won %7Bbig%7D");
+    }
+
+    #[test]
+    fn generations_share_the_orgs_slot_and_never_each_others_names() {
+        let ks = KeySpace::new("pb");
+        let org = "64f0a1b2c3d4e5f6a7b8c9d1";
+        let g = Generation::parse("g17").unwrap();
+        assert_eq!(ks.org_in(&g, org).cards(CardKind::Contact), "pb:g17:{64f0a1b2c3d4e5f6a7b8c9d1}:card:c");
+        assert_eq!(ks.org(org).cards(CardKind::Contact), "pb:{64f0a1b2c3d4e5f6a7b8c9d1}:card:c");
+        assert_eq!(ks.generation_pointer(org), "pb:{64f0a1b2c3d4e5f6a7b8c9d1}:generation");
+        assert!(!ks.generation_pointer(org).starts_with(&format!("{}:", ks.org_in(&g, org).base)));
+        for bad in ["g", "x1", "g1:", "g1{", "base"] {
+            assert_eq!(Generation::parse(bad), None, "{bad}");
+        }
+        assert!(Generation::parse("").unwrap().is_base());
     }
 
     #[test]

@@ -1,0 +1,132 @@
+//! Whether the projection under a prefix is whole, and how a projector notices that Redis lost
+//! it. The state hash (`KeySpace::state`) names an *instance*: made once, when a projector finds
+//! Redis without a projection, together with the partitions' ends at that moment (the target).
+//! The projection is `building` until every partition is applied up to the target, then
+//! `whole`. A FLUSHALL, a restart without persistence or a failover to an empty replica removes
+//! the instance with the data: every progress write names the instance (`pb_progress`) and is
+//! refused once it is gone, and each projector checks it every second, so the loss is seen
+//! within a second, the projectors start again from what Redis holds (nothing: the partitions'
+//! beginnings) and the API answers from MongoDB until the projection is whole again.
+use crate::kafka::KafkaConnection;
+use crate::progress;
+use board_core::keys::KeySpace;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use std::collections::BTreeMap;
+
+/// What the state hash says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// No projection at all (never built, or Redis lost it and no projector noticed yet).
+    Missing,
+    /// Started from nothing and not yet applied up to the target.
+    Building,
+    Whole,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Missing => "missing",
+            Status::Building => "building",
+            Status::Whole => "whole",
+        }
+    }
+}
+
+pub async fn status(conn: &mut ConnectionManager, keys: &KeySpace) -> redis::RedisResult<Status> {
+    let (instance, status): (Option<String>, Option<String>) =
+        redis::cmd("HMGET").arg(keys.state()).arg("instance").arg("status").query_async(conn).await?;
+    Ok(match (instance, status.as_deref()) {
+        (None, _) => Status::Missing,
+        (Some(_), Some("whole")) => Status::Whole,
+        (Some(_), _) => Status::Building,
+    })
+}
+
+pub async fn instance(conn: &mut ConnectionManager, keys: &KeySpace) -> redis::RedisResult<Option<String>> {
+    conn.hget(keys.state(), "instance").await
+}
+
+/// Creates the state if Redis has none (status `building`, target = the partitions' ends now);
+/// returns the instance Redis holds afterwards (ours, or the one another projector made first).
+/// Atomic: two projectors that find Redis empty at once agree on one instance.
+pub async fn ensure(conn: &mut ConnectionManager, keys: &KeySpace, kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<String> {
+    if let Some(i) = instance(conn, keys).await? {
+        return Ok(i);
+    }
+    let (kafka, topics) = (kafka.clone(), topics.to_vec());
+    let ends = tokio::task::spawn_blocking(move || progress::watermarks(&kafka, &topics)).await??;
+    let mine = format!("{:016x}", rand::random::<u64>());
+    let now = chrono_free_now_millis();
+    let script = redis::Script::new(
+        r"
+        if redis.call('HSETNX', KEYS[1], 'instance', ARGV[1]) == 0 then return redis.call('HGET', KEYS[1], 'instance') end
+        redis.call('HSET', KEYS[1], 'status', 'building', 'since', ARGV[2])
+        if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'incomplete', ARGV[3]) end
+        redis.call('DEL', KEYS[2])
+        if #ARGV > 3 then redis.call('HSET', KEYS[2], unpack(ARGV, 4)) end
+        return ARGV[1]",
+    );
+    // Partitions whose early records are gone (retention): replaying them cannot make the
+    // projection whole; only `rebuild --source mongodb` can.
+    let lost: Vec<String> =
+        ends.iter().filter(|(_, (low, _))| *low > 0).map(|((t, p), (low, _))| format!("{t}/{p} starts at {low}")).collect();
+    let incomplete = if lost.is_empty() {
+        String::new()
+    } else {
+        format!("the topics no longer hold their whole history ({}): run `pipeline-board rebuild --source mongodb`", lost.join(", "))
+    };
+    let mut call = script.key(keys.state());
+    call.key(keys.state_target()).arg(&mine).arg(now).arg(&incomplete);
+    for ((t, p), (_, end)) in &ends {
+        call.arg(progress::field(t, *p)).arg(*end);
+    }
+    let instance: String = call.invoke_async(conn).await?;
+    if instance == mine && !incomplete.is_empty() {
+        tracing::error!(instance, incomplete, "no projection in redis, and the topics cannot rebuild it alone");
+    }
+    if instance == mine {
+        tracing::warn!(
+            instance,
+            partitions = ends.len(),
+            "no projection in redis: building it from what redis holds (the partitions' beginnings)"
+        );
+        metrics::counter!("pb_projection_restarts_total").increment(1);
+    }
+    Ok(instance)
+}
+
+/// Marks the projection whole once every partition of the target is applied up to it (by the
+/// progress of `progress_key`). Returns the status after the check.
+pub async fn check_whole(conn: &mut ConnectionManager, keys: &KeySpace, instance: &str, progress_key: &str) -> redis::RedisResult<Status> {
+    let current = status(conn, keys).await?;
+    if current != Status::Building {
+        return Ok(current);
+    }
+    let incomplete: Option<String> = conn.hget(keys.state(), "incomplete").await?;
+    if incomplete.is_some() {
+        return Ok(Status::Building);
+    }
+    let target: BTreeMap<String, i64> = conn.hgetall(keys.state_target()).await?;
+    let applied: BTreeMap<String, i64> = conn.hgetall(progress_key).await?;
+    let reached = target.iter().all(|(f, end)| applied.get(f).copied().unwrap_or(0) >= *end);
+    if !reached {
+        return Ok(Status::Building);
+    }
+    let script = redis::Script::new(
+        r"
+        if redis.call('HGET', KEYS[1], 'instance') ~= ARGV[1] then return 0 end
+        redis.call('HSET', KEYS[1], 'status', 'whole', 'wholeAt', ARGV[2])
+        return 1",
+    );
+    let done: i64 = script.key(keys.state()).arg(instance).arg(chrono_free_now_millis()).invoke_async(conn).await?;
+    if done == 1 {
+        tracing::info!(instance, "projection is whole");
+    }
+    Ok(if done == 1 { Status::Whole } else { Status::Missing })
+}
+
+fn chrono_free_now_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+}

@@ -1,0 +1,782 @@
+//! `pipeline-board rebuild`: builds a new projection generation beside the live one while the
+//! API keeps answering from the live one, switches each org to it once it holds every event the
+//! live one holds, and removes the old generation's keys after a grace period.
+//!
+//! Phases, each recorded in Redis (`KeySpace::rebuild_state`) so a rebuild killed at any point
+//! resumes on the next run:
+//! 1. `snapshot` (source `mongodb` only): the partitions' ends are taken first, then every org's
+//!    documents are applied as upserts; the org's applied offsets are set to those ends.
+//! 2. `replay`: the topics from the source's offsets (beginning, `--from` time, or the ends taken
+//!    before the snapshot) into the new generation, until the ends measured while replaying.
+//! 3. `switch`: per org, `pb_switch` (atomic in the org's hash slot) moves the generation
+//!    pointer if the new generation's applied offsets are at least the current one's; an org
+//!    still behind (the live projector applied newer events meanwhile) is retried after more
+//!    replay. The live projectors' commits are guarded by the pointer, so none is written past.
+//! 4. `cleanup`: after `--grace-ms` (reads that resolved the old generation finish), the old
+//!    generation's keys of every switched org are unlinked.
+//!
+//! The live generation is never written by a rebuild: until the switch the new generation's keys
+//! are invisible to readers, and after it the live projectors write there themselves.
+use crate::consumers::apply::{Position, RedisApplier, Target};
+use crate::consumers::{progress, KafkaConnection};
+use crate::mongo;
+use anyhow::{bail, Context};
+use board_core::config::{KafkaArgs, MongoArgs, RedisArgs};
+use board_core::events::{parse_event, Event};
+use board_core::functions::{load_library, switch_cmd, Commit, SwitchOutcome};
+use board_core::keys::{Generation, KeySpace};
+use board_core::model::CardKind;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// The topics, from their beginning (or from `--from`).
+    Topics,
+    /// A snapshot of MongoDB, then the topics from the offsets taken before the snapshot began
+    /// (for topics whose retention no longer holds the whole history).
+    Mongodb,
+}
+
+#[derive(clap::Args)]
+pub struct RebuildArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub mongo: MongoArgs,
+    #[arg(long, value_enum, default_value = "topics")]
+    pub source: Source,
+    /// Replay the topics from this time (RFC 3339) instead of their beginning: the offsets of
+    /// the first records at or after it (Kafka's offsets-for-times). The new generation starts
+    /// empty, so this fits topics that hold every document's latest state from that time on.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Rebuild only these orgs (repeatable); default every org.
+    #[arg(long = "org")]
+    pub orgs: Vec<String>,
+    /// Say what would be done, do nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Discard an unfinished earlier rebuild instead of resuming it.
+    #[arg(long)]
+    pub restart: bool,
+    /// How long reads that resolved the old generation may still use it after the switch,
+    /// before its keys are removed (longer than the API's request timeout).
+    #[arg(long, env = "REBUILD_GRACE_MS", default_value_t = 10_000)]
+    pub grace_ms: u64,
+    /// Most events applied in one Redis round trip.
+    #[arg(long, env = "PROJECT_MAX_BATCH", default_value_t = 2000)]
+    pub max_batch: usize,
+    /// Where Prometheus scrapes the rebuild's progress ("" turns it off).
+    #[arg(long, env = "REBUILD_METRICS_ADDR", default_value = "127.0.0.1:9899")]
+    pub metrics_addr: String,
+}
+
+/// How long a rebuild's lease lives without renewal: a killed rebuild blocks the next one at
+/// most this long.
+pub const LEASE_MS: u64 = 15_000;
+
+/// What a rebuild is, as kept in Redis (resumed by the next run when it has the same source
+/// and orgs).
+#[derive(Debug, Clone, PartialEq)]
+struct Plan {
+    generation: Generation,
+    /// `topics`, `topics-from:<millis>`, or `mongodb`.
+    source: String,
+    /// Comma-separated, sorted; "" = every org.
+    orgs: String,
+    phase: String,
+    started: i64,
+}
+
+impl Plan {
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("generation", self.generation.name().to_string()),
+            ("source", self.source.clone()),
+            ("orgs", self.orgs.clone()),
+            ("phase", self.phase.clone()),
+            ("started", self.started.to_string()),
+        ]
+    }
+    fn from_hash(h: &HashMap<String, String>) -> Option<Plan> {
+        Some(Plan {
+            generation: Generation::parse(h.get("generation")?)?,
+            source: h.get("source")?.clone(),
+            orgs: h.get("orgs").cloned().unwrap_or_default(),
+            phase: h.get("phase")?.clone(),
+            started: h.get("started").and_then(|s| s.parse().ok()).unwrap_or_default(),
+        })
+    }
+    fn org_filter(&self) -> BTreeSet<String> {
+        self.orgs.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
+    }
+}
+
+fn now_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// What a finished rebuild reports.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub generation: String,
+    pub resumed: bool,
+    pub snapshot_documents: u64,
+    pub events_read: u64,
+    pub events_applied: u64,
+    pub orgs_switched: usize,
+    pub keys_removed: usize,
+    pub replay_seconds: f64,
+    pub total_seconds: f64,
+    pub switch_seconds: f64,
+}
+
+impl Report {
+    pub fn summary(&self) -> String {
+        format!(
+            "rebuilt generation {} ({}): {} snapshot documents, {} events read ({} applied) in {:.1} s of replay ({:.0} events/s); \
+             {} orgs switched in {:.3} s; {} keys of old generations removed; {:.1} s in all",
+            self.generation,
+            if self.resumed { "resumed" } else { "new" },
+            self.snapshot_documents,
+            self.events_read,
+            self.events_applied,
+            self.replay_seconds,
+            self.events_read as f64 / self.replay_seconds.max(1e-9),
+            self.orgs_switched,
+            self.switch_seconds,
+            self.keys_removed,
+            self.total_seconds
+        )
+    }
+}
+
+pub async fn run(args: RebuildArgs) -> anyhow::Result<Option<Report>> {
+    if args.source == Source::Mongodb && args.from.is_some() {
+        bail!(
+            "--from replays the topics from a time; --source mongodb replays them from the offsets taken before its snapshot: choose one"
+        );
+    }
+    for org in &args.orgs {
+        anyhow::ensure!(board_core::model::is_object_id(org), "--org {org:?} is not an ObjectId");
+    }
+    let from = args
+        .from
+        .as_deref()
+        .map(|t| board_core::time::parse_rfc3339(t).ok_or_else(|| anyhow::anyhow!("--from {t:?} is not an RFC 3339 time")))
+        .transpose()?;
+    let keys = KeySpace::new(&args.redis.redis_prefix);
+    let kafka = KafkaConnection::from_args(&args.kafka)?;
+    let topics = args.kafka.topics.inputs();
+    let mut conn = board_core::config::redis_connection(&args.redis.redis_url).await?;
+    load_library(&mut conn).await?;
+    let mut orgs = args.orgs.clone();
+    orgs.sort();
+    orgs.dedup();
+    let wanted_source = match (args.source, from) {
+        (Source::Mongodb, _) => "mongodb".to_string(),
+        (Source::Topics, Some(t)) => format!("topics-from:{t}"),
+        (Source::Topics, None) => "topics".to_string(),
+    };
+    let previous: HashMap<String, String> = conn.hgetall(keys.rebuild_state()).await?;
+    let previous = Plan::from_hash(&previous);
+    let holder: Option<String> = conn.get(keys.rebuild_lease()).await?;
+    if let Some(h) = &holder {
+        bail!("{}", running_message(h, previous.as_ref()));
+    }
+    let resume = previous.clone().filter(|p| !args.restart && p.source == wanted_source && p.orgs == orgs.join(","));
+    let resume = resume.as_ref();
+
+    if args.dry_run {
+        let marks = {
+            let (k, t) = (kafka.clone(), topics.clone());
+            tokio::task::spawn_blocking(move || progress::watermarks(&k, &t)).await??
+        };
+        match resume {
+            Some(p) => {
+                println!("would resume generation {} (phase {}, source {}) from the offsets it holds", p.generation, p.phase, p.source)
+            }
+            None => {
+                if let Some(p) = &previous {
+                    println!(
+                        "would discard the unfinished generation {} (source {}, phase {}) and its keys of unswitched orgs",
+                        p.generation, p.source, p.phase
+                    );
+                }
+                println!("would build a new generation from {wanted_source}");
+            }
+        }
+        println!("orgs: {}", if orgs.is_empty() { "all".to_string() } else { orgs.join(", ") });
+        let starts = match (resume, args.source, from) {
+            (Some(p), _, _) => {
+                let held: HashMap<String, i64> = conn.hgetall(keys.progress(&progress_group(&p.generation))).await?;
+                marks.keys().map(|(t, p)| held.get(&progress::field(t, *p)).copied().unwrap_or(0)).collect::<Vec<_>>()
+            }
+            (None, Source::Mongodb, _) => marks.values().map(|(_, high)| *high).collect(),
+            (None, Source::Topics, Some(t)) => offsets_for_time(&kafka, &marks, t)?.values().copied().collect(),
+            (None, Source::Topics, None) => marks.values().map(|(low, _)| *low).collect(),
+        };
+        let mut total = 0;
+        for (((t, p), (_, high)), start) in marks.iter().zip(starts) {
+            println!("  {t}/{p}: offsets {start}..{high} ({} events)", (high - start).max(0));
+            total += (high - start).max(0);
+        }
+        println!("{total} events to replay{}", if args.source == Source::Mongodb { " after the MongoDB snapshot" } else { "" });
+        println!(
+            "then: switch each org whose new generation holds every event its current one holds, wait {} ms, remove the old generations' keys",
+            args.grace_ms
+        );
+        return Ok(None);
+    }
+
+    let run_id = format!("{}:{}:{:08x}", hostname(), std::process::id(), rand::random::<u32>());
+    let acquired: Option<String> =
+        redis::cmd("SET").arg(keys.rebuild_lease()).arg(&run_id).arg("NX").arg("PX").arg(LEASE_MS).query_async(&mut conn).await?;
+    if acquired.is_none() {
+        let h: Option<String> = conn.get(keys.rebuild_lease()).await?;
+        bail!("{}", running_message(h.as_deref().unwrap_or("?"), previous.as_ref()));
+    }
+    let lease_lost = Arc::new(AtomicBool::new(false));
+    let renewal = tokio::spawn(renew_lease(conn.clone(), keys.clone(), run_id.clone(), lease_lost.clone()));
+    let result =
+        rebuild(&args, &keys, &kafka, &topics, &mut conn, previous, resume.is_some(), &orgs, &wanted_source, from, &lease_lost).await;
+    renewal.abort();
+    let release = redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0");
+    let _: redis::RedisResult<i64> = release.key(keys.rebuild_lease()).arg(&run_id).invoke_async(&mut conn).await;
+    result.map(Some)
+}
+
+fn running_message(holder: &str, plan: Option<&Plan>) -> String {
+    let what = plan
+        .map(|p| {
+            format!(
+                "generation {}, source {}, orgs {}, phase {}, started {}",
+                p.generation,
+                p.source,
+                if p.orgs.is_empty() { "all" } else { &p.orgs },
+                p.phase,
+                board_core::time::format_millis(p.started)
+            )
+        })
+        .unwrap_or_else(|| "starting".into());
+    format!(
+        "another rebuild is running ({holder}: {what}); one rebuild runs at a time. If that process is gone, its lease ends {} s after its last renewal: run again then.",
+        LEASE_MS / 1000
+    )
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
+}
+
+async fn renew_lease(mut conn: ConnectionManager, keys: KeySpace, run_id: String, lost: Arc<AtomicBool>) {
+    let renew =
+        redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return -1");
+    loop {
+        tokio::time::sleep(Duration::from_millis(LEASE_MS / 3)).await;
+        match renew.key(keys.rebuild_lease()).arg(&run_id).arg(LEASE_MS).invoke_async::<i64>(&mut conn).await {
+            Ok(-1) => {
+                warn!("the rebuild's lease is gone (redis lost it, or it expired): stopping");
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "lease not renewed"),
+        }
+    }
+}
+
+fn progress_group(g: &Generation) -> String {
+    format!("rebuild-{}", g.name())
+}
+
+/// The first offset at or after `time` of every partition (its end when nothing is that late).
+fn offsets_for_time(
+    kafka: &KafkaConnection,
+    marks: &BTreeMap<(String, i32), (i64, i64)>,
+    time: i64,
+) -> anyhow::Result<BTreeMap<(String, i32), i64>> {
+    let consumer: rdkafka::consumer::BaseConsumer = kafka.client_config(&[("group.id", "pipeline-board-rebuild")]).create()?;
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in marks.keys() {
+        tpl.add_partition_offset(t, *p, Offset::Offset(time))?;
+    }
+    let found = consumer.offsets_for_times(tpl, Duration::from_secs(30))?;
+    let mut out = BTreeMap::new();
+    for e in found.elements() {
+        let (low, high) = marks[&(e.topic().to_string(), e.partition())];
+        let offset = match e.offset() {
+            Offset::Offset(o) => o.max(low),
+            _ => high,
+        };
+        out.insert((e.topic().to_string(), e.partition()), offset);
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn rebuild(
+    args: &RebuildArgs,
+    keys: &KeySpace,
+    kafka: &KafkaConnection,
+    topics: &[String],
+    conn: &mut ConnectionManager,
+    previous: Option<Plan>,
+    resume: bool,
+    orgs: &[String],
+    source: &str,
+    from: Option<i64>,
+    lease_lost: &AtomicBool,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    if !args.metrics_addr.is_empty() {
+        let addr: std::net::SocketAddr = args.metrics_addr.parse().context("--metrics-addr")?;
+        if let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr).install() {
+            warn!(error = %e, "rebuild metrics endpoint not started");
+        }
+    }
+    let marks = {
+        let (k, t) = (kafka.clone(), topics.to_vec());
+        tokio::task::spawn_blocking(move || progress::watermarks(&k, &t)).await??
+    };
+    let mut plan = match (resume, previous) {
+        (true, Some(p)) => {
+            info!(generation = %p.generation, phase = %p.phase, "resuming the unfinished rebuild");
+            p
+        }
+        (_, previous) => {
+            if let Some(p) = previous {
+                let removed = discard(conn, keys, &p).await?;
+                info!(generation = %p.generation, removed, "discarded the unfinished rebuild");
+            }
+            let plan = Plan {
+                generation: Generation::numbered(now_millis() as u64),
+                source: source.to_string(),
+                orgs: orgs.join(","),
+                phase: if args.source == Source::Mongodb { "snapshot".into() } else { "replay".into() },
+                started: now_millis(),
+            };
+            // The replay's start: recorded before anything is written, so a rerun knows it.
+            let starts: BTreeMap<(String, i32), i64> = match (args.source, from) {
+                (Source::Mongodb, _) => marks.iter().map(|(k, (_, high))| (k.clone(), *high)).collect(),
+                (Source::Topics, Some(t)) => offsets_for_time(kafka, &marks, t)?,
+                (Source::Topics, None) => marks.iter().map(|(k, (low, _))| (k.clone(), *low)).collect(),
+            };
+            let fields: Vec<(String, i64)> = starts.iter().map(|((t, p), o)| (progress::field(t, *p), *o)).collect();
+            let mut pipe = redis::pipe();
+            pipe.atomic().del(keys.rebuild_state()).hset_multiple(keys.rebuild_state(), &plan.fields());
+            pipe.del(keys.progress(&progress_group(&plan.generation)));
+            if !fields.is_empty() {
+                pipe.hset_multiple(keys.progress(&progress_group(&plan.generation)), &fields);
+            }
+            pipe.query_async::<()>(conn).await?;
+            info!(generation = %plan.generation, source, orgs = %plan.orgs, "rebuild started");
+            plan
+        }
+    };
+    let filter = plan.org_filter();
+    let mut report = Report { generation: plan.generation.to_string(), resumed: resume, ..Report::default() };
+    let mut applier =
+        RedisApplier::connect(&args.redis.redis_url, keys.clone()).await?.with_target(Target::Building(plan.generation.clone()));
+    set_phase_gauge(&plan.phase);
+
+    if plan.phase == "snapshot" {
+        let db = mongo::connect(&args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
+        let snapshot_orgs: Vec<String> = if filter.is_empty() { mongo::org_ids(&db).await? } else { filter.iter().cloned().collect() };
+        let held: BTreeMap<String, i64> = conn.hgetall(keys.progress(&progress_group(&plan.generation))).await?;
+        let bar = bar(snapshot_orgs.len() as u64, "snapshot: orgs");
+        for org in &snapshot_orgs {
+            ensure_not_lost(lease_lost)?;
+            report.snapshot_documents += snapshot_org(&db, &mut applier, keys, &plan.generation, org, &held, args.max_batch).await?;
+            let _: () = conn.sadd(keys.rebuild_orgs(&plan.generation), org).await?;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        info!(orgs = snapshot_orgs.len(), documents = report.snapshot_documents, "snapshot applied");
+        plan.phase = "replay".into();
+        let _: () = conn.hset(keys.rebuild_state(), "phase", &plan.phase).await?;
+        set_phase_gauge(&plan.phase);
+    }
+
+    let replay_started = Instant::now();
+    let mut replay = Replay::new(kafka, keys, &plan.generation, topics, conn.clone(), filter.clone(), args.max_batch).await?;
+    if plan.phase == "replay" {
+        replay.until_caught_up(&mut applier, conn, lease_lost, &mut report).await?;
+        plan.phase = "switch".into();
+        let _: () = conn.hset(keys.rebuild_state(), "phase", &plan.phase).await?;
+        set_phase_gauge(&plan.phase);
+    }
+    report.replay_seconds = replay_started.elapsed().as_secs_f64();
+
+    if plan.phase == "switch" {
+        let switch_started = Instant::now();
+        let built: BTreeSet<String> = conn.smembers(keys.rebuild_orgs(&plan.generation)).await?;
+        let mut pending: Vec<String> = built.into_iter().filter(|o| filter.is_empty() || filter.contains(o)).collect();
+        for round in 0.. {
+            ensure_not_lost(lease_lost)?;
+            let mut behind = Vec::new();
+            for org in pending {
+                let current: Option<String> = conn.get(keys.generation_pointer(&org)).await?;
+                let current = Generation::parse(current.as_deref().unwrap_or_default()).unwrap_or_default();
+                if current == plan.generation {
+                    continue;
+                }
+                let reply: String = switch_cmd(keys, &org, &current, &plan.generation).query_async(conn).await?;
+                match SwitchOutcome::parse(&reply) {
+                    Some(SwitchOutcome::Switched) => {
+                        let _: () = conn.hset(keys.rebuild_state(), format!("old:{org}"), current.name()).await?;
+                        report.orgs_switched += 1;
+                    }
+                    Some(SwitchOutcome::Moved(_)) | Some(SwitchOutcome::Behind(_)) => behind.push(org),
+                    None => bail!("unexpected pb_switch reply {reply:?}"),
+                }
+            }
+            if behind.is_empty() {
+                break;
+            }
+            if round >= 30 {
+                bail!("{} orgs stay behind their live generation after 30 rounds of replay; run again to resume", behind.len());
+            }
+            // The live projectors applied events the new generation has not read yet.
+            replay.until_caught_up(&mut applier, conn, lease_lost, &mut report).await?;
+            pending = behind;
+        }
+        report.switch_seconds = switch_started.elapsed().as_secs_f64();
+        // A snapshot of every org made the projection whole where the topics could not.
+        if source == "mongodb" && filter.is_empty() {
+            let _: () = conn.hdel(keys.state(), "incomplete").await?;
+        }
+        let _: () = conn.hset_multiple(keys.rebuild_state(), &[("phase", "cleanup"), ("switchedAt", &now_millis().to_string())]).await?;
+        plan.phase = "cleanup".into();
+        set_phase_gauge(&plan.phase);
+        info!(generation = %plan.generation, orgs = report.orgs_switched, seconds = report.switch_seconds, "switched");
+    }
+    drop(replay);
+
+    if plan.phase == "cleanup" {
+        let switched_at: Option<i64> = conn.hget(keys.rebuild_state(), "switchedAt").await?;
+        let wait = switched_at.map(|t| args.grace_ms as i64 - (now_millis() - t)).unwrap_or(args.grace_ms as i64);
+        if wait > 0 {
+            info!(ms = wait, "waiting for reads of the old generation to finish");
+            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        }
+        let state: HashMap<String, String> = conn.hgetall(keys.rebuild_state()).await?;
+        let old: HashMap<String, Generation> = state
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("old:")?.to_string(), Generation::parse(v)?)))
+            .filter(|(_, g)| *g != plan.generation)
+            .collect();
+        report.keys_removed = remove_org_generations(conn, keys, &old).await?;
+        let mut pipe = redis::pipe();
+        pipe.del(keys.rebuild_orgs(&plan.generation)).del(keys.progress(&progress_group(&plan.generation))).del(keys.rebuild_state());
+        pipe.query_async::<()>(conn).await?;
+        set_phase_gauge("done");
+    }
+    report.total_seconds = started.elapsed().as_secs_f64();
+    info!(summary = report.summary(), "rebuild finished");
+    Ok(report)
+}
+
+fn ensure_not_lost(lease_lost: &AtomicBool) -> anyhow::Result<()> {
+    if lease_lost.load(Ordering::Relaxed) {
+        bail!("the rebuild's lease was lost (redis lost its data, or this process stalled past {} s): run again", LEASE_MS / 1000);
+    }
+    Ok(())
+}
+
+fn set_phase_gauge(phase: &str) {
+    for p in ["snapshot", "replay", "switch", "cleanup", "done"] {
+        metrics::gauge!("pb_rebuild_phase", "phase" => p).set(if p == phase { 1.0 } else { 0.0 });
+    }
+}
+
+/// A progress bar on a terminal; on anything else nothing is drawn (the structured logs and
+/// the metrics say the same).
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let target = if std::io::stderr().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+    let bar = ProgressBar::with_draw_target(Some(len), target);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:40}] {human_pos}/{human_len} {per_sec} eta {eta} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// Applies one org's MongoDB documents into the generation as upserts, then sets the org's
+/// applied offsets to `held` (the ends taken before the snapshot began: every event below
+/// them is reflected in the documents). Returns the number of documents.
+async fn snapshot_org(
+    db: &mongodb::Database,
+    applier: &mut RedisApplier,
+    keys: &KeySpace,
+    generation: &Generation,
+    org: &str,
+    held: &BTreeMap<String, i64>,
+    max_batch: usize,
+) -> anyhow::Result<u64> {
+    let snap = mongo::load_org(db, org).await?;
+    let mut events: Vec<Event> = Vec::new();
+    events.extend(snap.pipelines.into_iter().map(Event::PipelineUpserted));
+    events.extend(snap.users.into_iter().map(Event::UserUpserted));
+    events.extend(snap.contacts.into_iter().map(|c| Event::CardUpserted(CardKind::Contact, Box::new(c))));
+    events.extend(snap.applications.into_iter().map(|c| Event::CardUpserted(CardKind::Application, Box::new(c))));
+    events.extend(snap.conversations.into_iter().map(Event::ConversationUpserted));
+    events.extend(snap.messages.into_iter().map(Event::MessageCreated));
+    for chunk in events.chunks(max_batch.max(1)) {
+        let refs: Vec<&Event> = chunk.iter().collect();
+        // Snapshot documents have no offsets; the org's offsets are set once, below.
+        let positions = vec![Position { topic: "", partition: -1, offset: -1 }; refs.len()];
+        applier.apply(&refs, &positions).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let mut conn = applier.connection();
+    let org_keys = keys.org_in(generation, org);
+    let offsets: Vec<(String, i64)> = held.iter().map(|(f, o)| (f.clone(), *o)).collect();
+    let commit = Commit { org: org_keys, guards: Vec::new(), writes: Vec::new(), generation: None, offsets };
+    let _: String = commit.to_cmd().query_async(&mut conn).await?;
+    Ok(events.len() as u64)
+}
+
+/// The replay of the topics into the generation being built, from the progress it holds.
+struct Replay {
+    consumer: StreamConsumer,
+    kafka: KafkaConnection,
+    topics: Vec<String>,
+    keys: KeySpace,
+    generation: Generation,
+    progress_key: String,
+    filter: BTreeSet<String>,
+    max_batch: usize,
+    /// Next offset per partition (what is applied).
+    position: BTreeMap<(String, i32), i64>,
+}
+
+impl Replay {
+    async fn new(
+        kafka: &KafkaConnection,
+        keys: &KeySpace,
+        generation: &Generation,
+        topics: &[String],
+        mut conn: ConnectionManager,
+        filter: BTreeSet<String>,
+        max_batch: usize,
+    ) -> anyhow::Result<Replay> {
+        let progress_key = keys.progress(&progress_group(generation));
+        let held: HashMap<String, i64> = conn.hgetall(&progress_key).await?;
+        let marks = {
+            let (k, t) = (kafka.clone(), topics.to_vec());
+            tokio::task::spawn_blocking(move || progress::watermarks(&k, &t)).await??
+        };
+        let consumer: StreamConsumer = kafka
+            .client_config(&[("group.id", "pipeline-board-rebuild"), ("enable.auto.commit", "false"), ("auto.offset.reset", "earliest")])
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        let mut position = BTreeMap::new();
+        for ((t, p), (low, _)) in &marks {
+            let at = held.get(&progress::field(t, *p)).copied().unwrap_or(*low).max(*low);
+            tpl.add_partition_offset(t, *p, Offset::Offset(at))?;
+            position.insert((t.clone(), *p), at);
+        }
+        consumer.assign(&tpl)?;
+        Ok(Replay {
+            consumer,
+            kafka: kafka.clone(),
+            topics: topics.to_vec(),
+            keys: keys.clone(),
+            generation: generation.clone(),
+            progress_key,
+            filter,
+            max_batch,
+            position,
+        })
+    }
+
+    fn lag(&self, ends: &BTreeMap<(String, i32), (i64, i64)>) -> i64 {
+        ends.iter().map(|(k, (_, high))| (high - self.position.get(k).copied().unwrap_or(0)).max(0)).sum()
+    }
+
+    /// Applies events until every partition is applied up to the ends measured now (and
+    /// re-measured while it runs).
+    async fn until_caught_up(
+        &mut self,
+        applier: &mut RedisApplier,
+        conn: &mut ConnectionManager,
+        lease_lost: &AtomicBool,
+        report: &mut Report,
+    ) -> anyhow::Result<()> {
+        let measure = |k: KafkaConnection, t: Vec<String>| tokio::task::spawn_blocking(move || progress::watermarks(&k, &t));
+        let mut ends = measure(self.kafka.clone(), self.topics.clone()).await??;
+        let initial_lag = self.lag(&ends);
+        let bar = bar(initial_lag as u64, "replay: events");
+        let mut last_report = Instant::now();
+        let started = Instant::now();
+        let mut read_here = 0u64;
+        while self.lag(&ends) > 0 {
+            ensure_not_lost(lease_lost)?;
+            let mut batch = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+            while batch.len() < self.max_batch {
+                match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                    Ok(Ok(m)) => batch.push(m.detach()),
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "kafka read error");
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let parsed: Vec<Option<Event>> =
+                batch.iter().map(|m| m.payload().and_then(|p| parse_event(p).ok()).filter(|e| self.keep(e))).collect();
+            let mut events = Vec::new();
+            let mut positions = Vec::new();
+            let mut orgs = BTreeSet::new();
+            for (m, e) in batch.iter().zip(&parsed) {
+                if let Some(e) = e {
+                    orgs.insert(e.org_id().to_string());
+                    events.push(e);
+                    positions.push(Position { topic: m.topic(), partition: m.partition(), offset: m.offset() });
+                }
+            }
+            let mut backoff = Duration::from_millis(100);
+            let outcomes = loop {
+                match applier.apply(&events, &positions).await {
+                    Ok(o) => break o,
+                    Err(e) => {
+                        warn!(error = %e, "batch not applied; retrying");
+                        ensure_not_lost(lease_lost)?;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            report.events_applied += outcomes.iter().filter(|o| **o == crate::consumers::batch::Outcome::Applied).count() as u64;
+            report.events_read += batch.len() as u64;
+            read_here += batch.len() as u64;
+            for m in &batch {
+                let e = self.position.entry((m.topic().to_string(), m.partition())).or_insert(0);
+                *e = (*e).max(m.offset() + 1);
+            }
+            // Recorded after the data (a rerun re-reads at most this batch, idempotently).
+            let fields: Vec<(String, i64)> = self.position.iter().map(|((t, p), o)| (progress::field(t, *p), *o)).collect();
+            let mut pipe = redis::pipe();
+            pipe.hset_multiple(&self.progress_key, &fields);
+            if !orgs.is_empty() {
+                pipe.sadd(self.keys.rebuild_orgs(&self.generation), orgs.iter().collect::<Vec<_>>());
+            }
+            pipe.query_async::<()>(conn).await?;
+            bar.set_position(initial_lag.saturating_sub(self.lag(&ends)).max(0) as u64);
+            if last_report.elapsed() > Duration::from_secs(2) {
+                ends = measure(self.kafka.clone(), self.topics.clone()).await??;
+                let lag = self.lag(&ends);
+                let rate = read_here as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                bar.set_length(bar.position() + lag as u64);
+                bar.set_message(format!("lag {lag}"));
+                metrics::gauge!("pb_rebuild_lag_events").set(lag as f64);
+                metrics::gauge!("pb_rebuild_events_read").set(report.events_read as f64);
+                metrics::gauge!("pb_rebuild_events_per_second").set(rate);
+                let _: () = conn
+                    .hset_multiple(
+                        self.keys.rebuild_state(),
+                        &[
+                            ("lag", lag.to_string()),
+                            ("eventsRead", report.events_read.to_string()),
+                            ("eventsPerSecond", format!("{rate:.0}")),
+                        ],
+                    )
+                    .await?;
+                info!(generation = %self.generation, lag, events_read = report.events_read, events_per_second = rate as u64, "rebuild replay");
+                last_report = Instant::now();
+            }
+        }
+        bar.finish_and_clear();
+        let _: () = conn.hset(self.keys.rebuild_state(), "lag", 0).await?;
+        metrics::gauge!("pb_rebuild_lag_events").set(0.0);
+        Ok(())
+    }
+
+    fn keep(&self, e: &Event) -> bool {
+        self.filter.is_empty() || self.filter.contains(e.org_id())
+    }
+}
+
+/// An unfinished rebuild that will not be resumed: the keys of its generation for every org it
+/// did not switch, its bookkeeping, and the old generations of the orgs it did switch.
+async fn discard(conn: &mut ConnectionManager, keys: &KeySpace, plan: &Plan) -> anyhow::Result<usize> {
+    let built: BTreeSet<String> = conn.smembers(keys.rebuild_orgs(&plan.generation)).await?;
+    let state: HashMap<String, String> = conn.hgetall(keys.rebuild_state()).await?;
+    let mut remove: HashMap<String, Generation> = HashMap::new();
+    for org in &built {
+        let current: Option<String> = conn.get(keys.generation_pointer(org)).await?;
+        if current.as_deref() != Some(plan.generation.name()) {
+            remove.insert(org.clone(), plan.generation.clone());
+        } else if let Some(old) = state.get(&format!("old:{org}")).and_then(|g| Generation::parse(g)) {
+            remove.insert(org.clone(), old);
+        }
+    }
+    let removed = remove_org_generations(conn, keys, &remove).await?;
+    let mut pipe = redis::pipe();
+    pipe.del(keys.rebuild_orgs(&plan.generation)).del(keys.progress(&progress_group(&plan.generation))).del(keys.rebuild_state());
+    pipe.query_async::<()>(conn).await?;
+    Ok(removed)
+}
+
+/// Unlinks the keys of `(org, generation)` pairs, found in one SCAN of the prefix. The org's
+/// generation pointer is never removed; a generation an org is still on is never removed.
+pub async fn remove_org_generations(
+    conn: &mut ConnectionManager,
+    keys: &KeySpace,
+    remove: &HashMap<String, Generation>,
+) -> anyhow::Result<usize> {
+    if remove.is_empty() {
+        return Ok(0);
+    }
+    let mut pipe = redis::pipe();
+    let orgs: Vec<&String> = remove.keys().collect();
+    for org in &orgs {
+        pipe.get(keys.generation_pointer(org));
+    }
+    let current: Vec<Option<String>> = pipe.query_async(conn).await?;
+    let prefixes: Vec<String> = orgs
+        .iter()
+        .zip(current)
+        .filter(|(org, cur)| cur.as_deref().unwrap_or_default() != remove[**org].name())
+        .map(|(org, _)| format!("{}:", keys.org_in(&remove[*org], org).base))
+        .collect();
+    let pointers: BTreeSet<String> = orgs.iter().map(|o| keys.generation_pointer(o)).collect();
+    let mut cursor: u64 = 0;
+    let mut removed = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{}:*", keys.prefix()))
+            .arg("COUNT")
+            .arg(2000)
+            .query_async(conn)
+            .await?;
+        let doomed: Vec<&String> = batch.iter().filter(|k| !pointers.contains(*k) && prefixes.iter().any(|p| k.starts_with(p))).collect();
+        if !doomed.is_empty() {
+            let _: () = redis::cmd("UNLINK").arg(&doomed).query_async(conn).await?;
+            removed += doomed.len();
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    Ok(removed)
+}
