@@ -263,8 +263,8 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     let instance = Arc::new(std::sync::Mutex::new(
         state::ensure(&mut applier.connection(), &settings.keys, &settings.kafka, &settings.topics.inputs()).await?,
     ));
-    // Set when Redis lost the projection (by the watch below or by a refused progress write).
-    let lost = Arc::new(AtomicBool::new(false));
+    // Raised when Redis lost the projection (by the watch below or by a refused progress write).
+    let lost = Arc::new(LostSignal::default());
     let dead_letters = DeadLetters::new(&settings.kafka, &settings.topics.topic_dlq)?;
     let parked_stream = settings.keys.parked_dead_letters();
     let consumer = build_consumer(&settings, counters.clone())?;
@@ -288,7 +288,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         (m, event)
     };
     loop {
-        if lost.swap(false, Ordering::Relaxed) {
+        if lost.take() {
             // What was received belongs to positions Redis no longer holds.
             carry.clear();
             start_again_from_redis(&settings, &consumer, &mut applier, &instance).await;
@@ -300,6 +300,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
                 biased;
                 _ = &mut shutdown => break,
                 _ = &mut caught_up => break,
+                _ = lost.notify.notified() => continue,
                 m = consumer.recv() => m,
             };
             match first {
@@ -363,7 +364,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         }
         let current_instance = instance.lock().expect("not poisoned").clone();
         if !store_offsets(&consumer, &batch, &mut progress_conn, &settings.keys, &progress_key, &current_instance).await {
-            lost.store(true, Ordering::Relaxed);
+            lost.raise();
             continue;
         }
         record_freshness(&batch);
@@ -406,13 +407,31 @@ async fn start_again_from_redis(
     }
 }
 
+/// "Redis lost the projection": a flag for the loop's next turn, and a wake-up for a loop that
+/// waits for messages on idle partitions.
+#[derive(Default)]
+struct LostSignal {
+    flag: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl LostSignal {
+    fn raise(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+    fn take(&self) -> bool {
+        self.flag.swap(false, Ordering::Relaxed)
+    }
+}
+
 /// Every second: is the instance this projector writes for still the one Redis holds (else
 /// Redis lost the projection: `lost`), and is a building projection whole now?
 fn watch_state_every_second(
     settings: &ProjectorSettings,
     mut conn: redis::aio::ConnectionManager,
     instance: Arc<std::sync::Mutex<String>>,
-    lost: Arc<AtomicBool>,
+    lost: Arc<LostSignal>,
 ) -> tokio::task::JoinHandle<()> {
     let (keys, progress_key) = (settings.keys.clone(), settings.keys.progress(&settings.group_id));
     tokio::spawn(async move {
@@ -422,7 +441,7 @@ fn watch_state_every_second(
             match state::instance(&mut conn, &keys).await {
                 Ok(held) if held.as_deref() != Some(mine.as_str()) => {
                     warn!(held = ?held, mine, "redis no longer holds the projection this projector wrote: starting again");
-                    lost.store(true, Ordering::Relaxed);
+                    lost.raise();
                     continue;
                 }
                 Ok(_) => {}

@@ -58,8 +58,6 @@ pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i6
         "custom_fields"
     } else if !s.health.is_up(Dependency::Redis) {
         "projection_unavailable"
-    } else if let Some(reason) = projection_not_whole(s).await {
-        reason
     } else {
         match s.projection.answer(org, user, q, now).await {
             Ok((a, route)) => {
@@ -72,6 +70,7 @@ pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i6
             Err(ProjectionError::Api(ApiError::NotFound(_))) => "pipeline_not_projected",
             Err(ProjectionError::Api(e)) => return Err(e),
             Err(ProjectionError::NotBuilt) => "projection_not_built",
+            Err(ProjectionError::NotWhole(reason)) => reason,
             // A filter the index could not finish in time would not be cheaper for MongoDB.
             Err(ProjectionError::Index(e)) => {
                 tracing::warn!(error = %e, "index deadline");
@@ -92,18 +91,6 @@ pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i6
         Err(MongoPathError::Unavailable(e)) => Err(ApiError::Unavailable(e)),
         Err(MongoPathError::TooBroad(n)) => Err(ApiError::TooBroadForMongodb(n)),
     }
-}
-
-/// Why the projection must not answer (it is missing or being rebuilt from nothing), from the
-/// probe's last look; a projection the probe saw unwhole is looked at again here, so one that
-/// became whole answers at once.
-async fn projection_not_whole(s: &AppState) -> Option<&'static str> {
-    s.health.projection_reason()?;
-    let mut conn = s.redis.clone();
-    if let Ok(status) = pipeline_board_consumers::state::status(&mut conn, &s.keys).await {
-        s.health.record_projection(status);
-    }
-    s.health.projection_reason()
 }
 
 /// Request count and latency per route and status.

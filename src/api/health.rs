@@ -95,17 +95,6 @@ impl Health {
         metrics::gauge!("pb_dependency_up", "dependency" => d.name()).set(if up { 1.0 } else { 0.0 });
     }
 
-    /// Why the projection must not answer now (None: it is whole, or not checked yet):
-    /// `projection_missing` (Redis holds none: never built, or lost) or `projection_rebuilding`
-    /// (it is being rebuilt from nothing and is not whole yet).
-    pub fn projection_reason(&self) -> Option<&'static str> {
-        match self.0.projection.load(Ordering::Relaxed) {
-            PROJECTION_MISSING => Some("projection_missing"),
-            PROJECTION_BUILDING => Some("projection_rebuilding"),
-            _ => None,
-        }
-    }
-
     pub fn projection_status(&self) -> &'static str {
         match self.0.projection.load(Ordering::Relaxed) {
             PROJECTION_MISSING => "missing",

@@ -242,6 +242,17 @@ fn spawn_lag_probe(args: &ServeArgs, mut redis: redis::aio::ConnectionManager, k
             };
             lag.store(measured, Ordering::Relaxed);
             metrics::gauge!("pb_projection_lag_events").set(measured as f64);
+            // A rebuild's phase and progress, as the rebuild keeps them in Redis (so the API's
+            // scrape shows them too, wherever the rebuild runs).
+            let rebuild: redis::RedisResult<(Option<String>, Option<i64>, Option<i64>)> =
+                redis::cmd("HMGET").arg(keys.rebuild_state()).arg("phase").arg("lag").arg("eventsRead").query_async(&mut redis).await;
+            if let Ok((phase, rebuild_lag, read)) = rebuild {
+                for p in ["snapshot", "replay", "switch", "cleanup"] {
+                    metrics::gauge!("pb_rebuild_phase", "phase" => p).set(if phase.as_deref() == Some(p) { 1.0 } else { 0.0 });
+                }
+                metrics::gauge!("pb_rebuild_lag_events").set(rebuild_lag.unwrap_or(0) as f64);
+                metrics::gauge!("pb_rebuild_events_read").set(read.unwrap_or(0) as f64);
+            }
             tokio::time::sleep(every).await;
         }
     });

@@ -9,7 +9,7 @@ use super::error::ApiError;
 use super::index::{IndexBucket, IndexError};
 use super::index_cache::IndexCache;
 use super::request::{BoardQuery, MessageStatus, OwnerScope};
-use board_core::keys::{KeySpace, OrgKeys};
+use board_core::keys::{Generation, KeySpace, OrgKeys};
 use board_core::model::{CardKind, Pipeline};
 use board_core::record::CardRecord;
 use board_core::time::Millis;
@@ -26,6 +26,10 @@ pub enum ProjectionError {
     /// The projection has nothing for this org yet: ask MongoDB.
     #[error("the projection has no data for this org yet")]
     NotBuilt,
+    /// The projection is not whole (Redis lost it, or it is being built from nothing): ask
+    /// MongoDB. The reason goes to `meta.reason`.
+    #[error("the projection is not whole: {0}")]
+    NotWhole(&'static str),
     /// Redis failed: ask MongoDB.
     #[error("redis: {0}")]
     Unavailable(String),
@@ -142,8 +146,24 @@ impl ProjectionReader {
     /// The org's keys in the generation that holds it now (its pointer; absent: the base one).
     /// A request resolves this once and reads everything from that generation: a rebuild's
     /// switch is atomic per org, and the old generation stays readable for its grace period.
+    /// In the same round trip, the projection's state: a request never reads a projection that
+    /// is not whole.
     pub async fn live_keys(&self, org: &str) -> Result<OrgKeys, ProjectionError> {
-        Ok(self.keys.live_org(&mut self.conn.clone(), org).await?)
+        let (pointer, (instance, status)): (Option<String>, (Option<String>, Option<String>)) = redis::pipe()
+            .get(self.keys.generation_pointer(org))
+            .cmd("HMGET")
+            .arg(self.keys.state())
+            .arg("instance")
+            .arg("status")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        match (instance, status.as_deref()) {
+            (None, _) => return Err(ProjectionError::NotWhole("projection_missing")),
+            (Some(_), Some("whole")) => {}
+            (Some(_), _) => return Err(ProjectionError::NotWhole("projection_rebuilding")),
+        }
+        let generation = Generation::parse(pointer.as_deref().unwrap_or_default()).ok_or_else(|| bad("generation pointer"))?;
+        Ok(self.keys.org_in(&generation, org))
     }
 
     pub async fn pipelines(&self, org: &str) -> Result<Vec<Pipeline>, ProjectionError> {

@@ -187,10 +187,24 @@ impl TestEnv {
 
     /// `pipeline-board project` as a child process of this test, configured for this env.
     pub fn projector_process(&self, extra_args: &[&str], extra_env: &[(&str, &str)]) -> std::process::Child {
+        let mut cmd = self.cli(&["project", "--metrics-addr", ""]);
+        cmd.args(extra_args).stdout(std::process::Stdio::null());
+        if std::env::var("TEST_LOG").is_err() {
+            cmd.stderr(std::process::Stdio::null());
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("start projector")
+    }
+
+    /// A `pipeline-board` command configured for this env (brokers, topics, Redis, MongoDB).
+    pub fn cli(&self, args: &[&str]) -> std::process::Command {
         let t = &self.topics;
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline-board"));
-        cmd.args(["project", "--metrics-addr", ""])
-            .args(extra_args)
+        cmd.args(args)
+            .env("MONGODB_URI", &self.mongo_uri)
+            .env("MONGODB_DB", &self.mongo_db)
             .env("KAFKA_BROKERS", &self.brokers)
             .env("REDIS_URL", &self.redis_url)
             .env("REDIS_PREFIX", self.keys.prefix())
@@ -201,15 +215,8 @@ impl TestEnv {
             .env("TOPIC_MESSAGES", &t.topic_messages)
             .env("TOPIC_PIPELINES", &t.topic_pipelines)
             .env("TOPIC_USERS", &t.topic_users)
-            .env("TOPIC_DLQ", &t.topic_dlq)
-            .stdout(std::process::Stdio::null());
-        if std::env::var("TEST_LOG").is_err() {
-            cmd.stderr(std::process::Stdio::null());
-        }
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        cmd.spawn().expect("start projector")
+            .env("TOPIC_DLQ", &t.topic_dlq);
+        cmd
     }
 
     /// Removes this test's keys, topics and MongoDB database (best effort; all are unique
