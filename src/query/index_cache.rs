@@ -10,7 +10,7 @@ use board_core::record::CardRecord;
 use redis::aio::ConnectionManager;
 use redis::{RedisError, Value};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tracing::info;
@@ -22,6 +22,8 @@ pub struct OrgSlot {
     pub index: RwLock<OrgIndex>,
     /// Unix seconds of the last board that used it (idle indexes are dropped).
     last_used: AtomicI64,
+    /// A load of the org's new generation (after a rebuild's switch) is under way.
+    switching: AtomicBool,
 }
 
 /// An org's index is dropped after this long without an index board: the API's memory follows
@@ -130,7 +132,26 @@ impl IndexCache {
             let index = slot.index.read().expect("not poisoned");
             (index.stream_id.clone(), index.base.clone())
         };
-        if !*loaded || stream_pos(&at) < stream_pos(&max_deleted) || base != keys.base {
+        if *loaded && base != keys.base {
+            // A rebuild switched the org. Loading a large org takes seconds: meanwhile the boards
+            // are answered from the index of the generation it left (whole, as of the switch),
+            // and the new one replaces it once loaded.
+            if !slot.switching.swap(true, Ordering::Relaxed) {
+                let (cache, slot, keys, org) = (self.clone(), slot.clone(), keys.clone(), org.to_string());
+                tokio::spawn(async move {
+                    match cache.load(&keys, last).await {
+                        Ok(mut index) => {
+                            index.base = keys.base.clone();
+                            let _guard = slot.sync.lock().await;
+                            info!(org, cards = index.len(), generation_keys = %keys.base, "in-memory index loaded for the new generation");
+                            *slot.index.write().expect("not poisoned") = index;
+                        }
+                        Err(e) => tracing::warn!(org, error = %e, "index of the new generation not loaded; the next board tries again"),
+                    }
+                    slot.switching.store(false, Ordering::Relaxed);
+                });
+            }
+        } else if !*loaded || stream_pos(&at) < stream_pos(&max_deleted) || base != keys.base {
             let mut index = self.load(keys, last).await?;
             index.base = keys.base.clone();
             info!(org, cards = index.len(), "in-memory index loaded");
