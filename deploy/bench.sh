@@ -61,7 +61,7 @@ echo "redis used_memory grew by $(( (after - before) / 1048576 )) MiB for $total
 echo "== raw kafka read of the same topics"
 "$BIN" bench kafka-read
 echo "== raw redis rate of the same write mix (final writes of 200,000 cards as plain pipelined HSET/ZADD)"
-all_events=$(redis-cli hgetall "$RUN:progress:$RUN" | awk 'NR % 2 == 0 {s += $1} END {print s}')
+all_events=$(redis-cli hgetall "$RUN:{meta}:progress:$RUN" | awk 'NR % 2 == 0 {s += $1} END {print s}')
 "$BIN" bench redis-writes --org "$BIG" --cards 200000 --events-per-card "$(awk -v e="$all_events" -v c="$total_cards" 'BEGIN {printf "%.2f", e / c}')"
 
 # The caller: a user with teams (so that `team` means something).

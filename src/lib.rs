@@ -5,6 +5,7 @@
 pub mod api;
 pub mod bench;
 pub mod dlq;
+pub mod metrics_setup;
 pub mod mongo;
 pub mod query;
 pub mod rebuild;

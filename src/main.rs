@@ -237,10 +237,7 @@ async fn shutdown_signal() {
 async fn project(args: ProjectArgs) -> anyhow::Result<ExitCode> {
     if !args.metrics_addr.is_empty() {
         let addr: SocketAddr = args.metrics_addr.parse().context("--metrics-addr")?;
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .context("starting the metrics endpoint")?;
+        pipeline_board::metrics_setup::prometheus_builder().with_http_listener(addr).install().context("starting the metrics endpoint")?;
     }
     let mut settings = ProjectorSettings::new(
         KafkaConnection::from_args(&args.kafka)?,

@@ -344,7 +344,7 @@ async fn rebuild(
     let started = Instant::now();
     if !args.metrics_addr.is_empty() {
         let addr: std::net::SocketAddr = args.metrics_addr.parse().context("--metrics-addr")?;
-        if let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr).install() {
+        if let Err(e) = crate::metrics_setup::prometheus_builder().with_http_listener(addr).install() {
             warn!(error = %e, "rebuild metrics endpoint not started");
         }
     }

@@ -667,3 +667,69 @@ async fn union_page_selects_the_same_cards_as_a_full_merge() {
     }
     env.cleanup().await;
 }
+
+/// The generation functions, called directly: a live commit is refused once its org moved; a
+/// switch happens only if the new generation holds every partition's offset the current one
+/// holds; org offsets are never lowered; progress is refused once the projection's instance
+/// is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_functions_guard_commits_switches_and_progress() {
+    use pipeline_board::core::functions::{load_library, progress_cmd, switch_cmd, Commit, CommitOutcome, SwitchOutcome, Write};
+    use pipeline_board::core::keys::Generation;
+    let env = TestEnv::new("generation-fn").await;
+    let mut r = env.redis().await;
+    load_library(&mut r).await.unwrap();
+    let shared = r.clone();
+    let org = oid(1);
+    let (base, g7) = (Generation::base(), Generation::parse("g7").unwrap());
+    let commit = |generation: &Generation, offsets: Vec<(String, i64)>| Commit {
+        org: env.keys.org_in(generation, &org),
+        guards: Vec::new(),
+        writes: vec![Write::HSet { key: env.keys.org_in(generation, &org).pipelines(), field: "p".into(), value: b"{}".to_vec() }],
+        generation: Some((env.keys.generation_pointer(&org), generation.clone())),
+        offsets,
+    };
+    let reply = |c: Commit| {
+        let mut r = shared.clone();
+        async move { CommitOutcome::parse(&c.to_cmd().query_async::<String>(&mut r).await.unwrap()).unwrap() }
+    };
+    let t = |p: i32, o: i64| (format!("t/{p}"), o);
+    assert_eq!(reply(commit(&base, vec![t(0, 10), t(1, 5)])).await, CommitOutcome::Committed);
+    assert_eq!(reply(commit(&base, vec![t(0, 3)])).await, CommitOutcome::Committed);
+    let offsets: std::collections::BTreeMap<String, i64> = r.hgetall(env.keys.org(&org).offsets()).await.unwrap();
+    assert_eq!(offsets, [t(0, 10), t(1, 5)].into_iter().collect(), "offsets are never lowered");
+
+    // g7 (written without the pointer, as a rebuild writes) lacks partition 1 at 5: behind.
+    let build = Commit { generation: None, ..commit(&g7, vec![t(0, 12), t(1, 4)]) };
+    assert_eq!(reply(build).await, CommitOutcome::Committed);
+    let switch = |from: &Generation, to: &Generation| {
+        let (mut r, cmd) = (shared.clone(), switch_cmd(&env.keys, &org, from, to));
+        async move { SwitchOutcome::parse(&cmd.query_async::<String>(&mut r).await.unwrap()).unwrap() }
+    };
+    assert_eq!(switch(&base, &g7).await, SwitchOutcome::Behind("t/1".into()));
+    assert_eq!(switch(&g7, &base).await, SwitchOutcome::Moved(base.clone()), "the pointer is not what the caller expected");
+    assert_eq!(reply(Commit { generation: None, ..commit(&g7, vec![t(1, 5)]) }).await, CommitOutcome::Committed);
+    assert_eq!(switch(&base, &g7).await, SwitchOutcome::Switched);
+    assert_eq!(r.get::<_, String>(env.keys.generation_pointer(&org)).await.unwrap(), "g7");
+    // A live commit computed for the base generation is refused and names where the org is.
+    assert_eq!(reply(commit(&base, vec![t(0, 20)])).await, CommitOutcome::Moved(g7.clone()));
+    assert_eq!(reply(commit(&g7, vec![t(0, 20)])).await, CommitOutcome::Committed);
+    // Back to the base (pointer removed) when it holds as much.
+    assert_eq!(reply(Commit { generation: None, ..commit(&base, vec![t(0, 20)]) }).await, CommitOutcome::Committed);
+    assert_eq!(switch(&g7, &base).await, SwitchOutcome::Switched);
+    assert!(!r.exists::<_, bool>(env.keys.generation_pointer(&org)).await.unwrap());
+
+    // Progress is recorded only for the instance the state names.
+    let progress_key = env.keys.progress("g");
+    let _: () = r.hset(env.keys.state(), "instance", "i1").await.unwrap();
+    let record = |instance: &str| {
+        let (mut r, cmd) = (shared.clone(), progress_cmd(&env.keys, &progress_key, instance, &[t(0, 42)]));
+        async move { cmd.query_async::<String>(&mut r).await.unwrap() }
+    };
+    assert_eq!(record("i1").await, "ok");
+    assert_eq!(record("other").await, "lost");
+    let _: () = r.del(env.keys.state()).await.unwrap();
+    assert_eq!(record("i1").await, "lost");
+    assert_eq!(r.hget::<_, _, i64>(&progress_key, "t/0").await.unwrap(), 42);
+    env.cleanup().await;
+}

@@ -95,7 +95,7 @@ fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let recorder = crate::metrics_setup::prometheus_builder().build_recorder();
             let handle = recorder.handle();
             // Another recorder may be installed already (the projector's, in a test process).
             let _ = metrics::set_global_recorder(recorder);

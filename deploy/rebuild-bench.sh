@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Rebuild and self-healing at scale (never part of the tests), every number from one run:
+#   deploy/rebuild-bench.sh [contacts]     (default 1000000 contacts in one org, ~3 messages each)
+# 1. seeds the events and projects them (the live projection);
+# 2. with a live projector and the API running and a client asking board (a) in a loop (wrk, one
+#    connection), runs `pipeline-board rebuild`: its time and events/s, and the client's
+#    latencies over the whole rebuild, switch included;
+# 3. FLUSHALL under the running projector and API: the time until the projection is whole again.
+# Output printed and written into docs/benchmarks.md (section "Rebuild and heal").
+# FLUSHALL empties the whole Redis: run it on a machine where nothing else uses that Redis.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pipeline-board/target}"
+HOME_DIR="${PIPELINE_BOARD_HOME:-$HOME/.cache/pipeline-board}"
+CONTACTS="${1:-1000000}"
+bash deploy/stack.sh up >/dev/null
+cargo build --release --locked -q
+BIN="$CARGO_TARGET_DIR/release/pipeline-board"
+RUN="rebuild-$(date +%s)"
+OUT="$(mktemp --suffix .bench)"
+export REDIS_PREFIX="$RUN" KAFKA_GROUP_ID="$RUN" JWT_SECRET="bench-secret-not-for-production-0123456789" MONGODB_DB="$RUN" LOG_FORMAT=text RUST_LOG=warn
+for t in contacts applications conversations messages pipelines users dlq; do
+  upper=$(echo "$t" | tr a-z A-Z)
+  export "TOPIC_$upper=$RUN.crm.$t"
+done
+bash deploy/kafka-node.sh topics "$HOME_DIR/kafka/node" 4 \
+  $(for t in contacts applications conversations messages pipelines users dlq; do echo "$RUN.crm.$t"; done) >/dev/null
+PORT=18191
+PIDS=()
+trap 'kill ${PIDS[@]:-} 2>/dev/null || true' EXIT
+state() { redis-cli hget "$RUN:{meta}:state" status | tr -d '\r'; }
+{
+echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; redis $(redis-server --version | awk '{print $3}'); commit $(git rev-parse --short HEAD)"
+echo "== command: deploy/rebuild-bench.sh $CONTACTS"
+"$BIN" seed --orgs 1 --contacts "$CONTACTS" --messages 3 --no-mongo --quiet > "$OUT.seed"
+grep -E '^seeded' "$OUT.seed"
+ORG=$(awk '/^org/ {print $2; exit}' "$OUT.seed")
+echo "== the live projection: pipeline-board project --exit-when-caught-up"
+"$BIN" project --exit-when-caught-up --metrics-addr "" 2>&1 | grep -E '^applied'
+USER_ID=$(redis-cli hkeys "$RUN:{$ORG}:users" | head -1)
+TOKEN=$("$BIN" token --org "$ORG" --user "$USER_ID")
+"$BIN" project --metrics-addr "" >/dev/null 2>&1 & PIDS+=($!)
+"$BIN" serve --listen-addr "127.0.0.1:$PORT" >/dev/null 2>&1 & PIDS+=($!)
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
+SCRIPT=$(mktemp --suffix .lua)
+cat >"$SCRIPT" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"size":25}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("TOKEN")
+done = function(summary, latency, requests)
+  io.write(string.format("client during the rebuild: %d boards, %d non-2xx or errors; latency p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms, max %.2f ms\n",
+    summary.requests, summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency:percentile(99.9) / 1000, latency.max / 1000))
+end
+LUA
+before=$(curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d '{"size":25}' | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(b["total"] for b in d["data"].values()), d["meta"]["answeredBy"])')
+echo "board (a) before: total $before"
+echo "== rebuild of every org from the topics' beginning, while the projector runs and a client asks board (a) in a loop"
+TOKEN="$TOKEN" wrk -t 1 -c 1 -d 3600s --timeout 10s -s "$SCRIPT" "http://127.0.0.1:$PORT/api/contacts" > "$OUT.wrk" 2>&1 & WRK=$!
+PIDS+=($WRK)
+/usr/bin/time -f "rebuild process: %U s user + %S s system CPU, %M KiB max RSS, %e s" "$BIN" rebuild --metrics-addr "" 2>&1 | grep -E 'rebuilt|rebuild process'
+kill -INT $WRK; wait $WRK 2>/dev/null || true
+grep 'client during' "$OUT.wrk"
+after=$(curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d '{"size":25}' | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(b["total"] for b in d["data"].values()), d["meta"]["answeredBy"])')
+echo "board (a) after: total $after; generation $(redis-cli get "$RUN:{$ORG}:generation" | tr -d '\r')"
+echo "== FLUSHALL under the running projector and API"
+redis-cli flushall >/dev/null
+t0=$(date +%s.%N)
+seen=""
+while [ "$(state)" != "whole" ]; do
+  if [ -z "$seen" ]; then
+    # (This org is events only, not in MongoDB: the fallback is seen through readiness.)
+    m=$(curl -s "http://127.0.0.1:$PORT/readyz" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["status"], r["projection"])' 2>/dev/null || true)
+    case "$m" in projection_not_ready*) seen="readyz $m after $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.2f", b - a}') s";; esac
+  fi
+  sleep 0.2
+done
+echo "from FLUSHALL to a whole projection again: $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s (${seen:-readiness change not observed})"
+echo "board (a) when whole: $(curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d '{"size":25}' | python3 -c 'import json,sys; d=json.load(sys.stdin); print("total", sum(b["total"] for b in d["data"].values()), d["meta"]["answeredBy"])')"
+rm -f "$SCRIPT"
+} 2>&1 | tee "$OUT"
+rm -f "$OUT.seed" "$OUT.wrk"
+python3 - "$OUT" <<'PY'
+import re, sys, datetime
+run = open(sys.argv[1]).read()
+path = "docs/benchmarks.md"
+doc = open(path).read()
+start, end = "<!-- rebuild-run -->", "<!-- /rebuild-run -->"
+block = f"{start}\n## Rebuild and heal ({datetime.date.today()})\nOutput of `deploy/rebuild-bench.sh`, verbatim:\n\n```\n{run.strip()}\n```\n{end}"
+if start in doc:
+    doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+else:
+    doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+open(path, "w").write(doc)
+PY
+echo "written to docs/benchmarks.md"
