@@ -10,26 +10,14 @@
 # --clean` removes what earlier runs left.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pipeline-board/target}"
-HOME_DIR="${PIPELINE_BOARD_HOME:-$HOME/.cache/pipeline-board}"
 if [ "${1:-}" = "--clean" ]; then
   redis-cli --scan --pattern 'bench-*' | xargs -r -n 1000 redis-cli unlink >/dev/null
   echo "bench keys removed"; exit 0
 fi
 CONTACTS="${1:-1000000}"
 DURATION="${BENCH_SECONDS:-8}"
-bash deploy/stack.sh up >/dev/null
-cargo build --release --locked -q
-BIN="$CARGO_TARGET_DIR/release/pipeline-board"
-RUN="bench-$(date +%s)"
-OUT="$(mktemp --suffix .bench)"
-export REDIS_PREFIX="$RUN" KAFKA_GROUP_ID="$RUN" JWT_SECRET="bench-secret-not-for-production-0123456789" MONGODB_DB="$RUN" LOG_FORMAT=text RUST_LOG=warn
-for t in contacts applications conversations messages pipelines users dlq; do
-  upper=$(echo "$t" | tr a-z A-Z)
-  export "TOPIC_$upper=$RUN.crm.$t"
-done
-bash deploy/kafka-node.sh topics "$HOME_DIR/kafka/node" 4 \
-  $(for t in contacts applications conversations messages pipelines users dlq; do echo "$RUN.crm.$t"; done) >/dev/null
+. deploy/bench-run.sh
+bench_run bench
 used_memory() { redis-cli info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r'; }
 cards_of() { echo $(( $(redis-cli hlen "$RUN:{$1}:card:c") + $(redis-cli hlen "$RUN:{$1}:card:a") )); }
 {

@@ -10,21 +10,9 @@
 # FLUSHALL empties the whole Redis: run it on a machine where nothing else uses that Redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pipeline-board/target}"
-HOME_DIR="${PIPELINE_BOARD_HOME:-$HOME/.cache/pipeline-board}"
 CONTACTS="${1:-1000000}"
-bash deploy/stack.sh up >/dev/null
-cargo build --release --locked -q
-BIN="$CARGO_TARGET_DIR/release/pipeline-board"
-RUN="rebuild-$(date +%s)"
-OUT="$(mktemp --suffix .bench)"
-export REDIS_PREFIX="$RUN" KAFKA_GROUP_ID="$RUN" JWT_SECRET="bench-secret-not-for-production-0123456789" MONGODB_DB="$RUN" LOG_FORMAT=text RUST_LOG=warn
-for t in contacts applications conversations messages pipelines users dlq; do
-  upper=$(echo "$t" | tr a-z A-Z)
-  export "TOPIC_$upper=$RUN.crm.$t"
-done
-bash deploy/kafka-node.sh topics "$HOME_DIR/kafka/node" 4 \
-  $(for t in contacts applications conversations messages pipelines users dlq; do echo "$RUN.crm.$t"; done) >/dev/null
+. deploy/bench-run.sh
+bench_run rebuild
 PORT=18191
 PIDS=()
 trap 'kill ${PIDS[@]:-} 2>/dev/null || true' EXIT
@@ -41,7 +29,7 @@ USER_ID=$(redis-cli hkeys "$RUN:{$ORG}:users" | head -1)
 TOKEN=$("$BIN" token --org "$ORG" --user "$USER_ID")
 "$BIN" project --metrics-addr "" >/dev/null 2>&1 & PIDS+=($!)
 "$BIN" serve --listen-addr "127.0.0.1:$PORT" >/dev/null 2>&1 & PIDS+=($!)
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
 SCRIPT=$(mktemp --suffix .lua)
 cat >"$SCRIPT" <<'LUA'
 wrk.method = "POST"

@@ -780,3 +780,38 @@ pub async fn remove_org_generations(
     }
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            generation: Generation::parse("g1764547200000").unwrap(),
+            source: "topics-from:1764547200000".into(),
+            orgs: "64f0a1b2c3d4e5f6a7b8c9d1,64f0a1b2c3d4e5f6a7b8c9d2".into(),
+            phase: "replay".into(),
+            started: 1_764_547_200_000,
+        }
+    }
+
+    #[test]
+    fn a_plan_survives_redis_and_names_its_orgs() {
+        let p = plan();
+        let hash: HashMap<String, String> = p.fields().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        assert_eq!(Plan::from_hash(&hash), Some(p.clone()));
+        assert_eq!(p.org_filter().len(), 2);
+        assert!(Plan { orgs: String::new(), ..p }.org_filter().is_empty(), "no orgs: every org");
+        let mut broken = hash.clone();
+        broken.insert("generation".into(), "g1:{x}".into());
+        assert_eq!(Plan::from_hash(&broken), None, "a generation that is not one is not resumed");
+    }
+
+    #[test]
+    fn a_refused_rebuild_names_the_running_one() {
+        let text = running_message("host:42:abcd", Some(&plan()));
+        for part in ["host:42:abcd", "g1764547200000", "topics-from:1764547200000", "phase replay", "15 s"] {
+            assert!(text.contains(part), "{part} missing from: {text}");
+        }
+    }
+}

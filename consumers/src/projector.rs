@@ -372,6 +372,12 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         counters.last_batch_at.store(unix_millis(), Ordering::Relaxed);
     }
     finish(&consumer);
+    // Stopping once caught up (a backfill) must not leave a whole projection marked `building`
+    // until some projector's next watch.
+    let current_instance = instance.lock().expect("not poisoned").clone();
+    if let Err(e) = state::check_whole(&mut progress_conn, &settings.keys, &current_instance, &progress_key).await {
+        debug!(error = %e, "wholeness not checked at exit");
+    }
     Ok(())
 }
 

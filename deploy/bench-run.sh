@@ -1,0 +1,20 @@
+# Sourced by the benchmark scripts: starts the stack, builds the release binary and gives the run
+# its own topics, consumer group, Redis prefix and MongoDB database, all named "$RUN"
+# (`bench_run <name>` sets RUN=<name>-<unix time>, BIN and OUT).
+bench_run() {
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pipeline-board/target}"
+  HOME_DIR="${PIPELINE_BOARD_HOME:-$HOME/.cache/pipeline-board}"
+  bash deploy/stack.sh up >/dev/null
+  cargo build --release --locked -q
+  BIN="$CARGO_TARGET_DIR/release/pipeline-board"
+  RUN="$1-$(date +%s)"
+  OUT="$(mktemp --suffix .bench)"
+  export REDIS_PREFIX="$RUN" KAFKA_GROUP_ID="$RUN" JWT_SECRET="bench-secret-not-for-production-0123456789" MONGODB_DB="$RUN" LOG_FORMAT=text RUST_LOG=warn
+  local t upper
+  for t in contacts applications conversations messages pipelines users dlq; do
+    upper=$(echo "$t" | tr a-z A-Z)
+    export "TOPIC_$upper=$RUN.crm.$t"
+  done
+  bash deploy/kafka-node.sh topics "$HOME_DIR/kafka/node" 4 \
+    $(for t in contacts applications conversations messages pipelines users dlq; do echo "$RUN.crm.$t"; done) >/dev/null
+}
