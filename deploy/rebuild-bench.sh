@@ -13,11 +13,19 @@ cd "$(dirname "$0")/.."
 CONTACTS="${1:-1000000}"
 . deploy/bench-run.sh
 bench_run rebuild
-PORT=18191
+# A port nothing listens on (an API left by an earlier run must not answer for this one).
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+state() { redis-cli hget "$RUN:{meta}:state" status | tr -d '\r'; }
+# Board (a): its total and who answered, or the whole reply when it is not a board.
+board_a() {
+  curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d '{"size":25}' |
+    python3 -c 'import json,sys; t=sys.stdin.read(); d=json.loads(t) if t.startswith("{") else {}
+print("total %d, answered by %s" % (sum(b["total"] for b in d["data"].values()), d["meta"]["answeredBy"]) if "data" in d else "reply: " + t[:300])'
+}
+{
+# The block runs in the pipe's subshell: its processes are stopped when it ends.
 PIDS=()
 trap 'kill ${PIDS[@]:-} 2>/dev/null || true' EXIT
-state() { redis-cli hget "$RUN:{meta}:state" status | tr -d '\r'; }
-{
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; redis $(redis-server --version | awk '{print $3}'); commit $(git rev-parse --short HEAD)"
 echo "== command: deploy/rebuild-bench.sh $CONTACTS"
 "$BIN" seed --orgs 1 --contacts "$CONTACTS" --messages 3 --no-mongo --quiet > "$OUT.seed"
@@ -30,6 +38,7 @@ TOKEN=$("$BIN" token --org "$ORG" --user "$USER_ID")
 "$BIN" project --metrics-addr "" >/dev/null 2>&1 & PIDS+=($!)
 "$BIN" serve --listen-addr "127.0.0.1:$PORT" >/dev/null 2>&1 & PIDS+=($!)
 for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+kill -0 "${PIDS[1]}" || { echo "the API did not start"; exit 1; }
 SCRIPT=$(mktemp --suffix .lua)
 cat >"$SCRIPT" <<'LUA'
 wrk.method = "POST"
@@ -42,16 +51,14 @@ done = function(summary, latency, requests)
     latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency:percentile(99.9) / 1000, latency.max / 1000))
 end
 LUA
-before=$(curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d '{"size":25}' | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(b["total"] for b in d["data"].values()), d["meta"]["answeredBy"])')
-echo "board (a) before: total $before"
+echo "board (a) before: $(board_a)"
 echo "== rebuild of every org from the topics' beginning, while the projector runs and a client asks board (a) in a loop"
 TOKEN="$TOKEN" wrk -t 1 -c 1 -d 3600s --timeout 10s -s "$SCRIPT" "http://127.0.0.1:$PORT/api/contacts" > "$OUT.wrk" 2>&1 & WRK=$!
 PIDS+=($WRK)
 /usr/bin/time -f "rebuild process: %U s user + %S s system CPU, %M KiB max RSS, %e s" "$BIN" rebuild --metrics-addr "" 2>&1 | grep -E 'rebuilt|rebuild process'
 kill -INT $WRK; wait $WRK 2>/dev/null || true
 grep 'client during' "$OUT.wrk"
-after=$(curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d '{"size":25}' | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(b["total"] for b in d["data"].values()), d["meta"]["answeredBy"])')
-echo "board (a) after: total $after; generation $(redis-cli get "$RUN:{$ORG}:generation" | tr -d '\r')"
+echo "board (a) after: $(board_a); generation $(redis-cli get "$RUN:{$ORG}:generation" | tr -d '\r')"
 echo "== FLUSHALL under the running projector and API"
 redis-cli flushall >/dev/null
 t0=$(date +%s.%N)
@@ -65,7 +72,7 @@ while [ "$(state)" != "whole" ]; do
   sleep 0.2
 done
 echo "from FLUSHALL to a whole projection again: $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s (${seen:-readiness change not observed})"
-echo "board (a) when whole: $(curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d '{"size":25}' | python3 -c 'import json,sys; d=json.load(sys.stdin); print("total", sum(b["total"] for b in d["data"].values()), d["meta"]["answeredBy"])')"
+echo "board (a) when whole: $(board_a)"
 rm -f "$SCRIPT"
 } 2>&1 | tee "$OUT"
 rm -f "$OUT.seed" "$OUT.wrk"
