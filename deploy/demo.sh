@@ -26,5 +26,6 @@ export JWT_SECRET="${JWT_SECRET:-demo-secret-not-for-production-0123456789}"
 PROJECTOR=$!
 trap 'kill -TERM $PROJECTOR 2>/dev/null; wait $PROJECTOR' EXIT
 echo "demo data projected; the projector keeps running (metrics on http://127.0.0.1:9898/metrics)"
+echo "the board: open http://${LISTEN_ADDR:-127.0.0.1:8080}/ and pick a demo user (DEMO_SIGNIN is on for the demo only)"
 echo "API on http://${LISTEN_ADDR:-127.0.0.1:8080} (JWT_SECRET=$JWT_SECRET; see README 'Try it'); Ctrl-C stops both gracefully"
-"$BIN" serve
+DEMO_SIGNIN="${DEMO_SIGNIN:-true}" "$BIN" serve

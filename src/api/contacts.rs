@@ -10,7 +10,7 @@ use crate::query::request::{BoardQuery, ContactsRequest};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -27,7 +27,8 @@ pub fn router() -> Router<AppState> {
     path = "/api/contacts",
     request_body = ContactsRequest,
     responses(
-        (status = 200, description = "Cards by stage: data, dataByStatus, stageIdByName, stageNameById, meta"),
+        (status = 200, description = "Cards by stage: data, dataByStatus, stageIdByName, stageNameById, meta; an ETag of the answer"),
+        (status = 304, description = "If-None-Match carries the ETag of this same answer: unchanged"),
         (status = 400, description = "Malformed body or out-of-range value"),
         (status = 401, description = "Missing, malformed, badly signed or expired token"),
         (status = 404, description = "No such pipeline in the caller's org"),
@@ -36,7 +37,12 @@ pub fn router() -> Router<AppState> {
     ),
     security(("bearer" = []))
 )]
-pub async fn contacts(caller: Caller, State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn contacts(
+    caller: Caller,
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
         _ => ApiError::BadRequest { code: "malformed_body", message: e.body_text() },
@@ -47,7 +53,24 @@ pub async fn contacts(caller: Caller, State(s): State<AppState>, body: Result<By
         .await
         .map_err(|_| ApiError::Timeout)??;
     metrics::counter!("pb_board_answers_total", "path" => meta.answered_by).increment(1);
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], answer.to_json_bytes(&meta)).into_response())
+    let etag = answer_etag(&answer, &meta);
+    if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
+        metrics::counter!("pb_board_not_modified_total").increment(1);
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    Ok(([(header::CONTENT_TYPE, "application/json".to_string()), (header::ETAG, etag)], answer.to_json_bytes(&meta)).into_response())
+}
+
+/// The ETag of an answer: a hash of everything it says except the projection's lag (which moves
+/// every second without the board changing), so it changes exactly when the board a client
+/// would draw changes — including which path answered. The same on every API instance (a fixed
+/// hash of the same bytes), so a poll may go to any of them.
+pub fn answer_etag(answer: &BoardAnswer, meta: &AnswerMeta) -> String {
+    use std::hash::Hasher;
+    let stable = AnswerMeta { projection_lag: None, ..meta.clone() };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(&answer.to_json_bytes(&stable));
+    format!("\"{:016x}\"", h.finish())
 }
 
 /// Projection first; MongoDB for custom fields and whenever the projection cannot answer.

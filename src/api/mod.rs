@@ -4,6 +4,7 @@
 pub mod auth;
 mod contacts;
 pub mod health;
+mod page;
 
 use crate::consumers::progress;
 use crate::query::mongo_path::MongoReader;
@@ -63,6 +64,10 @@ pub struct ServeArgs {
     /// behind the topics' ends.
     #[arg(long, env = "READY_MAX_LAG", default_value_t = 10_000)]
     pub ready_max_lag: i64,
+    /// The board page's demo sign-in: lists users and signs tokens for them with `JWT_SECRET`.
+    /// For demos only: anyone who reaches the API can then act as any user.
+    #[arg(long, env = "DEMO_SIGNIN", default_value_t = false)]
+    pub demo_signin: bool,
 }
 
 #[derive(Clone)]
@@ -82,6 +87,8 @@ pub struct AppState {
     pub keys: KeySpace,
     /// Readiness' bound on the projection's lag.
     pub ready_max_lag: i64,
+    /// The HS256 secret, when the demo sign-in is on.
+    pub demo_secret: Option<String>,
 }
 
 impl AppState {
@@ -128,6 +135,7 @@ impl utoipa::Modify for BearerAuth {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(contacts::router())
+        .merge(page::router())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
@@ -215,6 +223,7 @@ impl Application {
             parked_dead_letters: keys.parked_dead_letters(),
             keys: keys.clone(),
             ready_max_lag: args.ready_max_lag,
+            demo_secret: args.auth.jwt_secret.clone().filter(|_| args.demo_signin),
         };
         let listener = tokio::net::TcpListener::bind(&args.listen_addr).await?;
         Ok(Application { listener, router: router(state) })

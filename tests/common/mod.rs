@@ -272,6 +272,7 @@ impl TestEnv {
             mongodb_path_max_ids: pipeline_board::query::mongo_path::DEFAULT_MAX_IDS,
             lag_interval_ms: 1_000,
             ready_max_lag: 10_000,
+            demo_signin: false,
         }
     }
 

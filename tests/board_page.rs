@@ -1,0 +1,98 @@
+//! The board page (issue 10) over HTTP against the real stack: the page and its assets, ETags and
+//! `304 Not Modified` for polling boards, the demo sign-in (off unless enabled).
+mod common;
+
+use common::{eventually, post_board, small_seed, token, TestEnv};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+async fn post_with_etag(url: &str, bearer: &str, body: &str, etag: Option<&str>) -> (u16, Option<String>, String) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{url}/api/contacts"))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {bearer}"))
+        .body(body.to_string());
+    if let Some(e) = etag {
+        req = req.header("if-none-match", e);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let etag = resp.headers().get("etag").map(|v| v.to_str().unwrap().to_string());
+    (status, etag, resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_polls_cheaply_and_signs_demo_users_in_only_when_enabled() {
+    let env = TestEnv::new("board-page").await;
+    let seeded = env.seed(small_seed(2, 60, 101)).await;
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    let url = env.serve_with(env.serve_args()).await;
+
+    // The page and its assets, from the binary.
+    let page = reqwest::get(format!("{url}/")).await.unwrap();
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    let html = page.text().await.unwrap();
+    assert!(html.contains(r#"<script src="/assets/board.js">"#) && html.contains(r#"href="/assets/board.css""#), "{html}");
+    for (path, kind) in [("/assets/board.js", "text/javascript"), ("/assets/board.css", "text/css")] {
+        let r = reqwest::get(format!("{url}{path}")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with(kind));
+    }
+
+    // Polling: the same answer is 304 with its ETag; a change anywhere in the answer is a new one.
+    let db = env.mongo().await;
+    let (org, other) = (&seeded.org_ids[0], &seeded.org_ids[1]);
+    let snap = pipeline_board::mongo::load_org(&db, org).await.unwrap();
+    let t = token(org, &snap.users[0].id);
+    let board = r#"{"size": 100}"#;
+    let (status, etag, body_of_board) = post_with_etag(&url, &t, board, None).await;
+    assert_eq!(status, 200, "{body_of_board}");
+    let etag = etag.expect("an ETag");
+    let (status, again, body) = post_with_etag(&url, &t, board, Some(&etag)).await;
+    assert_eq!((status, again.as_deref(), body.as_str()), (304, Some(etag.as_str()), ""));
+    let (status, _, _) = post_with_etag(&url, &t, r#"{"size": 1}"#, Some(&etag)).await;
+    assert_eq!(status, 200, "another board is another answer");
+    // Another org's caller never gets a 304 for this org's ETag.
+    let other_snap = pipeline_board::mongo::load_org(&db, other).await.unwrap();
+    let (status, _, _) = post_with_etag(&url, &token(other, &other_snap.users[0].id), board, Some(&etag)).await;
+    assert_eq!(status, 200);
+
+    // A contact of the board changes name: the old ETag no longer matches.
+    let shown: Value = serde_json::from_str(&body_of_board).unwrap();
+    let first_id = shown["data"].as_object().unwrap().values().find_map(|b| b["contacts"][0]["_id"].as_str()).unwrap().to_string();
+    let mut contact = snap.contacts.iter().find(|c| c.id == first_id).unwrap().clone();
+    contact.first_name = Some("Renamed".into());
+    contact.version = Some(contact.version.unwrap() + 1);
+    let event = json!({"type": "contact.upserted", "eventId": "page-etag", "orgId": org,
+        "occurredAt": "2026-12-01T00:00:00.000Z", "contact": contact});
+    env.produce(&env.topics.topic_contacts, &contact.id, &serde_json::to_vec(&event).unwrap()).await;
+    let (u, tk, old) = (url.clone(), t.clone(), etag.clone());
+    eventually(Duration::from_secs(30), "a changed board answers 200 with a new ETag", move || {
+        let (u, tk, old) = (u.clone(), tk.clone(), old.clone());
+        async move {
+            let (status, etag, _) = post_with_etag(&u, &tk, board, Some(&old)).await;
+            status == 200 && etag.is_some_and(|e| e != old)
+        }
+    })
+    .await;
+
+    // The demo sign-in is off by default ...
+    let r = reqwest::get(format!("{url}/api/demo/users")).await.unwrap();
+    assert_eq!(r.status(), 404);
+    // ... and, when on, lists users and signs tokens the API accepts.
+    let mut args = env.serve_args();
+    args.demo_signin = true;
+    let demo = env.serve_with(args).await;
+    let users: Vec<Value> = reqwest::get(format!("{demo}/api/demo/users")).await.unwrap().json().await.unwrap();
+    let pick = users.iter().find(|u| u["orgId"] == json!(org)).expect("a user of the seeded org");
+    let r = reqwest::Client::new().post(format!("{demo}/api/demo/token")).json(pick).send().await.unwrap();
+    let demo_token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
+    let (status, answer) = post_board(&demo, Some(&demo_token), "{}").await;
+    assert_eq!(status, 200, "{answer}");
+    let bad =
+        reqwest::Client::new().post(format!("{demo}/api/demo/token")).json(&json!({"orgId": "x", "userId": "y"})).send().await.unwrap();
+    assert_eq!(bad.status(), 400);
+    projector.stop().await.unwrap();
+    env.cleanup().await;
+}
