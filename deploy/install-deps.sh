@@ -5,6 +5,7 @@
 #   - Debian packages: Redis, PostgreSQL, the build dependencies of the bundled librdkafka, wrk.
 #   - Apache Kafka: the broker jars from Maven Central (deploy/kafka/pom.xml) in $STATE_DIR/kafka/libs.
 #   - FerretDB: `go install` of the pinned version into $STATE_DIR/bin.
+#   - Headless Chromium (Debian's) and playwright-core (npm, tests/browser) for the browser tests.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -13,7 +14,7 @@ FERRETDB_VERSION="${FERRETDB_VERSION:-v1.24.2}"
 mkdir -p "$STATE_DIR/bin"
 
 APT_PKGS=(cmake libcurl4-openssl-dev libssl-dev libsasl2-dev zlib1g-dev libzstd-dev pkg-config
-  redis-server redis-tools postgresql wrk)
+  redis-server redis-tools postgresql wrk chromium)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -55,5 +56,11 @@ if ! "$STATE_DIR/bin/ferretdb" --version 2>/dev/null | grep -q "${FERRETDB_VERSI
   (cd "$build" && go build -trimpath -o "$STATE_DIR/bin/ferretdb.new" ./cmd/ferretdb)
   mv "$STATE_DIR/bin/ferretdb.new" "$STATE_DIR/bin/ferretdb"
   rm -rf "$build"
+fi
+# The browser tests' driver (playwright-core: no browser of its own, it drives Debian's chromium).
+BROWSER_TESTS="$HERE/../tests/browser"
+if [ ! -f "$BROWSER_TESTS/node_modules/.package-lock.json" ] || ! cmp -s "$BROWSER_TESTS/package-lock.json" "$BROWSER_TESTS/node_modules/.lock-installed"; then
+  echo "[install] playwright-core (npm ci in tests/browser)"
+  (cd "$BROWSER_TESTS" && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.lock-installed)
 fi
 echo "[install] done"

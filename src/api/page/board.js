@@ -240,11 +240,14 @@ async function poll() {
       const r = await ask(requestBody({ stages: [col.name] }), col.etag);
       if (generation !== state.generation) return;
       if (r.notModified) continue;
-      const first = col.etag === null;
+      // The first poll of a column learns its ETag (the board was loaded in one request); it
+      // renders too, in case the column changed since.
       col.etag = r.etag;
       renderOps(r.json.meta);
-      if (first) continue; // the ETag of what is shown
       const bucket = r.json.data[col.name];
+      const same = bucket.total === col.total && bucket.contacts.length <= col.cards.length &&
+        bucket.contacts.every((c, i) => JSON.stringify(c) === JSON.stringify(col.cards[i]));
+      if (same) continue;
       col.total = bucket.total;
       col.cards = bucket.contacts;
       col.pages = 1;
