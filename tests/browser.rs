@@ -1,7 +1,7 @@
 //! The board page in a real browser (issue 10): Debian's headless Chromium driven by
 //! playwright-core (tests/browser/board.spec.mjs) against the real stack — columns equal the
 //! API's, scrolling loads exactly the next page, a filter and a search, the URL, an event produced
-//! to Kafka appearing on the open board, 404 and expired-token states. Screenshots go to
+//! to Kafka appearing on the open board, 404, 503 and expired-token states. Screenshots go to
 //! `$CARGO_TARGET_TMPDIR/browser-screenshots`.
 mod common;
 
@@ -24,6 +24,10 @@ async fn the_board_page_in_chromium() {
     let projector = env.spawn_projector();
     env.wait_caught_up(Duration::from_secs(120)).await;
     let url = env.serve_with(env.serve_args()).await;
+    let mut nothing = env.serve_args();
+    nothing.redis.redis_url = format!("redis://127.0.0.1:{}", common::free_port());
+    nothing.mongo.mongodb_uri = format!("mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=500", common::free_port());
+    let down_url = env.serve_with(nothing).await;
     let org = seeded.org_ids[0].clone();
     let snap = pipeline_board::mongo::load_org(&env.mongo().await, &org).await.unwrap();
     let user = snap.users[0].id.clone();
@@ -36,6 +40,7 @@ async fn the_board_page_in_chromium() {
         .env("TOKEN", token(&org, &user))
         .env("EXPIRED_TOKEN", pipeline_board::api::auth::sign_hs256(JWT_SECRET.as_bytes(), &user, &org, -3600))
         .env("SHOTS", &shots)
+        .env("DOWN_URL", &down_url)
         .env("RENAMED", "Livetest Person")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -69,7 +74,7 @@ async fn the_board_page_in_chromium() {
     assert!(status.success(), "the browser checks failed (screenshots in {shots})");
     let result = result.expect("the browser reported its result");
     eprintln!("browser timings: {result}; screenshots in {shots}");
-    for shot in ["signin", "board", "filtered", "live", "error-404", "error-401"] {
+    for shot in ["signin", "board", "filtered", "live", "error-404", "error-401", "error-503"] {
         assert!(std::path::Path::new(&format!("{shots}/{shot}.png")).exists(), "{shot}.png");
     }
     projector.stop().await.unwrap();

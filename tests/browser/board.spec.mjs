@@ -113,6 +113,14 @@ try {
   check(why.includes("401"), "the sign-in says why: " + why);
   await page.screenshot({ path: `${shots}/error-401.png` });
 
+  // 503: an API whose Redis and MongoDB are both down.
+  const down = await browser.newPage({ viewport: { width: 1600, height: 900 } });
+  await down.goto(process.env.DOWN_URL + "/");
+  await down.fill("#token", token);
+  await down.click("#token-form button");
+  await down.waitForSelector('.state.error[data-status="503"]', { timeout: 30000 });
+  await down.screenshot({ path: `${shots}/error-503.png` });
+
   console.log("RESULT " + JSON.stringify({ timing, liveMs }));
 } finally {
   await browser.close();

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The board page at scale (never part of the tests), one run:
+#   deploy/board-bench.sh [contacts]     (default 1000000 contacts in one org, ~3 messages each)
+# - the time from the API's answer to the rendered board in headless Chromium (the page's
+#   performance marks; 5 loads);
+# - what one idle open board costs the server: its requests per minute and the share answered 304;
+# - the server's cost of a poll answered 304 against one answered 200 (wrk, 1 and 32 connections,
+#   with and without If-None-Match), and the API's and Redis' CPU per poll, to size 1,000 boards.
+# Output printed and written into docs/benchmarks.md (section "The board page").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONTACTS="${1:-1000000}"
+. deploy/bench-run.sh
+bench_run board
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+{
+PIDS=()
+trap 'kill ${PIDS[@]:-} 2>/dev/null || true' EXIT
+echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; chromium $(chromium --version | awk '{print $2}'); commit $(git rev-parse --short HEAD)"
+echo "== command: deploy/board-bench.sh $CONTACTS"
+"$BIN" seed --orgs 1 --contacts "$CONTACTS" --messages 3 --no-mongo --quiet > "$OUT.seed"
+grep -E '^seeded' "$OUT.seed"
+ORG=$(awk '/^org/ {print $2; exit}' "$OUT.seed")
+"$BIN" project --exit-when-caught-up --metrics-addr "" 2>&1 | grep -E '^applied'
+USER_ID=$(redis-cli hkeys "$RUN:{$ORG}:users" | head -1)
+TOKEN=$("$BIN" token --org "$ORG" --user "$USER_ID")
+"$BIN" project --metrics-addr "" >/dev/null 2>&1 & PIDS+=($!)
+"$BIN" serve --listen-addr "127.0.0.1:$PORT" >/dev/null 2>&1 & PIDS+=($!)
+SERVE=${PIDS[1]}
+for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+kill -0 "$SERVE" || { echo "the API did not start"; exit 1; }
+echo "== the page in headless Chromium: 5 loads of the board, then the board left open and idle for 60 s"
+BOARD_URL="http://127.0.0.1:$PORT" TOKEN="$TOKEN" IDLE_SECONDS=60 node tests/browser/measure.mjs | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+for l in r["loads"]:
+    print("load: API answer %.1f ms (fetch), rendering %.1f ms; %d columns, %d cards" % (l["answerMs"], l["renderMs"], l["columns"], l["cards"]))
+print("idle open board: %d polls in %d s = %.0f requests/minute; statuses %s; %.1f%% answered 304" % (r["polls"], r["idleSeconds"], r["perMinute"], r["statuses"], 100 * r["share304"]))'
+echo "== one column poll: 200 (no If-None-Match) against 304 (the current ETag), wrk 10 s each"
+FIRST=$(curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d '{"size":1}' | python3 -c 'import json,sys; print(next(iter(json.load(sys.stdin)["data"])))')
+BODY="{\"size\":25,\"stages\":[\"$FIRST\"]}"
+ETAG=$(curl -s -D - -o /dev/null -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d "$BODY" | awk -F': ' 'tolower($1)=="etag" {print $2}' | tr -d '\r')
+SCRIPT=$(mktemp --suffix .lua)
+cat >"$SCRIPT" <<'LUA'
+wrk.method = "POST"
+wrk.body = os.getenv("BODY")
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("TOKEN")
+if os.getenv("ETAG") ~= "" then wrk.headers["If-None-Match"] = os.getenv("ETAG") end
+LUA
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+redis_pid=$(pgrep -f 'redis-server 127.0.0.1:6379' | head -1)
+tck=$(getconf CLK_TCK)
+for conns in 1 32; do
+  for etag in "" "$ETAG"; do
+    a0=$(cpu "$SERVE"); r0=$(cpu "$redis_pid")
+    out=$(BODY="$BODY" TOKEN="$TOKEN" ETAG="$etag" wrk -t $(( conns > 1 ? 2 : 1 )) -c $conns -d 10s --latency -s "$SCRIPT" "http://127.0.0.1:$PORT/api/contacts")
+    a1=$(cpu "$SERVE"); r1=$(cpu "$redis_pid")
+    n=$(echo "$out" | awk '/requests in/ {print $1}')
+    printf '%-4s conns %2d: %s req/s, p50 %s, p99 %s; API %.0f us CPU/poll, Redis %.0f us CPU/poll\n' \
+      "$([ -z "$etag" ] && echo 200 || echo 304)" "$conns" "$(echo "$out" | awk '/Requests\/sec/ {print $2}')" \
+      "$(echo "$out" | awk '$1=="50%" {print $2}')" "$(echo "$out" | awk '$1=="99%" {print $2}')" \
+      "$(awk -v a=$((a1 - a0)) -v n="$n" -v t="$tck" 'BEGIN {print a / t / n * 1e6}')" "$(awk -v a=$((r1 - r0)) -v n="$n" -v t="$tck" 'BEGIN {print a / t / n * 1e6}')"
+  done
+done
+rm -f "$SCRIPT"
+} 2>&1 | tee "$OUT"
+rm -f "$OUT.seed"
+python3 - "$OUT" <<'PY'
+import re, sys, datetime
+run = open(sys.argv[1]).read()
+path = "docs/benchmarks.md"
+doc = open(path).read()
+start, end = "<!-- board-run -->", "<!-- /board-run -->"
+block = f"{start}\n## The board page ({datetime.date.today()})\nOutput of `deploy/board-bench.sh`, verbatim:\n\n```\n{run.strip()}\n```\n{end}"
+if start in doc:
+    doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+else:
+    doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+open(path, "w").write(doc)
+PY
+echo "written to docs/benchmarks.md"
