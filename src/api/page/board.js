@@ -163,7 +163,10 @@ async function loadBoard() {
     answer = await ask(requestBody());
   } catch (e) {
     board.setAttribute("aria-busy", "false");
-    if (generation === state.generation) explain(e);
+    if (generation !== state.generation) return;
+    explain(e);
+    // Neither path could answer: try again in a while (a newer filter change cancels this).
+    if (e.status === 503) setTimeout(() => { if (generation === state.generation) loadBoard(); }, 5000);
     return;
   }
   if (generation !== state.generation) return; // a newer filter change won
