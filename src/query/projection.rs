@@ -166,6 +166,45 @@ impl ProjectionReader {
         Ok(self.keys.org_in(&generation, org))
     }
 
+    /// A token that changes whenever anything a projection answer of `org` can depend on
+    /// changes — the org's generation, its pipelines, the last change of its cards and users
+    /// (the change stream every commit that touches them appends to) — read in two round trips,
+    /// without computing the answer. None when the projection cannot answer (not whole, not
+    /// built). The caller adds the request and the caller's id; it must not use it for answers
+    /// that depend on the current time (`lastMessageTimeRange`) or on MongoDB.
+    pub async fn change_token(&self, org: &str) -> Result<Option<u64>, ProjectionError> {
+        use std::hash::Hasher;
+        let keys = match self.live_keys(org).await {
+            Ok(k) => k,
+            Err(ProjectionError::NotWhole(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        type LastChange = Vec<(String, redis::Value)>;
+        let (mut pipelines, last): (Vec<(String, String)>, LastChange) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(keys.pipelines())
+            .cmd("XREVRANGE")
+            .arg(keys.changes())
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        if pipelines.is_empty() {
+            return Ok(None);
+        }
+        pipelines.sort();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        h.write(keys.base.as_bytes());
+        for (id, json) in &pipelines {
+            h.write(id.as_bytes());
+            h.write(json.as_bytes());
+        }
+        h.write(last.first().map(|(id, _)| id.as_str()).unwrap_or("0-0").as_bytes());
+        Ok(Some(h.finish()))
+    }
+
     pub async fn pipelines(&self, org: &str) -> Result<Vec<Pipeline>, ProjectionError> {
         self.pipelines_at(&self.live_keys(org).await?).await
     }
