@@ -16,7 +16,7 @@ PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 {
 PIDS=()
 trap 'kill ${PIDS[@]:-} 2>/dev/null || true' EXIT
-echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; chromium $(chromium --version | awk '{print $2}'); commit $(git rev-parse --short HEAD)"
+echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; chromium $(chromium --version 2>/dev/null | awk '{print $2}'); commit $(git rev-parse --short HEAD)"
 echo "== command: deploy/board-bench.sh $CONTACTS"
 "$BIN" seed --orgs 1 --contacts "$CONTACTS" --messages 3 --no-mongo --quiet > "$OUT.seed"
 grep -E '^seeded' "$OUT.seed"
