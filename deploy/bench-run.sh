@@ -18,3 +18,23 @@ bench_run() {
   bash deploy/kafka-node.sh topics "$HOME_DIR/kafka/node" 4 \
     $(for t in contacts applications conversations messages pipelines users dlq; do echo "$RUN.crm.$t"; done) >/dev/null
 }
+
+# Puts the run's output ($OUT) into docs/benchmarks.md between `<!-- <marker> -->` and
+# `<!-- /<marker> -->` (replacing an earlier run there, or appended), under "## <title> (date)".
+write_section() {
+  python3 - "$OUT" "$1" "$2" "$3" <<'PY'
+import re, sys, datetime
+out, marker, title, script = sys.argv[1:5]
+run = open(out).read()
+path = "docs/benchmarks.md"
+doc = open(path).read()
+start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+block = f"{start}\n## {title} ({datetime.date.today()})\nOutput of `{script}`, verbatim:\n\n```\n{run.strip()}\n```\n{end}"
+if start in doc:
+    doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+else:
+    doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+open(path, "w").write(doc)
+PY
+  echo "written to docs/benchmarks.md"
+}

@@ -130,17 +130,4 @@ rm -f "$SCRIPT"
 } 2>&1 | tee "$OUT"
 # (The block above runs in a subshell of the pipe: its variables end with it.)
 rm -f "$OUT.small" "$OUT.big"
-python3 - "$OUT" <<'PY'
-import re, sys, datetime
-run = open(sys.argv[1]).read()
-path = "docs/benchmarks.md"
-doc = open(path).read()
-start, end = "<!-- latest-run -->", "<!-- /latest-run -->"
-block = f"{start}\n## Latest run ({datetime.date.today()})\nOutput of `deploy/bench.sh`, verbatim:\n\n```\n{run.strip()}\n```\n{end}"
-if start in doc:
-    doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
-else:
-    doc = doc.replace("\n", "\n\n" + block + "\n", 1)
-open(path, "w").write(doc)
-PY
-echo "written to docs/benchmarks.md"
+write_section latest-run "Latest run" deploy/bench.sh

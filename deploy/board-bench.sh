@@ -66,17 +66,4 @@ done
 rm -f "$SCRIPT"
 } 2>&1 | tee "$OUT"
 rm -f "$OUT.seed"
-python3 - "$OUT" <<'PY'
-import re, sys, datetime
-run = open(sys.argv[1]).read()
-path = "docs/benchmarks.md"
-doc = open(path).read()
-start, end = "<!-- board-run -->", "<!-- /board-run -->"
-block = f"{start}\n## The board page ({datetime.date.today()})\nOutput of `deploy/board-bench.sh`, verbatim:\n\n```\n{run.strip()}\n```\n{end}"
-if start in doc:
-    doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
-else:
-    doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-open(path, "w").write(doc)
-PY
-echo "written to docs/benchmarks.md"
+write_section board-run "The board page" deploy/board-bench.sh

@@ -76,17 +76,4 @@ echo "board (a) when whole: $(board_a)"
 rm -f "$SCRIPT"
 } 2>&1 | tee "$OUT"
 rm -f "$OUT.seed" "$OUT.wrk"
-python3 - "$OUT" <<'PY'
-import re, sys, datetime
-run = open(sys.argv[1]).read()
-path = "docs/benchmarks.md"
-doc = open(path).read()
-start, end = "<!-- rebuild-run -->", "<!-- /rebuild-run -->"
-block = f"{start}\n## Rebuild and heal ({datetime.date.today()})\nOutput of `deploy/rebuild-bench.sh`, verbatim:\n\n```\n{run.strip()}\n```\n{end}"
-if start in doc:
-    doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
-else:
-    doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-open(path, "w").write(doc)
-PY
-echo "written to docs/benchmarks.md"
+write_section rebuild-run "Rebuild and heal" deploy/rebuild-bench.sh
