@@ -78,6 +78,12 @@ impl IndexCache {
         IndexCache { conn, orgs: Arc::default(), sweeper: Arc::default() }
     }
 
+    /// Whether the org's index is being replaced by its new generation's (until then index
+    /// boards are answered from the generation the org left).
+    pub fn is_switching(&self, org: &str) -> bool {
+        self.orgs.lock().expect("not poisoned").get(org).is_some_and(|s| s.switching.load(Ordering::Relaxed))
+    }
+
     /// Drops the indexes of orgs idle for longer than `idle`; reports what stays as metrics.
     pub fn evict_idle(&self, idle: Duration) -> usize {
         let cutoff = unix_now() - idle.as_secs() as i64;

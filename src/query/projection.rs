@@ -166,6 +166,12 @@ impl ProjectionReader {
         Ok(self.keys.org_in(&generation, org))
     }
 
+    /// Whether the org's in-memory index is being replaced after a rebuild's switch (its index
+    /// boards come from the generation it left meanwhile).
+    pub fn index_switching(&self, org: &str) -> bool {
+        self.index.is_switching(org)
+    }
+
     /// A token that changes whenever anything a projection answer of `org` can depend on
     /// changes — the org's generation, its pipelines, the last change of its cards and users
     /// (the change stream every commit that touches them appends to) — read in two round trips,
@@ -174,6 +180,11 @@ impl ProjectionReader {
     /// that depend on the current time (`lastMessageTimeRange`) or on MongoDB.
     pub async fn change_token(&self, org: &str) -> Result<Option<u64>, ProjectionError> {
         use std::hash::Hasher;
+        // Index boards answered from the old generation's index after a switch are not named by
+        // the new generation's token.
+        if self.index.is_switching(org) {
+            return Ok(None);
+        }
         let keys = match self.live_keys(org).await {
             Ok(k) => k,
             Err(ProjectionError::NotWhole(_)) => return Ok(None),
