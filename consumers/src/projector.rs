@@ -291,7 +291,14 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         if lost.take() {
             // What was received belongs to positions Redis no longer holds.
             carry.clear();
-            start_again_from_redis(&settings, &consumer, &mut applier, &instance).await;
+            if !start_again_from_redis(&settings, &consumer, &mut applier, &instance).await {
+                // Redis is unreachable: try again on the next turn (shutdown is heard meanwhile).
+                lost.raise();
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
             continue;
         }
         let mut batch = std::mem::take(&mut carry);
@@ -382,27 +389,23 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
 }
 
 /// After Redis lost the projection: a new state (instance, target), then every assigned
-/// partition back to what Redis holds (nothing: its beginning).
+/// partition back to what Redis holds (nothing: its beginning). false: Redis could not be
+/// written (the caller tries again).
 async fn start_again_from_redis(
     settings: &ProjectorSettings,
     consumer: &StreamConsumer<ProjectorContext>,
     applier: &mut RedisApplier,
     instance: &std::sync::Mutex<String>,
-) {
+) -> bool {
     applier.forget_generations();
-    loop {
-        match state::ensure(&mut applier.connection(), &settings.keys, &settings.kafka, &settings.topics.inputs()).await {
-            Ok(i) => {
-                *instance.lock().expect("not poisoned") = i;
-                break;
-            }
-            Err(e) => {
-                warn!(error = %e, "projection state not written; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+    match state::ensure(&mut applier.connection(), &settings.keys, &settings.kafka, &settings.topics.inputs()).await {
+        Ok(i) => *instance.lock().expect("not poisoned") = i,
+        Err(e) => {
+            warn!(error = %e, "projection state not written; retrying");
+            return false;
         }
     }
-    let Ok(mut tpl) = consumer.assignment() else { return };
+    let Ok(mut tpl) = consumer.assignment() else { return true };
     consumer.context().positions.assign_offsets(&mut tpl);
     match consumer.seek_partitions(tpl, Duration::from_secs(10)) {
         Ok(r) => info!(partitions = r.count(), "redis lost the projection: partitions positioned at what redis holds"),
@@ -411,6 +414,7 @@ async fn start_again_from_redis(
     if let Err(e) = load_library(&mut applier.connection()).await {
         warn!(error = %e, "function library not loaded");
     }
+    true
 }
 
 /// "Redis lost the projection": a flag for the loop's next turn, and a wake-up for a loop that
@@ -654,16 +658,17 @@ async fn store_offsets(
 ) -> bool {
     let next = next_offsets(batch);
     let fields: Vec<(String, i64)> = next.iter().map(|((t, p), o)| (progress::field(t, *p), *o)).collect();
-    // Retried until Redis answers: the batch is applied, so its progress must be recorded (or
-    // the loss of the projection learnt) before the next one.
+    // Retried a few times (about 3 s): the batch is applied, so its progress should be recorded,
+    // or the loss of the projection learnt. If Redis stays unreachable the record is skipped: a
+    // later batch records these partitions, and until then a restart re-reads them (idempotent).
     let mut backoff = Duration::from_millis(100);
-    loop {
+    for attempt in 1..=5 {
         match progress_cmd(keys, progress_key, instance, &fields).query_async::<String>(redis).await {
             Ok(r) if r == "ok" => break,
             Ok(_) => return false,
             Err(e) if e.to_string().contains("Function not found") => return false,
             Err(e) => {
-                debug!(error = %e, "progress not recorded; retrying");
+                debug!(error = %e, attempt, "progress not recorded");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
