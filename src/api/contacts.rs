@@ -48,48 +48,55 @@ pub async fn contacts(
         _ => ApiError::BadRequest { code: "malformed_body", message: e.body_text() },
     })?;
     let query = ContactsRequest::parse(&body)?.into_query()?;
-    // A poll of an unchanged board is answered 304 before any answer is computed.
-    let token = change_etag(&s, &caller, &query, &body).await;
-    if let Some(etag) = &token {
-        if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
-            metrics::counter!("pb_board_not_modified_total", "check" => "change_token").increment(1);
-            return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag.clone())]).into_response());
+    let if_none_match = headers.get(header::IF_NONE_MATCH);
+    let tokened = change_token_applies(&s, &query);
+    // A poll carrying a change-token ETag of an unchanged board is answered 304 before any
+    // answer is computed (the token's reads only: two round trips).
+    if tokened && if_none_match.is_some_and(|v| v.as_bytes().starts_with(CHANGE_ETAG_START.as_bytes())) {
+        if let Ok(Some(token)) = s.projection.change_token(&caller.org_id).await {
+            let etag = change_etag(token, &caller, &body);
+            if if_none_match.is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
+                metrics::counter!("pb_board_not_modified_total", "check" => "change_token").increment(1);
+                return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+            }
         }
     }
     let now = chrono::Utc::now().timestamp_millis();
-    let (answer, meta) = tokio::time::timeout(s.request_timeout, answer(&s, &caller.org_id, &caller.user_id, &query, now))
+    let (answer, meta, token) = tokio::time::timeout(s.request_timeout, answer(&s, &caller.org_id, &caller.user_id, &query, now))
         .await
         .map_err(|_| ApiError::Timeout)??;
     metrics::counter!("pb_board_answers_total", "path" => meta.answered_by).increment(1);
-    // The change token names this answer only if the projection gave it (computed before the
-    // answer: a change in between makes the next poll a 200, never a stale 304).
+    // The change token read with the answer (before its cards: a change in between makes the
+    // next poll a 200, never a stale 304) names it, unless it came from the old generation's
+    // index while a switched org's new index loads.
     let etag = match token {
-        // (Not an answer from the old generation's index while the new one loads.)
-        Some(t) if meta.answered_by == "projection" && !s.projection.index_switching(&caller.org_id) => t,
+        Some(t) if tokened && !s.projection.index_switching(&caller.org_id) => change_etag(t, &caller, &body),
         _ => answer_etag(&answer, &meta),
     };
-    if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
+    if if_none_match.is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
         metrics::counter!("pb_board_not_modified_total", "check" => "answer").increment(1);
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     Ok(([(header::CONTENT_TYPE, "application/json".to_string()), (header::ETAG, etag)], answer.to_json_bytes(&meta)).into_response())
 }
 
-/// The ETag of a projection answer from the org's change token, the caller and the request as
-/// sent (`v-` prefix: never equal to an answer hash). None when the answer could depend on
-/// something the token does not cover: custom fields (MongoDB), `lastMessageTimeRange` (the
-/// current time), or a projection that cannot answer.
-async fn change_etag(s: &AppState, caller: &Caller, q: &BoardQuery, body: &[u8]) -> Option<String> {
+/// How a change-token ETag starts (never equal to an answer hash).
+const CHANGE_ETAG_START: &str = "\"v-";
+
+/// Whether a projection answer to `q` may be named by the org's change token
+/// (`BoardQuery::nameable_by_change_token`), with Redis not known down.
+fn change_token_applies(s: &AppState, q: &BoardQuery) -> bool {
+    q.nameable_by_change_token() && s.health.is_up(Dependency::Redis)
+}
+
+/// The ETag of a projection answer: the org's change token, the caller and the request as sent.
+fn change_etag(token: u64, caller: &Caller, body: &[u8]) -> String {
     use std::hash::Hasher;
-    if !q.filters.custom_fields.is_empty() || q.filters.quiet_for.is_some() || !s.health.is_up(Dependency::Redis) {
-        return None;
-    }
-    let token = s.projection.change_token(&caller.org_id).await.ok()??;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     h.write_u64(token);
     h.write(caller.user_id.as_bytes());
     h.write(body);
-    Some(format!("\"v-{:016x}\"", h.finish()))
+    format!("{CHANGE_ETAG_START}{:016x}\"", h.finish())
 }
 
 /// The ETag of an answer: a hash of everything it says except the projection's lag (which moves
@@ -107,17 +114,24 @@ pub fn answer_etag(answer: &BoardAnswer, meta: &AnswerMeta) -> String {
 /// Projection first; MongoDB for custom fields and whenever the projection cannot answer.
 /// A dependency the health probe found down is not tried: the projection's absence sends the
 /// request to MongoDB at once, MongoDB's gives a 503 at once.
-pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i64) -> Result<(BoardAnswer, AnswerMeta), ApiError> {
+/// With a projection answer, the org's change token read with it.
+pub async fn answer(
+    s: &AppState,
+    org: &str,
+    user: &str,
+    q: &BoardQuery,
+    now: i64,
+) -> Result<(BoardAnswer, AnswerMeta, Option<u64>), ApiError> {
     let reason = if !q.filters.custom_fields.is_empty() {
         "custom_fields"
     } else if !s.health.is_up(Dependency::Redis) {
         "projection_unavailable"
     } else {
-        match s.projection.answer(org, user, q, now).await {
-            Ok((a, route)) => {
+        match s.projection.answer_with_token(org, user, q, now).await {
+            Ok((a, route, token)) => {
                 let meta =
                     AnswerMeta { answered_by: "projection", route: Some(route.name()), reason: None, projection_lag: s.projection_lag() };
-                return Ok((a, meta));
+                return Ok((a, meta, token));
             }
             // The projection may not know the pipeline yet (its event is late or dead-lettered):
             // only the source of truth may say it does not exist.
@@ -140,7 +154,9 @@ pub async fn answer(s: &AppState, org: &str, user: &str, q: &BoardQuery, now: i6
         return Err(ApiError::DependencyDown(Dependency::Mongodb.name()));
     }
     match s.mongo.answer(org, user, q, now).await {
-        Ok(a) => Ok((a, AnswerMeta { answered_by: "mongodb", route: None, reason: Some(reason), projection_lag: s.projection_lag() })),
+        Ok(a) => {
+            Ok((a, AnswerMeta { answered_by: "mongodb", route: None, reason: Some(reason), projection_lag: s.projection_lag() }, None))
+        }
         Err(MongoPathError::Api(e)) => Err(e),
         Err(MongoPathError::Unavailable(e)) => Err(ApiError::Unavailable(e)),
         Err(MongoPathError::TooBroad(n)) => Err(ApiError::TooBroadForMongodb(n)),

@@ -179,7 +179,6 @@ impl ProjectionReader {
     /// built). The caller adds the request and the caller's id; it must not use it for answers
     /// that depend on the current time (`lastMessageTimeRange`) or on MongoDB.
     pub async fn change_token(&self, org: &str) -> Result<Option<u64>, ProjectionError> {
-        use std::hash::Hasher;
         // Index boards answered from the old generation's index after a switch are not named by
         // the new generation's token.
         if self.index.is_switching(org) {
@@ -190,44 +189,45 @@ impl ProjectionReader {
             Err(ProjectionError::NotWhole(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        type LastChange = Vec<(String, redis::Value)>;
-        let (mut pipelines, last): (Vec<(String, String)>, LastChange) = redis::pipe()
-            .cmd("HGETALL")
-            .arg(keys.pipelines())
-            .cmd("XREVRANGE")
-            .arg(keys.changes())
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut self.conn.clone())
-            .await?;
-        if pipelines.is_empty() {
-            return Ok(None);
-        }
-        pipelines.sort();
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        h.write(keys.base.as_bytes());
-        for (id, json) in &pipelines {
-            h.write(id.as_bytes());
-            h.write(json.as_bytes());
-        }
-        h.write(last.first().map(|(id, _)| id.as_str()).unwrap_or("0-0").as_bytes());
-        Ok(Some(h.finish()))
+        let (pipelines, token) = self.view_at(&keys, true).await?;
+        Ok(if pipelines.is_empty() { None } else { token })
     }
 
     pub async fn pipelines(&self, org: &str) -> Result<Vec<Pipeline>, ProjectionError> {
-        self.pipelines_at(&self.live_keys(org).await?).await
+        Ok(self.view_at(&self.live_keys(org).await?, false).await?.0)
     }
 
-    async fn pipelines_at(&self, keys: &OrgKeys) -> Result<Vec<Pipeline>, ProjectionError> {
-        let mut conn = self.conn.clone();
-        let raw: Vec<(String, String)> = redis::cmd("HGETALL").arg(keys.pipelines()).query_async(&mut conn).await?;
-        raw.into_iter()
+    /// The org's pipelines and, if `with_token`, its change token, in one round trip: the token
+    /// hashes the generation's key base, the pipelines as stored and the id of the last entry of
+    /// the change stream (every commit that changes a card or a user appends one).
+    async fn view_at(&self, keys: &OrgKeys, with_token: bool) -> Result<(Vec<Pipeline>, Option<u64>), ProjectionError> {
+        use std::hash::Hasher;
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(keys.pipelines());
+        if with_token {
+            pipe.cmd("XREVRANGE").arg(keys.changes()).arg("+").arg("-").arg("COUNT").arg(1);
+        }
+        let mut replies: Vec<redis::Value> = pipe.query_async(&mut self.conn.clone()).await?;
+        let last: Option<Vec<(String, redis::Value)>> = if with_token { Some(parse_reply(replies.pop())?) } else { None };
+        let mut raw: Vec<(String, String)> = parse_reply(replies.pop())?;
+        raw.sort();
+        let token = last.map(|last| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            h.write(keys.base.as_bytes());
+            for (id, json) in &raw {
+                h.write(id.as_bytes());
+                h.write(json.as_bytes());
+            }
+            h.write(last.first().map(|(id, _)| id.as_str()).unwrap_or("0-0").as_bytes());
+            h.finish()
+        });
+        let pipelines = raw
+            .into_iter()
             .map(|(_, json)| {
                 serde_json::from_str(&json).map_err(|e| ProjectionError::Unavailable(format!("bad pipeline in projection: {e}")))
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((pipelines, token))
     }
 
     /// `user` is the caller (`my`, `team`); `now` anchors `lastMessageTimeRange`.
@@ -238,20 +238,35 @@ impl ProjectionReader {
         q: &BoardQuery,
         now: Millis,
     ) -> Result<(BoardAnswer, ProjectionRoute), ProjectionError> {
-        let keys = self.live_keys(org).await?;
-        let (plan, pages, route) = self.pages_at(&keys, org, user, q, now).await?;
-        let records = self.records(&keys, q.kind, &pages).await?;
-        let buckets = render(&plan, pages, &records);
-        Ok((BoardAnswer { kind: q.kind, buckets }, route))
+        self.answer_with_token(org, user, q, now).await.map(|(a, route, _)| (a, route))
     }
 
-    /// Which pipeline and buckets the request answers, from the projection's pipelines.
-    async fn plan(&self, keys: &OrgKeys, q: &BoardQuery) -> Result<BoardPlan, ProjectionError> {
-        let pipelines = self.pipelines_at(keys).await?;
+    /// The answer and, for a query `nameable_by_change_token`, the org's change token read
+    /// before its cards (`change_token`'s value at that moment: a change after it makes the next
+    /// token differ), in the same round trip as the pipelines.
+    pub async fn answer_with_token(
+        &self,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        now: Millis,
+    ) -> Result<(BoardAnswer, ProjectionRoute, Option<u64>), ProjectionError> {
+        let keys = self.live_keys(org).await?;
+        let (plan, token) = self.plan(&keys, q, q.nameable_by_change_token()).await?;
+        let (pages, route) = self.pages_for(&keys, org, user, q, &plan, now).await?;
+        let records = self.records(&keys, q.kind, &pages).await?;
+        let buckets = render(&plan, pages, &records);
+        Ok((BoardAnswer { kind: q.kind, buckets }, route, token))
+    }
+
+    /// Which pipeline and buckets the request answers, from the projection's pipelines, and the
+    /// org's change token.
+    async fn plan(&self, keys: &OrgKeys, q: &BoardQuery, with_token: bool) -> Result<(BoardPlan, Option<u64>), ProjectionError> {
+        let (pipelines, token) = self.view_at(keys, with_token).await?;
         if pipelines.is_empty() {
             return Err(ProjectionError::NotBuilt);
         }
-        Ok(board::plan(&pipelines, q)?)
+        Ok((board::plan(&pipelines, q)?, token))
     }
 
     /// The plan, each bucket's total and page ids, and which structure answered.
@@ -262,27 +277,24 @@ impl ProjectionReader {
         q: &BoardQuery,
         now: Millis,
     ) -> Result<(BoardPlan, Vec<IndexBucket>, ProjectionRoute), ProjectionError> {
-        self.pages_at(&self.live_keys(org).await?, org, user, q, now).await
+        let keys = self.live_keys(org).await?;
+        let (plan, _) = self.plan(&keys, q, false).await?;
+        let (pages, route) = self.pages_for(&keys, org, user, q, &plan, now).await?;
+        Ok((plan, pages, route))
     }
 
-    async fn pages_at(
+    async fn pages_for(
         &self,
         keys: &OrgKeys,
         org: &str,
         user: &str,
         q: &BoardQuery,
+        plan: &BoardPlan,
         now: Millis,
-    ) -> Result<(BoardPlan, Vec<IndexBucket>, ProjectionRoute), ProjectionError> {
-        let plan = self.plan(keys, q).await?;
+    ) -> Result<(Vec<IndexBucket>, ProjectionRoute), ProjectionError> {
         Ok(match SetShape::of(q, user) {
-            Some(shape) => {
-                let pages = self.read_sets(keys, q.kind, &plan, &shape).await?;
-                (plan, pages, ProjectionRoute::SortedSets)
-            }
-            None => {
-                let pages = self.read_index(keys, org, user, q, &plan, now).await?;
-                (plan, pages, ProjectionRoute::Index)
-            }
+            Some(shape) => (self.read_sets(keys, q.kind, plan, &shape).await?, ProjectionRoute::SortedSets),
+            None => (self.read_index(keys, org, user, q, plan, now).await?, ProjectionRoute::Index),
         })
     }
 
@@ -298,7 +310,7 @@ impl ProjectionReader {
         index_pages: Option<&[IndexBucket]>,
     ) -> Result<usize, ProjectionError> {
         let keys = self.live_keys(org).await?;
-        let plan = self.plan(&keys, q).await?;
+        let (plan, _) = self.plan(&keys, q, false).await?;
         let pages = match (SetShape::of(q, user), index_pages) {
             (Some(shape), _) => self.read_sets(&keys, q.kind, &plan, &shape).await?,
             (None, Some(pages)) => {
@@ -473,6 +485,11 @@ fn render(plan: &BoardPlan, pages: Vec<IndexBucket>, records: &HashMap<String, C
                 .collect(),
         })
         .collect()
+}
+
+/// One reply of a pipeline, as `T`.
+fn parse_reply<T: redis::FromRedisValue>(reply: Option<redis::Value>) -> Result<T, ProjectionError> {
+    redis::from_redis_value(reply.ok_or_else(|| bad("reply count"))?).map_err(|e| bad(&e.to_string()))
 }
 
 fn bad(what: &str) -> ProjectionError {

@@ -133,6 +133,13 @@ pub struct BoardQuery {
 }
 
 impl BoardQuery {
+    /// Whether its answer is a function of the stored data alone, so that the org's change
+    /// token (with the caller and the request) can name it: not with custom fields (answered
+    /// by MongoDB) nor with `lastMessageTimeRange` (it moves with the current time).
+    pub fn nameable_by_change_token(&self) -> bool {
+        self.filters.custom_fields.is_empty() && self.filters.quiet_for.is_none()
+    }
+
     /// The 1-based page of a bucket: by stage id first, then by name.
     pub fn page_of(&self, id: Option<&str>, name: &str) -> u32 {
         id.and_then(|i| self.pages.get(i)).or_else(|| self.pages.get(name)).copied().unwrap_or(1)
