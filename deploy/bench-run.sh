@@ -38,3 +38,31 @@ open(path, "w").write(doc)
 PY
   echo "written to docs/benchmarks.md"
 }
+
+# One org of $CONTACTS contacts (~3 messages each, events only), projected until caught up:
+# sets ORG, USER_ID (one of its users) and TOKEN (theirs). Prints the seed's and the
+# projector's summary lines.
+seed_and_project_one_org() {
+  "$BIN" seed --orgs 1 --contacts "$CONTACTS" --messages 3 --no-mongo --quiet > "$OUT.seed"
+  grep -E '^seeded' "$OUT.seed"
+  ORG=$(awk '/^org/ {print $2; exit}' "$OUT.seed")
+  rm -f "$OUT.seed"
+  echo "== the projection: pipeline-board project --exit-when-caught-up"
+  "$BIN" project --exit-when-caught-up --metrics-addr "" 2>&1 | grep -E '^applied'
+  USER_ID=$(redis-cli hkeys "$RUN:{$ORG}:users" | head -1)
+  TOKEN=$("$BIN" token --org "$ORG" --user "$USER_ID")
+}
+
+# A wrk script (path printed) that POSTs $BODY with $TOKEN, and If-None-Match: $ETAG when set.
+wrk_post_script() {
+  local script
+  script=$(mktemp --suffix .lua)
+  cat >"$script" <<'LUA'
+wrk.method = "POST"
+wrk.body = os.getenv("BODY")
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("TOKEN")
+if (os.getenv("ETAG") or "") ~= "" then wrk.headers["If-None-Match"] = os.getenv("ETAG") end
+LUA
+  echo "$script"
+}

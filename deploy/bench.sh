@@ -65,13 +65,7 @@ SERVE_PID=$!
 CANNED_PID=
 trap 'kill $SERVE_PID $PROJECT_PID $CANNED_PID 2>/dev/null || true' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
-SCRIPT=$(mktemp --suffix .lua)
-cat >"$SCRIPT" <<'LUA'
-wrk.method = "POST"
-wrk.body = os.getenv("BODY")
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer " .. os.getenv("TOKEN")
-LUA
+SCRIPT=$(wrk_post_script)
 ask() { curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d "$1"; }
 since=$(date -u -d '-180 days' +%Y-%m-%dT%H:%M:%S.000Z)
 FIRST_STAGE=$(ask '{"size":1}' | python3 -c 'import json,sys; print(next(iter(json.load(sys.stdin)["data"])))')

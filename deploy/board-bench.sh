@@ -18,12 +18,7 @@ PIDS=()
 trap 'kill ${PIDS[@]:-} 2>/dev/null || true' EXIT
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; chromium $(chromium --version 2>/dev/null | awk '{print $2}'); commit $(git rev-parse --short HEAD)"
 echo "== command: deploy/board-bench.sh $CONTACTS"
-"$BIN" seed --orgs 1 --contacts "$CONTACTS" --messages 3 --no-mongo --quiet > "$OUT.seed"
-grep -E '^seeded' "$OUT.seed"
-ORG=$(awk '/^org/ {print $2; exit}' "$OUT.seed")
-"$BIN" project --exit-when-caught-up --metrics-addr "" 2>&1 | grep -E '^applied'
-USER_ID=$(redis-cli hkeys "$RUN:{$ORG}:users" | head -1)
-TOKEN=$("$BIN" token --org "$ORG" --user "$USER_ID")
+seed_and_project_one_org
 "$BIN" project --metrics-addr "" >/dev/null 2>&1 & PIDS+=($!)
 "$BIN" serve --listen-addr "127.0.0.1:$PORT" >/dev/null 2>&1 & PIDS+=($!)
 SERVE=${PIDS[1]}
@@ -40,14 +35,7 @@ echo "== one column poll: 200 (no If-None-Match) against 304 (the current ETag),
 FIRST=$(curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d '{"size":1}' | python3 -c 'import json,sys; print(next(iter(json.load(sys.stdin)["data"])))')
 BODY="{\"size\":25,\"stages\":[\"$FIRST\"]}"
 ETAG=$(curl -s -D - -o /dev/null -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d "$BODY" | awk -F': ' 'tolower($1)=="etag" {print $2}' | tr -d '\r')
-SCRIPT=$(mktemp --suffix .lua)
-cat >"$SCRIPT" <<'LUA'
-wrk.method = "POST"
-wrk.body = os.getenv("BODY")
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer " .. os.getenv("TOKEN")
-if os.getenv("ETAG") ~= "" then wrk.headers["If-None-Match"] = os.getenv("ETAG") end
-LUA
+SCRIPT=$(wrk_post_script)
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 redis_pid=$(pgrep -f 'redis-server 127.0.0.1:6379' | head -1)
 tck=$(getconf CLK_TCK)
@@ -65,5 +53,4 @@ for conns in 1 32; do
 done
 rm -f "$SCRIPT"
 } 2>&1 | tee "$OUT"
-rm -f "$OUT.seed"
 write_section board-run "The board page" deploy/board-bench.sh

@@ -28,13 +28,7 @@ PIDS=()
 trap 'kill ${PIDS[@]:-} 2>/dev/null || true' EXIT
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; redis $(redis-server --version | awk '{print $3}'); commit $(git rev-parse --short HEAD)"
 echo "== command: deploy/rebuild-bench.sh $CONTACTS"
-"$BIN" seed --orgs 1 --contacts "$CONTACTS" --messages 3 --no-mongo --quiet > "$OUT.seed"
-grep -E '^seeded' "$OUT.seed"
-ORG=$(awk '/^org/ {print $2; exit}' "$OUT.seed")
-echo "== the live projection: pipeline-board project --exit-when-caught-up"
-"$BIN" project --exit-when-caught-up --metrics-addr "" 2>&1 | grep -E '^applied'
-USER_ID=$(redis-cli hkeys "$RUN:{$ORG}:users" | head -1)
-TOKEN=$("$BIN" token --org "$ORG" --user "$USER_ID")
+seed_and_project_one_org
 "$BIN" project --metrics-addr "" >/dev/null 2>&1 & PIDS+=($!)
 "$BIN" serve --listen-addr "127.0.0.1:$PORT" >/dev/null 2>&1 & PIDS+=($!)
 for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
@@ -75,5 +69,5 @@ echo "from FLUSHALL to a whole projection again: $(awk -v a="$t0" -v b="$(date +
 echo "board (a) when whole: $(board_a)"
 rm -f "$SCRIPT"
 } 2>&1 | tee "$OUT"
-rm -f "$OUT.seed" "$OUT.wrk"
+rm -f "$OUT.wrk"
 write_section rebuild-run "Rebuild and heal" deploy/rebuild-bench.sh
