@@ -201,10 +201,7 @@ pub async fn run(args: RebuildArgs) -> anyhow::Result<Option<Report>> {
     let resume = resume.as_ref();
 
     if args.dry_run {
-        let marks = {
-            let (k, t) = (kafka.clone(), topics.clone());
-            tokio::task::spawn_blocking(move || progress::watermarks(&k, &t)).await??
-        };
+        let marks = progress::fetch_watermarks(&kafka, &topics).await?;
         match resume {
             Some(p) => {
                 println!("would resume generation {} (phase {}, source {}) from the offsets it holds", p.generation, p.phase, p.source)
@@ -348,10 +345,7 @@ async fn rebuild(
             warn!(error = %e, "rebuild metrics endpoint not started");
         }
     }
-    let marks = {
-        let (k, t) = (kafka.clone(), topics.to_vec());
-        tokio::task::spawn_blocking(move || progress::watermarks(&k, &t)).await??
-    };
+    let marks = progress::fetch_watermarks(kafka, topics).await?;
     let mut plan = match (resume, previous) {
         (true, Some(p)) => {
             info!(generation = %p.generation, phase = %p.phase, "resuming the unfinished rebuild");
@@ -577,10 +571,8 @@ impl Replay {
     ) -> anyhow::Result<Replay> {
         let progress_key = keys.progress(&progress_group(generation));
         let held: HashMap<String, i64> = conn.hgetall(&progress_key).await?;
-        let marks = {
-            let (k, t) = (kafka.clone(), topics.to_vec());
-            tokio::task::spawn_blocking(move || progress::watermarks(&k, &t)).await??
-        };
+        // Taken again: a snapshot may have lasted long enough for retention to move the lows.
+        let marks = progress::fetch_watermarks(kafka, topics).await?;
         let consumer: StreamConsumer = kafka
             .client_config(&[("group.id", "pipeline-board-rebuild"), ("enable.auto.commit", "false"), ("auto.offset.reset", "earliest")])
             .create()?;
@@ -618,8 +610,7 @@ impl Replay {
         lease_lost: &AtomicBool,
         report: &mut Report,
     ) -> anyhow::Result<()> {
-        let measure = |k: KafkaConnection, t: Vec<String>| tokio::task::spawn_blocking(move || progress::watermarks(&k, &t));
-        let mut ends = measure(self.kafka.clone(), self.topics.clone()).await??;
+        let mut ends = progress::fetch_watermarks(&self.kafka, &self.topics).await?;
         let initial_lag = self.lag(&ends);
         let bar = bar(initial_lag as u64, "replay: events");
         let mut last_report = Instant::now();
@@ -680,7 +671,7 @@ impl Replay {
             pipe.query_async::<()>(conn).await?;
             bar.set_position(initial_lag.saturating_sub(self.lag(&ends)).max(0) as u64);
             if last_report.elapsed() > Duration::from_secs(2) {
-                ends = measure(self.kafka.clone(), self.topics.clone()).await??;
+                ends = progress::fetch_watermarks(&self.kafka, &self.topics).await?;
                 let lag = self.lag(&ends);
                 let rate = read_here as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 bar.set_length(bar.position() + lag as u64);

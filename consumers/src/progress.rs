@@ -47,15 +47,19 @@ pub fn watermarks(kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<
     Ok(out)
 }
 
+/// `watermarks` from async code (the broker requests block: they run off the async workers).
+pub async fn fetch_watermarks(kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<BTreeMap<(String, i32), (i64, i64)>> {
+    let (kafka, topics) = (kafka.clone(), topics.to_vec());
+    tokio::task::spawn_blocking(move || watermarks(&kafka, &topics)).await?
+}
+
 pub async fn lag(
     kafka: &KafkaConnection,
     topics: &[String],
     redis: &mut redis::aio::ConnectionManager,
     progress_key: &str,
 ) -> anyhow::Result<Lag> {
-    let kafka = kafka.clone();
-    let topics_owned = topics.to_vec();
-    let marks = tokio::task::spawn_blocking(move || watermarks(&kafka, &topics_owned)).await??;
+    let marks = fetch_watermarks(kafka, topics).await?;
     let applied: BTreeMap<String, i64> = redis.hgetall(progress_key).await?;
     let mut out = Lag::default();
     for ((topic, partition), (low, high)) in marks {
@@ -73,8 +77,7 @@ pub async fn publish_ends(
     redis: &mut redis::aio::ConnectionManager,
     ends_key: &str,
 ) -> anyhow::Result<()> {
-    let (kafka, topics_owned) = (kafka.clone(), topics.to_vec());
-    let marks = tokio::task::spawn_blocking(move || watermarks(&kafka, &topics_owned)).await??;
+    let marks = fetch_watermarks(kafka, topics).await?;
     let fields: Vec<(String, i64)> = marks.iter().map(|((t, p), (_, high))| (field(t, *p), *high)).collect();
     if !fields.is_empty() {
         redis.hset_multiple::<_, _, _, ()>(ends_key, &fields).await?;

@@ -55,8 +55,7 @@ pub async fn ensure(conn: &mut ConnectionManager, keys: &KeySpace, kafka: &Kafka
     if let Some(i) = instance(conn, keys).await? {
         return Ok(i);
     }
-    let (kafka, topics) = (kafka.clone(), topics.to_vec());
-    let ends = tokio::task::spawn_blocking(move || progress::watermarks(&kafka, &topics)).await??;
+    let ends = progress::fetch_watermarks(kafka, topics).await?;
     let mine = format!("{:016x}", rand::random::<u64>());
     let now = chrono_free_now_millis();
     let script = redis::Script::new(
