@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The local stack, all real servers on loopback: Redis (Debian), Apache Kafka (one KRaft node from
+# The local stack, all real servers on loopback: Redis (Debian; one server on 6379 and a cluster of
+# 3 primaries + 3 replicas on 7000-7005, deploy/redis-cluster.sh), Apache Kafka (one KRaft node from
 # Maven Central's jars, data on disk) and FerretDB (MongoDB wire protocol) on PostgreSQL (Debian).
 # Production runs the same protocols against your own clusters (README "Your own clusters").
 #
@@ -125,6 +126,7 @@ case "${1:-up}" in
     started=$(date +%s.%N)
     bash "$HERE/install-deps.sh"
     start_redis
+    bash "$HERE/redis-cluster.sh" up
     start_postgres
     start_ferretdb
     start_kafka
@@ -139,11 +141,13 @@ case "${1:-up}" in
       rm -f "$RUN_DIR/postgres.ours"
     fi
     if [ -f "$RUN_DIR/redis.ours" ]; then stop_pidfile redis "$RUN_DIR/redis.pid"; rm -f "$RUN_DIR/redis.ours"; fi
+    bash "$HERE/redis-cluster.sh" down
     ;;
   status)
     for s in "redis:$REDIS_PORT" "postgresql:$PG_PORT" "mongodb-wire (ferretdb):$MONGO_PORT" "kafka:$KAFKA_PORT"; do
       if port_open "${s##*:}"; then echo "${s%:*}: up"; else echo "${s%:*}: down"; fi
     done
+    bash "$HERE/redis-cluster.sh" status
     ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac

@@ -155,7 +155,7 @@ fn summary(mut lat: Vec<Duration>, elapsed: Duration) -> String {
 }
 
 async fn reader(redis: &RedisArgs) -> anyhow::Result<ProjectionReader> {
-    let conn = board_core::config::redis_connection(&redis.redis_url).await?;
+    let conn = board_core::config::redis_connection(&redis.url()).await?;
     Ok(ProjectionReader::new(conn, KeySpace::new(&redis.redis_prefix), Duration::from_secs(30)))
 }
 
@@ -177,7 +177,7 @@ async fn board(redis: &RedisArgs, org: &str, user: &str, body: &str, conns: usiz
     let (_, pages, _) = reader.pages(org, user, &q, now).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let pages: Arc<Vec<IndexBucket>> = Arc::new(pages);
     let simplest_keys = if simplest { Some(Arc::new(simplest_board_keys(&reader, redis, org, &q).await?)) } else { None };
-    let mut conn = board_core::config::redis_connection(&redis.redis_url).await?;
+    let mut conn = board_core::config::redis_connection(&redis.url()).await?;
     let cards_key = Arc::new(KeySpace::new(&redis.redis_prefix).live_org(&mut conn, org).await?.cards(q.kind));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -210,13 +210,13 @@ async fn board(redis: &RedisArgs, org: &str, user: &str, body: &str, conns: usiz
 
 /// The plain sorted set of each stage of the board's pipeline (all its cards).
 async fn simplest_board_keys(reader: &ProjectionReader, redis: &RedisArgs, org: &str, q: &BoardQuery) -> anyhow::Result<Vec<String>> {
-    let mut conn = board_core::config::redis_connection(&redis.redis_url).await?;
+    let mut conn = board_core::config::redis_connection(&redis.url()).await?;
     let keys = KeySpace::new(&redis.redis_prefix).live_org(&mut conn, org).await?;
     let plan = board_plan(reader, org, q).await?;
     Ok(plan.buckets.iter().filter_map(|b| plan.raw_keys(b).first().map(|rk| keys.stage(q.kind, rk))).collect())
 }
 
-async fn simplest_board(conn: &mut redis::aio::ConnectionManager, stages: &[String], cards_key: &str) -> anyhow::Result<()> {
+async fn simplest_board(conn: &mut board_core::redis_conn::RedisConn, stages: &[String], cards_key: &str) -> anyhow::Result<()> {
     let mut pipe = redis::pipe();
     for s in stages {
         pipe.cmd("ZRANGE").arg(s).arg(0).arg(24).arg("REV").cmd("ZCARD").arg(s);
@@ -231,7 +231,7 @@ async fn simplest_board(conn: &mut redis::aio::ConnectionManager, stages: &[Stri
 }
 
 async fn redis_writes(redis: &RedisArgs, org: &str, cards: usize, events_per_card: f64) -> anyhow::Result<()> {
-    let mut conn = board_core::config::redis_connection(&redis.redis_url).await?;
+    let mut conn = board_core::config::redis_connection(&redis.url()).await?;
     let keys = KeySpace::new(&redis.redis_prefix).live_org(&mut conn, org).await?;
     let scratch = KeySpace::new(format!("{}-rawwrites", redis.redis_prefix)).org(org);
     let mut records: Vec<(String, Vec<u8>)> = Vec::new();
@@ -283,23 +283,9 @@ async fn redis_writes(redis: &RedisArgs, org: &str, cards: usize, events_per_car
         ops as f64 / secs,
         records.len() as f64 * events_per_card / secs
     );
-    let mut cursor = 0u64;
-    loop {
-        let (next, names): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{}-rawwrites:*", redis.redis_prefix))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        if !names.is_empty() {
-            redis::cmd("UNLINK").arg(&names).query_async::<()>(&mut conn).await?;
-        }
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
+    let names = conn.scan_match(&format!("{}-rawwrites:*", redis.redis_prefix)).await?;
+    for chunk in names.chunks(1000) {
+        redis::cmd("UNLINK").arg(chunk).query_async::<()>(&mut conn).await?;
     }
     Ok(())
 }
@@ -318,7 +304,7 @@ async fn freshness(
     let topics = kafka.topics.clone();
     let producer: FutureProducer =
         pipeline_board_consumers::KafkaConnection::from_args(kafka)?.client_config(&[("linger.ms", "1")]).create()?;
-    let mut conn = board_core::config::redis_connection(&redis.redis_url).await?;
+    let mut conn = board_core::config::redis_connection(&redis.url()).await?;
     let keys = KeySpace::new(&redis.redis_prefix);
     let (_, records): (u64, Vec<(String, Vec<u8>)>) = redis::cmd("HSCAN")
         .arg(keys.live_org(&mut conn, org).await?.cards(CardKind::Contact))

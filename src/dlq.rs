@@ -111,7 +111,7 @@ pub fn read_topic(kafka: &KafkaConnection, topic: &str) -> anyhow::Result<Vec<De
 }
 
 /// Every dead letter parked in Redis (the topic refused it).
-pub async fn read_parked(conn: &mut redis::aio::ConnectionManager, stream: &str) -> redis::RedisResult<Vec<DeadLetter>> {
+pub async fn read_parked(conn: &mut board_core::redis_conn::RedisConn, stream: &str) -> redis::RedisResult<Vec<DeadLetter>> {
     let reply: redis::streams::StreamRangeReply = conn.xrange_all(stream).await?;
     Ok(reply
         .ids
@@ -150,7 +150,7 @@ pub struct ReplayReport {
 /// replayed (in `replayed_set`) only after the broker acknowledged it, and skipped afterwards.
 pub async fn replay(
     kafka: &KafkaConnection,
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut board_core::redis_conn::RedisConn,
     replayed_set: &str,
     letters: &[DeadLetter],
     dry_run: bool,

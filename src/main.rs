@@ -77,11 +77,11 @@ struct DlqArgs {
 
 impl DlqArgs {
     /// The selected dead letters of the topic and of the parked stream, oldest first.
-    async fn letters(&self) -> anyhow::Result<(KafkaConnection, redis::aio::ConnectionManager, Vec<pipeline_board::dlq::DeadLetter>)> {
+    async fn letters(&self) -> anyhow::Result<(KafkaConnection, board_core::redis_conn::RedisConn, Vec<pipeline_board::dlq::DeadLetter>)> {
         let kafka = KafkaConnection::from_args(&self.kafka)?;
         let (k, topic) = (kafka.clone(), self.kafka.topics.topic_dlq.clone());
         let mut all = tokio::task::spawn_blocking(move || pipeline_board::dlq::read_topic(&k, &topic)).await??;
-        let mut conn = board_core::config::redis_connection(&self.redis.redis_url).await?;
+        let mut conn = board_core::config::redis_connection(&self.redis.url()).await?;
         all.extend(pipeline_board::dlq::read_parked(&mut conn, &KeySpace::new(&self.redis.redis_prefix).parked_dead_letters()).await?);
         all.retain(|d| self.select.matches(d));
         Ok((kafka, conn, all))
@@ -243,7 +243,7 @@ async fn project(args: ProjectArgs) -> anyhow::Result<ExitCode> {
         KafkaConnection::from_args(&args.kafka)?,
         &args.group_id,
         args.kafka.topics.clone(),
-        &args.redis.redis_url,
+        &args.redis.url(),
         KeySpace::new(&args.redis.redis_prefix),
     );
     settings.max_batch = args.max_batch.max(1);
@@ -320,7 +320,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Verify(args) => {
             let db = mongo::connect(&args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
-            let mut conn = board_core::config::redis_connection(&args.redis.redis_url).await?;
+            let mut conn = board_core::config::redis_connection(&args.redis.url()).await?;
             let keys = KeySpace::new(&args.redis.redis_prefix);
             let report = verify::verify(&mut conn, &keys, &db, &args.orgs).await?;
             println!("{}", report.summary());
@@ -339,7 +339,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Lag(args) => {
-            let mut conn = board_core::config::redis_connection(&args.redis.redis_url).await?;
+            let mut conn = board_core::config::redis_connection(&args.redis.url()).await?;
             let key = KeySpace::new(&args.redis.redis_prefix).progress(&args.group_id);
             let lag = progress::lag(&KafkaConnection::from_args(&args.kafka)?, &args.kafka.topics.inputs(), &mut conn, &key).await?;
             for ((topic, partition), (applied, high)) in &lag.partitions {

@@ -30,7 +30,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use redis::aio::ConnectionManager;
+use board_core::redis_conn::RedisConn;
 use redis::AsyncCommands;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::IsTerminal;
@@ -181,7 +181,7 @@ pub async fn run(args: RebuildArgs) -> anyhow::Result<Option<Report>> {
     let keys = KeySpace::new(&args.redis.redis_prefix);
     let kafka = KafkaConnection::from_args(&args.kafka)?;
     let topics = args.kafka.topics.inputs();
-    let mut conn = board_core::config::redis_connection(&args.redis.redis_url).await?;
+    let mut conn = board_core::config::redis_connection(&args.redis.url()).await?;
     load_library(&mut conn).await?;
     let mut orgs = args.orgs.clone();
     orgs.sort();
@@ -279,7 +279,7 @@ fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
 }
 
-async fn renew_lease(mut conn: ConnectionManager, keys: KeySpace, run_id: String, lost: Arc<AtomicBool>) {
+async fn renew_lease(mut conn: RedisConn, keys: KeySpace, run_id: String, lost: Arc<AtomicBool>) {
     let renew =
         redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return -1");
     loop {
@@ -330,7 +330,7 @@ async fn rebuild(
     keys: &KeySpace,
     kafka: &KafkaConnection,
     topics: &[String],
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     previous: Option<Plan>,
     resume: bool,
     orgs: &[String],
@@ -384,7 +384,7 @@ async fn rebuild(
     let filter = plan.org_filter();
     let mut report = Report { generation: plan.generation.to_string(), resumed: resume, ..Report::default() };
     let mut applier =
-        RedisApplier::connect(&args.redis.redis_url, keys.clone()).await?.with_target(Target::Building(plan.generation.clone()));
+        RedisApplier::connect(&args.redis.url(), keys.clone()).await?.with_target(Target::Building(plan.generation.clone()));
     set_phase_gauge(&plan.phase);
 
     if plan.phase == "snapshot" {
@@ -565,7 +565,7 @@ impl Replay {
         keys: &KeySpace,
         generation: &Generation,
         topics: &[String],
-        mut conn: ConnectionManager,
+        mut conn: RedisConn,
         filter: BTreeSet<String>,
         max_batch: usize,
     ) -> anyhow::Result<Replay> {
@@ -606,7 +606,7 @@ impl Replay {
     async fn until_caught_up(
         &mut self,
         applier: &mut RedisApplier,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         lease_lost: &AtomicBool,
         report: &mut Report,
     ) -> anyhow::Result<()> {
@@ -706,7 +706,7 @@ impl Replay {
 
 /// An unfinished rebuild that will not be resumed: the keys of its generation for every org it
 /// did not switch, its bookkeeping, and the old generations of the orgs it did switch.
-async fn discard(conn: &mut ConnectionManager, keys: &KeySpace, plan: &Plan) -> anyhow::Result<usize> {
+async fn discard(conn: &mut RedisConn, keys: &KeySpace, plan: &Plan) -> anyhow::Result<usize> {
     let built: BTreeSet<String> = conn.smembers(keys.rebuild_orgs(&plan.generation)).await?;
     let state: HashMap<String, String> = conn.hgetall(keys.rebuild_state()).await?;
     let mut remove: HashMap<String, Generation> = HashMap::new();
@@ -728,19 +728,16 @@ async fn discard(conn: &mut ConnectionManager, keys: &KeySpace, plan: &Plan) -> 
 /// Unlinks the keys of `(org, generation)` pairs, found in one SCAN of the prefix. The org's
 /// generation pointer is never removed; a generation an org is still on is never removed.
 pub async fn remove_org_generations(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &KeySpace,
     remove: &HashMap<String, Generation>,
 ) -> anyhow::Result<usize> {
     if remove.is_empty() {
         return Ok(0);
     }
-    let mut pipe = redis::pipe();
     let orgs: Vec<&String> = remove.keys().collect();
-    for org in &orgs {
-        pipe.get(keys.generation_pointer(org));
-    }
-    let current: Vec<Option<String>> = pipe.query_async(conn).await?;
+    let gets = orgs.iter().map(|org| keys.generation_pointer(org)).map(|k| (k.clone(), redis::cmd("GET").arg(k).clone())).collect();
+    let current: Vec<Option<String>> = conn.query_by_slot(gets).await?;
     let prefixes: Vec<String> = orgs
         .iter()
         .zip(current)
@@ -748,27 +745,14 @@ pub async fn remove_org_generations(
         .map(|(org, _)| format!("{}:", keys.org_in(&remove[*org], org).base))
         .collect();
     let pointers: BTreeSet<String> = orgs.iter().map(|o| keys.generation_pointer(o)).collect();
-    let mut cursor: u64 = 0;
-    let mut removed = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{}:*", keys.prefix()))
-            .arg("COUNT")
-            .arg(2000)
-            .query_async(conn)
-            .await?;
-        let doomed: Vec<&String> = batch.iter().filter(|k| !pointers.contains(*k) && prefixes.iter().any(|p| k.starts_with(p))).collect();
-        if !doomed.is_empty() {
-            let _: () = redis::cmd("UNLINK").arg(&doomed).query_async(conn).await?;
-            removed += doomed.len();
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
+    // SCAN walks one node: `scan_match` asks every primary of a cluster.
+    let names = conn.scan_match(&format!("{}:*", keys.prefix())).await?;
+    let doomed: Vec<&String> = names.iter().filter(|k| !pointers.contains(*k) && prefixes.iter().any(|p| k.starts_with(p))).collect();
+    for chunk in doomed.chunks(1000) {
+        // A cluster client splits a multi-key UNLINK by slot.
+        let _: () = redis::cmd("UNLINK").arg(chunk).query_async(conn).await?;
     }
+    let removed = doomed.len();
     Ok(removed)
 }
 

@@ -90,7 +90,7 @@ pub fn expected_contact_states(snap: &OrgSnapshot) -> BTreeMap<String, ContactSt
     out
 }
 
-async fn actual_entries(conn: &mut redis::aio::ConnectionManager, keys: &OrgKeys) -> redis::RedisResult<Entries> {
+async fn actual_entries(conn: &mut board_core::redis_conn::RedisConn, keys: &OrgKeys) -> redis::RedisResult<Entries> {
     let names: Vec<String> = scan(conn, &format!("{}:z*", keys.base)).await?;
     let mut out = Entries::new();
     for name in names {
@@ -101,7 +101,7 @@ async fn actual_entries(conn: &mut redis::aio::ConnectionManager, keys: &OrgKeys
 }
 
 pub async fn verify_org(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut board_core::redis_conn::RedisConn,
     keyspace: &KeySpace,
     db: &mongodb::Database,
     org: &str,
@@ -238,7 +238,7 @@ pub async fn verify_org(
 
 /// Verifies the given orgs (all orgs in MongoDB when empty).
 pub async fn verify(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut board_core::redis_conn::RedisConn,
     keyspace: &KeySpace,
     db: &mongodb::Database,
     orgs: &[String],
@@ -251,24 +251,15 @@ pub async fn verify(
     Ok(report)
 }
 
-/// Every key of the org matching `pattern` (SCAN, never KEYS).
-async fn scan(conn: &mut redis::aio::ConnectionManager, pattern: &str) -> redis::RedisResult<Vec<String>> {
-    let (mut cursor, mut names) = (0u64, Vec::new());
-    loop {
-        let (next, batch): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).query_async(conn).await?;
-        names.extend(batch);
-        cursor = next;
-        if cursor == 0 {
-            return Ok(names);
-        }
-    }
+/// Every key of the org matching `pattern` (SCAN on every primary, never KEYS).
+async fn scan(conn: &mut board_core::redis_conn::RedisConn, pattern: &str) -> redis::RedisResult<Vec<String>> {
+    conn.scan_match(pattern).await
 }
 
 /// The applied version of every pipeline and user MongoDB has (equal to its `version`), and
 /// each user's teams as stored.
 async fn verify_versions_and_users(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut board_core::redis_conn::RedisConn,
     keys: &OrgKeys,
     snap: &OrgSnapshot,
     report: &mut DriftReport,

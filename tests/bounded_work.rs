@@ -38,7 +38,7 @@ fn worst_case(stage_names: &[String]) -> String {
 }
 
 /// command -> calls since the last CONFIG RESETSTAT
-async fn command_calls(r: &mut redis::aio::ConnectionManager) -> BTreeMap<String, u64> {
+async fn command_calls(r: &mut pipeline_board::core::redis_conn::RedisConn) -> BTreeMap<String, u64> {
     let info: String = redis::cmd("INFO").arg("commandstats").query_async(r).await.unwrap();
     info.lines()
         .filter_map(|l| {

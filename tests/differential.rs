@@ -3,7 +3,7 @@
 mod common;
 
 use common::oracle::{self, OracleBucket};
-use common::{small_seed, TestEnv};
+use common::{cluster_url, small_seed, TestEnv};
 use pipeline_board::core::model::CardDoc;
 use pipeline_board::mongo::{self, OrgSnapshot};
 use pipeline_board::query::board::BoardAnswer;
@@ -393,5 +393,50 @@ async fn projection_and_mongodb_answer_identically() {
         snaps.push((org.clone(), mongo::load_org(&db, org).await.unwrap()));
     }
     round.run("after pipeline changes", &snaps, requests / 3, &mut rng).await;
+    env.cleanup().await;
+}
+
+/// The same comparison on the stack's Redis Cluster (3 primaries + 3 replicas) with orgs on
+/// every shard: the projector, the readers and `verify` run in cluster mode, where any
+/// cross-slot pipeline or Function call is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_with_orgs_on_every_shard_both_paths_answer_identically() {
+    let env = TestEnv::on_cluster("diff-cluster").await;
+    let mut org_ids: Vec<String> = Vec::new();
+    let mut node = redis::Client::open(cluster_url().replace("redis+cluster://", "redis://").split(',').next().unwrap())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    // Seed orgs (ids are random) until every shard holds at least one.
+    let mut shards = std::collections::BTreeMap::<u16, usize>::new();
+    for round in 0..8u64 {
+        org_ids.extend(env.seed(small_seed(3, 60, 700 + round)).await.org_ids);
+        shards.clear();
+        for org in &org_ids {
+            *shards.entry(common::primary_of(&mut node, &env.keys.generation_pointer(org)).0).or_default() += 1;
+        }
+        if shards.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(shards.len(), 3, "orgs on every shard: {shards:?}");
+    let projector = env.spawn_projector();
+    env.wait_caught_up(std::time::Duration::from_secs(120)).await;
+    projector.stop().await.unwrap();
+    let report = env.verify(&org_ids).await;
+    assert!(report.is_clean(), "verify on the cluster: {:#?}", report.samples);
+    assert_eq!(report.orgs, org_ids.len());
+
+    let projection = ProjectionReader::new(env.redis().await, env.keys.clone(), std::time::Duration::from_secs(10)).with_deep_page_offset(5);
+    let db = env.mongo().await;
+    let mongo_reader = MongoReader::new(db.clone(), pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
+    let mut snaps = Vec::new();
+    for org in &org_ids {
+        snaps.push((org.clone(), mongo::load_org(&db, org).await.unwrap()));
+    }
+    let requests: usize = std::env::var("DIFF_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(300) / 3;
+    let mut rng = ChaCha8Rng::seed_from_u64(2027);
+    let round = Round { projection: &projection, mongo: &mongo_reader, base_now: chrono::Utc::now().timestamp_millis() };
+    round.run(&format!("cluster, orgs per shard {shards:?}"), &snaps, requests, &mut rng).await;
     env.cleanup().await;
 }

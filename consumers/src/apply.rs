@@ -6,7 +6,7 @@ use crate::batch::{self, Outcome, Slot, Snapshot, Step};
 use board_core::events::Event;
 use board_core::functions::{load_library, Commit, CommitOutcome};
 use board_core::keys::{Generation, KeySpace, OrgKeys};
-use redis::aio::ConnectionManager;
+use board_core::redis_conn::{ConnectOptions, RedisConn, RedisTarget};
 use redis::RedisError;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -44,12 +44,18 @@ pub struct Position<'a> {
 }
 
 pub struct RedisApplier {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: KeySpace,
     target: Target,
     /// The generation of each org seen (Live): a commit answered `moved` corrects it.
     generations: HashMap<String, Generation>,
+    /// Replicas that must hold a batch's writes before it counts as applied (see
+    /// `await_replicas`): 1 on a cluster, 0 on a single server (nothing to wait for).
+    replica_acks: u32,
 }
+
+/// How long a batch waits for its replicas' acknowledgement.
+const REPLICA_ACK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A step that keeps asking for more after this many read rounds has a bug (each round adds
 /// slots, and a batch touches finitely many): fail the batch rather than loop.
@@ -60,13 +66,17 @@ const MAX_CONFLICTS: usize = 50;
 impl RedisApplier {
     /// Connects (retrying inside the connection manager) and loads the Function library.
     pub async fn connect(url: &str, keys: KeySpace) -> Result<Self, RedisError> {
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(30)));
-        let mut conn = ConnectionManager::new_with_config(client, config).await?;
+        let options = ConnectOptions { response_timeout: Duration::from_secs(30), ..ConnectOptions::default() };
+        let mut conn = RedisConn::connect(&RedisTarget::parse(url, false), options).await?;
         load_library(&mut conn).await?;
-        Ok(RedisApplier { conn, keys, target: Target::Live, generations: HashMap::new() })
+        let replica_acks = if conn.is_cluster() { 1 } else { 0 };
+        Ok(RedisApplier { conn, keys, target: Target::Live, generations: HashMap::new(), replica_acks })
+    }
+
+    /// Replicas that must acknowledge each batch (`REDIS_WAIT_REPLICAS`).
+    pub fn with_replica_acks(mut self, replicas: u32) -> Self {
+        self.replica_acks = replicas;
+        self
     }
 
     /// Writes into `target` from now on.
@@ -90,11 +100,8 @@ impl RedisApplier {
         if unknown.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for org in &unknown {
-            pipe.cmd("GET").arg(self.keys.generation_pointer(org));
-        }
-        let names: Vec<Option<String>> = pipe.query_async(&mut self.conn).await?;
+        let gets = unknown.iter().map(|org| self.keys.generation_pointer(org)).map(|k| (k.clone(), redis::cmd("GET").arg(k).clone())).collect();
+        let names: Vec<Option<String>> = self.conn.query_by_slot(gets).await?;
         for (org, name) in unknown.into_iter().zip(names) {
             let name = name.unwrap_or_default();
             let generation = Generation::parse(&name).ok_or_else(|| Transient(format!("org {org}: bad generation pointer {name:?}")))?;
@@ -117,7 +124,7 @@ impl RedisApplier {
         &self.keys
     }
 
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -149,6 +156,7 @@ impl RedisApplier {
         let mut snap = Snapshot::new();
         let mut pending: Vec<&str> = by_org.keys().copied().collect();
         let mut conflicts: HashMap<&str, usize> = HashMap::new();
+        let mut written: Vec<String> = Vec::new();
         while !pending.is_empty() {
             // Read until every pending org's step is done.
             let mut commits: Vec<(&str, Commit)> = Vec::new();
@@ -199,11 +207,8 @@ impl RedisApplier {
             if commits.is_empty() {
                 break;
             }
-            let mut pipe = redis::pipe();
-            for (_, c) in &commits {
-                pipe.add_command(c.to_cmd());
-            }
-            let replies: Vec<String> = match pipe.query_async(&mut self.conn).await {
+            let calls = commits.iter().map(|(_, c)| (c.org.base.clone(), c.to_cmd())).collect();
+            let replies: Vec<String> = match self.conn.query_by_slot(calls).await {
                 Ok(r) => r,
                 Err(e) => {
                     if e.to_string().contains("Function not found") {
@@ -244,8 +249,28 @@ impl RedisApplier {
                     None => return Err(Transient(format!("unexpected pb_commit reply {reply:?}"))),
                 }
             }
+            written.extend(commits.iter().map(|(_, c)| c.org.base.clone()));
         }
+        self.await_replicas(&written).await?;
         Ok(outcomes)
+    }
+
+    /// Waits until `replica_acks` replicas of each written shard hold the batch's writes (WAIT),
+    /// before the caller records its offsets: with asynchronous replication a primary that dies
+    /// right after a commit could otherwise take it along, while the progress says it was
+    /// applied. A shard that cannot get the acks in time (its replica is down or still syncing)
+    /// is counted and logged, not waited for forever: then no replica holds less data that
+    /// could be promoted in its place.
+    async fn await_replicas(&mut self, written: &[String]) -> Result<(), Transient> {
+        if self.replica_acks == 0 || written.is_empty() {
+            return Ok(());
+        }
+        let acked = self.conn.wait_for_replicas(written, self.replica_acks, REPLICA_ACK_TIMEOUT).await?;
+        if acked < self.replica_acks as i64 {
+            metrics::counter!("pb_commit_unreplicated_total").increment(1);
+            warn!(acked, wanted = self.replica_acks, "a batch's writes were not acknowledged by enough replicas in time");
+        }
+        Ok(())
     }
 
     /// Reads `slots` into `snap`: one HMGET per hash, all in one round trip.
@@ -254,11 +279,8 @@ impl RedisApplier {
         for s in slots {
             by_key.entry(s.key).or_default().push(s.field);
         }
-        let mut pipe = redis::pipe();
-        for (key, fields) in &by_key {
-            pipe.cmd("HMGET").arg(key).arg(fields);
-        }
-        let replies: Vec<Vec<Option<Vec<u8>>>> = pipe.query_async(&mut self.conn).await?;
+        let reads = by_key.iter().map(|(key, fields)| (key.clone(), redis::cmd("HMGET").arg(key).arg(fields).clone())).collect();
+        let replies: Vec<Vec<Option<Vec<u8>>>> = self.conn.query_by_slot(reads).await?;
         for ((key, fields), values) in by_key.into_iter().zip(replies) {
             for (field, value) in fields.into_iter().zip(values) {
                 snap.insert(Slot { key: key.clone(), field }, value);

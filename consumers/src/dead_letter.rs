@@ -91,7 +91,7 @@ impl DeadLetters {
 /// Keeps a dead letter the topic refused in a Redis stream, with everything the topic record
 /// would have carried plus why the topic refused it. Returns once Redis acknowledged it.
 pub async fn park(
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut board_core::redis_conn::RedisConn,
     stream: &str,
     origin: &Origin<'_>,
     reason: &PoisonReason,

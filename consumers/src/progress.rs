@@ -56,7 +56,7 @@ pub async fn fetch_watermarks(kafka: &KafkaConnection, topics: &[String]) -> any
 pub async fn lag(
     kafka: &KafkaConnection,
     topics: &[String],
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut board_core::redis_conn::RedisConn,
     progress_key: &str,
 ) -> anyhow::Result<Lag> {
     let marks = fetch_watermarks(kafka, topics).await?;
@@ -74,7 +74,7 @@ pub async fn lag(
 pub async fn publish_ends(
     kafka: &KafkaConnection,
     topics: &[String],
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut board_core::redis_conn::RedisConn,
     ends_key: &str,
 ) -> anyhow::Result<()> {
     let marks = fetch_watermarks(kafka, topics).await?;
@@ -87,7 +87,7 @@ pub async fn publish_ends(
 
 /// The lag from what Redis holds: the applied offsets and the ends the projector published.
 /// None until a projector has published ends.
-pub async fn lag_from_redis(redis: &mut redis::aio::ConnectionManager, progress_key: &str, ends_key: &str) -> anyhow::Result<Option<Lag>> {
+pub async fn lag_from_redis(redis: &mut board_core::redis_conn::RedisConn, progress_key: &str, ends_key: &str) -> anyhow::Result<Option<Lag>> {
     let ends: BTreeMap<String, i64> = redis.hgetall(ends_key).await?;
     if ends.is_empty() {
         return Ok(None);

@@ -21,6 +21,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use board_core::redis_conn::{query_blocking, RedisTarget};
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -116,7 +117,7 @@ struct ProjectorContext {
 /// Reads the progress hash with a plain (blocking) Redis connection: the rebalance callback runs
 /// inside librdkafka's poll and must decide the offsets before it returns.
 struct Positions {
-    client: redis::Client,
+    target: RedisTarget,
     progress_key: String,
 }
 
@@ -126,9 +127,7 @@ impl Positions {
     /// only when Redis cannot be read (a projection found lost later is started again).
     fn assign_offsets(&self, tpl: &mut TopicPartitionList) {
         let read = || -> redis::RedisResult<std::collections::HashMap<String, i64>> {
-            let mut c = self.client.get_connection_with_timeout(Duration::from_secs(3))?;
-            c.set_read_timeout(Some(Duration::from_secs(3)))?;
-            redis::cmd("HGETALL").arg(&self.progress_key).query(&mut c)
+            query_blocking(&self.target, redis::cmd("HGETALL").arg(&self.progress_key), Duration::from_secs(3))
         };
         let held = match read() {
             Ok(h) => Some(h),
@@ -219,7 +218,7 @@ impl ConsumerContext for ProjectorContext {
 }
 
 fn build_consumer(s: &ProjectorSettings, counters: Arc<RunCounters>) -> anyhow::Result<StreamConsumer<ProjectorContext>> {
-    let positions = Positions { client: redis::Client::open(s.redis_url.as_str())?, progress_key: s.keys.progress(&s.group_id) };
+    let positions = Positions { target: RedisTarget::parse(&s.redis_url, false), progress_key: s.keys.progress(&s.group_id) };
     let session_ms = s.session_timeout.as_millis().max(6000);
     let (session, heartbeat, max_poll) = (session_ms.to_string(), (session_ms / 3).to_string(), (session_ms * 5).max(10_000).to_string());
     let consumer: StreamConsumer<ProjectorContext> = s
@@ -439,7 +438,7 @@ impl LostSignal {
 /// Redis lost the projection: `lost`), and is a building projection whole now?
 fn watch_state_every_second(
     settings: &ProjectorSettings,
-    mut conn: redis::aio::ConnectionManager,
+    mut conn: board_core::redis_conn::RedisConn,
     instance: Arc<std::sync::Mutex<String>>,
     lost: Arc<LostSignal>,
 ) -> tokio::task::JoinHandle<()> {
@@ -482,7 +481,7 @@ fn record_freshness(batch: &[Parsed]) {
 /// Claims the prefix for this build's read model, or refuses to start if another model's
 /// projection is there (its records would be misread and left behind). Model 1 wrote no marker:
 /// its trace is a progress hash of the group without one.
-async fn check_model(conn: &mut redis::aio::ConnectionManager, keys: &KeySpace, group: &str) -> anyhow::Result<()> {
+async fn check_model(conn: &mut board_core::redis_conn::RedisConn, keys: &KeySpace, group: &str) -> anyhow::Result<()> {
     use board_core::keys::MODEL_VERSION;
     let key = keys.model();
     let found: Option<String> = conn.get(&key).await?;
@@ -513,7 +512,7 @@ impl Drop for AbortOnDrop {
 
 /// Keeps the partitions' ends in Redis, every second while the projector runs, so the API reads
 /// the projection's lag without a Kafka client.
-fn publish_ends_every_second(settings: &ProjectorSettings, mut conn: redis::aio::ConnectionManager) -> tokio::task::JoinHandle<()> {
+fn publish_ends_every_second(settings: &ProjectorSettings, mut conn: board_core::redis_conn::RedisConn) -> tokio::task::JoinHandle<()> {
     let (kafka, topics, key) = (settings.kafka.clone(), settings.topics.inputs(), settings.keys.partition_ends(&settings.group_id));
     tokio::spawn(async move {
         loop {
@@ -526,7 +525,7 @@ fn publish_ends_every_second(settings: &ProjectorSettings, mut conn: redis::aio:
 }
 
 /// Resolves once every input partition is applied to its end; never, unless asked for.
-async fn caught_up_watch(settings: &ProjectorSettings, mut conn: redis::aio::ConnectionManager, progress_key: String) {
+async fn caught_up_watch(settings: &ProjectorSettings, mut conn: board_core::redis_conn::RedisConn, progress_key: String) {
     if !settings.exit_when_caught_up {
         return std::future::pending().await;
     }
@@ -651,7 +650,7 @@ pub(crate) fn next_offsets(batch: &[Parsed]) -> BTreeMap<(&str, i32), i64> {
 async fn store_offsets(
     consumer: &StreamConsumer<ProjectorContext>,
     batch: &[Parsed],
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut board_core::redis_conn::RedisConn,
     keys: &KeySpace,
     progress_key: &str,
     instance: &str,

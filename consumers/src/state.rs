@@ -10,7 +10,7 @@
 use crate::kafka::KafkaConnection;
 use crate::progress;
 use board_core::keys::KeySpace;
-use redis::aio::ConnectionManager;
+use board_core::redis_conn::RedisConn;
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
 
@@ -34,7 +34,7 @@ impl Status {
     }
 }
 
-pub async fn status(conn: &mut ConnectionManager, keys: &KeySpace) -> redis::RedisResult<Status> {
+pub async fn status(conn: &mut RedisConn, keys: &KeySpace) -> redis::RedisResult<Status> {
     let (instance, status): (Option<String>, Option<String>) =
         redis::cmd("HMGET").arg(keys.state()).arg("instance").arg("status").query_async(conn).await?;
     Ok(match (instance, status.as_deref()) {
@@ -44,14 +44,14 @@ pub async fn status(conn: &mut ConnectionManager, keys: &KeySpace) -> redis::Red
     })
 }
 
-pub async fn instance(conn: &mut ConnectionManager, keys: &KeySpace) -> redis::RedisResult<Option<String>> {
+pub async fn instance(conn: &mut RedisConn, keys: &KeySpace) -> redis::RedisResult<Option<String>> {
     conn.hget(keys.state(), "instance").await
 }
 
 /// Creates the state if Redis has none (status `building`, target = the partitions' ends now);
 /// returns the instance Redis holds afterwards (ours, or the one another projector made first).
 /// Atomic: two projectors that find Redis empty at once agree on one instance.
-pub async fn ensure(conn: &mut ConnectionManager, keys: &KeySpace, kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<String> {
+pub async fn ensure(conn: &mut RedisConn, keys: &KeySpace, kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<String> {
     if let Some(i) = instance(conn, keys).await? {
         return Ok(i);
     }
@@ -98,7 +98,7 @@ pub async fn ensure(conn: &mut ConnectionManager, keys: &KeySpace, kafka: &Kafka
 
 /// Marks the projection whole once every partition of the target is applied up to it (by the
 /// progress of `progress_key`). Returns the status after the check.
-pub async fn check_whole(conn: &mut ConnectionManager, keys: &KeySpace, instance: &str, progress_key: &str) -> redis::RedisResult<Status> {
+pub async fn check_whole(conn: &mut RedisConn, keys: &KeySpace, instance: &str, progress_key: &str) -> redis::RedisResult<Status> {
     let current = status(conn, keys).await?;
     if current != Status::Building {
         return Ok(current);

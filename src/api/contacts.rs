@@ -99,13 +99,14 @@ fn change_etag(token: u64, caller: &Caller, body: &[u8]) -> String {
     format!("{CHANGE_ETAG_START}{:016x}\"", h.finish())
 }
 
-/// The ETag of an answer: a hash of everything it says except the projection's lag (which moves
+/// The ETag of an answer: a hash of everything it says except the projection's lag and the
+/// replicas' staleness (which move
 /// every second without the board changing), so it changes exactly when the board a client
 /// would draw changes — including which path answered. The same on every API instance (a fixed
 /// hash of the same bytes), so a poll may go to any of them.
 pub fn answer_etag(answer: &BoardAnswer, meta: &AnswerMeta) -> String {
     use std::hash::Hasher;
-    let stable = AnswerMeta { projection_lag: None, ..meta.clone() };
+    let stable = AnswerMeta { projection_lag: None, replica_staleness_ms: None, ..meta.clone() };
     let mut h = std::collections::hash_map::DefaultHasher::new();
     h.write(&answer.to_json_bytes(&stable));
     format!("\"{:016x}\"", h.finish())
@@ -129,8 +130,13 @@ pub async fn answer(
     } else {
         match s.projection.answer_with_token(org, user, q, now).await {
             Ok((a, route, token)) => {
-                let meta =
-                    AnswerMeta { answered_by: "projection", route: Some(route.name()), reason: None, projection_lag: s.projection_lag() };
+                let meta = AnswerMeta {
+                    answered_by: "projection",
+                    route: Some(route.name()),
+                    reason: None,
+                    projection_lag: s.projection_lag(),
+                    replica_staleness_ms: s.replica_staleness_ms(),
+                };
                 return Ok((a, meta, token));
             }
             // The projection may not know the pipeline yet (its event is late or dead-lettered):
@@ -155,7 +161,7 @@ pub async fn answer(
     }
     match s.mongo.answer(org, user, q, now).await {
         Ok(a) => {
-            Ok((a, AnswerMeta { answered_by: "mongodb", route: None, reason: Some(reason), projection_lag: s.projection_lag() }, None))
+            Ok((a, AnswerMeta { answered_by: "mongodb", route: None, reason: Some(reason), projection_lag: s.projection_lag(), replica_staleness_ms: None }, None))
         }
         Err(MongoPathError::Api(e)) => Err(e),
         Err(MongoPathError::Unavailable(e)) => Err(ApiError::Unavailable(e)),

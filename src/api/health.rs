@@ -130,7 +130,7 @@ impl Health {
     /// noticed within one interval.
     pub fn spawn_probe(
         &self,
-        redis: redis::aio::ConnectionManager,
+        redis: board_core::redis_conn::RedisConn,
         mongo: mongodb::Database,
         every: Duration,
         keys: board_core::keys::KeySpace,

@@ -5,11 +5,13 @@ pub mod auth;
 mod contacts;
 pub mod health;
 mod page;
+pub mod replicas;
 
 use crate::consumers::progress;
 use crate::query::mongo_path::MongoReader;
 use crate::query::projection::ProjectionReader;
 use auth::Verifier;
+use replicas::ReplicaStaleness;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -17,6 +19,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use board_core::config::{MongoArgs, RedisArgs};
 use board_core::keys::KeySpace;
+use board_core::redis_conn::{ConnectOptions, RedisConn, RedisTarget};
 use health::{Dependency, Health};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
@@ -68,13 +71,25 @@ pub struct ServeArgs {
     /// For demos only: anyone who reaches the API can then act as any user.
     #[arg(long, env = "DEMO_SIGNIN", default_value_t = false)]
     pub demo_signin: bool,
+    /// Redis Cluster: where boards are read. `replica` sends the board's reads to a replica of
+    /// the org's shard (writes never come from the API): more read capacity, answers behind the
+    /// primary by the replication delay, which `meta.replicaStalenessMs` and
+    /// `pb_replica_staleness_seconds` report.
+    #[arg(long, env = "REDIS_READ_FROM", value_enum, default_value_t = ReadFrom::Primary)]
+    pub redis_read_from: ReadFrom,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadFrom {
+    Primary,
+    Replica,
 }
 
 #[derive(Clone)]
 pub struct AppState {
     pub projection: ProjectionReader,
     pub mongo: MongoReader,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: RedisConn,
     pub mongo_db: mongodb::Database,
     pub verifier: Verifier,
     pub request_timeout: Duration,
@@ -89,11 +104,16 @@ pub struct AppState {
     pub ready_max_lag: i64,
     /// The HS256 secret, when the demo sign-in is on.
     pub demo_secret: Option<String>,
+    /// Measured when boards are read from replicas (`REDIS_READ_FROM=replica`).
+    pub replica_staleness: Option<ReplicaStaleness>,
 }
 
 impl AppState {
     pub fn projection_lag(&self) -> Option<i64> {
         Some(self.lag.load(Ordering::Relaxed)).filter(|l| *l >= 0)
+    }
+    pub fn replica_staleness_ms(&self) -> Option<i64> {
+        self.replica_staleness.as_ref().and_then(ReplicaStaleness::millis)
     }
 }
 
@@ -195,18 +215,25 @@ pub struct Application {
 impl Application {
     pub async fn build(args: &ServeArgs) -> anyhow::Result<Application> {
         let verifier = Verifier::from_args(&args.auth)?;
-        let client = redis::Client::open(args.redis.redis_url.as_str())?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(1);
-        // Lazy: the service starts (and answers from MongoDB) while Redis is down.
-        let redis = redis::aio::ConnectionManager::new_lazy_with_config(client, config)?;
+        let options = ConnectOptions {
+            connection_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(5),
+            read_from_replicas: args.redis_read_from == ReadFrom::Replica,
+            retries: Some(1),
+        };
+        // Lazy: the service starts (and answers from MongoDB) while a single Redis is down.
+        let redis = RedisConn::connect_lazy(&RedisTarget::parse(&args.redis.url(), false), options).await?;
         let keys = KeySpace::new(&args.redis.redis_prefix);
         let mongo_db = crate::mongo::connect(&args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
         let lag = Arc::new(AtomicI64::new(-1));
         if args.lag_interval_ms > 0 {
             spawn_lag_probe(args, redis.clone(), keys.clone(), lag.clone());
+        }
+        let replica_staleness = (args.redis_read_from == ReadFrom::Replica).then(ReplicaStaleness::new);
+        if let Some(r) = &replica_staleness {
+            // A connection of the probe's own: its WAIT blocks the connection it runs on.
+            let probe = RedisConn::connect(&RedisTarget::parse(&args.redis.url(), false), ConnectOptions { retries: None, ..options }).await?;
+            r.spawn_probe(probe, keys.clone(), Duration::from_millis(args.lag_interval_ms.max(100)));
         }
         let health = Health::default();
         health.spawn_probe(redis.clone(), mongo_db.clone(), Duration::from_millis(args.health_interval_ms.max(100)), keys.clone());
@@ -224,6 +251,7 @@ impl Application {
             keys: keys.clone(),
             ready_max_lag: args.ready_max_lag,
             demo_secret: args.auth.jwt_secret.clone().filter(|_| args.demo_signin),
+            replica_staleness,
         };
         let listener = tokio::net::TcpListener::bind(&args.listen_addr).await?;
         Ok(Application { listener, router: router(state) })
@@ -240,7 +268,7 @@ impl Application {
 
 /// The projection's lag from Redis alone (the applied offsets and the partition ends the
 /// projector publishes): the API never opens a Kafka client.
-fn spawn_lag_probe(args: &ServeArgs, mut redis: redis::aio::ConnectionManager, keys: KeySpace, lag: Arc<AtomicI64>) {
+fn spawn_lag_probe(args: &ServeArgs, mut redis: RedisConn, keys: KeySpace, lag: Arc<AtomicI64>) {
     let (progress_key, ends_key) = (keys.progress(&args.group_id), keys.partition_ends(&args.group_id));
     let every = Duration::from_millis(args.lag_interval_ms);
     tokio::spawn(async move {

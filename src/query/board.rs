@@ -136,6 +136,10 @@ pub struct AnswerMeta {
     pub reason: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub projection_lag: Option<i64>,
+    /// Reads from Redis Cluster replicas: how far behind their primaries the replicas were at
+    /// the last measurement (milliseconds; the largest over the shards).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica_staleness_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -276,7 +280,7 @@ mod tests {
                 })
                 .collect(),
         };
-        let meta = AnswerMeta { answered_by: "projection", route: None, reason: None, projection_lag: None };
+        let meta = AnswerMeta { answered_by: "projection", route: None, reason: None, projection_lag: None, replica_staleness_ms: None };
         let json: serde_json::Value = serde_json::from_slice(&answer.to_json_bytes(&meta)).unwrap();
         assert_eq!(json["dataByStatus"].as_object().unwrap().len(), 3, "{json}");
         assert_eq!((json["dataByStatus"][won1]["total"].as_u64(), json["dataByStatus"][won2]["total"].as_u64()), (Some(0), Some(1)));

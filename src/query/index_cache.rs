@@ -7,7 +7,7 @@ use super::index::OrgIndex;
 use board_core::keys::OrgKeys;
 use board_core::model::CardKind;
 use board_core::record::CardRecord;
-use redis::aio::ConnectionManager;
+use board_core::redis_conn::RedisConn;
 use redis::{RedisError, Value};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -36,7 +36,7 @@ fn unix_now() -> i64 {
 
 #[derive(Clone)]
 pub struct IndexCache {
-    conn: ConnectionManager,
+    conn: RedisConn,
     orgs: Arc<Mutex<HashMap<String, Arc<OrgSlot>>>>,
     sweeper: Arc<Mutex<bool>>,
 }
@@ -60,7 +60,7 @@ fn text(v: &Value) -> Option<String> {
 
 /// `XINFO STREAM`: (last-generated-id, max-deleted-entry-id); ("0-0", "0-0") when the stream
 /// does not exist yet.
-async fn stream_state(conn: &mut ConnectionManager, key: &str) -> Result<(String, String), RedisError> {
+async fn stream_state(conn: &mut RedisConn, key: &str) -> Result<(String, String), RedisError> {
     let reply: Result<Value, RedisError> = redis::cmd("XINFO").arg("STREAM").arg(key).query_async(conn).await;
     let fields: Vec<(String, Value)> = match reply {
         Ok(Value::Array(items)) => items.chunks(2).filter_map(|c| Some((text(&c[0])?, c.get(1)?.clone()))).collect(),
@@ -74,7 +74,7 @@ async fn stream_state(conn: &mut ConnectionManager, key: &str) -> Result<(String
 }
 
 impl IndexCache {
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: RedisConn) -> Self {
         IndexCache { conn, orgs: Arc::default(), sweeper: Arc::default() }
     }
 

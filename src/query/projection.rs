@@ -13,7 +13,7 @@ use board_core::keys::{Generation, KeySpace, OrgKeys};
 use board_core::model::{CardKind, Pipeline};
 use board_core::record::CardRecord;
 use board_core::time::Millis;
-use redis::aio::ConnectionManager;
+use board_core::redis_conn::RedisConn;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -103,7 +103,7 @@ impl SetShape {
 
 #[derive(Clone)]
 pub struct ProjectionReader {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: KeySpace,
     index: IndexCache,
     index_deadline: Duration,
@@ -127,7 +127,7 @@ impl ProjectionRoute {
 }
 
 impl ProjectionReader {
-    pub fn new(conn: ConnectionManager, keys: KeySpace, index_deadline: Duration) -> Self {
+    pub fn new(conn: RedisConn, keys: KeySpace, index_deadline: Duration) -> Self {
         ProjectionReader { index: IndexCache::new(conn.clone()), conn, keys, index_deadline, deep_page_offset: DEEP_PAGE_OFFSET }
     }
 
@@ -149,14 +149,19 @@ impl ProjectionReader {
     /// In the same round trip, the projection's state: a request never reads a projection that
     /// is not whole.
     pub async fn live_keys(&self, org: &str) -> Result<OrgKeys, ProjectionError> {
-        let (pointer, (instance, status)): (Option<String>, (Option<String>, Option<String>)) = redis::pipe()
-            .get(self.keys.generation_pointer(org))
-            .cmd("HMGET")
-            .arg(self.keys.state())
-            .arg("instance")
-            .arg("status")
-            .query_async(&mut self.conn.clone())
+        // Two slots (the org's and `{meta}`): one pipeline on a single server, two requests
+        // sent at once on a cluster.
+        let (pointer_key, state_key) = (self.keys.generation_pointer(org), self.keys.state());
+        let replies: Vec<redis::Value> = self
+            .conn
+            .clone()
+            .query_by_slot(vec![
+                (pointer_key.clone(), redis::cmd("GET").arg(&pointer_key).clone()),
+                (state_key.clone(), redis::cmd("HMGET").arg(&state_key).arg("instance").arg("status").clone()),
+            ])
             .await?;
+        let (pointer, (instance, status)): (Option<String>, (Option<String>, Option<String>)) =
+            redis::from_redis_value(redis::Value::Array(replies)).map_err(redis::RedisError::from)?;
         match (instance, status.as_deref()) {
             (None, _) => return Err(ProjectionError::NotWhole("projection_missing")),
             (Some(_), Some("whole")) => {}

@@ -130,7 +130,7 @@ impl TestEnv {
         seeded
     }
 
-    pub async fn redis(&self) -> redis::aio::ConnectionManager {
+    pub async fn redis(&self) -> pipeline_board::core::redis_conn::RedisConn {
         pipeline_board::core::config::redis_connection(&self.redis_url).await.expect("redis")
     }
 
@@ -231,7 +231,7 @@ impl TestEnv {
         let _ = self.mongo().await.drop().await;
         let mut conn = self.redis().await;
         let pattern = format!("{}:*", self.keys.prefix());
-        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.unwrap_or_default();
+        let keys: Vec<String> = conn.scan_match(&pattern).await.unwrap_or_default();
         for chunk in keys.chunks(500) {
             let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
         }
@@ -263,7 +263,7 @@ impl TestEnv {
         pipeline_board::api::ServeArgs {
             listen_addr: "127.0.0.1:0".into(),
             auth: pipeline_board::api::auth::AuthArgs::hs256(JWT_SECRET),
-            redis: RedisArgs { redis_url: self.redis_url.clone(), redis_prefix: self.keys.prefix().to_string() },
+            redis: RedisArgs { redis_url: self.redis_url.clone(), redis_cluster: false, redis_prefix: self.keys.prefix().to_string() },
             mongo: MongoArgs { mongodb_uri: self.mongo_uri.clone(), mongodb_db: self.mongo_db.clone() },
             group_id: self.group.clone(),
             request_timeout_ms: 30_000,
@@ -273,6 +273,7 @@ impl TestEnv {
             lag_interval_ms: 1_000,
             ready_max_lag: 10_000,
             demo_signin: false,
+            redis_read_from: pipeline_board::api::ReadFrom::Primary,
         }
     }
 
@@ -513,4 +514,97 @@ pub async fn env_with_own_redis(name: &str) -> (TestEnv, OwnRedis, TempDir) {
     own.wait_ready().await;
     env.redis_url = own.url();
     (env, own, dir)
+}
+
+/// The stack's Redis Cluster (deploy/redis-cluster.sh, 3 primaries + 3 replicas on 7000-7005).
+pub fn cluster_url() -> String {
+    env_or("REDIS_CLUSTER_URL", "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002")
+}
+
+impl TestEnv {
+    /// A test environment on the stack's Redis Cluster.
+    pub async fn on_cluster(name: &str) -> TestEnv {
+        let mut env = TestEnv::new(name).await;
+        env.redis_url = cluster_url();
+        env
+    }
+}
+
+/// A Redis Cluster of the test's own (3 primaries + 3 replicas, deploy/redis-cluster.sh), to
+/// kill nodes of and move slots in without disturbing the tests beside it. Stopped when dropped.
+pub struct OwnCluster {
+    pub dir: TempDir,
+    pub base: u16,
+}
+
+impl OwnCluster {
+    pub fn start() -> OwnCluster {
+        let dir = TempDir::new("cluster");
+        // Six ports and their cluster bus ports (+10000) all free.
+        let base = loop {
+            let base = 20_000 + rand::random::<u16>() % 20_000;
+            let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+            if (base..base + 6).all(|p| free(p) && free(p + 10_000)) {
+                break base;
+            }
+        };
+        let status = std::process::Command::new("bash")
+            .arg(deploy_script("redis-cluster.sh"))
+            .args(["up", dir.0.to_str().unwrap(), &base.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("redis-cluster.sh runs");
+        assert!(status.success(), "own cluster started");
+        OwnCluster { dir, base }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis+cluster://127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}", self.base, self.base + 1, self.base + 2)
+    }
+
+    pub fn ports(&self) -> std::ops::Range<u16> {
+        self.base..self.base + 6
+    }
+
+    /// SIGKILLs the node on `port` (no shutdown, no last write to its replica).
+    pub fn kill(&self, port: u16) {
+        let pidfile = self.dir.0.join(port.to_string()).join("redis.pid");
+        let pid: i32 = std::fs::read_to_string(&pidfile).expect("pid file").trim().parse().expect("pid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("killed");
+        let _ = std::fs::remove_file(pidfile);
+    }
+
+    /// Starts the node on `port` again (empty: it rejoins with its nodes.conf and resyncs).
+    pub fn restart(&self, port: u16) {
+        let status = std::process::Command::new("bash")
+            .arg(deploy_script("redis-cluster.sh"))
+            .args(["start-node", self.dir.0.to_str().unwrap(), &port.to_string()])
+            .status()
+            .expect("redis-cluster.sh runs");
+        assert!(status.success(), "node {port} restarted");
+    }
+
+    /// A plain connection to one node.
+    pub fn node(&self, port: u16) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap().get_connection().expect("node answers")
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(deploy_script("redis-cluster.sh"))
+            .args(["down", self.dir.0.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// The node (port) serving `key`'s slot as primary, and the slot, asked of any node.
+pub fn primary_of(node: &mut redis::Connection, key: &str) -> (u16, u16) {
+    let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(node).unwrap();
+    let shards: redis::Value = redis::cmd("CLUSTER").arg("SHARDS").query(node).unwrap();
+    let nodes = pipeline_board::core::redis_conn::cluster_nodes(&shards).unwrap();
+    let owner = nodes.iter().find(|n| n.primary && n.healthy && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))).expect("slot served");
+    (owner.port, slot)
 }

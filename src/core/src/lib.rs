@@ -9,6 +9,7 @@ pub mod functions;
 pub mod keys;
 pub mod model;
 pub mod record;
+pub mod redis_conn;
 pub mod telemetry;
 pub mod text;
 pub mod time;

@@ -1,0 +1,375 @@
+//! One Redis connection type for a single server and for a Redis Cluster, so that every command
+//! (`serve`, `project`, `rebuild`, `verify`, `seed`, `bench`) runs on either without knowing
+//! which.
+//!
+//! Which one is said by the URL (README "Redis Cluster"):
+//! - `redis://host:port` — one server (reconnecting `ConnectionManager`);
+//! - `redis+cluster://host1:port1,host2:port2` or `redis://host1:port1,redis://host2:port2`
+//!   (several seed nodes) — a cluster (`cluster_async::ClusterConnection`, which follows
+//!   `MOVED`/`ASK` redirections and refreshes its slot map after a failover or a reshard).
+//!
+//! Every multi-key operation of this service is single-slot by construction: an org's keys all
+//! carry `{<orgId>}`, the projection's own state `{meta}`. The cluster client refuses a pipeline
+//! whose keys name two slots (`CrossSlot`) and Redis refuses a Function call that does, so the
+//! cluster tests fail on any cross-slot operation.
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use std::collections::HashMap;
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use std::time::Duration;
+
+/// Where to connect, parsed from a Redis URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    /// One URL per seed node (`redis://` or `rediss://`).
+    pub nodes: Vec<String>,
+    pub cluster: bool,
+}
+
+impl RedisTarget {
+    /// `redis+cluster://a:1,b:2` (or `rediss+cluster://`), a comma-separated list of URLs, or one
+    /// URL (a single server unless `force_cluster`).
+    pub fn parse(url: &str, force_cluster: bool) -> Self {
+        let (cluster_scheme, rest) = match url.split_once("+cluster://") {
+            Some((scheme, rest)) => (Some(scheme.to_string()), rest.to_string()),
+            None => (None, url.to_string()),
+        };
+        let nodes: Vec<String> = rest
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| match (&cluster_scheme, n.contains("://")) {
+                (Some(scheme), false) => format!("{scheme}://{n}"),
+                _ => n.to_string(),
+            })
+            .collect();
+        let cluster = force_cluster || cluster_scheme.is_some() || nodes.len() > 1;
+        RedisTarget { nodes, cluster }
+    }
+}
+
+/// How a connection behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOptions {
+    pub connection_timeout: Duration,
+    /// Long enough for a Redis busy running other clients' Functions (the client's default is
+    /// far shorter).
+    pub response_timeout: Duration,
+    /// Cluster only: read-only commands (GET, HGETALL, ZRANGE, `FCALL_RO`, ...) go to a replica
+    /// of the slot's shard (the cluster client sends `READONLY` to it). Writes always go to the
+    /// primary.
+    pub read_from_replicas: bool,
+    /// Attempts of a request before its error is returned (None: the client's default). The
+    /// API keeps it low: a board answers from MongoDB rather than waiting on a down Redis.
+    pub retries: Option<u32>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions { connection_timeout: Duration::from_secs(5), response_timeout: Duration::from_secs(60), read_from_replicas: false, retries: None }
+    }
+}
+
+/// A connection to a single server or to a cluster; cheap to clone (both are multiplexed).
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl RedisConn {
+    /// Connects now (the cluster client reads the slot map from a seed).
+    pub async fn connect(target: &RedisTarget, options: ConnectOptions) -> RedisResult<Self> {
+        if target.cluster {
+            let mut builder = redis::cluster::ClusterClientBuilder::new(target.nodes.clone())
+                .connection_timeout(options.connection_timeout)
+                .response_timeout(options.response_timeout);
+            if let Some(n) = options.retries {
+                builder = builder.retries(n);
+            }
+            if options.read_from_replicas {
+                builder = builder.read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
+            }
+            Ok(RedisConn::Cluster(builder.build()?.get_async_connection().await?))
+        } else {
+            let url = target.nodes.first().map(String::as_str).unwrap_or("redis://127.0.0.1:6379");
+            Ok(RedisConn::Single(ConnectionManager::new_with_config(redis::Client::open(url)?, manager_config(options)).await?))
+        }
+    }
+
+    /// Like `connect`, but a single server is connected on first use (the API starts while
+    /// Redis is down and answers from MongoDB meanwhile). A cluster needs its slot map, so it
+    /// is connected now.
+    pub async fn connect_lazy(target: &RedisTarget, options: ConnectOptions) -> RedisResult<Self> {
+        if target.cluster {
+            return Self::connect(target, options).await;
+        }
+        let url = target.nodes.first().map(String::as_str).unwrap_or("redis://127.0.0.1:6379");
+        Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(redis::Client::open(url)?, manager_config(options))?))
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConn::Cluster(_))
+    }
+
+    /// The primaries, as (host, port): one entry (None) for a single server.
+    pub async fn primaries(&mut self) -> RedisResult<Vec<Option<(String, u16)>>> {
+        match self {
+            RedisConn::Single(_) => Ok(vec![None]),
+            RedisConn::Cluster(c) => {
+                let shards = redis::cmd("CLUSTER").arg("SHARDS").query_async::<Value>(c).await?;
+                Ok(cluster_nodes(&shards)?.into_iter().filter(|n| n.primary && n.healthy).map(|n| Some((n.host, n.port))).collect())
+            }
+        }
+    }
+
+    /// Every node of a cluster with its role and shard (empty for a single server).
+    pub async fn cluster_nodes(&mut self) -> RedisResult<Vec<ClusterNode>> {
+        match self {
+            RedisConn::Single(_) => Ok(Vec::new()),
+            RedisConn::Cluster(c) => cluster_nodes(&redis::cmd("CLUSTER").arg("SHARDS").query_async::<Value>(c).await?),
+        }
+    }
+
+    /// Runs `cmd` on one node (None: the single server).
+    pub async fn on_node(&mut self, cmd: &Cmd, node: &Option<(String, u16)>) -> RedisResult<Value> {
+        match (self, node) {
+            (RedisConn::Cluster(c), Some((host, port))) => {
+                c.route_command(cmd.clone(), RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port })).await
+            }
+            (conn, _) => cmd.query_async(conn).await,
+        }
+    }
+
+    /// Runs `cmd` on every primary (a single server: once); one reply each.
+    pub async fn on_every_primary(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            RedisConn::Single(c) => cmd.query_async(c).await,
+            RedisConn::Cluster(c) => {
+                c.route_command(cmd.clone(), RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)))).await
+            }
+        }
+    }
+
+    /// Runs commands in as few round trips as the deployment allows, replies in order: one
+    /// pipeline on a single server; on a cluster one pipeline per hash slot (`slot_key` of each
+    /// command names its slot), all sent at once. For reads and writes of many orgs at a time
+    /// (the projector's batch): one org's commands share its slot.
+    pub async fn query_by_slot<T: redis::FromRedisValue>(&mut self, cmds: Vec<(String, Cmd)>) -> RedisResult<Vec<T>> {
+        let values = self.query_values_by_slot(cmds).await?;
+        values.into_iter().map(|v| redis::from_redis_value(v).map_err(redis::RedisError::from)).collect()
+    }
+
+    async fn query_values_by_slot(&mut self, cmds: Vec<(String, Cmd)>) -> RedisResult<Vec<Value>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            RedisConn::Single(c) => {
+                let mut pipe = redis::pipe();
+                for (_, cmd) in cmds {
+                    pipe.add_command(cmd);
+                }
+                pipe.query_async(c).await
+            }
+            RedisConn::Cluster(c) => {
+                let mut groups: HashMap<Route, (Vec<usize>, Pipeline)> = HashMap::new();
+                for (i, (key, cmd)) in cmds.into_iter().enumerate() {
+                    let (idx, pipe) = groups.entry(Route::with_key(key.as_bytes(), SlotAddr::Master)).or_insert_with(|| (Vec::new(), redis::pipe()));
+                    idx.push(i);
+                    pipe.add_command(cmd);
+                }
+                let n = groups.values().map(|(idx, _)| idx.len()).sum();
+                let replies = futures::future::try_join_all(groups.into_values().map(|(idx, pipe)| {
+                    let mut c = c.clone();
+                    async move { pipe.query_async::<Vec<Value>>(&mut c).await.map(|r| (idx, r)) }
+                }))
+                .await?;
+                let mut out = vec![Value::Nil; n];
+                for (idx, values) in replies {
+                    for (i, v) in idx.into_iter().zip(values) {
+                        out[i] = v;
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// `WAIT replicas timeout` on the primary of each slot of `slot_keys`, after this
+    /// connection's writes to it: the fewest replicas that acknowledged them (with a single
+    /// server, its count). A write acknowledged by a replica survives that replica's promotion.
+    pub async fn wait_for_replicas(&mut self, slot_keys: &[String], replicas: u32, timeout: Duration) -> RedisResult<i64> {
+        let wait = redis::cmd("WAIT").arg(replicas).arg(timeout.as_millis() as u64).clone();
+        match self {
+            RedisConn::Single(c) => wait.query_async(c).await,
+            RedisConn::Cluster(c) => {
+                let routes: std::collections::HashSet<Route> = slot_keys.iter().map(|k| Route::with_key(k.as_bytes(), SlotAddr::Master)).collect();
+                let acked = futures::future::try_join_all(routes.into_iter().map(|route| {
+                    let (mut c, wait) = (c.clone(), wait.clone());
+                    async move {
+                        let v = c.route_command(wait, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route))).await?;
+                        Ok::<i64, redis::RedisError>(redis::from_redis_value::<i64>(v)?)
+                    }
+                }))
+                .await?;
+                Ok(acked.into_iter().min().unwrap_or(replicas as i64))
+            }
+        }
+    }
+
+    /// The names matching `pattern` on every primary (SCAN walks one node's keys only).
+    pub async fn scan_match(&mut self, pattern: &str) -> RedisResult<Vec<String>> {
+        let mut found = Vec::new();
+        for node in self.primaries().await? {
+            let mut cursor = 0u64;
+            loop {
+                let cmd = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).clone();
+                let (next, keys): (u64, Vec<String>) = redis::from_redis_value(self.on_node(&cmd, &node).await?)?;
+                found.extend(keys);
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+}
+
+/// Runs one command on a plain blocking connection, made for it: for code that must decide
+/// before it returns and cannot await (the projector's rebalance callback, inside librdkafka's
+/// poll).
+pub fn query_blocking<T: redis::FromRedisValue>(target: &RedisTarget, cmd: &Cmd, timeout: Duration) -> RedisResult<T> {
+    if target.cluster {
+        let client = redis::cluster::ClusterClientBuilder::new(target.nodes.clone()).connection_timeout(timeout).response_timeout(timeout).build()?;
+        cmd.query(&mut client.get_connection()?)
+    } else {
+        let url = target.nodes.first().map(String::as_str).unwrap_or("redis://127.0.0.1:6379");
+        let mut c = redis::Client::open(url)?.get_connection_with_timeout(timeout)?;
+        c.set_read_timeout(Some(timeout))?;
+        cmd.query(&mut c)
+    }
+}
+
+fn manager_config(options: ConnectOptions) -> redis::aio::ConnectionManagerConfig {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(options.connection_timeout))
+        .set_response_timeout(Some(options.response_timeout));
+    match options.retries {
+        Some(n) => config.set_number_of_retries(n as usize),
+        None => config,
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(&'a mut self, pipeline: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// One node of a cluster, from `CLUSTER SHARDS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    pub primary: bool,
+    pub healthy: bool,
+    /// The replication offset the node reports.
+    pub replication_offset: i64,
+    /// The slot ranges of the node's shard.
+    pub slots: Vec<(u16, u16)>,
+}
+
+/// Parses a `CLUSTER SHARDS` reply (RESP2: maps as flat arrays).
+pub fn cluster_nodes(reply: &Value) -> RedisResult<Vec<ClusterNode>> {
+    let bad = |what: &str| redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "unexpected CLUSTER SHARDS reply", what.to_string()));
+    let Value::Array(shards) = reply else { return Err(bad("not an array")) };
+    let mut out = Vec::new();
+    for shard in shards {
+        let shard = pairs(shard).ok_or_else(|| bad("shard"))?;
+        let mut slots = Vec::new();
+        if let Some(Value::Array(ranges)) = shard.get("slots") {
+            for pair in ranges.chunks(2) {
+                if let [a, b] = pair {
+                    slots.push((redis::from_redis_value::<u16>(a.clone())?, redis::from_redis_value::<u16>(b.clone())?));
+                }
+            }
+        }
+        let Some(Value::Array(nodes)) = shard.get("nodes") else { return Err(bad("nodes")) };
+        for node in nodes {
+            let n = pairs(node).ok_or_else(|| bad("node"))?;
+            let text = |k: &str| n.get(k).and_then(|v| redis::from_redis_value::<String>((*v).clone()).ok()).unwrap_or_default();
+            let number = |k: &str| n.get(k).and_then(|v| redis::from_redis_value::<i64>((*v).clone()).ok()).unwrap_or_default();
+            let host = Some(text("ip")).filter(|h| !h.is_empty()).unwrap_or_else(|| text("endpoint"));
+            out.push(ClusterNode {
+                id: text("id"),
+                host,
+                port: number("port") as u16,
+                primary: text("role") == "master",
+                healthy: text("health") == "online",
+                replication_offset: number("replication-offset"),
+                slots: slots.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn pairs(v: &Value) -> Option<std::collections::HashMap<String, &Value>> {
+    match v {
+        Value::Array(items) => items
+            .chunks(2)
+            .map(|kv| match kv {
+                [k, v] => redis::from_redis_value::<String>(k.clone()).ok().map(|k| (k, v)),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(items) => items.iter().map(|(k, v)| redis::from_redis_value::<String>(k.clone()).ok().map(|k| (k, v))).collect(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_a_server_or_a_cluster() {
+        assert_eq!(RedisTarget::parse("redis://127.0.0.1:6379", false), RedisTarget { nodes: vec!["redis://127.0.0.1:6379".into()], cluster: false });
+        assert!(RedisTarget::parse("redis://127.0.0.1:7000", true).cluster);
+        assert_eq!(
+            RedisTarget::parse("redis+cluster://a:7000,b:7001", false),
+            RedisTarget { nodes: vec!["redis://a:7000".into(), "redis://b:7001".into()], cluster: true }
+        );
+        assert_eq!(
+            RedisTarget::parse("rediss+cluster://:pw@a:7000", false),
+            RedisTarget { nodes: vec!["rediss://:pw@a:7000".into()], cluster: true }
+        );
+        assert_eq!(
+            RedisTarget::parse("redis://a:7000, redis://b:7001", false),
+            RedisTarget { nodes: vec!["redis://a:7000".into(), "redis://b:7001".into()], cluster: true }
+        );
+    }
+}
