@@ -26,11 +26,11 @@ use board_core::events::{parse_event, Event};
 use board_core::functions::{load_library, switch_cmd, Commit, SwitchOutcome};
 use board_core::keys::{Generation, KeySpace};
 use board_core::model::CardKind;
+use board_core::redis_conn::RedisConn;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use board_core::redis_conn::RedisConn;
 use redis::AsyncCommands;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::IsTerminal;
@@ -383,8 +383,7 @@ async fn rebuild(
     };
     let filter = plan.org_filter();
     let mut report = Report { generation: plan.generation.to_string(), resumed: resume, ..Report::default() };
-    let mut applier =
-        RedisApplier::connect(&args.redis.url(), keys.clone()).await?.with_target(Target::Building(plan.generation.clone()));
+    let mut applier = RedisApplier::connect(&args.redis.url(), keys.clone()).await?.with_target(Target::Building(plan.generation.clone()));
     set_phase_gauge(&plan.phase);
 
     if plan.phase == "snapshot" {
@@ -727,11 +726,7 @@ async fn discard(conn: &mut RedisConn, keys: &KeySpace, plan: &Plan) -> anyhow::
 
 /// Unlinks the keys of `(org, generation)` pairs, found in one SCAN of the prefix. The org's
 /// generation pointer is never removed; a generation an org is still on is never removed.
-pub async fn remove_org_generations(
-    conn: &mut RedisConn,
-    keys: &KeySpace,
-    remove: &HashMap<String, Generation>,
-) -> anyhow::Result<usize> {
+pub async fn remove_org_generations(conn: &mut RedisConn, keys: &KeySpace, remove: &HashMap<String, Generation>) -> anyhow::Result<usize> {
     if remove.is_empty() {
         return Ok(0);
     }

@@ -427,7 +427,8 @@ async fn on_a_redis_cluster_with_orgs_on_every_shard_both_paths_answer_identical
     assert!(report.is_clean(), "verify on the cluster: {:#?}", report.samples);
     assert_eq!(report.orgs, org_ids.len());
 
-    let projection = ProjectionReader::new(env.redis().await, env.keys.clone(), std::time::Duration::from_secs(10)).with_deep_page_offset(5);
+    let projection =
+        ProjectionReader::new(env.redis().await, env.keys.clone(), std::time::Duration::from_secs(10)).with_deep_page_offset(5);
     let db = env.mongo().await;
     let mongo_reader = MongoReader::new(db.clone(), pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
     let mut snaps = Vec::new();

@@ -6,10 +6,10 @@ use crate::batch::{self, Outcome, Slot, Snapshot, Step};
 use board_core::events::Event;
 use board_core::functions::{load_library, Commit, CommitOutcome};
 use board_core::keys::{Generation, KeySpace, OrgKeys};
-use board_core::redis_conn::{ConnectOptions, RedisConn, RedisTarget};
+use board_core::redis_conn::{ConnectOptions, RedisConn, RedisTarget, Route};
 use redis::RedisError;
-use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 /// Redis could not take the batch now (down, restarting, out of memory, failing over). The
@@ -52,6 +52,8 @@ pub struct RedisApplier {
     /// Replicas that must hold a batch's writes before it counts as applied (see
     /// `await_replicas`): 1 on a cluster, 0 on a single server (nothing to wait for).
     replica_acks: u32,
+    /// Shards found without a connected replica, until when they are not waited for.
+    without_replica: HashMap<Route, Instant>,
 }
 
 /// How long a batch waits for its replicas' acknowledgement.
@@ -70,7 +72,7 @@ impl RedisApplier {
         let mut conn = RedisConn::connect(&RedisTarget::parse(url, false), options).await?;
         load_library(&mut conn).await?;
         let replica_acks = if conn.is_cluster() { 1 } else { 0 };
-        Ok(RedisApplier { conn, keys, target: Target::Live, generations: HashMap::new(), replica_acks })
+        Ok(RedisApplier { conn, keys, target: Target::Live, generations: HashMap::new(), replica_acks, without_replica: HashMap::new() })
     }
 
     /// Replicas that must acknowledge each batch (`REDIS_WAIT_REPLICAS`).
@@ -100,7 +102,8 @@ impl RedisApplier {
         if unknown.is_empty() {
             return Ok(());
         }
-        let gets = unknown.iter().map(|org| self.keys.generation_pointer(org)).map(|k| (k.clone(), redis::cmd("GET").arg(k).clone())).collect();
+        let gets =
+            unknown.iter().map(|org| self.keys.generation_pointer(org)).map(|k| (k.clone(), redis::cmd("GET").arg(k).clone())).collect();
         let names: Vec<Option<String>> = self.conn.query_by_slot(gets).await?;
         for (org, name) in unknown.into_iter().zip(names) {
             let name = name.unwrap_or_default();
@@ -258,17 +261,39 @@ impl RedisApplier {
     /// Waits until `replica_acks` replicas of each written shard hold the batch's writes (WAIT),
     /// before the caller records its offsets: with asynchronous replication a primary that dies
     /// right after a commit could otherwise take it along, while the progress says it was
-    /// applied. A shard that cannot get the acks in time (its replica is down or still syncing)
-    /// is counted and logged, not waited for forever: then no replica holds less data that
-    /// could be promoted in its place.
+    /// applied. A shard without a connected replica (its replica died or was promoted after a
+    /// failover) is not waited for — nothing could be promoted in its place with less data — and
+    /// is asked again (`ROLE`) a second later; its batches are counted as
+    /// `pb_commit_unreplicated_total`. A replica connected but not acknowledging in time is
+    /// logged and counted, not waited for forever.
     async fn await_replicas(&mut self, written: &[String]) -> Result<(), Transient> {
         if self.replica_acks == 0 || written.is_empty() {
             return Ok(());
         }
-        let acked = self.conn.wait_for_replicas(written, self.replica_acks, REPLICA_ACK_TIMEOUT).await?;
-        if acked < self.replica_acks as i64 {
-            metrics::counter!("pb_commit_unreplicated_total").increment(1);
-            warn!(acked, wanted = self.replica_acks, "a batch's writes were not acknowledged by enough replicas in time");
+        let routes: HashSet<Route> = written.iter().map(|k| RedisConn::route_of(k)).collect();
+        for route in routes {
+            if let Some(until) = self.without_replica.get(&route) {
+                if Instant::now() < *until {
+                    metrics::counter!("pb_commit_unreplicated_total").increment(1);
+                    continue;
+                }
+                if self.conn.replicas_of(route).await? == 0 {
+                    self.without_replica.insert(route, Instant::now() + Duration::from_secs(1));
+                    metrics::counter!("pb_commit_unreplicated_total").increment(1);
+                    continue;
+                }
+                self.without_replica.remove(&route);
+            }
+            let acked = self.conn.wait_on(route, self.replica_acks, REPLICA_ACK_TIMEOUT).await?;
+            if acked < self.replica_acks as i64 {
+                metrics::counter!("pb_commit_unreplicated_total").increment(1);
+                if self.conn.replicas_of(route).await? == 0 {
+                    warn!(?route, "a shard has no connected replica: its writes are not waited for until one connects");
+                    self.without_replica.insert(route, Instant::now() + Duration::from_secs(1));
+                } else {
+                    warn!(?route, acked, wanted = self.replica_acks, "a batch's writes were not acknowledged by enough replicas in time");
+                }
+            }
         }
         Ok(())
     }

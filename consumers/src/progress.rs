@@ -87,7 +87,11 @@ pub async fn publish_ends(
 
 /// The lag from what Redis holds: the applied offsets and the ends the projector published.
 /// None until a projector has published ends.
-pub async fn lag_from_redis(redis: &mut board_core::redis_conn::RedisConn, progress_key: &str, ends_key: &str) -> anyhow::Result<Option<Lag>> {
+pub async fn lag_from_redis(
+    redis: &mut board_core::redis_conn::RedisConn,
+    progress_key: &str,
+    ends_key: &str,
+) -> anyhow::Result<Option<Lag>> {
     let ends: BTreeMap<String, i64> = redis.hgetall(ends_key).await?;
     if ends.is_empty() {
         return Ok(None);

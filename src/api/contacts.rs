@@ -160,9 +160,17 @@ pub async fn answer(
         return Err(ApiError::DependencyDown(Dependency::Mongodb.name()));
     }
     match s.mongo.answer(org, user, q, now).await {
-        Ok(a) => {
-            Ok((a, AnswerMeta { answered_by: "mongodb", route: None, reason: Some(reason), projection_lag: s.projection_lag(), replica_staleness_ms: None }, None))
-        }
+        Ok(a) => Ok((
+            a,
+            AnswerMeta {
+                answered_by: "mongodb",
+                route: None,
+                reason: Some(reason),
+                projection_lag: s.projection_lag(),
+                replica_staleness_ms: None,
+            },
+            None,
+        )),
         Err(MongoPathError::Api(e)) => Err(e),
         Err(MongoPathError::Unavailable(e)) => Err(ApiError::Unavailable(e)),
         Err(MongoPathError::TooBroad(n)) => Err(ApiError::TooBroadForMongodb(n)),

@@ -11,7 +11,6 @@ use crate::consumers::progress;
 use crate::query::mongo_path::MongoReader;
 use crate::query::projection::ProjectionReader;
 use auth::Verifier;
-use replicas::ReplicaStaleness;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -22,6 +21,7 @@ use board_core::keys::KeySpace;
 use board_core::redis_conn::{ConnectOptions, RedisConn, RedisTarget};
 use health::{Dependency, Health};
 use metrics_exporter_prometheus::PrometheusHandle;
+use replicas::ReplicaStaleness;
 use serde_json::json;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -232,7 +232,8 @@ impl Application {
         let replica_staleness = (args.redis_read_from == ReadFrom::Replica).then(ReplicaStaleness::new);
         if let Some(r) = &replica_staleness {
             // A connection of the probe's own: its WAIT blocks the connection it runs on.
-            let probe = RedisConn::connect(&RedisTarget::parse(&args.redis.url(), false), ConnectOptions { retries: None, ..options }).await?;
+            let probe =
+                RedisConn::connect(&RedisTarget::parse(&args.redis.url(), false), ConnectOptions { retries: None, ..options }).await?;
             r.spawn_probe(probe, keys.clone(), Duration::from_millis(args.lag_interval_ms.max(100)));
         }
         let health = Health::default();

@@ -59,7 +59,7 @@ async fn measure(conn: &mut RedisConn, keys: &KeySpace, tags: &mut BTreeMap<Stri
         let sent = now_ms();
         let started = Instant::now();
         let _: () = redis::cmd("SET").arg(&key).arg(sent).arg("PX").arg(60_000).query_async(conn).await?;
-        let acked = conn.wait_for_replicas(std::slice::from_ref(&key), replicas.len() as u32, WAIT_TIMEOUT).await?;
+        let acked = conn.wait_on(RedisConn::route_of(&key), replicas.len() as u32, WAIT_TIMEOUT).await?;
         let mut stale = started.elapsed().as_millis() as i64;
         if acked < replicas.len() as i64 {
             // Someone is further behind than the wait: read what each replica holds.
@@ -77,7 +77,12 @@ async fn measure(conn: &mut RedisConn, keys: &KeySpace, tags: &mut BTreeMap<Stri
 
 /// A key whose slot the primary's shard serves: `<prefix>:replica-clock:{<tag>}`, the tag found
 /// once per shard (by asking the cluster for tags' slots) and kept while the shard keeps it.
-async fn clock_key(conn: &mut RedisConn, keys: &KeySpace, primary: &ClusterNode, tags: &mut BTreeMap<String, String>) -> redis::RedisResult<Option<String>> {
+async fn clock_key(
+    conn: &mut RedisConn,
+    keys: &KeySpace,
+    primary: &ClusterNode,
+    tags: &mut BTreeMap<String, String>,
+) -> redis::RedisResult<Option<String>> {
     let shard = format!("{:?}", primary.slots);
     if let Some(tag) = tags.get(&shard) {
         return Ok(Some(format!("{}:replica-clock:{{{tag}}}", keys.prefix())));

@@ -109,7 +109,13 @@ fn hot(c: &mut Criterion) {
             })
             .collect(),
     };
-    let meta = AnswerMeta { answered_by: "projection", route: Some("sorted_sets"), reason: None, projection_lag: Some(0), replica_staleness_ms: None };
+    let meta = AnswerMeta {
+        answered_by: "projection",
+        route: Some("sorted_sets"),
+        reason: None,
+        projection_lag: Some(0),
+        replica_staleness_ms: None,
+    };
     println!("rendered board: {} bytes", answer.to_json_bytes(&meta).len());
     c.bench_function("response rendering (8 stages x 25 cards)", |b| b.iter(|| black_box(&answer).to_json_bytes(&meta)));
 }

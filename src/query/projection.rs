@@ -12,8 +12,8 @@ use super::request::{BoardQuery, MessageStatus, OwnerScope};
 use board_core::keys::{Generation, KeySpace, OrgKeys};
 use board_core::model::{CardKind, Pipeline};
 use board_core::record::CardRecord;
-use board_core::time::Millis;
 use board_core::redis_conn::RedisConn;
+use board_core::time::Millis;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

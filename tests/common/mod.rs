@@ -602,9 +602,14 @@ impl Drop for OwnCluster {
 
 /// The node (port) serving `key`'s slot as primary, and the slot, asked of any node.
 pub fn primary_of(node: &mut redis::Connection, key: &str) -> (u16, u16) {
-    let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(node).unwrap();
-    let shards: redis::Value = redis::cmd("CLUSTER").arg("SHARDS").query(node).unwrap();
-    let nodes = pipeline_board::core::redis_conn::cluster_nodes(&shards).unwrap();
-    let owner = nodes.iter().find(|n| n.primary && n.healthy && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))).expect("slot served");
-    (owner.port, slot)
+    serving_primary(node, key).expect("slot served")
+}
+
+/// Like `primary_of`; None while no healthy primary serves the slot (a failover under way).
+pub fn serving_primary(node: &mut redis::Connection, key: &str) -> Option<(u16, u16)> {
+    let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(node).ok()?;
+    let shards: redis::Value = redis::cmd("CLUSTER").arg("SHARDS").query(node).ok()?;
+    let nodes = pipeline_board::core::redis_conn::cluster_nodes(&shards).ok()?;
+    let owner = nodes.iter().find(|n| n.primary && n.healthy && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))?;
+    Some((owner.port, slot))
 }

@@ -14,8 +14,10 @@
 //! cluster tests fail on any cross-slot operation.
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use std::collections::HashMap;
+
+pub use redis::cluster_routing::Route;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 use std::time::Duration;
 
@@ -67,7 +69,12 @@ pub struct ConnectOptions {
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        ConnectOptions { connection_timeout: Duration::from_secs(5), response_timeout: Duration::from_secs(60), read_from_replicas: false, retries: None }
+        ConnectOptions {
+            connection_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(60),
+            read_from_replicas: false,
+            retries: None,
+        }
     }
 }
 
@@ -136,7 +143,8 @@ impl RedisConn {
     pub async fn on_node(&mut self, cmd: &Cmd, node: &Option<(String, u16)>) -> RedisResult<Value> {
         match (self, node) {
             (RedisConn::Cluster(c), Some((host, port))) => {
-                c.route_command(cmd.clone(), RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port })).await
+                c.route_command(cmd.clone(), RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port }))
+                    .await
             }
             (conn, _) => cmd.query_async(conn).await,
         }
@@ -147,7 +155,11 @@ impl RedisConn {
         match self {
             RedisConn::Single(c) => cmd.query_async(c).await,
             RedisConn::Cluster(c) => {
-                c.route_command(cmd.clone(), RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)))).await
+                c.route_command(
+                    cmd.clone(),
+                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded))),
+                )
+                .await
             }
         }
     }
@@ -176,7 +188,8 @@ impl RedisConn {
             RedisConn::Cluster(c) => {
                 let mut groups: HashMap<Route, (Vec<usize>, Pipeline)> = HashMap::new();
                 for (i, (key, cmd)) in cmds.into_iter().enumerate() {
-                    let (idx, pipe) = groups.entry(Route::with_key(key.as_bytes(), SlotAddr::Master)).or_insert_with(|| (Vec::new(), redis::pipe()));
+                    let (idx, pipe) =
+                        groups.entry(Route::with_key(key.as_bytes(), SlotAddr::Master)).or_insert_with(|| (Vec::new(), redis::pipe()));
                     idx.push(i);
                     pipe.add_command(cmd);
                 }
@@ -197,25 +210,36 @@ impl RedisConn {
         }
     }
 
-    /// `WAIT replicas timeout` on the primary of each slot of `slot_keys`, after this
-    /// connection's writes to it: the fewest replicas that acknowledged them (with a single
-    /// server, its count). A write acknowledged by a replica survives that replica's promotion.
-    pub async fn wait_for_replicas(&mut self, slot_keys: &[String], replicas: u32, timeout: Duration) -> RedisResult<i64> {
+    /// Where the primary of `key`'s slot is, for `wait_on` and `replicas_of` (a single server:
+    /// ignored).
+    pub fn route_of(key: &str) -> Route {
+        Route::with_key(key.as_bytes(), SlotAddr::Master)
+    }
+
+    /// `WAIT replicas timeout` on the primary of `route`, after this connection's writes to
+    /// it: how many replicas acknowledged them. A write acknowledged by a replica survives that
+    /// replica's promotion.
+    pub async fn wait_on(&mut self, route: Route, replicas: u32, timeout: Duration) -> RedisResult<i64> {
         let wait = redis::cmd("WAIT").arg(replicas).arg(timeout.as_millis() as u64).clone();
+        self.on_route(wait, route).await.and_then(|v| Ok(redis::from_redis_value(v)?))
+    }
+
+    /// How many replicas the primary of `route` has connected now (`ROLE`).
+    pub async fn replicas_of(&mut self, route: Route) -> RedisResult<usize> {
+        let role = self.on_route(redis::cmd("ROLE").clone(), route).await?;
+        Ok(match role {
+            Value::Array(items) => match items.get(2) {
+                Some(Value::Array(replicas)) => replicas.len(),
+                _ => 0,
+            },
+            _ => 0,
+        })
+    }
+
+    async fn on_route(&mut self, cmd: Cmd, route: Route) -> RedisResult<Value> {
         match self {
-            RedisConn::Single(c) => wait.query_async(c).await,
-            RedisConn::Cluster(c) => {
-                let routes: std::collections::HashSet<Route> = slot_keys.iter().map(|k| Route::with_key(k.as_bytes(), SlotAddr::Master)).collect();
-                let acked = futures::future::try_join_all(routes.into_iter().map(|route| {
-                    let (mut c, wait) = (c.clone(), wait.clone());
-                    async move {
-                        let v = c.route_command(wait, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route))).await?;
-                        Ok::<i64, redis::RedisError>(redis::from_redis_value::<i64>(v)?)
-                    }
-                }))
-                .await?;
-                Ok(acked.into_iter().min().unwrap_or(replicas as i64))
-            }
+            RedisConn::Single(c) => cmd.query_async(c).await,
+            RedisConn::Cluster(c) => c.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route))).await,
         }
     }
 
@@ -245,7 +269,10 @@ impl RedisConn {
 /// poll).
 pub fn query_blocking<T: redis::FromRedisValue>(target: &RedisTarget, cmd: &Cmd, timeout: Duration) -> RedisResult<T> {
     if target.cluster {
-        let client = redis::cluster::ClusterClientBuilder::new(target.nodes.clone()).connection_timeout(timeout).response_timeout(timeout).build()?;
+        let client = redis::cluster::ClusterClientBuilder::new(target.nodes.clone())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()?;
         cmd.query(&mut client.get_connection()?)
     } else {
         let url = target.nodes.first().map(String::as_str).unwrap_or("redis://127.0.0.1:6379");
@@ -304,7 +331,8 @@ pub struct ClusterNode {
 
 /// Parses a `CLUSTER SHARDS` reply (RESP2: maps as flat arrays).
 pub fn cluster_nodes(reply: &Value) -> RedisResult<Vec<ClusterNode>> {
-    let bad = |what: &str| redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "unexpected CLUSTER SHARDS reply", what.to_string()));
+    let bad =
+        |what: &str| redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "unexpected CLUSTER SHARDS reply", what.to_string()));
     let Value::Array(shards) = reply else { return Err(bad("not an array")) };
     let mut out = Vec::new();
     for shard in shards {
@@ -357,7 +385,10 @@ mod tests {
 
     #[test]
     fn urls_name_a_server_or_a_cluster() {
-        assert_eq!(RedisTarget::parse("redis://127.0.0.1:6379", false), RedisTarget { nodes: vec!["redis://127.0.0.1:6379".into()], cluster: false });
+        assert_eq!(
+            RedisTarget::parse("redis://127.0.0.1:6379", false),
+            RedisTarget { nodes: vec!["redis://127.0.0.1:6379".into()], cluster: false }
+        );
         assert!(RedisTarget::parse("redis://127.0.0.1:7000", true).cluster);
         assert_eq!(
             RedisTarget::parse("redis+cluster://a:7000,b:7001", false),
