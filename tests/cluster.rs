@@ -4,7 +4,7 @@
 //! node or move a slot.
 mod common;
 
-use common::{cluster_url, eventually, post_board, primary_of, signal, small_seed, token, OwnCluster, TestEnv};
+use common::{cluster_url, eventually, post_board, primary_of, signal, small_seed, token, TestEnv};
 use nix::sys::signal::Signal;
 use pipeline_board::mongo;
 use pipeline_board::query::board::AnswerMeta;
@@ -106,9 +106,7 @@ async fn a_cross_slot_pipeline_is_refused_so_the_cluster_tests_would_catch_one()
 /// projection equals MongoDB — nothing lost, nothing counted twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_mid_ingest_loses_nothing_the_projection_acknowledged() {
-    let cluster = OwnCluster::start();
-    let mut env = TestEnv::new("failover").await;
-    env.redis_url = cluster.url();
+    let (env, cluster) = common::env_with_own_cluster("failover").await;
     let seeded = env.seed(small_seed(3, 1200, 41)).await;
     let mut node = cluster.node(cluster.base);
     // The shard of the first org's data (and, maybe, the projection's own state).
@@ -167,9 +165,7 @@ async fn a_primary_killed_mid_ingest_loses_nothing_the_projection_acknowledged()
 /// to MongoDB), and afterwards the projection answers from the new primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_org_slot_migrated_while_boards_are_served_gives_no_failed_answer() {
-    let cluster = OwnCluster::start();
-    let mut env = TestEnv::new("reshard").await;
-    env.redis_url = cluster.url();
+    let (env, cluster) = common::env_with_own_cluster("reshard").await;
     let seeded = env.seed_and_project(small_seed(2, 400, 43)).await;
     let org = seeded.org_ids[0].clone();
     let db = env.mongo().await;
@@ -308,7 +304,8 @@ async fn two_projectors_and_two_apis_one_of_each_killed_and_restarted() {
 /// primaries' do not), answer like the primary, and say how stale the replicas were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_reads_answer_like_mongodb_and_report_their_staleness() {
-    let env = TestEnv::on_cluster("replica-reads").await;
+    // A cluster of its own: the primaries' read counters must move only with this test's reads.
+    let (env, cluster) = common::env_with_own_cluster("replica-reads").await;
     let seeded = env.seed_and_project(small_seed(2, 300, 47)).await;
     let mut args = env.serve_args();
     args.redis_read_from = pipeline_board::api::ReadFrom::Replica;
@@ -323,7 +320,7 @@ async fn replica_reads_answer_like_mongodb_and_report_their_staleness() {
     })
     .await;
     // Which node serves the org's slot as primary, which as replica: count their reads.
-    let mut node = redis::Client::open("redis://127.0.0.1:7000").unwrap().get_connection().unwrap();
+    let mut node = cluster.node(cluster.base);
     let (primary, slot) = primary_of(&mut node, &env.keys.generation_pointer(org));
     let shards: redis::Value = redis::cmd("CLUSTER").arg("SHARDS").query(&mut node).unwrap();
     let nodes = pipeline_board::core::redis_conn::cluster_nodes(&shards).unwrap();
@@ -381,5 +378,67 @@ async fn rebuild_and_verify_run_on_the_cluster() {
     assert!(left.is_empty(), "old generation removed: {left:?}");
     let out = env.cli(&["verify"]).output().unwrap();
     assert!(out.status.success(), "verify on the cluster: {}", String::from_utf8_lossy(&out.stdout));
+    env.cleanup().await;
+}
+
+/// A primary SIGKILLed and started again at once, before its replica could be promoted: it
+/// comes back empty (no persistence) holding its slots, and its replica resyncs to empty — its
+/// orgs are gone while the projection's state, on another shard, still says whole. The projector
+/// notices the restart (a new run id, nothing loaded), forgets the projection and builds it again
+/// from the topics; `verify` then finds it whole and equal to MongoDB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_restarted_empty_is_noticed_and_the_projection_built_again() {
+    let (env, cluster) = common::env_with_own_cluster("shard-loss").await;
+    // Orgs (random ids) until one lives on another shard than `{meta}`: its loss leaves the
+    // projection's state in place.
+    let mut node = cluster.node(cluster.base);
+    let (meta_shard, _) = primary_of(&mut node, &env.keys.state());
+    let mut orgs: Vec<String> = Vec::new();
+    let (mut cards, mut round) = (0u64, 0u64);
+    let org = loop {
+        let seeded = env.seed(small_seed(3, 200, 51 + round)).await;
+        cards += seeded.contacts + seeded.applications;
+        orgs.extend(seeded.org_ids);
+        if let Some(o) = orgs.iter().find(|o| primary_of(&mut node, &env.keys.generation_pointer(o)).0 != meta_shard) {
+            break o.clone();
+        }
+        round += 1;
+        assert!(round < 8, "an org off the {{meta}} shard");
+    };
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    let mut conn = env.redis().await;
+    let instance = |mut c: pipeline_board::core::redis_conn::RedisConn, key: String| async move {
+        redis::cmd("HMGET").arg(key).arg("instance").arg("status").query_async::<(Option<String>, Option<String>)>(&mut c).await.unwrap()
+    };
+    let (before, status) = instance(conn.clone(), env.keys.state()).await;
+    assert_eq!(status.as_deref(), Some("whole"));
+    let (victim, _) = primary_of(&mut node, &env.keys.generation_pointer(&org));
+    let restarted = Instant::now();
+    cluster.kill(victim);
+    cluster.restart(victim);
+    let pointer_keys: i64 = redis::cmd("DBSIZE").query(&mut cluster.node(victim)).unwrap();
+    assert!(pointer_keys < 10, "the restarted primary is empty ({pointer_keys} keys)");
+    eventually(Duration::from_secs(60), "the projection built again under a new instance", || {
+        let (c, k, before) = (conn.clone(), env.keys.state(), before.clone());
+        async move { instance(c, k).await.0.is_some_and(|i| Some(i) != before) }
+    })
+    .await;
+    let noticed = restarted.elapsed();
+    eventually(Duration::from_secs(120), "whole again", || {
+        let (c, k) = (conn.clone(), env.keys.state());
+        async move { instance(c, k).await.1.as_deref() == Some("whole") }
+    })
+    .await;
+    eprintln!(
+        "primary {victim} restarted empty: noticed and a new projection started after {:.2} s, whole after {:.2} s",
+        noticed.as_secs_f64(),
+        restarted.elapsed().as_secs_f64()
+    );
+    projector.stop().await.unwrap();
+    let report = env.verify(&orgs).await;
+    assert!(report.is_clean(), "{:#?}", report.samples);
+    assert_eq!(report.cards as u64, cards);
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
     env.cleanup().await;
 }

@@ -442,10 +442,26 @@ fn watch_state_every_second(
     instance: Arc<std::sync::Mutex<String>>,
     lost: Arc<LostSignal>,
 ) -> tokio::task::JoinHandle<()> {
-    let (keys, progress_key) = (settings.keys.clone(), settings.keys.progress(&settings.group_id));
+    let (keys, progress_key, group) = (settings.keys.clone(), settings.keys.progress(&settings.group_id), settings.group_id.clone());
     tokio::spawn(async move {
+        let mut shards = state::ShardWatch::default();
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            match shards.restarted_empty(&mut conn).await {
+                Ok(Some(node)) => {
+                    warn!(node, "a redis cluster primary restarted empty: its orgs are lost; building the projection again");
+
+                    match state::forget(&mut conn, &keys, &group).await {
+                        Ok(()) => {
+                            metrics::counter!("pb_shard_losses_total").increment(1);
+                            shards.handled();
+                        }
+                        Err(e) => warn!(error = %e, "projection state not forgotten; the next check retries"),
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => debug!(error = %e, "cluster primaries not checked"),
+            }
             let mine = instance.lock().expect("not poisoned").clone();
             match state::instance(&mut conn, &keys).await {
                 Ok(held) if held.as_deref() != Some(mine.as_str()) => {

@@ -129,3 +129,51 @@ pub async fn check_whole(conn: &mut RedisConn, keys: &KeySpace, instance: &str, 
 fn chrono_free_now_millis() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
+
+/// Forgets the projection (its state, target and this group's progress, all in `{meta}`): the
+/// projectors then see it lost and build it again from the partitions' beginnings — what a
+/// FLUSHALL does, for a loss Redis did not remove the state with (a shard of a cluster).
+pub async fn forget(conn: &mut RedisConn, keys: &KeySpace, group: &str) -> redis::RedisResult<()> {
+    redis::pipe().atomic().del(keys.state()).del(keys.state_target()).del(keys.progress(group)).query_async(conn).await
+}
+
+/// Notices a Redis Cluster primary that restarted empty while keeping its slots (no persistence,
+/// back before a replica was promoted: its replica then resyncs to empty too). Such a shard lost
+/// its orgs while the `{meta}` state, on another shard, still says whole. A replica promoted in a
+/// failover is a new primary, not a restart: it holds every acknowledged write (the projector
+/// waits for a replica before recording a batch), so it is not a loss.
+#[derive(Default)]
+pub struct ShardWatch {
+    /// Node id -> the run id it had when last seen as a primary.
+    primaries: std::collections::HashMap<String, String>,
+    /// A loss found and not yet handled (reported again until `handled`).
+    pending: Option<String>,
+}
+
+impl ShardWatch {
+    /// The address of a primary that restarted empty since the last call, if any (a single
+    /// server: never; its restart removes the state itself).
+    pub async fn restarted_empty(&mut self, conn: &mut RedisConn) -> redis::RedisResult<Option<String>> {
+        if self.pending.is_some() {
+            return Ok(self.pending.clone());
+        }
+        for node in conn.cluster_nodes().await?.into_iter().filter(|n| n.primary && n.healthy) {
+            let info = conn.on_node(redis::cmd("INFO").arg("server").arg("persistence"), &Some((node.host.clone(), node.port))).await?;
+            let info: String = redis::from_redis_value(info)?;
+            let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(|v| v.trim().to_string());
+            let Some(run_id) = field("run_id") else { continue };
+            let loaded_nothing = field("aof_enabled").as_deref() == Some("0") && field("rdb_last_load_keys_loaded").as_deref() == Some("0");
+            if let Some(before) = self.primaries.insert(node.id.clone(), run_id.clone()) {
+                if before != run_id && loaded_nothing {
+                    self.pending = Some(format!("{}:{}", node.host, node.port));
+                }
+            }
+        }
+        Ok(self.pending.clone())
+    }
+
+    /// The loss reported last was acted on.
+    pub fn handled(&mut self) {
+        self.pending = None;
+    }
+}

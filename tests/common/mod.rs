@@ -613,3 +613,11 @@ pub fn serving_primary(node: &mut redis::Connection, key: &str) -> Option<(u16, 
     let owner = nodes.iter().find(|n| n.primary && n.healthy && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))?;
     Some((owner.port, slot))
 }
+
+/// A test environment whose Redis is a cluster of the test's own (`OwnCluster`).
+pub async fn env_with_own_cluster(name: &str) -> (TestEnv, OwnCluster) {
+    let cluster = OwnCluster::start();
+    let mut env = TestEnv::new(name).await;
+    env.redis_url = cluster.url();
+    (env, cluster)
+}
