@@ -109,15 +109,15 @@ done
 rm -f "$SCRIPT" "$OUT.seed"
 # Remove the run's keys: per org on its primary (one slot: a multi-key UNLINK is allowed), then
 # the few others one by one.
-redis-cli -p 6379 --scan --pattern "$RUN-*" | xargs -r -n 1000 redis-cli -p 6379 unlink >/dev/null
+redis-cli -p 6379 --scan --pattern "$RUN-*" | xargs -r -d '\n' -n 1000 redis-cli -p 6379 unlink >/dev/null
 for p in "$RUN-c" "$RUN-c2"; do
   for o in $ORG_IDS; do
     port=$(shard_of "$o")
-    redis-cli -p "$port" --scan --pattern "$p:{$o}:*" | xargs -r -n 1000 redis-cli -p "$port" unlink >/dev/null
+    redis-cli -p "$port" --scan --pattern "$p:{$o}:*" | xargs -r -d '\n' -n 1000 redis-cli -p "$port" unlink >/dev/null
   done
   for port in 7000 7001 7002 7003 7004 7005; do
     redis-cli -p "$port" role | head -1 | grep -q master || continue
-    redis-cli -p "$port" --scan --pattern "$p:*" | xargs -r -n 1 redis-cli -p "$port" unlink >/dev/null
+    redis-cli -p "$port" --scan --pattern "$p:*" | xargs -r -d '\n' -n 1 redis-cli -p "$port" unlink >/dev/null
   done
 done
 } 2>&1 | tee "$OUT"

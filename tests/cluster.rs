@@ -80,6 +80,16 @@ fn serve_process(env: &TestEnv, extra_env: &[(&str, &str)]) -> (std::process::Ch
     (child, format!("http://{addr}"))
 }
 
+/// SIGKILLs the processes it names when dropped (a test that fails midway included).
+struct Reaper(Vec<u32>);
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
 /// A cross-slot pipeline is refused by the cluster client: the check every cluster test relies
 /// on to catch an operation that is not single-slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,6 +278,8 @@ async fn two_projectors_and_two_apis_one_of_each_killed_and_restarted() {
     let mut projector_b = env.projector_process(&slow, &[]);
     let (mut api_a, url_a) = serve_process(&env, &[]);
     let (mut api_b, url_b) = serve_process(&env, &[]);
+    // A failing assertion must not leave them writing to the shared cluster.
+    let mut reaper = Reaper(vec![projector_a.id(), projector_b.id(), api_a.id(), api_b.id()]);
     eventually(Duration::from_secs(60), "both projectors applied something", || async { env.applied_offsets().await > 100 }).await;
     signal(&projector_a, Signal::SIGKILL);
     signal(&api_a, Signal::SIGKILL);
@@ -281,6 +293,7 @@ async fn two_projectors_and_two_apis_one_of_each_killed_and_restarted() {
     projector_a = env.projector_process(&slow, &[]);
     let (api_a2, url_a2) = serve_process(&env, &[]);
     api_a = api_a2;
+    reaper.0.extend([projector_a.id(), api_a.id()]);
     env.wait_caught_up(Duration::from_secs(180)).await;
     let orgs: Vec<String> = first.org_ids.iter().chain(&second.org_ids).cloned().collect();
     let report = env.verify(&orgs).await;
@@ -297,6 +310,7 @@ async fn two_projectors_and_two_apis_one_of_each_killed_and_restarted() {
         signal(child, Signal::SIGTERM);
         let _ = child.wait();
     }
+    reaper.0.clear();
     env.cleanup().await;
 }
 
