@@ -456,3 +456,24 @@ async fn a_primary_restarted_empty_is_noticed_and_the_projection_built_again() {
     let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
     env.cleanup().await;
 }
+
+/// The API starts while no node of its cluster answers (the cluster connection is made in the
+/// background) and answers boards from MongoDB meanwhile, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_starts_and_answers_from_mongodb_while_the_cluster_is_unreachable() {
+    let mut env = TestEnv::new("cluster-down").await;
+    let seeded = env.seed(small_seed(1, 30, 53)).await;
+    let reachable = std::mem::replace(
+        &mut env.redis_url,
+        format!("redis+cluster://127.0.0.1:{},127.0.0.1:{}", common::free_port(), common::free_port()),
+    );
+    let api = env.serve_with(env.serve_args()).await;
+    let org = &seeded.org_ids[0];
+    let user = mongo::load_org(&env.mongo().await, org).await.unwrap().users[0].id.clone();
+    let (status, body) = post_board(&api, Some(&token(org, &user)), r#"{"size": 5}"#).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["meta"]["answeredBy"], "mongodb");
+    assert_eq!(body["meta"]["reason"], "projection_unavailable");
+    env.redis_url = reachable;
+    env.cleanup().await;
+}

@@ -89,28 +89,19 @@ impl RedisConn {
     /// Connects now (the cluster client reads the slot map from a seed).
     pub async fn connect(target: &RedisTarget, options: ConnectOptions) -> RedisResult<Self> {
         if target.cluster {
-            let mut builder = redis::cluster::ClusterClientBuilder::new(target.nodes.clone())
-                .connection_timeout(options.connection_timeout)
-                .response_timeout(options.response_timeout);
-            if let Some(n) = options.retries {
-                builder = builder.retries(n);
-            }
-            if options.read_from_replicas {
-                builder = builder.read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
-            }
-            Ok(RedisConn::Cluster(builder.build()?.get_async_connection().await?))
+            Ok(RedisConn::Cluster(cluster_builder(target, options).build()?.get_async_connection().await?))
         } else {
             let url = target.nodes.first().map(String::as_str).unwrap_or("redis://127.0.0.1:6379");
             Ok(RedisConn::Single(ConnectionManager::new_with_config(redis::Client::open(url)?, manager_config(options)).await?))
         }
     }
 
-    /// Like `connect`, but a single server is connected on first use (the API starts while
-    /// Redis is down and answers from MongoDB meanwhile). A cluster needs its slot map, so it
-    /// is connected now.
+    /// Like `connect`, but connected in the background: the API starts while Redis is down
+    /// and answers from MongoDB meanwhile.
     pub async fn connect_lazy(target: &RedisTarget, options: ConnectOptions) -> RedisResult<Self> {
         if target.cluster {
-            return Self::connect(target, options).await;
+            let client = cluster_builder(target, options).build()?;
+            return Ok(RedisConn::Cluster(client.get_pending_async_connection_with_config(redis::cluster::ClusterConfig::default())));
         }
         let url = target.nodes.first().map(String::as_str).unwrap_or("redis://127.0.0.1:6379");
         Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(redis::Client::open(url)?, manager_config(options))?))
@@ -280,6 +271,19 @@ pub fn query_blocking<T: redis::FromRedisValue>(target: &RedisTarget, cmd: &Cmd,
         c.set_read_timeout(Some(timeout))?;
         cmd.query(&mut c)
     }
+}
+
+fn cluster_builder(target: &RedisTarget, options: ConnectOptions) -> redis::cluster::ClusterClientBuilder {
+    let mut builder = redis::cluster::ClusterClientBuilder::new(target.nodes.clone())
+        .connection_timeout(options.connection_timeout)
+        .response_timeout(options.response_timeout);
+    if let Some(n) = options.retries {
+        builder = builder.retries(n);
+    }
+    if options.read_from_replicas {
+        builder = builder.read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
+    }
+    builder
 }
 
 fn manager_config(options: ConnectOptions) -> redis::aio::ConnectionManagerConfig {
