@@ -273,12 +273,17 @@ pub fn query_blocking<T: redis::FromRedisValue>(target: &RedisTarget, cmd: &Cmd,
     }
 }
 
+/// The fewest attempts a cluster request gets (see `cluster_builder`).
+const CLUSTER_MIN_RETRIES: u32 = 6;
+
 fn cluster_builder(target: &RedisTarget, options: ConnectOptions) -> redis::cluster::ClusterClientBuilder {
     let mut builder = redis::cluster::ClusterClientBuilder::new(target.nodes.clone())
         .connection_timeout(options.connection_timeout)
         .response_timeout(options.response_timeout);
     if let Some(n) = options.retries {
-        builder = builder.retries(n);
+        // The cluster client spends a retry on each redirection (MOVED, ASK, TRYAGAIN while a
+        // slot moves): fewer than a handful turn a slot move into errors.
+        builder = builder.retries(n.max(CLUSTER_MIN_RETRIES));
     }
     if options.read_from_replicas {
         builder = builder.read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
