@@ -341,8 +341,15 @@ async fn flushall_under_a_running_projector_and_api_falls_back_then_heals() {
     .await;
     let healed = flushed_at.elapsed();
     eprintln!("FLUSHALL to a whole projection answering again: {healed:?}");
-    let ready: Value = reqwest::get(format!("{url}/readyz")).await.unwrap().json().await.unwrap();
-    assert_eq!((ready["status"].as_str(), ready["projection"].as_str()), (Some("ready"), Some("whole")), "{ready}");
+    // Readiness comes from the health probe's last check (every 200 ms here): it follows.
+    eventually(Duration::from_secs(10), "readiness says ready and whole", || {
+        let url = url.clone();
+        async move {
+            let ready: Value = reqwest::get(format!("{url}/readyz")).await.unwrap().json().await.unwrap();
+            (ready["status"].as_str(), ready["projection"].as_str()) == (Some("ready"), Some("whole"))
+        }
+    })
+    .await;
     env.wait_caught_up(Duration::from_secs(60)).await;
     let report = env.verify(&seeded.org_ids).await;
     assert!(report.is_clean(), "{}", report.summary());

@@ -75,12 +75,6 @@ impl RedisApplier {
         Ok(RedisApplier { conn, keys, target: Target::Live, generations: HashMap::new(), replica_acks, without_replica: HashMap::new() })
     }
 
-    /// Replicas that must acknowledge each batch (`REDIS_WAIT_REPLICAS`).
-    pub fn with_replica_acks(mut self, replicas: u32) -> Self {
-        self.replica_acks = replicas;
-        self
-    }
-
     /// Writes into `target` from now on.
     pub fn with_target(mut self, target: Target) -> Self {
         self.target = target;

@@ -14,7 +14,7 @@
 //! cluster tests fail on any cross-slot operation.
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use std::collections::HashMap;
 
 pub use redis::cluster_routing::Route;
@@ -138,20 +138,6 @@ impl RedisConn {
                     .await
             }
             (conn, _) => cmd.query_async(conn).await,
-        }
-    }
-
-    /// Runs `cmd` on every primary (a single server: once); one reply each.
-    pub async fn on_every_primary(&mut self, cmd: &Cmd) -> RedisResult<Value> {
-        match self {
-            RedisConn::Single(c) => cmd.query_async(c).await,
-            RedisConn::Cluster(c) => {
-                c.route_command(
-                    cmd.clone(),
-                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded))),
-                )
-                .await
-            }
         }
     }
 
