@@ -19,6 +19,27 @@ bench_run() {
     $(for t in contacts applications conversations messages pipelines users dlq; do echo "$RUN.crm.$t"; done) >/dev/null
 }
 
+# CPU seconds the redis-servers on the given ports (default 6379) have used so far.
+redis_cpu() {
+  local p
+  for p in "${@:-6379}"; do redis-cli -p "$p" info cpu; done | awk -F: '/^used_cpu_(user|sys):/ {s += $2} END {printf "%.3f", s}'
+}
+
+# A free loopback port.
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Starts a projector and the API on $PORT in the background (both added to PIDS, the API's pid in
+# SERVE_PID) and waits until the API says ready; exits if it did not start.
+start_projector_and_api() {
+  "$BIN" project --metrics-addr "" >/dev/null 2>&1 & PIDS+=($!)
+  "$BIN" serve --listen-addr "127.0.0.1:$PORT" >/dev/null 2>&1 & PIDS+=($!)
+  SERVE_PID=$!
+  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+  kill -0 "$SERVE_PID" || { echo "the API did not start"; exit 1; }
+}
+
 # Puts the run's output ($OUT) into docs/benchmarks.md between `<!-- <marker> -->` and
 # `<!-- /<marker> -->` (replacing an earlier run there, or appended), under "## <title> (date)".
 write_section() {

@@ -36,7 +36,6 @@ MONGO_ORG=$(awk '/^org/ {n++; if (n == 2) {print $2; exit}}' "$OUT.small")
 
 echo "== ingest: pipeline-board project --exit-when-caught-up"
 before=$(used_memory)
-redis_cpu() { redis-cli info cpu | awk -F: '/^used_cpu_(user|sys):/ {s += $2} END {print s}'; }
 cpu0=$(redis_cpu)
 /usr/bin/time -f "projector process: %U s user + %S s system CPU in %e s" "$BIN" project --exit-when-caught-up --metrics-addr "" 2>&1 | grep -v '^\s*$' | tail -2
 echo "redis-server: $(awk -v a="$cpu0" -v b="$(redis_cpu)" 'BEGIN {printf "%.1f", b - a}') s CPU during the ingest"

@@ -12,18 +12,14 @@ cd "$(dirname "$0")/.."
 CONTACTS="${1:-1000000}"
 . deploy/bench-run.sh
 bench_run board
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 {
 PIDS=()
 trap 'kill ${PIDS[@]:-} 2>/dev/null || true' EXIT
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; chromium $(chromium --version 2>/dev/null | awk '{print $2}'); commit $(git rev-parse --short HEAD)"
 echo "== command: deploy/board-bench.sh $CONTACTS"
 seed_and_project_one_org
-"$BIN" project --metrics-addr "" >/dev/null 2>&1 & PIDS+=($!)
-"$BIN" serve --listen-addr "127.0.0.1:$PORT" >/dev/null 2>&1 & PIDS+=($!)
-SERVE=${PIDS[1]}
-for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
-kill -0 "$SERVE" || { echo "the API did not start"; exit 1; }
+start_projector_and_api
 echo "== the page in headless Chromium: 5 loads of the board, then the board left open and idle for 60 s"
 BOARD_URL="http://127.0.0.1:$PORT" TOKEN="$TOKEN" IDLE_SECONDS=60 node tests/browser/measure.mjs | python3 -c '
 import json, sys
@@ -41,9 +37,9 @@ redis_pid=$(pgrep -f 'redis-server 127.0.0.1:6379' | head -1)
 tck=$(getconf CLK_TCK)
 for conns in 1 32; do
   for etag in "" "$ETAG"; do
-    a0=$(cpu "$SERVE"); r0=$(cpu "$redis_pid")
+    a0=$(cpu "$SERVE_PID"); r0=$(cpu "$redis_pid")
     out=$(BODY="$BODY" TOKEN="$TOKEN" ETAG="$etag" wrk -t $(( conns > 1 ? 2 : 1 )) -c $conns -d 10s --latency -s "$SCRIPT" "http://127.0.0.1:$PORT/api/contacts")
-    a1=$(cpu "$SERVE"); r1=$(cpu "$redis_pid")
+    a1=$(cpu "$SERVE_PID"); r1=$(cpu "$redis_pid")
     n=$(echo "$out" | awk '/requests in/ {print $1}')
     printf '%-4s conns %2d: %s req/s, p50 %s, p99 %s; API %.0f us CPU/poll, Redis %.0f us CPU/poll\n' \
       "$([ -z "$etag" ] && echo 200 || echo 304)" "$conns" "$(echo "$out" | awk '/Requests\/sec/ {print $2}')" \

@@ -18,10 +18,6 @@ bench_run cluster
 SINGLE_URL="redis://127.0.0.1:6379"
 CLUSTER_URL="redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002"
 CLUSTER_PORTS="7000 7001 7002 7003 7004 7005"
-redis_cpu() { # ports... -> CPU seconds used so far by those redis-servers
-  local p
-  for p in "$@"; do redis-cli -p "$p" info cpu; done | awk -F: '/^used_cpu_(user|sys):/ {s += $2} END {printf "%.3f", s}'
-}
 proc_cpu() { # pid -> CPU seconds (user + system) so far
   awk '{printf "%.3f", ($14 + $15) / 100}' "/proc/$1/stat"
 }

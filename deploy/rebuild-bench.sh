@@ -14,7 +14,7 @@ CONTACTS="${1:-1000000}"
 . deploy/bench-run.sh
 bench_run rebuild
 # A port nothing listens on (an API left by an earlier run must not answer for this one).
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 state() { redis-cli hget "$RUN:{meta}:state" status | tr -d '\r'; }
 # Board (a): its total and who answered, or the whole reply when it is not a board.
 board_a() {
@@ -29,10 +29,7 @@ trap 'kill ${PIDS[@]:-} 2>/dev/null || true' EXIT
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; redis $(redis-server --version | awk '{print $3}'); commit $(git rev-parse --short HEAD)"
 echo "== command: deploy/rebuild-bench.sh $CONTACTS"
 seed_and_project_one_org
-"$BIN" project --metrics-addr "" >/dev/null 2>&1 & PIDS+=($!)
-"$BIN" serve --listen-addr "127.0.0.1:$PORT" >/dev/null 2>&1 & PIDS+=($!)
-for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
-kill -0 "${PIDS[1]}" || { echo "the API did not start"; exit 1; }
+start_projector_and_api
 SCRIPT=$(mktemp --suffix .lua)
 cat >"$SCRIPT" <<'LUA'
 wrk.method = "POST"

@@ -403,7 +403,7 @@ async fn projection_and_mongodb_answer_identically() {
 async fn on_a_redis_cluster_with_orgs_on_every_shard_both_paths_answer_identically() {
     let env = TestEnv::on_cluster("diff-cluster").await;
     let mut org_ids: Vec<String> = Vec::new();
-    let mut node = redis::Client::open(cluster_url().replace("redis+cluster://", "redis://").split(',').next().unwrap())
+    let mut node = redis::Client::open(pipeline_board::core::redis_conn::RedisTarget::parse(&cluster_url(), false).first_node())
         .unwrap()
         .get_connection()
         .unwrap();

@@ -229,7 +229,7 @@ impl Application {
         if args.lag_interval_ms > 0 {
             spawn_lag_probe(args, redis.clone(), keys.clone(), lag.clone());
         }
-        let replica_staleness = (args.redis_read_from == ReadFrom::Replica).then(ReplicaStaleness::new);
+        let replica_staleness = (args.redis_read_from == ReadFrom::Replica).then(ReplicaStaleness::default);
         if let Some(r) = &replica_staleness {
             // A connection of the probe's own: its WAIT blocks the connection it runs on.
             let probe =

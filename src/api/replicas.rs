@@ -18,13 +18,17 @@ use std::time::{Duration, Instant};
 const WAIT_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 /// The last measured staleness in milliseconds (-1: not measured yet).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ReplicaStaleness(Arc<AtomicI64>);
 
-impl ReplicaStaleness {
-    pub fn new() -> Self {
+impl Default for ReplicaStaleness {
+    /// Not measured yet.
+    fn default() -> Self {
         ReplicaStaleness(Arc::new(AtomicI64::new(-1)))
     }
+}
+
+impl ReplicaStaleness {
     pub fn millis(&self) -> Option<i64> {
         Some(self.0.load(Ordering::Relaxed)).filter(|v| *v >= 0)
     }

@@ -49,6 +49,11 @@ impl RedisTarget {
         let cluster = force_cluster || cluster_scheme.is_some() || nodes.len() > 1;
         RedisTarget { nodes, cluster }
     }
+
+    /// The first seed node (a single server: the server), or the local default.
+    pub fn first_node(&self) -> &str {
+        self.nodes.first().map(String::as_str).unwrap_or("redis://127.0.0.1:6379")
+    }
 }
 
 /// How a connection behaves.
@@ -91,7 +96,7 @@ impl RedisConn {
         if target.cluster {
             Ok(RedisConn::Cluster(cluster_builder(target, options).build()?.get_async_connection().await?))
         } else {
-            let url = target.nodes.first().map(String::as_str).unwrap_or("redis://127.0.0.1:6379");
+            let url = target.first_node();
             Ok(RedisConn::Single(ConnectionManager::new_with_config(redis::Client::open(url)?, manager_config(options)).await?))
         }
     }
@@ -103,7 +108,7 @@ impl RedisConn {
             let client = cluster_builder(target, options).build()?;
             return Ok(RedisConn::Cluster(client.get_pending_async_connection_with_config(redis::cluster::ClusterConfig::default())));
         }
-        let url = target.nodes.first().map(String::as_str).unwrap_or("redis://127.0.0.1:6379");
+        let url = target.first_node();
         Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(redis::Client::open(url)?, manager_config(options))?))
     }
 
@@ -252,7 +257,7 @@ pub fn query_blocking<T: redis::FromRedisValue>(target: &RedisTarget, cmd: &Cmd,
             .build()?;
         cmd.query(&mut client.get_connection()?)
     } else {
-        let url = target.nodes.first().map(String::as_str).unwrap_or("redis://127.0.0.1:6379");
+        let url = target.first_node();
         let mut c = redis::Client::open(url)?.get_connection_with_timeout(timeout)?;
         c.set_read_timeout(Some(timeout))?;
         cmd.query(&mut c)
