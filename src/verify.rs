@@ -91,7 +91,7 @@ pub fn expected_contact_states(snap: &OrgSnapshot) -> BTreeMap<String, ContactSt
 }
 
 async fn actual_entries(conn: &mut board_core::redis_conn::RedisConn, keys: &OrgKeys) -> redis::RedisResult<Entries> {
-    let names: Vec<String> = scan(conn, &format!("{}:z*", keys.base)).await?;
+    let names: Vec<String> = conn.scan_match(&format!("{}:z*", keys.base)).await?;
     let mut out = Entries::new();
     for name in names {
         let m: Vec<(String, f64)> = conn.zrange_withscores(&name, 0, -1).await?;
@@ -249,11 +249,6 @@ pub async fn verify(
         verify_org(conn, keyspace, db, org, &mut report).await?;
     }
     Ok(report)
-}
-
-/// Every key of the org matching `pattern` (SCAN on every primary, never KEYS).
-async fn scan(conn: &mut board_core::redis_conn::RedisConn, pattern: &str) -> redis::RedisResult<Vec<String>> {
-    conn.scan_match(pattern).await
 }
 
 /// The applied version of every pipeline and user MongoDB has (equal to its `version`), and
