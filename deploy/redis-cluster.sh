@@ -25,7 +25,7 @@ start_node() { # port
   mkdir -p "$DIR/$port"
   # No persistence, like the single server of the stack: a restarted node comes back empty and
   # resyncs from its shard's primary.
-  redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no --enable-debug-command local \
     --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout "$NODE_TIMEOUT_MS" \
     --cluster-replica-validity-factor 0 \
     --dir "$DIR/$port" --logfile "$DIR/$port/redis.log" --pidfile "$DIR/$port/redis.pid"

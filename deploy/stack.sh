@@ -51,7 +51,8 @@ wait_until() { # name seconds command...
 start_redis() {
   if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then echo "[stack] redis already running on $REDIS_PORT"; return; fi
   mkdir -p "$STATE_DIR/redis"
-  redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+  # DEBUG from loopback only: the chaos run (deploy/chaos.sh) reloads older snapshots with it.
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no --enable-debug-command local \
     --dir "$STATE_DIR/redis" --logfile "$RUN_DIR/redis.log" --pidfile "$RUN_DIR/redis.pid"
   touch "$RUN_DIR/redis.ours"
   wait_until "redis on 127.0.0.1:$REDIS_PORT" 20 redis-cli -p "$REDIS_PORT" ping

@@ -282,6 +282,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rebuild(args) => {
             if let Some(report) = pipeline_board::rebuild::run(args).await? {
                 println!("{}", report.summary());
+                if !report.orgs_refused.is_empty() {
+                    eprintln!(
+                        "{} orgs not switched (they keep their live generation; rebuild them from the topics' beginning or with --source mongodb): {}",
+                        report.orgs_refused.len(),
+                        report.orgs_refused.join(", ")
+                    );
+                    return Ok(ExitCode::from(3));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

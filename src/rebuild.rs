@@ -138,6 +138,9 @@ pub struct Report {
     pub events_read: u64,
     pub events_applied: u64,
     pub orgs_switched: usize,
+    /// Orgs left on their live generation: the replay started after some of their events
+    /// (`--from`), so the new generation cannot hold everything the live one does.
+    pub orgs_refused: Vec<String>,
     pub keys_removed: usize,
     pub replay_seconds: f64,
     pub total_seconds: f64,
@@ -226,12 +229,19 @@ pub async fn run(args: RebuildArgs) -> anyhow::Result<Option<Report>> {
             (None, Source::Topics, Some(t)) => offsets_for_time(&kafka, &marks, t)?.values().copied().collect(),
             (None, Source::Topics, None) => marks.values().map(|(low, _)| *low).collect(),
         };
+        let start_map: BTreeMap<(String, i32), i64> = marks.keys().cloned().zip(starts.iter().copied()).collect();
+        // A resumed run continues from offsets it applied up to: only records below them matter.
+        let missing = missing_history(&marks, &start_map, resume.is_some() || args.source == Source::Mongodb);
         let mut total = 0;
         for (((t, p), (_, high)), start) in marks.iter().zip(starts) {
             println!("  {t}/{p}: offsets {start}..{high} ({} events)", (high - start).max(0));
             total += (high - start).max(0);
         }
         println!("{total} events to replay{}", if args.source == Source::Mongodb { " after the MongoDB snapshot" } else { "" });
+        if let Err(e) = refuse_missing_history(&missing) {
+            println!("would refuse: {e}");
+            return Ok(None);
+        }
         println!(
             "then: switch each org whose new generation holds every event its current one holds, wait {} ms, remove the old generations' keys",
             args.grace_ms
@@ -296,6 +306,34 @@ async fn renew_lease(mut conn: RedisConn, keys: KeySpace, run_id: String, lost: 
     }
 }
 
+/// The partitions whose records a replay from `starts` needs but the topics no longer hold
+/// (retention, `DeleteRecords`), as `topic/partition starts at <low>, the replay at <start>`.
+/// A replay that starts at a partition's log start above 0 counts too: whether the records
+/// before it mattered cannot be known. A MongoDB snapshot replays from the ends it took before
+/// it, so only a partition trimmed past those is missing. Empty: the replay sees every record
+/// the new generation needs.
+pub fn missing_history(marks: &BTreeMap<(String, i32), (i64, i64)>, starts: &BTreeMap<(String, i32), i64>, snapshot: bool) -> Vec<String> {
+    marks
+        .iter()
+        .filter_map(|((t, p), (low, _))| {
+            let start = starts.get(&(t.clone(), *p)).copied().unwrap_or(0);
+            let lost = start < *low || (!snapshot && start == *low && *low > 0);
+            lost.then(|| format!("{t}/{p} starts at {low}, the replay at {start}"))
+        })
+        .collect()
+}
+
+fn refuse_missing_history(missing: &[String]) -> anyhow::Result<()> {
+    if missing.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "the topics no longer hold every record this rebuild would replay ({}): no org is switched, since the new generation \
+         would miss events the live one holds; run `pipeline-board rebuild --source mongodb`",
+        missing.join(", ")
+    )
+}
+
 fn progress_group(g: &Generation) -> String {
     format!("rebuild-{}", g.name())
 }
@@ -348,10 +386,26 @@ async fn rebuild(
     let marks = progress::fetch_watermarks(kafka, topics).await?;
     let mut plan = match (resume, previous) {
         (true, Some(p)) => {
+            // Replayed from the offsets it holds: the topics must still hold what follows them
+            // (a snapshot still in its snapshot phase replays from the ends it took).
+            if p.phase == "replay" || p.phase == "snapshot" {
+                let held: BTreeMap<String, i64> = conn.hgetall(keys.progress(&progress_group(&p.generation))).await?;
+                let starts =
+                    marks.keys().map(|(t, q)| ((t.clone(), *q), held.get(&progress::field(t, *q)).copied().unwrap_or(0))).collect();
+                refuse_missing_history(&missing_history(&marks, &starts, true))?;
+            }
             info!(generation = %p.generation, phase = %p.phase, "resuming the unfinished rebuild");
             p
         }
         (_, previous) => {
+            // The replay's start, checked against what the topics still hold before anything
+            // is discarded or written.
+            let starts: BTreeMap<(String, i32), i64> = match (args.source, from) {
+                (Source::Mongodb, _) => marks.iter().map(|(k, (_, high))| (k.clone(), *high)).collect(),
+                (Source::Topics, Some(t)) => offsets_for_time(kafka, &marks, t)?,
+                (Source::Topics, None) => marks.iter().map(|(k, (low, _))| (k.clone(), *low)).collect(),
+            };
+            refuse_missing_history(&missing_history(&marks, &starts, args.source == Source::Mongodb))?;
             if let Some(p) = previous {
                 let removed = discard(conn, keys, &p).await?;
                 info!(generation = %p.generation, removed, "discarded the unfinished rebuild");
@@ -364,14 +418,13 @@ async fn rebuild(
                 started: now_millis(),
             };
             // The replay's start: recorded before anything is written, so a rerun knows it.
-            let starts: BTreeMap<(String, i32), i64> = match (args.source, from) {
-                (Source::Mongodb, _) => marks.iter().map(|(k, (_, high))| (k.clone(), *high)).collect(),
-                (Source::Topics, Some(t)) => offsets_for_time(kafka, &marks, t)?,
-                (Source::Topics, None) => marks.iter().map(|(k, (low, _))| (k.clone(), *low)).collect(),
-            };
             let fields: Vec<(String, i64)> = starts.iter().map(|((t, p), o)| (progress::field(t, *p), *o)).collect();
             let mut pipe = redis::pipe();
             pipe.atomic().del(keys.rebuild_state()).hset_multiple(keys.rebuild_state(), &plan.fields());
+            // Kept for the switch: an org whose events in a partition all precede the start can
+            // never be caught up by this generation.
+            let start_fields: BTreeMap<String, i64> = fields.iter().cloned().collect();
+            pipe.hset(keys.rebuild_state(), "starts", serde_json::to_string(&start_fields)?);
             pipe.del(keys.progress(&progress_group(&plan.generation)));
             if !fields.is_empty() {
                 pipe.hset_multiple(keys.progress(&progress_group(&plan.generation)), &fields);
@@ -418,6 +471,8 @@ async fn rebuild(
         let switch_started = Instant::now();
         let built: BTreeSet<String> = conn.smembers(keys.rebuild_orgs(&plan.generation)).await?;
         let mut pending: Vec<String> = built.into_iter().filter(|o| filter.is_empty() || filter.contains(o)).collect();
+        let starts: Option<String> = conn.hget(keys.rebuild_state(), "starts").await?;
+        let starts: BTreeMap<String, i64> = starts.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
         for round in 0.. {
             ensure_not_lost(lease_lost)?;
             let mut behind = Vec::new();
@@ -433,7 +488,21 @@ async fn rebuild(
                         let _: () = conn.hset(keys.rebuild_state(), format!("old:{org}"), current.name()).await?;
                         report.orgs_switched += 1;
                     }
-                    Some(SwitchOutcome::Moved(_)) | Some(SwitchOutcome::Behind(_)) => behind.push(org),
+                    Some(SwitchOutcome::Behind(field)) => {
+                        // Behind on events before the replay's start (`--from`): no replay
+                        // brings them; the org keeps its live generation.
+                        let live: Option<i64> = conn.hget(keys.org_in(&current, &org).offsets(), &field).await?;
+                        match (live, starts.get(&field)) {
+                            (Some(live), Some(start)) if live <= *start => {
+                                warn!(org, field, live, start, "org not switched: its events in this partition precede the replay's start");
+                                report.orgs_refused.push(format!("{org} ({field}: events before offset {start})"));
+                                // Its keys in the new generation go with the cleanup.
+                                let _: () = conn.hset(keys.rebuild_state(), format!("drop:{org}"), plan.generation.name()).await?;
+                            }
+                            _ => behind.push(org),
+                        }
+                    }
+                    Some(SwitchOutcome::Moved(_)) => behind.push(org),
                     None => bail!("unexpected pb_switch reply {reply:?}"),
                 }
             }
@@ -471,6 +540,7 @@ async fn rebuild(
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix("old:")?.to_string(), Generation::parse(v)?)))
             .filter(|(_, g)| *g != plan.generation)
+            .chain(state.iter().filter_map(|(k, v)| Some((k.strip_prefix("drop:")?.to_string(), Generation::parse(v)?))))
             .collect();
         report.keys_removed = remove_org_generations(conn, keys, &old).await?;
         let mut pipe = redis::pipe();
@@ -783,5 +853,22 @@ mod tests {
         for part in ["host:42:abcd", "g1764547200000", "topics-from:1764547200000", "phase replay", "15 s"] {
             assert!(text.contains(part), "{part} missing from: {text}");
         }
+    }
+
+    #[test]
+    fn a_replay_that_needs_trimmed_records_is_named_and_refused() {
+        let marks: BTreeMap<(String, i32), (i64, i64)> =
+            [(("c".to_string(), 0), (0, 10)), (("c".to_string(), 1), (4, 10)), (("m".to_string(), 0), (7, 9))].into();
+        let from_low: BTreeMap<(String, i32), i64> = marks.iter().map(|(k, (low, _))| (k.clone(), *low)).collect();
+        // From the topics' beginning: the trimmed partitions' earlier records are gone.
+        assert_eq!(missing_history(&marks, &from_low, false), ["c/1 starts at 4, the replay at 4", "m/0 starts at 7, the replay at 7"]);
+        // A snapshot's ends (or a resumed run's offsets) at or above the log start miss nothing.
+        let ends: BTreeMap<(String, i32), i64> = marks.iter().map(|(k, (_, high))| (k.clone(), *high)).collect();
+        assert!(missing_history(&marks, &ends, true).is_empty());
+        // ... but a resumed replay whose offsets retention has passed does.
+        let behind: BTreeMap<(String, i32), i64> = [(("c".to_string(), 0), 3), (("c".to_string(), 1), 2), (("m".to_string(), 0), 8)].into();
+        assert_eq!(missing_history(&marks, &behind, true), ["c/1 starts at 4, the replay at 2"]);
+        assert!(refuse_missing_history(&[]).is_ok());
+        assert!(refuse_missing_history(&["c/1".into()]).unwrap_err().to_string().contains("--source mongodb"));
     }
 }

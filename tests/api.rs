@@ -21,7 +21,7 @@ async fn fixture() -> &'static Fixture {
     FIXTURE
         .get_or_init(|| async {
             let env = TestEnv::new("api").await;
-            let seeded = env.seed_and_project(small_seed(2, 150, 3)).await;
+            let seeded = env.seed(small_seed(2, 150, 3)).await;
             let db = env.mongo().await;
             let mut orgs = Vec::new();
             for org in &seeded.org_ids {
@@ -29,16 +29,22 @@ async fn fixture() -> &'static Fixture {
             }
             // A server of its own (on the fixture's runtime-independent thread) for all tests.
             let args = env.serve_args();
+            let settings = env.settings();
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
                 let rt = tokio::runtime::Runtime::new().unwrap();
                 rt.block_on(async move {
+                    // A projector keeps running beside the API, as in a deployment: readiness
+                    // asks for one (the ends it publishes).
+                    let counters = std::sync::Arc::new(pipeline_board::consumers::RunCounters::default());
+                    tokio::spawn(pipeline_board::consumers::run(settings, counters, std::future::pending()));
                     let app = pipeline_board::api::Application::build(&args).await.unwrap();
                     tx.send(format!("http://{}", app.local_addr())).unwrap();
                     app.run(std::future::pending()).await.unwrap();
                 });
             });
             let url = rx.recv().unwrap();
+            env.wait_caught_up(Duration::from_secs(120)).await;
             Fixture { env, url, orgs }
         })
         .await

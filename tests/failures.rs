@@ -150,7 +150,10 @@ async fn mongodb_down_projection_keeps_answering() {
     let mut ferret = OwnFerretDb::start().await;
     let mut env = TestEnv::new("mongo-down").await;
     env.mongo_uri = ferret.uri();
-    let seeded = env.seed_and_project(small_seed(1, 150, 51)).await;
+    let seeded = env.seed(small_seed(1, 150, 51)).await;
+    // Running beside the API, as deployed: readiness asks for an attended projection.
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(120)).await;
     let url = env.serve_with(env.serve_args()).await;
     let org = &seeded.org_ids[0];
     let db = env.mongo().await;
@@ -198,5 +201,6 @@ async fn mongodb_down_projection_keeps_answering() {
     .await;
     let (status, body) = post_board(&url, Some(&t), &custom).await;
     assert_eq!((status, body["meta"]["answeredBy"].as_str()), (200, Some("mongodb")), "{body}");
+    projector.stop().await.unwrap();
     env.cleanup().await;
 }

@@ -254,6 +254,11 @@ async fn from_replays_the_topics_from_a_time() {
     assert!(ok && out.contains("1 orgs switched"), "{out}");
     assert!(!generation_of(&env, &late.org_ids[0]).await.is_base());
     assert!(generation_of(&env, &early.org_ids[0]).await.is_base(), "the other org is not touched");
+    // The early org's events all precede the time: a generation from the time would miss them,
+    // so it is not switched, and the run says so at once (exit 3) instead of replaying in vain.
+    let (ok, out) = run(&mut env.cli(&["rebuild", "--from", &from, "--org", &early.org_ids[0], "--grace-ms", "0", "--metrics-addr", ""]));
+    assert!(!ok && out.contains("1 orgs not switched") && out.contains(&early.org_ids[0]), "{out}");
+    assert!(generation_of(&env, &early.org_ids[0]).await.is_base(), "the early org keeps its live generation");
     let report = env.verify(&[late.org_ids[0].clone(), early.org_ids[0].clone()]).await;
     assert!(report.is_clean(), "{}", report.summary());
     projector.stop().await.unwrap();
@@ -280,8 +285,18 @@ async fn the_mongodb_snapshot_rebuilds_what_the_topics_no_longer_hold() {
     let marks = pipeline_board::consumers::progress::watermarks(&env.kafka(), &env.topics.inputs()).unwrap();
     assert!(marks.values().any(|(low, _)| *low > 0), "early history deleted");
 
-    // Events after the snapshot's offsets apply on top of it.
+    // From the topics alone the rebuild would miss the deleted half: refused before anything is
+    // switched or discarded, naming the way out; the live generation stays as it was.
     let org = &seeded.org_ids[0];
+    let (ok, out) = run(&mut env.cli(&["rebuild", "--grace-ms", "0", "--metrics-addr", ""]));
+    assert!(!ok && out.contains("no longer hold every record") && out.contains("--source mongodb"), "{out}");
+    let (ok, out) = run(&mut env.cli(&["rebuild", "--dry-run", "--metrics-addr", ""]));
+    assert!(ok && out.contains("would refuse"), "{out}");
+    assert!(generation_of(&env, org).await.is_base(), "nothing switched");
+    let report = env.verify(&seeded.org_ids).await;
+    assert!(report.is_clean(), "the live generation is untouched: {}", report.summary());
+
+    // Events after the snapshot's offsets apply on top of it.
     let (ok, out) = run(&mut env.cli(&["rebuild", "--source", "mongodb", "--grace-ms", "0", "--metrics-addr", ""]));
     assert!(ok && out.contains("1 orgs switched"), "{out}");
     let documents: u64 = out.split(" snapshot documents").next().and_then(|h| h.rsplit(' ').next()).and_then(|n| n.parse().ok()).unwrap();

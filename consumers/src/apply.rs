@@ -4,7 +4,7 @@
 //! (another projector wrote a value this batch read) is read again and recomputed.
 use crate::batch::{self, Outcome, Slot, Snapshot, Step};
 use board_core::events::Event;
-use board_core::functions::{load_library, Commit, CommitOutcome};
+use board_core::functions::{commit_writes, load_library, Commit, CommitOutcome};
 use board_core::keys::{Generation, KeySpace, OrgKeys};
 use board_core::redis_conn::{ConnectOptions, RedisConn, RedisTarget, Route};
 use redis::RedisError;
@@ -54,6 +54,51 @@ pub struct RedisApplier {
     replica_acks: u32,
     /// Shards found without a connected replica, until when they are not waited for.
     without_replica: HashMap<Route, Instant>,
+    /// The write counter each org's commit last answered (shared with the projector's watch).
+    pub write_counters: WriteCounters,
+}
+
+/// Per org key base (`OrgKeys::base`): the highest write counter its commits answered to this
+/// process, and the orgs whose counter went back (a commit answered a number already seen): the
+/// projector's rewind check (`rewind.rs`) reads both.
+#[derive(Debug, Clone, Default)]
+pub struct WriteCounters(std::sync::Arc<std::sync::Mutex<CountersSeen>>);
+
+#[derive(Debug, Default)]
+pub struct CountersSeen {
+    pub seen: HashMap<String, i64>,
+    pub went_back: Vec<String>,
+}
+
+impl WriteCounters {
+    /// Records a commit's counter; a counter not above the last one seen means the org's keys
+    /// went back in time.
+    pub fn record(&self, base: &str, writes: i64) {
+        if writes <= 0 {
+            return; // a library of an older build: no counter
+        }
+        let mut c = self.0.lock().expect("not poisoned");
+        match c.seen.get(base) {
+            Some(prev) if writes <= *prev => c.went_back.push(base.to_string()),
+            _ => {
+                c.seen.insert(base.to_string(), writes);
+            }
+        }
+    }
+    /// The counters seen, to compare with what Redis holds.
+    pub fn seen(&self) -> Vec<(String, i64)> {
+        self.0.lock().expect("not poisoned").seen.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+    /// The orgs found gone back since the last call.
+    pub fn take_went_back(&self) -> Vec<String> {
+        std::mem::take(&mut self.0.lock().expect("not poisoned").went_back)
+    }
+    /// Starts over (a projection made again: its counters start again too).
+    pub fn clear(&self) {
+        let mut c = self.0.lock().expect("not poisoned");
+        c.seen.clear();
+        c.went_back.clear();
+    }
 }
 
 /// How long a batch waits for its replicas' acknowledgement.
@@ -72,7 +117,15 @@ impl RedisApplier {
         let mut conn = RedisConn::connect(&RedisTarget::parse(url, false), options).await?;
         load_library(&mut conn).await?;
         let replica_acks = if conn.is_cluster() { 1 } else { 0 };
-        Ok(RedisApplier { conn, keys, target: Target::Live, generations: HashMap::new(), replica_acks, without_replica: HashMap::new() })
+        Ok(RedisApplier {
+            conn,
+            keys,
+            target: Target::Live,
+            generations: HashMap::new(),
+            replica_acks,
+            without_replica: HashMap::new(),
+            write_counters: WriteCounters::default(),
+        })
     }
 
     /// Writes into `target` from now on.
@@ -82,9 +135,11 @@ impl RedisApplier {
         self
     }
 
-    /// Forgets the orgs' generations (after Redis lost its data).
+    /// Forgets the orgs' generations and write counters (after Redis lost its data or went
+    /// back in time).
     pub fn forget_generations(&mut self) {
         self.generations.clear();
+        self.write_counters.clear();
     }
 
     /// Reads the generation pointers of orgs not seen yet, in one round trip.
@@ -218,7 +273,11 @@ impl RedisApplier {
             pending.clear();
             for ((org, commit), reply) in commits.iter().zip(replies) {
                 match CommitOutcome::parse(&reply) {
-                    Some(CommitOutcome::Committed) => {}
+                    Some(CommitOutcome::Committed) => {
+                        if let Some(writes) = commit_writes(&reply) {
+                            self.write_counters.record(&commit.org.base, writes);
+                        }
+                    }
                     Some(CommitOutcome::Conflict) => {
                         let n = conflicts.entry(org).or_default();
                         *n += 1;

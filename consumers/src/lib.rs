@@ -7,6 +7,7 @@ pub mod dead_letter;
 pub mod kafka;
 pub mod progress;
 pub mod projector;
+pub mod rewind;
 pub mod state;
 
 pub use kafka::KafkaConnection;

@@ -15,7 +15,12 @@ pub fn field(topic: &str, partition: i32) -> String {
 pub struct Lag {
     /// (topic, partition) -> (applied next offset, high watermark)
     pub partitions: BTreeMap<(String, i32), (i64, i64)>,
+    /// From Redis (`lag_from_redis`): when a projector last published the ends (unix millis).
+    pub ends_published_at: Option<i64>,
 }
+
+/// The field of the ends hash that says when they were published (no `/`: never a partition).
+pub const PUBLISHED_AT: &str = "publishedAt";
 
 impl Lag {
     pub fn total(&self) -> i64 {
@@ -78,15 +83,19 @@ pub async fn publish_ends(
     ends_key: &str,
 ) -> anyhow::Result<()> {
     let marks = fetch_watermarks(kafka, topics).await?;
-    let fields: Vec<(String, i64)> = marks.iter().map(|((t, p), (_, high))| (field(t, *p), *high)).collect();
+    let mut fields: Vec<(String, i64)> = marks.iter().map(|((t, p), (_, high))| (field(t, *p), *high)).collect();
     if !fields.is_empty() {
+        // Readers tell ends nobody refreshes (every projector stopped) from current ones.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default();
+        fields.push((PUBLISHED_AT.to_string(), now));
         redis.hset_multiple::<_, _, _, ()>(ends_key, &fields).await?;
     }
     Ok(())
 }
 
-/// The lag from what Redis holds: the applied offsets and the ends the projector published.
-/// None until a projector has published ends.
+/// The lag from what Redis holds: the applied offsets and the ends the projectors published
+/// (with when they did: ends nobody refreshes say nothing about the topics now). None until a
+/// projector has published ends.
 pub async fn lag_from_redis(
     redis: &mut board_core::redis_conn::RedisConn,
     progress_key: &str,
@@ -97,7 +106,7 @@ pub async fn lag_from_redis(
         return Ok(None);
     }
     let applied: BTreeMap<String, i64> = redis.hgetall(progress_key).await?;
-    let mut out = Lag::default();
+    let mut out = Lag { ends_published_at: ends.get(PUBLISHED_AT).copied(), ..Lag::default() };
     for (f, high) in ends {
         let Some((topic, partition)) = f.rsplit_once('/').and_then(|(t, p)| Some((t.to_string(), p.parse::<i32>().ok()?))) else {
             continue;

@@ -12,6 +12,7 @@ use crate::batch::Outcome;
 use crate::dead_letter::{DeadLetters, Origin};
 use crate::kafka::KafkaConnection;
 use crate::progress;
+use crate::rewind;
 use crate::state;
 use board_core::config::Topics;
 use board_core::events::{parse_event_timed, Event, PoisonReason};
@@ -275,7 +276,13 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     tokio::pin!(caught_up);
     // Stops with this function, however it returns.
     let _ends_publisher = AbortOnDrop(publish_ends_every_second(&settings, applier.connection()));
-    let _state_watch = AbortOnDrop(watch_state_every_second(&settings, applier.connection(), instance.clone(), lost.clone()));
+    let _state_watch = AbortOnDrop(watch_state_every_second(
+        &settings,
+        applier.connection(),
+        instance.clone(),
+        lost.clone(),
+        applier.write_counters.clone(),
+    ));
     info!(group = %settings.group_id, topics = ?settings.topics.inputs(), "projector started");
 
     // Messages received (and parsed) while the previous batch was being applied: Kafka reads and
@@ -441,10 +448,14 @@ fn watch_state_every_second(
     mut conn: board_core::redis_conn::RedisConn,
     instance: Arc<std::sync::Mutex<String>>,
     lost: Arc<LostSignal>,
+    counters: crate::apply::WriteCounters,
 ) -> tokio::task::JoinHandle<()> {
     let (keys, progress_key, group) = (settings.keys.clone(), settings.keys.progress(&settings.group_id), settings.group_id.clone());
+    let settings = settings.clone();
     tokio::spawn(async move {
         let mut shards = state::ShardWatch::default();
+        let mut marks = rewind::WriteMarks::default();
+        let mut marks_instance: Option<String> = None;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             match shards.restarted_empty(&mut conn).await {
@@ -475,12 +486,67 @@ fn watch_state_every_second(
                     continue;
                 }
             }
+            // The marks start over with each instance (a loss made a new one: nothing to compare).
+            if marks_instance.as_deref() != Some(mine.as_str()) {
+                marks.reset();
+                marks_instance = Some(mine.clone());
+            }
+            match check_rewind(&mut conn, &settings, &mut marks, &counters, &mine).await {
+                Ok(true) => {
+                    lost.raise();
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "write marks not checked: a redis gone back in time is not noticed until they are"),
+            }
             match state::check_whole(&mut conn, &keys, &mine, &progress_key).await {
                 Ok(s) => metrics::gauge!("pb_projection_whole").set(if s == state::Status::Whole { 1.0 } else { 0.0 }),
                 Err(e) => debug!(error = %e, "wholeness not checked"),
             }
         }
     })
+}
+
+/// Raises the write marks with the group's progress and compares the orgs' write counters with
+/// what commits answered; when a node went back in time, lowers the progress to what that
+/// node's mark holds and makes the projection a new building instance
+/// (`state::restart_after_rewind`). true: the projection was restarted (the caller re-seeks to
+/// what Redis holds).
+async fn check_rewind(
+    conn: &mut board_core::redis_conn::RedisConn,
+    settings: &ProjectorSettings,
+    marks: &mut rewind::WriteMarks,
+    counters: &crate::apply::WriteCounters,
+    mine: &str,
+) -> anyhow::Result<bool> {
+    let keys = &settings.keys;
+    // The counters first: a mark raised after a rewind would carry progress past lost events.
+    let back = rewind::counters_went_back(conn, counters).await?;
+    let (what, resume, mark) = if let Some(first) = back.first() {
+        let mut orgs = Vec::with_capacity(back.len());
+        for base in &back {
+            let offsets: rewind::Progress = conn.hgetall(format!("{base}:offsets")).await?;
+            orgs.push(offsets);
+        }
+        let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
+        (format!("the write counter of {first} went back ({} orgs)", back.len()), rewind::replay_from_orgs(&progress, &orgs), None)
+    } else {
+        let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
+        let Some(r) = marks.raise(conn, keys, &progress).await? else { return Ok(false) };
+        // Read again: the mark was checked after the first read.
+        let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
+        (r.to_string(), rewind::replay_from(&progress, r.progress.as_ref()), Some(r))
+    };
+    warn!(rewound = %what, resume = ?resume, "redis went back to an earlier state: replaying from what its data holds");
+    let restarted =
+        state::restart_after_rewind(conn, keys, &settings.group_id, mine, &resume, &settings.kafka, &settings.topics.inputs()).await?;
+    if let Some(r) = mark {
+        marks.handled(conn, keys, &r).await?;
+    }
+    if restarted.is_some() {
+        metrics::counter!("pb_redis_rewinds_total").increment(1);
+    }
+    Ok(true)
 }
 
 /// Freshness: from each applied event's `occurredAt` to now (its batch acknowledged).
@@ -496,12 +562,17 @@ fn record_freshness(batch: &[Parsed]) {
 
 /// Claims the prefix for this build's read model, or refuses to start if another model's
 /// projection is there (its records would be misread and left behind). Model 1 wrote no marker:
-/// its trace is a progress hash of the group without one.
+/// its trace is a progress hash of the group without one. A projection a heal made again
+/// carries the marker (`state::ensure` writes it with the new state).
 async fn check_model(conn: &mut board_core::redis_conn::RedisConn, keys: &KeySpace, group: &str) -> anyhow::Result<()> {
     use board_core::keys::MODEL_VERSION;
     let key = keys.model();
     let found: Option<String> = conn.get(&key).await?;
-    let found = match found {
+    let legacy: Option<String> = match found {
+        Some(_) => None,
+        None => conn.get(keys.legacy_model()).await?,
+    };
+    let found = match found.or(legacy) {
         Some(v) => v,
         None if conn.exists::<_, bool>(keys.progress(group)).await? => "1".to_string(),
         None => {

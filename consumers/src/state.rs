@@ -62,9 +62,11 @@ pub async fn ensure(conn: &mut RedisConn, keys: &KeySpace, kafka: &KafkaConnecti
         r"
         if redis.call('HSETNX', KEYS[1], 'instance', ARGV[1]) == 0 then return redis.call('HGET', KEYS[1], 'instance') end
         redis.call('HSET', KEYS[1], 'status', 'building', 'since', ARGV[2])
+        redis.call('SET', KEYS[3], ARGV[4])
+        redis.call('DEL', KEYS[4])
         if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'incomplete', ARGV[3]) end
         redis.call('DEL', KEYS[2])
-        if #ARGV > 3 then redis.call('HSET', KEYS[2], unpack(ARGV, 4)) end
+        if #ARGV > 4 then redis.call('HSET', KEYS[2], unpack(ARGV, 5)) end
         return ARGV[1]",
     );
     // Partitions whose early records are gone (retention): replaying them cannot make the
@@ -77,7 +79,15 @@ pub async fn ensure(conn: &mut RedisConn, keys: &KeySpace, kafka: &KafkaConnecti
         format!("the topics no longer hold their whole history ({}): run `pipeline-board rebuild --source mongodb`", lost.join(", "))
     };
     let mut call = script.key(keys.state());
-    call.key(keys.state_target()).arg(&mine).arg(now).arg(&incomplete);
+    // The model marker with the state: a later projector start finds the projection claimed.
+    // The marks seen belong to the projection that was lost (`rewind.rs`): they start over.
+    call.key(keys.state_target())
+        .key(keys.model())
+        .key(keys.write_marks_seen())
+        .arg(&mine)
+        .arg(now)
+        .arg(&incomplete)
+        .arg(board_core::keys::MODEL_VERSION);
     for ((t, p), (_, end)) in &ends {
         call.arg(progress::field(t, *p)).arg(*end);
     }
@@ -130,11 +140,67 @@ fn chrono_free_now_millis() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
 
+/// After Redis went back in time (`rewind.rs`): lowers the group's progress to `resume` (a
+/// partition absent from it restarts from its beginning; nothing is raised) and makes a new
+/// `building` instance whose target is the partitions' ends now, in one atomic call in `{meta}`.
+/// Every projector then sees the instance change and re-seeks to what Redis holds; progress
+/// writes of batches in flight, made for the old instance, are refused. The API answers from
+/// MongoDB until the projection is whole again. Returns the new instance, or None when the
+/// instance is no longer `mine` (another projector or a loss got there first).
+pub async fn restart_after_rewind(
+    conn: &mut RedisConn,
+    keys: &KeySpace,
+    group: &str,
+    mine: &str,
+    resume: &BTreeMap<String, i64>,
+    kafka: &KafkaConnection,
+    topics: &[String],
+) -> anyhow::Result<Option<String>> {
+    let ends = progress::fetch_watermarks(kafka, topics).await?;
+    let script = redis::Script::new(
+        r"
+        if redis.call('HGET', KEYS[1], 'instance') ~= ARGV[1] then return 0 end
+        local n = tonumber(ARGV[4])
+        local resume = {}
+        for i = 5, 4 + 2 * n, 2 do resume[ARGV[i]] = tonumber(ARGV[i + 1]) end
+        local held = redis.call('HGETALL', KEYS[3])
+        for i = 1, #held, 2 do
+          local to = resume[held[i]]
+          if not to then redis.call('HDEL', KEYS[3], held[i])
+          elseif to < tonumber(held[i + 1]) then redis.call('HSET', KEYS[3], held[i], to) end
+        end
+        redis.call('HSET', KEYS[1], 'instance', ARGV[2], 'status', 'building', 'since', ARGV[3])
+        redis.call('HDEL', KEYS[1], 'wholeAt')
+        redis.call('DEL', KEYS[2])
+        if #ARGV > 4 + 2 * n then redis.call('HSET', KEYS[2], unpack(ARGV, 5 + 2 * n)) end
+        return 1",
+    );
+    let new = format!("{:016x}", rand::random::<u64>());
+    let mut call = script.key(keys.state());
+    call.key(keys.state_target()).key(keys.progress(group));
+    call.arg(mine).arg(&new).arg(chrono_free_now_millis()).arg(resume.len());
+    for (field, offset) in resume {
+        call.arg(field).arg(*offset);
+    }
+    for ((t, p), (_, end)) in &ends {
+        call.arg(progress::field(t, *p)).arg(*end);
+    }
+    let done: i64 = call.invoke_async(conn).await?;
+    Ok((done == 1).then_some(new))
+}
+
 /// Forgets the projection (its state, target and this group's progress, all in `{meta}`): the
 /// projectors then see it lost and build it again from the partitions' beginnings — what a
 /// FLUSHALL does, for a loss Redis did not remove the state with (a shard of a cluster).
 pub async fn forget(conn: &mut RedisConn, keys: &KeySpace, group: &str) -> redis::RedisResult<()> {
-    redis::pipe().atomic().del(keys.state()).del(keys.state_target()).del(keys.progress(group)).query_async(conn).await
+    redis::pipe()
+        .atomic()
+        .del(keys.state())
+        .del(keys.state_target())
+        .del(keys.progress(group))
+        .del(keys.write_marks_seen())
+        .query_async(conn)
+        .await
 }
 
 /// Notices a Redis Cluster primary that restarted empty while keeping its slots (no persistence,

@@ -67,6 +67,11 @@ pub struct ServeArgs {
     /// behind the topics' ends.
     #[arg(long, env = "READY_MAX_LAG", default_value_t = 10_000)]
     pub ready_max_lag: i64,
+    /// `/readyz` says ready only while a projector published the topics' ends at most this
+    /// long ago: with every projector stopped nobody advances the projection nor tells how far
+    /// behind the topics it is, so it is not ready (`reason: unattended`) within this bound.
+    #[arg(long, env = "READY_MAX_ENDS_AGE_MS", default_value_t = 10_000)]
+    pub ready_max_ends_age_ms: i64,
     /// The board page's demo sign-in: lists users and signs tokens for them with `JWT_SECRET`.
     /// For demos only: anyone who reaches the API can then act as any user.
     #[arg(long, env = "DEMO_SIGNIN", default_value_t = false)]
@@ -95,6 +100,9 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// Last measured projection lag in events (-1: unknown).
     pub lag: Arc<AtomicI64>,
+    /// How long ago a projector last published the topics' ends, in ms (-1: never).
+    pub ends_age_ms: Arc<AtomicI64>,
+    pub ready_max_ends_age_ms: i64,
     pub metrics: PrometheusHandle,
     pub health: Health,
     /// The Redis stream of dead letters the dead-letter topic refused (readiness reports it).
@@ -111,6 +119,9 @@ pub struct AppState {
 impl AppState {
     pub fn projection_lag(&self) -> Option<i64> {
         Some(self.lag.load(Ordering::Relaxed)).filter(|l| *l >= 0)
+    }
+    pub fn ends_age_ms(&self) -> Option<i64> {
+        Some(self.ends_age_ms.load(Ordering::Relaxed)).filter(|a| *a >= 0)
     }
     pub fn replica_staleness_ms(&self) -> Option<i64> {
         self.replica_staleness.as_ref().and_then(ReplicaStaleness::millis)
@@ -165,23 +176,34 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Ready (200) when the projection is whole and at most `READY_MAX_LAG` events behind, and
-/// both dependencies are up; `degraded` (200) when only MongoDB is down (custom-field boards
-/// fail, the rest answers from the projection). 503 otherwise: `projection_not_ready` (Redis
-/// down, the projection missing or being rebuilt, or too far behind: boards are answered from
-/// MongoDB meanwhile, `projection` and `projectionLag` say why) or `unavailable` (both down).
+/// Ready (200) when the projection is whole, at most `READY_MAX_LAG` events behind, attended (a
+/// projector published the topics' ends within `READY_MAX_ENDS_AGE_MS`), and both dependencies
+/// are up; `degraded` (200) when only MongoDB is down (custom-field boards fail, the rest answers
+/// from the projection). 503 otherwise: `projection_not_ready` (`reason`: `redis_down`,
+/// `not_whole` — missing or being rebuilt —, `lagging`, or `unattended`: boards are answered
+/// from MongoDB meanwhile where the projection is not whole) or `unavailable` (both down).
 /// From the background probe: readiness checks never pile up on a dependency that hangs.
 async fn readyz(State(s): State<AppState>) -> Response {
     let report = s.health.report();
     let lag = s.projection_lag();
+    let ends_age = s.ends_age_ms();
     let projection = s.health.projection_status();
-    let projection_ok =
-        s.health.is_up(Dependency::Redis) && matches!(projection, "whole" | "unknown") && lag.is_none_or(|l| l <= s.ready_max_lag);
-    let (code, status) = match (report.down.len(), projection_ok) {
+    let not_ready = if !s.health.is_up(Dependency::Redis) {
+        Some("redis_down")
+    } else if !matches!(projection, "whole" | "unknown") {
+        Some("not_whole")
+    } else if ends_age.is_none_or(|a| a > s.ready_max_ends_age_ms) {
+        Some("unattended")
+    } else if lag.is_some_and(|l| l > s.ready_max_lag) {
+        Some("lagging")
+    } else {
+        None
+    };
+    let (code, status) = match (report.down.len(), not_ready) {
         (2, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-        (_, false) => (StatusCode::SERVICE_UNAVAILABLE, "projection_not_ready"),
-        (0, true) => (StatusCode::OK, "ready"),
-        (_, true) => (StatusCode::OK, "degraded"),
+        (_, Some(_)) => (StatusCode::SERVICE_UNAVAILABLE, "projection_not_ready"),
+        (0, None) => (StatusCode::OK, "ready"),
+        (_, None) => (StatusCode::OK, "degraded"),
     };
     // Dead letters that wait in Redis because the dead-letter topic refused them: the board is
     // fine, but an operator has work to do.
@@ -202,7 +224,10 @@ async fn readyz(State(s): State<AppState>) -> Response {
         "checkedAt": report.checked_at,
         "projectionLag": lag,
         "projection": projection,
+        "reason": not_ready,
+        "endsAgeMs": ends_age,
         "readyMaxLag": s.ready_max_lag,
+        "readyMaxEndsAgeMs": s.ready_max_ends_age_ms,
     });
     (code, Json(body)).into_response()
 }
@@ -226,8 +251,9 @@ impl Application {
         let keys = KeySpace::new(&args.redis.redis_prefix);
         let mongo_db = crate::mongo::connect(&args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
         let lag = Arc::new(AtomicI64::new(-1));
+        let ends_age_ms = Arc::new(AtomicI64::new(-1));
         if args.lag_interval_ms > 0 {
-            spawn_lag_probe(args, redis.clone(), keys.clone(), lag.clone());
+            spawn_lag_probe(args, redis.clone(), keys.clone(), lag.clone(), ends_age_ms.clone());
         }
         let replica_staleness = (args.redis_read_from == ReadFrom::Replica).then(ReplicaStaleness::default);
         if let Some(r) = &replica_staleness {
@@ -246,6 +272,8 @@ impl Application {
             verifier,
             request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
             lag,
+            ends_age_ms,
+            ready_max_ends_age_ms: args.ready_max_ends_age_ms,
             metrics: metrics_handle(),
             health,
             parked_dead_letters: keys.parked_dead_letters(),
@@ -269,16 +297,19 @@ impl Application {
 
 /// The projection's lag from Redis alone (the applied offsets and the partition ends the
 /// projector publishes): the API never opens a Kafka client.
-fn spawn_lag_probe(args: &ServeArgs, mut redis: RedisConn, keys: KeySpace, lag: Arc<AtomicI64>) {
+fn spawn_lag_probe(args: &ServeArgs, mut redis: RedisConn, keys: KeySpace, lag: Arc<AtomicI64>, ends_age_ms: Arc<AtomicI64>) {
     let (progress_key, ends_key) = (keys.progress(&args.group_id), keys.partition_ends(&args.group_id));
     let every = Duration::from_millis(args.lag_interval_ms);
     tokio::spawn(async move {
         loop {
-            let measured = match progress::lag_from_redis(&mut redis, &progress_key, &ends_key).await {
-                Ok(Some(l)) => l.total(),
-                _ => -1,
+            let (measured, published_at) = match progress::lag_from_redis(&mut redis, &progress_key, &ends_key).await {
+                Ok(Some(l)) => (l.total(), l.ends_published_at),
+                _ => (-1, None),
             };
             lag.store(measured, Ordering::Relaxed);
+            let age = published_at.map(|at| (chrono::Utc::now().timestamp_millis() - at).max(0)).unwrap_or(-1);
+            ends_age_ms.store(age, Ordering::Relaxed);
+            metrics::gauge!("pb_projection_ends_age_seconds").set(age as f64 / 1000.0);
             metrics::gauge!("pb_projection_lag_events").set(measured as f64);
             // A rebuild's phase and progress, as the rebuild keeps them in Redis (so the API's
             // scrape shows them too, wherever the rebuild runs).

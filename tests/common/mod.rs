@@ -272,6 +272,7 @@ impl TestEnv {
             mongodb_path_max_ids: pipeline_board::query::mongo_path::DEFAULT_MAX_IDS,
             lag_interval_ms: 1_000,
             ready_max_lag: 10_000,
+            ready_max_ends_age_ms: 10_000,
             demo_signin: false,
             redis_read_from: pipeline_board::api::ReadFrom::Primary,
         }
@@ -473,7 +474,20 @@ pub struct OwnRedis {
 impl OwnRedis {
     pub fn start(port: u16, dir: &std::path::Path) -> OwnRedis {
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--enable-debug-command",
+                "local",
+            ])
             .arg("--dir")
             .arg(dir)
             .stdout(std::process::Stdio::null())

@@ -19,8 +19,9 @@
 --   O suffix n (field offset)*n     HSET each field unless it already holds a larger offset
 -- One group is one command (in chunks of 500 items: Lua's unpack has a stack limit), so a batch
 -- of a thousand cards is a few hundred calls, not thousands.
--- Reply: 'ok', or 'conflict' (nothing written: another projector changed a guarded field since
--- it was read; the caller reads again and recomputes).
+-- Reply: 'ok:<n>' (n: the org's write counter after this commit, `<base>:writes`), or 'conflict'
+-- (nothing written: another projector changed a guarded field since it was read; the caller
+-- reads again and recomputes).
 local width = { G = 2, H = 2, h = 1, Z = 2, z = 1, S = 1, s = 1, X = 3, O = 2 }
 local command = { H = 'HSET', h = 'HDEL', Z = 'ZADD', z = 'ZREM', S = 'SADD', s = 'SREM' }
 local CHUNK = 500
@@ -79,7 +80,9 @@ local function commit(keys, args)
       end
     end
   end
-  return 'ok'
+  -- The org's write counter, raised with every commit: a Redis that went back in time (an older
+  -- RDB or AOF loaded, a replica promoted while behind) hands a committer a number it already saw.
+  return 'ok:' .. redis.call('INCR', K .. ':writes')
 end
 
 redis.register_function('pb_commit', commit)

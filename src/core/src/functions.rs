@@ -162,11 +162,22 @@ pub enum CommitOutcome {
 
 impl CommitOutcome {
     pub fn parse(s: &str) -> Option<Self> {
+        if commit_writes(s).is_some() {
+            return Some(CommitOutcome::Committed);
+        }
         match s {
-            "ok" => Some(CommitOutcome::Committed),
             "conflict" => Some(CommitOutcome::Conflict),
             _ => s.strip_prefix("moved:").and_then(Generation::parse).map(CommitOutcome::Moved),
         }
+    }
+}
+
+/// The org's write counter a committed `pb_commit` answered (`ok:<n>`; a library of an older
+/// build answers `ok`: 0).
+pub fn commit_writes(reply: &str) -> Option<i64> {
+    match reply {
+        "ok" => Some(0),
+        _ => reply.strip_prefix("ok:")?.parse().ok(),
     }
 }
 

@@ -152,9 +152,26 @@ impl KeySpace {
         format!("{}:dlq:replayed", self.prefix)
     }
     /// Which read model built the projection under this prefix (`MODEL_VERSION`): a projector
-    /// never writes one model's records beside another's.
+    /// never writes one model's records beside another's. In `{meta}`, beside the state: the
+    /// heal that makes a new state writes it in the same atomic call, so a projection healed
+    /// after a loss is claimed by the model that healed it.
     pub fn model(&self) -> String {
+        format!("{}:{{meta}}:model", self.prefix)
+    }
+    /// Where read model 2 kept its marker before it moved into `{meta}` (read, never written).
+    pub fn legacy_model(&self) -> String {
         format!("{}:model", self.prefix)
+    }
+    /// A write mark (hash: `seq`, `progress`): written into every primary every second by each
+    /// projector (`rewind.rs`), to notice a Redis that went back in time. `tag` is the hash tag
+    /// that puts the mark on its node (`meta` on a single server).
+    pub fn write_mark(&self, tag: &str) -> String {
+        format!("{}:{{{tag}}}:mark", self.prefix)
+    }
+    /// The last `seq` seen in each write mark (hash: mark key -> seq), so a projector that
+    /// starts later still notices a shard that went back in time while it was away.
+    pub fn write_marks_seen(&self) -> String {
+        format!("{}:{{meta}}:marks", self.prefix)
     }
     /// Consumer progress (next offset per topic-partition), written after each applied batch:
     /// where a consumer starts (what Redis holds, not the group's commits). A rebuild keeps its
@@ -191,6 +208,11 @@ impl OrgKeys {
     /// compares them.
     pub fn offsets(&self) -> String {
         self.k(&["offsets"])
+    }
+    /// How many commits this org's keys took (a counter `pb_commit` raises and answers): a
+    /// committer that is handed a number it already saw found a Redis gone back in time.
+    pub fn writes(&self) -> String {
+        self.k(&["writes"])
     }
     /// Last applied version (tombstones stay) of pipelines and users, field `p:<id>` / `u:<id>`
     /// (cards and conversations keep theirs in their records).
