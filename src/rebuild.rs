@@ -470,6 +470,12 @@ async fn rebuild(
     if plan.phase == "switch" {
         let switch_started = Instant::now();
         let built: BTreeSet<String> = conn.smembers(keys.rebuild_orgs(&plan.generation)).await?;
+        // An org asked for by name that the replay met no event of has nothing in the new
+        // generation: it keeps its live one, and the run says so.
+        for org in filter.iter().filter(|o| !built.contains(*o)) {
+            warn!(org, "org not switched: the replay met none of its events");
+            report.orgs_refused.push(format!("{org} (no event from the replay's start on)"));
+        }
         let mut pending: Vec<String> = built.into_iter().filter(|o| filter.is_empty() || filter.contains(o)).collect();
         let starts: Option<String> = conn.hget(keys.rebuild_state(), "starts").await?;
         let starts: BTreeMap<String, i64> = starts.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();

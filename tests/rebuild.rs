@@ -333,6 +333,15 @@ async fn flushall_under_a_running_projector_and_api_falls_back_then_heals() {
         let (u, tk, want, saw) = (u.clone(), tk.clone(), want.clone(), saw.clone());
         async move {
             let (status, body) = post_board(&u, Some(&tk), "{}").await;
+            // The MongoDB path's speed on a loaded machine is no part of this test: its
+            // documented 503 `timeout` is allowed, a partial or failed answer is not.
+            if status == 503 && body["error"]["code"] == "timeout" {
+                let ready = reqwest::get(format!("{u}/readyz")).await.unwrap();
+                if ready.status().as_u16() == 503 {
+                    saw.store(true, Ordering::Relaxed);
+                }
+                return false;
+            }
             assert_eq!(status, 200, "{body}");
             assert_eq!(body["data"], want, "never a partial answer: {}", body["meta"]);
             match body["meta"]["answeredBy"].as_str() {

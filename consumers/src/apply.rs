@@ -93,6 +93,10 @@ impl WriteCounters {
     pub fn take_went_back(&self) -> Vec<String> {
         std::mem::take(&mut self.0.lock().expect("not poisoned").went_back)
     }
+    /// Stops comparing one base (an org's old generation, removed after a switch).
+    pub fn forget(&self, base: &str) {
+        self.0.lock().expect("not poisoned").seen.remove(base);
+    }
     /// Starts over (a projection made again: its counters start again too).
     pub fn clear(&self) {
         let mut c = self.0.lock().expect("not poisoned");

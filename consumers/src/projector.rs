@@ -521,7 +521,7 @@ async fn check_rewind(
 ) -> anyhow::Result<bool> {
     let keys = &settings.keys;
     // The counters first: a mark raised after a rewind would carry progress past lost events.
-    let back = rewind::counters_went_back(conn, counters).await?;
+    let back = rewind::counters_went_back(conn, keys, counters).await?;
     let (what, resume, mark) = if let Some(first) = back.first() {
         let mut orgs = Vec::with_capacity(back.len());
         for base in &back {

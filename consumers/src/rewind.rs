@@ -174,14 +174,37 @@ impl WriteMarks {
 }
 
 /// The org key bases whose write counter went back: found by a commit (it answered a number
-/// already seen) or now, in Redis, below the last one a commit answered to this process.
-pub async fn counters_went_back(conn: &mut RedisConn, counters: &crate::apply::WriteCounters) -> redis::RedisResult<Vec<String>> {
+/// already seen) or now, in Redis, below the last one a commit answered to this process. A base
+/// that is no longer its org's live generation (a rebuild switched the org and removed the old
+/// keys) is forgotten, not reported.
+pub async fn counters_went_back(
+    conn: &mut RedisConn,
+    keys: &KeySpace,
+    counters: &crate::apply::WriteCounters,
+) -> redis::RedisResult<Vec<String>> {
     let mut back = counters.take_went_back();
     let seen = counters.seen();
     let reads = seen.iter().map(|(base, _)| (base.clone(), redis::cmd("GET").arg(format!("{base}:writes")).clone())).collect();
     let held: Vec<Option<i64>> = conn.query_by_slot(reads).await?;
     back.extend(seen.into_iter().zip(held).filter(|((_, seen), held)| held.unwrap_or(0) < *seen).map(|((base, _), _)| base));
-    Ok(back)
+    back.sort();
+    back.dedup();
+    let mut live = Vec::with_capacity(back.len());
+    for base in back {
+        let Some(org) = org_of(&base) else { continue };
+        if keys.live_org(conn, org).await?.base == base {
+            live.push(base);
+        } else {
+            counters.forget(&base);
+        }
+    }
+    Ok(live)
+}
+
+/// The org id in an org key base (`<prefix>[:<generation>]:{<orgId>}`).
+pub fn org_of(base: &str) -> Option<&str> {
+    let open = base.rfind('{')?;
+    base[open + 1..].strip_suffix('}')
 }
 
 #[cfg(test)]
@@ -211,6 +234,13 @@ mod tests {
         // b never had an event in m/0 in what Redis holds: it may have lost some there.
         assert_eq!(replay_from_orgs(&now, &[a, b]), p(&[("c/0", 90), ("c/1", 30)]));
         assert_eq!(replay_from_orgs(&now, &[]), now, "no org: nothing lowered");
+    }
+
+    #[test]
+    fn the_org_is_read_from_its_key_base() {
+        assert_eq!(org_of("pb:{692f37303a6700000a7d8e11}"), Some("692f37303a6700000a7d8e11"));
+        assert_eq!(org_of("t:a-b:g17:{abc}"), Some("abc"));
+        assert_eq!(org_of("pb:nothing"), None);
     }
 
     #[test]
