@@ -615,7 +615,7 @@ async fn snapshot_org(
     let mut conn = applier.connection();
     let org_keys = keys.org_in(generation, org);
     let offsets: Vec<(String, i64)> = held.iter().map(|(f, o)| (f.clone(), *o)).collect();
-    let commit = Commit { org: org_keys, guards: Vec::new(), writes: Vec::new(), generation: None, offsets };
+    let commit = Commit { org: org_keys, guards: Vec::new(), writes: Vec::new(), generation: None, offsets, min_writes: None };
     let _: String = commit.to_cmd().query_async(&mut conn).await?;
     Ok(events.len() as u64)
 }

@@ -324,7 +324,7 @@ async fn the_commit_function_guards_and_validates_before_writing() {
     ];
     let absent = Guard { key: h.clone(), field: "a".into(), expected: None };
     let commit = |guards: Vec<Guard>, writes: Vec<Write>| {
-        Commit { org: keys.clone(), guards, writes, generation: None, offsets: Vec::new() }.to_cmd()
+        Commit { org: keys.clone(), guards, writes, generation: None, offsets: Vec::new(), min_writes: None }.to_cmd()
     };
     assert_eq!(commit(vec![absent.clone()], write.clone()).query_async::<String>(&mut r).await.unwrap(), "ok");
     assert_eq!(
@@ -688,6 +688,7 @@ async fn generation_functions_guard_commits_switches_and_progress() {
         writes: vec![Write::HSet { key: env.keys.org_in(generation, &org).pipelines(), field: "p".into(), value: b"{}".to_vec() }],
         generation: Some((env.keys.generation_pointer(&org), generation.clone())),
         offsets,
+        min_writes: None,
     };
     let reply = |c: Commit| {
         let mut r = shared.clone();
@@ -714,6 +715,13 @@ async fn generation_functions_guard_commits_switches_and_progress() {
     // A live commit computed for the base generation is refused and names where the org is.
     assert_eq!(reply(commit(&base, vec![t(0, 20)])).await, CommitOutcome::Moved(g7.clone()));
     assert_eq!(reply(commit(&g7, vec![t(0, 20)])).await, CommitOutcome::Committed);
+    // A committer that saw a larger write counter than the org's keys hold: they went back in
+    // time; nothing is written (the offsets stay).
+    let held: i64 = shared.clone().get(env.keys.org_in(&g7, &org).writes()).await.unwrap();
+    assert_eq!(reply(Commit { min_writes: Some(held + 5), ..commit(&g7, vec![t(0, 99)]) }).await, CommitOutcome::Rewound(held));
+    let kept: Option<i64> = shared.clone().hget(env.keys.org_in(&g7, &org).offsets(), t(0, 0).0).await.unwrap();
+    assert_eq!(kept, Some(20), "a refused commit writes nothing");
+    assert_eq!(reply(Commit { min_writes: Some(held), ..commit(&g7, vec![t(0, 20)]) }).await, CommitOutcome::Committed);
     // Back to the base (pointer removed) when it holds as much.
     assert_eq!(reply(Commit { generation: None, ..commit(&base, vec![t(0, 20)]) }).await, CommitOutcome::Committed);
     assert_eq!(switch(&g7, &base).await, SwitchOutcome::Switched);

@@ -93,6 +93,18 @@ impl WriteCounters {
     pub fn take_went_back(&self) -> Vec<String> {
         std::mem::take(&mut self.0.lock().expect("not poisoned").went_back)
     }
+    /// The last counter a commit of `base` answered.
+    pub fn get(&self, base: &str) -> Option<i64> {
+        self.0.lock().expect("not poisoned").seen.get(base).copied()
+    }
+    /// A commit found `base` below the counter seen (refused).
+    pub fn went_back(&self, base: &str) {
+        self.0.lock().expect("not poisoned").went_back.push(base.to_string());
+    }
+    /// Whether a went-back org waits to be handled.
+    pub fn any_went_back(&self) -> bool {
+        !self.0.lock().expect("not poisoned").went_back.is_empty()
+    }
     /// Stops comparing one base (an org's old generation, removed after a switch).
     pub fn forget(&self, base: &str) {
         self.0.lock().expect("not poisoned").seen.remove(base);
@@ -236,7 +248,13 @@ impl RedisApplier {
                                 writes: Vec::new(),
                                 generation: None,
                                 offsets: Vec::new(),
+                                min_writes: None,
                             });
+                            // The live projection's commits must not land on keys gone back in
+                            // time (their offsets would pass events the keys no longer hold).
+                            if self.target == Target::Live {
+                                commit.min_writes = self.write_counters.get(&keys.base);
+                            }
                             commit.generation = generation;
                             commit.offsets = offsets[org].clone();
                             done.push((org, Some(commit), outcomes));
@@ -305,6 +323,10 @@ impl RedisApplier {
                             return Err(Transient(format!("org {org}: {MAX_CONFLICTS} generation moves in a row")));
                         }
                         pending.push(org);
+                    }
+                    Some(CommitOutcome::Rewound(held)) => {
+                        self.write_counters.went_back(&commit.org.base);
+                        return Err(Transient(format!("org keys {} went back in time (write counter {held})", commit.org.base)));
                     }
                     None => return Err(Transient(format!("unexpected pb_commit reply {reply:?}"))),
                 }

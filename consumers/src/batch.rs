@@ -426,6 +426,6 @@ impl<'a> Working<'a> {
                 Guard { key: s.key, field: s.field, expected }
             })
             .collect();
-        Some(Commit { org: keys.clone(), guards, writes, generation: None, offsets: Vec::new() })
+        Some(Commit { org: keys.clone(), guards, writes, generation: None, offsets: Vec::new(), min_writes: None })
     }
 }

@@ -338,9 +338,13 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         }
 
         // Apply with retries. Shutdown during a Redis outage gives the batch up unstored: it is
-        // read again on the next start, so nothing is lost.
+        // read again on the next start, so nothing is lost. A batch that met keys gone back in
+        // time (or a lost projection) is given up too: the projection restarts from what Redis
+        // holds, and the batch is read again from there.
         let mut backoff = Duration::from_millis(100);
         let mut attempts = 0u32;
+        let mut given_up = false;
+        let write_counters = applier.write_counters.clone();
         loop {
             attempts += 1;
             // A dead-letter topic that stays unreachable must not stop the partitions for good.
@@ -360,6 +364,10 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
             };
             match result {
                 Ok(()) => break,
+                Err(_) if write_counters.any_went_back() || lost.is_raised() => {
+                    given_up = true;
+                    break;
+                }
                 Err(e) => {
                     counters.redis_retries.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("pb_apply_retries_total").increment(1);
@@ -374,6 +382,14 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+        if given_up {
+            let mine = instance.lock().expect("not poisoned").clone();
+            if let Err(e) = restart_if_counters_went_back(&mut progress_conn, &settings, &applier.write_counters, &mine).await {
+                warn!(error = %e, "restart after a rewind not made here; the state watch retries");
+            }
+            lost.raise();
+            continue;
         }
         let current_instance = instance.lock().expect("not poisoned").clone();
         if !store_offsets(&consumer, &batch, &mut progress_conn, &settings.keys, &progress_key, &current_instance).await {
@@ -414,7 +430,15 @@ async fn start_again_from_redis(
     let Ok(mut tpl) = consumer.assignment() else { return true };
     consumer.context().positions.assign_offsets(&mut tpl);
     match consumer.seek_partitions(tpl, Duration::from_secs(10)) {
-        Ok(r) => info!(partitions = r.count(), "redis lost the projection: partitions positioned at what redis holds"),
+        Ok(r) => {
+            let failed: Vec<String> =
+                r.elements().iter().filter_map(|e| e.error().err().map(|err| format!("{}/{}: {err}", e.topic(), e.partition()))).collect();
+            if failed.is_empty() {
+                info!(partitions = r.count(), "partitions positioned at what redis holds");
+            } else {
+                warn!(failed = ?failed, "some partitions not positioned at what redis holds");
+            }
+        }
         Err(e) => warn!(error = %e, "seek after a lost projection failed"),
     }
     if let Err(e) = load_library(&mut applier.connection()).await {
@@ -438,6 +462,9 @@ impl LostSignal {
     }
     fn take(&self) -> bool {
         self.flag.swap(false, Ordering::Relaxed)
+    }
+    fn is_raised(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
     }
 }
 
@@ -507,11 +534,10 @@ fn watch_state_every_second(
     })
 }
 
-/// Raises the write marks with the group's progress and compares the orgs' write counters with
-/// what commits answered; when a node went back in time, lowers the progress to what that
-/// node's mark holds and makes the projection a new building instance
-/// (`state::restart_after_rewind`). true: the projection was restarted (the caller re-seeks to
-/// what Redis holds).
+/// Compares the orgs' write counters with what commits answered and raises the write marks;
+/// when a node went back in time, lowers the progress to what its data holds and makes the
+/// projection a new building instance (`state::restart_after_rewind`). true: the projection was
+/// restarted (the caller re-seeks to what Redis holds).
 async fn check_rewind(
     conn: &mut board_core::redis_conn::RedisConn,
     settings: &ProjectorSettings,
@@ -519,34 +545,60 @@ async fn check_rewind(
     counters: &crate::apply::WriteCounters,
     mine: &str,
 ) -> anyhow::Result<bool> {
-    let keys = &settings.keys;
     // The counters first: a mark raised after a rewind would carry progress past lost events.
+    if restart_if_counters_went_back(conn, settings, counters, mine).await? {
+        return Ok(true);
+    }
+    let keys = &settings.keys;
+    let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
+    let Some(r) = marks.raise(conn, keys, &progress).await? else { return Ok(false) };
+    // Read again: the mark was checked after the first read.
+    let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
+    let resume = rewind::replay_from(&progress, r.progress.as_ref());
+    restart_after_rewind(conn, settings, mine, &r.to_string(), &resume).await?;
+    marks.handled(conn, keys, &r).await?;
+    Ok(true)
+}
+
+/// When orgs' keys went back (their write counters): the progress lowered to their own applied
+/// offsets (restored with their data; no commit of this process landed on them since, the
+/// `min_writes` guard refuses it) and a new building instance. true: restarted.
+async fn restart_if_counters_went_back(
+    conn: &mut board_core::redis_conn::RedisConn,
+    settings: &ProjectorSettings,
+    counters: &crate::apply::WriteCounters,
+    mine: &str,
+) -> anyhow::Result<bool> {
+    let keys = &settings.keys;
     let back = rewind::counters_went_back(conn, keys, counters).await?;
-    let (what, resume, mark) = if let Some(first) = back.first() {
-        let mut orgs = Vec::with_capacity(back.len());
-        for base in &back {
-            let offsets: rewind::Progress = conn.hgetall(format!("{base}:offsets")).await?;
-            orgs.push(offsets);
-        }
-        let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
-        (format!("the write counter of {first} went back ({} orgs)", back.len()), rewind::replay_from_orgs(&progress, &orgs), None)
-    } else {
-        let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
-        let Some(r) = marks.raise(conn, keys, &progress).await? else { return Ok(false) };
-        // Read again: the mark was checked after the first read.
-        let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
-        (r.to_string(), rewind::replay_from(&progress, r.progress.as_ref()), Some(r))
-    };
+    let Some(first) = back.first() else { return Ok(false) };
+    let mut orgs = Vec::with_capacity(back.len());
+    for base in &back {
+        let offsets: rewind::Progress = conn.hgetall(format!("{base}:offsets")).await?;
+        orgs.push(offsets);
+    }
+    let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
+    let resume = rewind::replay_from_orgs(&progress, &orgs);
+    let what = format!("the write counter of {first} went back ({} orgs)", back.len());
+    restart_after_rewind(conn, settings, mine, &what, &resume).await?;
+    Ok(true)
+}
+
+async fn restart_after_rewind(
+    conn: &mut board_core::redis_conn::RedisConn,
+    settings: &ProjectorSettings,
+    mine: &str,
+    what: &str,
+    resume: &rewind::Progress,
+) -> anyhow::Result<()> {
     warn!(rewound = %what, resume = ?resume, "redis went back to an earlier state: replaying from what its data holds");
     let restarted =
-        state::restart_after_rewind(conn, keys, &settings.group_id, mine, &resume, &settings.kafka, &settings.topics.inputs()).await?;
-    if let Some(r) = mark {
-        marks.handled(conn, keys, &r).await?;
-    }
+        state::restart_after_rewind(conn, &settings.keys, &settings.group_id, mine, resume, &settings.kafka, &settings.topics.inputs())
+            .await?;
     if restarted.is_some() {
         metrics::counter!("pb_redis_rewinds_total").increment(1);
     }
-    Ok(true)
+    Ok(())
 }
 
 /// Freshness: from each applied event's `occurredAt` to now (its batch acknowledged).

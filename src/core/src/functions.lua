@@ -17,12 +17,14 @@
 --   S suffix n member*n             SADD          s suffix n member*n        SREM
 --   X suffix n (maxlen field value) XADD suffix MAXLEN ~ maxlen * field value (n = 1)
 --   O suffix n (field offset)*n     HSET each field unless it already holds a larger offset
+--   W suffix 1 minimum              guard: the write counter (`:writes`) must be >= minimum, else
+--                                   nothing is written and the reply is 'rewound:<held>'
 -- One group is one command (in chunks of 500 items: Lua's unpack has a stack limit), so a batch
 -- of a thousand cards is a few hundred calls, not thousands.
 -- Reply: 'ok:<n>' (n: the org's write counter after this commit, `<base>:writes`), or 'conflict'
 -- (nothing written: another projector changed a guarded field since it was read; the caller
 -- reads again and recomputes).
-local width = { G = 2, H = 2, h = 1, Z = 2, z = 1, S = 1, s = 1, X = 3, O = 2 }
+local width = { G = 2, W = 1, H = 2, h = 1, Z = 2, z = 1, S = 1, s = 1, X = 3, O = 2 }
 local command = { H = 'HSET', h = 'HDEL', Z = 'ZADD', z = 'ZREM', S = 'SADD', s = 'SREM' }
 local CHUNK = 500
 
@@ -48,7 +50,13 @@ local function commit(keys, args)
   end
   for _, g in ipairs(groups) do
     local op, key, from, len = g[1], g[2], g[3], g[4]
-    if op == 'G' then
+    if op == 'W' then
+      -- The org's write counter must be at least what the committer last saw: below it, these
+      -- keys went back in time (an older RDB/AOF, a replica promoted behind) and writing on top
+      -- would move the org's applied offsets past events they no longer hold.
+      local held = tonumber(redis.call('GET', key) or '0')
+      if held < tonumber(args[from]) then return 'rewound:' .. held end
+    elseif op == 'G' then
       local fields = {}
       for j = from, from + len - 1, 2 do fields[#fields + 1] = args[j] end
       for c = 1, #fields, CHUNK do
@@ -73,7 +81,7 @@ local function commit(keys, args)
         local had = redis.call('HGET', key, args[j])
         if not had or tonumber(had) < tonumber(args[j + 1]) then redis.call('HSET', key, args[j], args[j + 1]) end
       end
-    elseif op ~= 'G' then
+    elseif op ~= 'G' and op ~= 'W' then
       local step = width[op] * CHUNK
       for c = from, from + len - 1, step do
         redis.call(command[op], key, unpack(args, c, math.min(c + step - 1, from + len - 1)))

@@ -47,6 +47,9 @@ pub struct Commit {
     /// The offsets of the org's events in this batch, per `<topic>/<partition>` (the offset
     /// after the last one), kept with the data in `OrgKeys::offsets` (never lowered).
     pub offsets: Vec<(String, i64)>,
+    /// The org's write counter as this committer last saw it (`OrgKeys::writes`): a Redis
+    /// holding less went back in time, and the commit is refused (`CommitOutcome::Rewound`).
+    pub min_writes: Option<i64>,
 }
 
 /// Redis' text for a score: integral millis print exactly, a card without createdAt is -inf.
@@ -98,6 +101,9 @@ impl Commit {
             Some((pointer, generation)) => cmd.arg("pb_commit").arg(2).arg(&self.org.base).arg(pointer).arg(generation.name()),
             None => cmd.arg("pb_commit").arg(1).arg(&self.org.base),
         };
+        if let Some(min) = self.min_writes {
+            cmd.arg("W").arg(self.suffix(&self.org.writes())).arg(1).arg(min);
+        }
         for (op, key, count, items) in &groups.list {
             cmd.arg(*op).arg(self.suffix(key)).arg(*count);
             for item in items {
@@ -158,12 +164,18 @@ pub enum CommitOutcome {
     /// The org is in another generation now (a rebuild switched it): nothing was written;
     /// compute again against that generation.
     Moved(Generation),
+    /// The org's write counter is below `min_writes` (it holds this): its keys went back in
+    /// time; nothing was written.
+    Rewound(i64),
 }
 
 impl CommitOutcome {
     pub fn parse(s: &str) -> Option<Self> {
         if commit_writes(s).is_some() {
             return Some(CommitOutcome::Committed);
+        }
+        if let Some(held) = s.strip_prefix("rewound:") {
+            return held.parse().ok().map(CommitOutcome::Rewound);
         }
         match s {
             "conflict" => Some(CommitOutcome::Conflict),

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The chaos run (README "Tests"): `deploy/chaos.sh [minutes]` (default 10). Starts the stack, then
+# runs tests/chaos.rs alone for that long against a Kafka node and a Redis server of its own
+# (the stack's FerretDB holds MongoDB's side): random faults while a producer writes and clients
+# poll boards with ETags; prints the table (fault, count, time to heal p50/max, wrong answers
+# while healthy) and fails on any wrong answer, undocumented 5xx, drift or fault not healed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pipeline-board/target}"
+minutes="${1:-10}"
+bash deploy/stack.sh up
+CHAOS_MINUTES="$minutes" cargo test --locked --test chaos -- --nocapture --test-threads 1

@@ -1,0 +1,527 @@
+//! The chaos run (issue 17): while a producer changes contacts (renames, stage moves, owner
+//! changes, deletes, new messages) in MongoDB and as events, and clients poll boards with ETags,
+//! faults are injected at random: SIGKILL of a projector or the API, a broker stopped and
+//! started, FLUSHALL, a Redis restarted without its data, a reload of an older RDB, a `rebuild`
+//! started and SIGKILLed, a second projector joining or leaving. After each fault the producer
+//! stops and the run awaits a whole, caught-up, ready projection; then every client's last board
+//! (after a poll made once healed, with its ETag) must equal MongoDB's answer and `verify` must
+//! be clean. It prints a table: fault, count, time to heal (p50/max), wrong answers while healthy.
+//!
+//! `CHAOS_MINUTES` (default 2: the CI variant) sets its length; `deploy/chaos.sh [minutes]` runs
+//! it alone (default 10). Own Kafka node and own Redis server: the faults touch no other test.
+mod common;
+
+use common::{small_seed, JWT_SECRET};
+use common::{OwnKafka, OwnRedis, TempDir, TestEnv};
+use mongodb::bson::{doc, Document};
+use nix::sys::signal::Signal;
+use pipeline_board::core::model::CardDoc;
+use pipeline_board::query::board::AnswerMeta;
+use pipeline_board::query::mongo_path::MongoReader;
+use pipeline_board::query::request::ContactsRequest;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillProjector,
+    KillApi,
+    BrokerStopStart,
+    Flushall,
+    RedisRestartEmpty,
+    OlderRdbReloaded,
+    RebuildKilled,
+    Rebalance,
+}
+
+const FAULTS: [Fault; 8] = [
+    Fault::KillProjector,
+    Fault::KillApi,
+    Fault::BrokerStopStart,
+    Fault::Flushall,
+    Fault::RedisRestartEmpty,
+    Fault::OlderRdbReloaded,
+    Fault::RebuildKilled,
+    Fault::Rebalance,
+];
+
+/// Boards the clients poll: every stage's first page, "my" cards, a search.
+const BOARDS: &[&str] = &[r#"{"size": 10}"#, r#"{"size": 5, "ownerFilter": "my"}"#, r#"{"size": 10, "search": "a"}"#];
+
+/// What one polling client saw.
+#[derive(Default)]
+struct ClientView {
+    polls: u64,
+    last_etag: Option<String>,
+    last_body: Option<Value>,
+    ok: u64,
+    not_modified: u64,
+    /// 503 with a documented code (the projection not whole and MongoDB slow, a dependency down).
+    documented_503: u64,
+    /// Any other 5xx: must stay 0.
+    other_5xx: Vec<String>,
+    unreachable: u64,
+}
+
+struct Client {
+    org: String,
+    user: String,
+    body: &'static str,
+    view: Mutex<ClientView>,
+}
+
+async fn poll_forever(client: Arc<Client>, url: String, stop: Arc<AtomicBool>) {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let token = common::token(&client.org, &client.user);
+    while !stop.load(Ordering::Relaxed) {
+        let etag = client.view.lock().unwrap().last_etag.clone();
+        let mut req =
+            http.post(format!("{url}/api/contacts")).bearer_auth(&token).header("content-type", "application/json").body(client.body);
+        if let Some(e) = etag {
+            req = req.header("if-none-match", e);
+        }
+        // The answer is read whole before the view is locked: no lock across an await.
+        let answer = match req.send().await {
+            Err(_) => None,
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let etag = r.headers().get("etag").and_then(|e| e.to_str().ok()).map(str::to_string);
+                let body: Option<Value> = if status == 304 { None } else { r.json().await.ok() };
+                Some((status, etag, body))
+            }
+        };
+        {
+            let mut v = client.view.lock().unwrap();
+            match answer {
+                None => v.unreachable += 1,
+                Some((200, etag, body)) => {
+                    v.ok += 1;
+                    v.last_etag = etag;
+                    v.last_body = body;
+                }
+                Some((304, _, _)) => v.not_modified += 1,
+                Some((503, _, Some(body)))
+                    if ["timeout", "mongodb_unavailable", "unavailable", "dependency_unavailable"]
+                        .contains(&body["error"]["code"].as_str().unwrap_or("")) =>
+                {
+                    v.documented_503 += 1
+                }
+                Some((s, _, body)) => v.other_5xx.push(format!("{s} {}", body.unwrap_or_default())),
+            }
+            v.polls += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+/// Changes contacts the way a CRM does, in MongoDB (the source of truth) and as events.
+struct Producer {
+    db: mongodb::Database,
+    kafka: FutureProducer,
+    topics: pipeline_board::core::config::Topics,
+    /// Per org: its users and its contacts' ids (deleted ones removed).
+    orgs: Vec<(String, Vec<String>, Vec<String>)>,
+    stages: BTreeMap<String, Vec<(String, String, String)>>,
+    rng: rand::rngs::StdRng,
+    produced: u64,
+}
+
+fn object_id(rng: &mut impl Rng) -> String {
+    format!("{:024x}", rng.random::<u128>() >> 32)
+}
+
+impl Producer {
+    async fn send(&mut self, topic: &str, key: &str, value: Value) {
+        let payload = serde_json::to_vec(&value).unwrap();
+        // Delivered before the next change: a broker that is down is waited for (the producer
+        // retries within its message timeout), so MongoDB never runs ahead of the topics for long.
+        loop {
+            match self.kafka.send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(60)).await {
+                Ok(_) => break,
+                Err((e, _)) => {
+                    eprintln!("chaos producer: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        self.produced += 1;
+    }
+
+    fn envelope(&mut self, kind: &str, org: &str) -> Value {
+        json!({"type": kind, "eventId": format!("chaos-{}", object_id(&mut self.rng)), "orgId": org,
+            "occurredAt": pipeline_board::core::time::format_millis(chrono::Utc::now().timestamp_millis())})
+    }
+
+    async fn one_change(&mut self) {
+        let o = self.rng.random_range(0..self.orgs.len());
+        let (org, users, contacts) = self.orgs[o].clone();
+        let Some(id) = contacts.choose(&mut self.rng).cloned() else { return };
+        let coll = self.db.collection::<Document>("contacts");
+        let Some(d) = coll.find_one(doc! {"_id": &id}).await.unwrap() else { return };
+        let mut card: CardDoc = pipeline_board::mongo::card_from_bson(&d);
+        let version = card.version.unwrap_or(1) + 1;
+        let now = chrono::Utc::now().timestamp_millis();
+        let what = self.rng.random_range(0..100);
+        if what < 5 && contacts.len() > 10 {
+            coll.delete_one(doc! {"_id": &id}).await.unwrap();
+            self.orgs[o].2.retain(|c| *c != id);
+            let mut env = self.envelope("contact.deleted", &org);
+            env["contactId"] = json!(id);
+            env["version"] = json!(version);
+            self.send(&self.topics.topic_contacts.clone(), &id, env).await;
+            return;
+        }
+        if what < 25 {
+            // A new inbound message on one of the contact's conversations.
+            let conv = self.db.collection::<Document>("conversations").find_one(doc! {"contactId": &id}).await.unwrap();
+            if let Some(conv) = conv {
+                let conv_id = conv.get_str("_id").unwrap_or_default().to_string();
+                let m = pipeline_board::core::model::Message {
+                    id: object_id(&mut self.rng),
+                    org_id: org.clone(),
+                    contact_id: Some(id.clone()),
+                    conversation_id: Some(conv_id),
+                    direction: Some(if self.rng.random_bool(0.5) { "inbound" } else { "outbound" }.to_string()),
+                    created_at: Some(now),
+                };
+                self.db.collection::<Document>("messages").insert_one(pipeline_board::mongo::message_to_bson(&m)).await.unwrap();
+                let mut env = self.envelope("message.created", &org);
+                env["message"] = serde_json::to_value(&m).unwrap();
+                self.send(&self.topics.topic_messages.clone(), &id, env).await;
+                return;
+            }
+        }
+        match what % 3 {
+            0 => card.first_name = Some(format!("Renamed{}", self.rng.random_range(0..1000))),
+            1 => {
+                let stages = &self.stages[&org];
+                let (pipeline, stage, name) = stages.choose(&mut self.rng).unwrap().clone();
+                card.pipeline_id = Some(pipeline);
+                card.pipeline_stage = Some(stage);
+                card.status = Some(name);
+            }
+            _ => card.owner = if self.rng.random_bool(0.8) { users.choose(&mut self.rng).cloned() } else { None },
+        }
+        card.full_name = Some(format!("{} {}", card.first_name.clone().unwrap_or_default(), card.last_name.clone().unwrap_or_default()));
+        card.version = Some(version);
+        card.updated_at = Some(now);
+        coll.replace_one(doc! {"_id": &id}, pipeline_board::mongo::card_to_bson(&card)).await.unwrap();
+        let mut env = self.envelope("contact.upserted", &org);
+        env["contact"] = serde_json::to_value(&card).unwrap();
+        self.send(&self.topics.topic_contacts.clone(), &id, env).await;
+    }
+}
+
+/// The MongoDB path's answer to `body` for `user` of `org`, without `meta`.
+async fn mongodb_answer(db: &mongodb::Database, org: &str, user: &str, body: &str) -> Value {
+    let query = ContactsRequest::parse(body.as_bytes()).unwrap().into_query().expect("valid request");
+    let reader = MongoReader::new(db.clone(), pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
+    let a = reader.answer(org, user, &query, chrono::Utc::now().timestamp_millis()).await.expect("mongodb answers");
+    let meta = AnswerMeta { answered_by: "mongodb", route: None, reason: None, projection_lag: None, replica_staleness_ms: None };
+    let mut v: Value = serde_json::from_slice(&a.to_json_bytes(&meta)).unwrap();
+    v.as_object_mut().map(|o| o.remove("meta"));
+    v
+}
+
+/// `pipeline-board serve` on a fixed port (restarted on the same one), ready to answer.
+async fn start_api(env: &TestEnv, port: u16) -> std::process::Child {
+    let mut cmd = env.cli(&["serve"]);
+    cmd.env("LISTEN_ADDR", format!("127.0.0.1:{port}")).env("JWT_SECRET", JWT_SECRET).env("HEALTH_INTERVAL_MS", "200");
+    cmd.stdout(std::process::Stdio::null());
+    if std::env::var("TEST_LOG").is_err() {
+        cmd.stderr(std::process::Stdio::null());
+    }
+    let child = cmd.spawn().expect("start serve");
+    common::eventually(Duration::from_secs(30), "the API listens", || async move {
+        reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.is_ok()
+    })
+    .await;
+    child
+}
+
+/// SIGKILLs every process it was given when dropped: a failing run leaves nothing writing.
+#[derive(Default)]
+struct Reaper(Mutex<Vec<u32>>);
+impl Reaper {
+    fn watch(&self, child: std::process::Child) -> std::process::Child {
+        self.0.lock().unwrap().push(child.id());
+        child
+    }
+}
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in self.0.lock().unwrap().iter() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+fn kill(child: &mut std::process::Child) {
+    common::signal(child, Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+/// Whole, caught up, attended and ready: what "healed" means.
+async fn healed(env: &TestEnv, url: &str) -> bool {
+    let Ok(r) = reqwest::get(format!("{url}/readyz")).await else { return false };
+    let ready = r.status().as_u16() == 200;
+    let Ok(mut conn) = pipeline_board::core::config::redis_connection(&env.redis_url).await else { return false };
+    let whole =
+        pipeline_board::consumers::state::status(&mut conn, &env.keys).await.ok() == Some(pipeline_board::consumers::state::Status::Whole);
+    let lag = pipeline_board::consumers::progress::lag(&env.kafka(), &env.topics.inputs(), &mut conn, &env.keys.progress(&env.group)).await;
+    ready && whole && lag.is_ok_and(|l| l.total() == 0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_run() {
+    let minutes: f64 = std::env::var("CHAOS_MINUTES").ok().and_then(|m| m.parse().ok()).unwrap_or(2.0);
+    let kafka = OwnKafka::start().await;
+    let mut env = TestEnv::on_brokers("chaos", &kafka.brokers()).await;
+    let redis_port = common::free_port();
+    let mut redis_dir = TempDir::new("chaos-redis");
+    let mut redis = OwnRedis::start(redis_port, &redis_dir.0);
+    redis.wait_ready().await;
+    env.redis_url = redis.url();
+    let seeded = env.seed(small_seed(2, 80, 1717)).await;
+    let db = env.mongo().await;
+
+    let reaper = Reaper::default();
+    let mut projector = reaper.watch(env.projector_process(&[], &[]));
+    let mut second: Option<std::process::Child> = None;
+    let api_port = common::free_port();
+    let url = format!("http://127.0.0.1:{api_port}");
+    let mut api = reaper.watch(start_api(&env, api_port).await);
+    env.wait_caught_up(Duration::from_secs(120)).await;
+
+    // Clients: each org's first users, every board.
+    let mut clients = Vec::new();
+    let mut producer_orgs = Vec::new();
+    let mut stages = BTreeMap::new();
+    for org in &seeded.org_ids {
+        let snap = pipeline_board::mongo::load_org(&db, org).await.unwrap();
+        for (i, body) in BOARDS.iter().enumerate() {
+            let user = snap.users[i % snap.users.len()].id.clone();
+            clients.push(Arc::new(Client { org: org.clone(), user, body, view: Mutex::new(ClientView::default()) }));
+        }
+        let ids: Vec<String> = db
+            .collection::<Document>("contacts")
+            .distinct("_id", doc! {"orgId": org})
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|b| b.as_str().map(str::to_string))
+            .collect();
+        let users = snap.users.iter().map(|u| u.id.clone()).collect();
+        producer_orgs.push((org.clone(), users, ids));
+        let contact_stages = snap
+            .pipelines
+            .iter()
+            .filter(|p| p.kind.as_deref() == Some("Contact") && p.is_active == Some(true))
+            .flat_map(|p| {
+                p.stages.clone().unwrap_or_default().into_iter().map(|s| (p.id.clone(), s.id.clone(), s.name.clone().unwrap_or_default()))
+            })
+            .collect::<Vec<_>>();
+        stages.insert(org.clone(), contact_stages);
+    }
+    let stop_clients = Arc::new(AtomicBool::new(false));
+    let pollers: Vec<_> = clients.iter().map(|c| tokio::spawn(poll_forever(c.clone(), url.clone(), stop_clients.clone()))).collect();
+
+    // The producer runs while `producing` is set and says when it is idle.
+    let producing = Arc::new(AtomicBool::new(false));
+    let idle = Arc::new(AtomicBool::new(true));
+    let stop_producer = Arc::new(AtomicBool::new(false));
+    let produced = Arc::new(AtomicU64::new(0));
+    let producer_task = {
+        let mut p = Producer {
+            db: db.clone(),
+            kafka: env.producer(),
+            topics: env.topics.clone(),
+            orgs: producer_orgs,
+            stages,
+            rng: rand::rngs::StdRng::seed_from_u64(17),
+            produced: 0,
+        };
+        let (producing, idle, stop, produced) = (producing.clone(), idle.clone(), stop_producer.clone(), produced.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if producing.load(Ordering::Relaxed) {
+                    idle.store(false, Ordering::Relaxed);
+                    p.one_change().await;
+                    produced.store(p.produced, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                } else {
+                    idle.store(true, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(2026));
+    // CHAOS_FAULTS=KillApi,Flushall: only those (names as in the table).
+    let only = std::env::var("CHAOS_FAULTS").unwrap_or_default();
+    let mut order: Vec<Fault> = FAULTS.into_iter().filter(|f| only.is_empty() || only.split(',').any(|o| o == format!("{f:?}"))).collect();
+    let deadline = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
+    let mut heal_times: BTreeMap<Fault, Vec<f64>> = BTreeMap::new();
+    let mut wrong: BTreeMap<Fault, u64> = BTreeMap::new();
+    let mut not_healed: Vec<String> = Vec::new();
+    let mut round = 0usize;
+    while Instant::now() < deadline {
+        if round.is_multiple_of(order.len()) {
+            use rand::seq::SliceRandom;
+            order.shuffle(&mut rng);
+        }
+        let fault = order[round % order.len()];
+        round += 1;
+        if fault == Fault::OlderRdbReloaded {
+            let _: () = redis::cmd("SAVE").query_async(&mut env.redis().await).await.unwrap();
+        }
+        producing.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..2500))).await;
+        let injected = Instant::now();
+        match fault {
+            Fault::KillProjector => {
+                kill(&mut projector);
+                projector = reaper.watch(env.projector_process(&[], &[]));
+            }
+            Fault::KillApi => {
+                kill(&mut api);
+                api = reaper.watch(start_api(&env, api_port).await);
+            }
+            Fault::BrokerStopStart => {
+                kafka.stop().await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                kafka.restart().await;
+            }
+            Fault::Flushall => {
+                let _: () = redis::cmd("FLUSHALL").query_async(&mut env.redis().await).await.unwrap();
+            }
+            Fault::RedisRestartEmpty => {
+                drop(redis.stop());
+                redis_dir = TempDir::new("chaos-redis");
+                redis = OwnRedis::start(redis_port, &redis_dir.0);
+                redis.wait_ready().await;
+            }
+            Fault::OlderRdbReloaded => {
+                let mut c = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+                let _: () = redis::cmd("DEBUG").arg("RELOAD").arg("NOSAVE").query_async(&mut c).await.unwrap();
+            }
+            Fault::RebuildKilled => {
+                let mut rebuild = env.cli(&["rebuild", "--grace-ms", "0", "--metrics-addr", ""]);
+                rebuild.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+                let mut child = reaper.watch(rebuild.spawn().unwrap());
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
+                kill(&mut child);
+            }
+            Fault::Rebalance => match second.take() {
+                Some(mut p) => {
+                    common::signal(&p, Signal::SIGTERM);
+                    let _ = p.wait();
+                }
+                None => second = Some(reaper.watch(env.projector_process(&[], &[]))),
+            },
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
+        producing.store(false, Ordering::Relaxed);
+        common::eventually(Duration::from_secs(120), "the producer is idle", || {
+            let idle = idle.clone();
+            async move { idle.load(Ordering::Relaxed) }
+        })
+        .await;
+        // Healed: whole, caught up, ready.
+        let heal_deadline = Instant::now() + Duration::from_secs(180);
+        let mut ok = false;
+        while Instant::now() < heal_deadline {
+            if healed(&env, &url).await {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !ok {
+            not_healed.push(format!("round {round}: {fault:?}"));
+            break;
+        }
+        heal_times.entry(fault).or_default().push(injected.elapsed().as_secs_f64());
+        // Every client polls twice more once healed; its last board must be MongoDB's answer.
+        let marks: Vec<u64> = clients.iter().map(|c| c.view.lock().unwrap().polls).collect();
+        common::eventually(Duration::from_secs(120), "every client polled again", || {
+            let done = clients.iter().zip(&marks).all(|(c, m)| c.view.lock().unwrap().polls >= m + 2);
+            async move { done }
+        })
+        .await;
+        for c in &clients {
+            let want = mongodb_answer(&db, &c.org, &c.user, c.body).await;
+            let got = c.view.lock().unwrap().last_body.clone().map(|mut v| {
+                v.as_object_mut().map(|o| o.remove("meta"));
+                v
+            });
+            if got.as_ref() != Some(&want) {
+                *wrong.entry(fault).or_default() += 1;
+                eprintln!("round {round} after {fault:?}: {} {} differs from MongoDB", c.org, c.body);
+            }
+        }
+        let report = env.verify(&seeded.org_ids).await;
+        assert!(
+            report.is_clean(),
+            "round {round} after {fault:?}: {} {:#?}",
+            report.summary(),
+            &report.samples[..report.samples.len().min(5)]
+        );
+    }
+
+    stop_clients.store(true, Ordering::Relaxed);
+    stop_producer.store(true, Ordering::Relaxed);
+    for p in pollers {
+        let _ = p.await;
+    }
+    let _ = producer_task.await;
+    let views: Vec<_> = clients.iter().map(|c| c.view.lock().unwrap()).collect();
+    let (polls, ok200, not_modified, documented, unreachable): (u64, u64, u64, u64, u64) = views
+        .iter()
+        .fold((0, 0, 0, 0, 0), |a, v| (a.0 + v.polls, a.1 + v.ok, a.2 + v.not_modified, a.3 + v.documented_503, a.4 + v.unreachable));
+    let other: Vec<String> = views.iter().flat_map(|v| v.other_5xx.iter().cloned()).collect();
+    eprintln!("\nchaos run: {minutes} min, {round} faults, {} changes produced", produced.load(Ordering::Relaxed));
+    eprintln!("{:<20} {:>5} {:>14} {:>14} {:>22}", "fault", "count", "heal p50 (s)", "heal max (s)", "wrong while healthy");
+    for f in FAULTS {
+        let mut t = heal_times.get(&f).cloned().unwrap_or_default();
+        t.sort_by(|a, b| a.total_cmp(b));
+        eprintln!(
+            "{:<20} {:>5} {:>14.2} {:>14.2} {:>22}",
+            format!("{f:?}"),
+            t.len(),
+            percentile(&t, 0.5),
+            t.last().copied().unwrap_or(f64::NAN),
+            wrong.get(&f).copied().unwrap_or(0)
+        );
+    }
+    eprintln!(
+        "client polls {polls}: 200 {ok200}, 304 {not_modified}, documented 503 {documented}, unreachable (API killed) {unreachable}, other 5xx {}",
+        other.len()
+    );
+    drop(views);
+    assert!(not_healed.is_empty(), "not healed within 180 s: {not_healed:?}");
+    assert_eq!(wrong.values().sum::<u64>(), 0, "wrong answers once healthy: {wrong:?}");
+    assert!(other.is_empty(), "undocumented 5xx: {:?}", &other[..other.len().min(5)]);
+    assert!(round >= order.len().min(4), "at least a few faults were injected ({round})");
+
+    for mut p in [Some(projector), second].into_iter().flatten() {
+        kill(&mut p);
+    }
+    kill(&mut api);
+    env.cleanup().await;
+    drop(redis.stop());
+}
