@@ -386,13 +386,15 @@ async fn rebuild_and_verify_run_on_the_cluster() {
         assert!(generation.is_some_and(|g| g.starts_with('g')), "org {org} switched");
     }
     // Only the pointers are left of the base generation (and the projection's own `{meta}`
-    // keys), on whichever shard they live.
+    // keys and the per-node write marks, which belong to no generation), on whichever shard
+    // they live.
+    let is_write_mark = |k: &str| k.strip_suffix("}:mark").and_then(|k| k.rsplit_once(":{")).is_some_and(|(_, tag)| tag.starts_with("mark-"));
     let left: Vec<String> = conn
         .scan_match(&format!("{}:{{*", env.keys.prefix()))
         .await
         .unwrap()
         .into_iter()
-        .filter(|k| !k.ends_with(":generation") && !k.contains(":{meta}:"))
+        .filter(|k| !k.ends_with(":generation") && !k.contains(":{meta}:") && !is_write_mark(k))
         .collect();
     assert!(left.is_empty(), "old generation removed: {left:?}");
     let out = env.cli(&["verify"]).output().unwrap();
