@@ -80,19 +80,44 @@ async fn the_page_polls_cheaply_and_signs_demo_users_in_only_when_enabled() {
     // The demo sign-in is off by default ...
     let r = reqwest::get(format!("{url}/api/demo/users")).await.unwrap();
     assert_eq!(r.status(), 404);
-    // ... and, when on, lists users and signs tokens the API accepts.
+    // ... and, when on, lists the users of one org only and signs tokens the API accepts.
     let mut args = env.serve_args();
     args.demo_signin = true;
-    let demo = env.serve_with(args).await;
-    let users: Vec<Value> = reqwest::get(format!("{demo}/api/demo/users")).await.unwrap().json().await.unwrap();
-    let pick = users.iter().find(|u| u["orgId"] == json!(org)).expect("a user of the seeded org");
+    let demo = env.serve_with(args.clone()).await;
+    let listed: Vec<Value> = reqwest::get(format!("{demo}/api/demo/users")).await.unwrap().json().await.unwrap();
+    assert!(!listed.is_empty());
+    assert!(listed.iter().all(|u| u["orgId"] == listed[0]["orgId"]), "one org only: {listed:?}");
+    // A user id MongoDB holds is not checked: a non-ASCII one (its last 6 bytes start inside a
+    // character) is labelled, not a panic.
+    db.collection::<bson::Document>("users")
+        .insert_one(bson::doc! {"_id": "ünïcödé-ïd-üx", "orgId": org, "teamIds": [], "version": 1})
+        .await
+        .unwrap();
+    let users: Vec<Value> = reqwest::get(format!("{demo}/api/demo/users?orgId={org}")).await.unwrap().json().await.unwrap();
+    assert!(users.iter().all(|u| u["orgId"] == json!(org)), "{users:?}");
+    assert!(users.iter().any(|u| u["label"].as_str().unwrap().ends_with("user …-ïd-üx")), "{users:?}");
+    let pick = users.iter().find(|u| u["userId"] == json!(snap.users[0].id)).expect("a user of the seeded org");
     let r = reqwest::Client::new().post(format!("{demo}/api/demo/token")).json(pick).send().await.unwrap();
     let demo_token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
     let (status, answer) = post_board(&demo, Some(&demo_token), "{}").await;
     assert_eq!(status, 200, "{answer}");
+    // A demo token is refused by a serve whose demo sign-in is off (the same JWT_SECRET).
+    let (status, answer) = post_board(&url, Some(&demo_token), "{}").await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(answer.to_string().contains("demo"), "{answer}");
     let bad =
         reqwest::Client::new().post(format!("{demo}/api/demo/token")).json(&json!({"orgId": "x", "userId": "y"})).send().await.unwrap();
     assert_eq!(bad.status(), 400);
+    // No token for a user of another org, nor for a user that does not exist.
+    let stranger = json!({"orgId": org, "userId": other_snap.users[0].id});
+    let r = reqwest::Client::new().post(format!("{demo}/api/demo/token")).json(&stranger).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // The demo sign-in is refused on a non-loopback address unless asked for by name.
+    args.listen_addr = "0.0.0.0:0".into();
+    let refused = pipeline_board::api::Application::build(&args).await.err().expect("refused on 0.0.0.0");
+    assert!(refused.to_string().contains("--demo-signin-anywhere"), "{refused}");
+    args.demo_signin_anywhere = true;
+    assert!(pipeline_board::api::Application::build(&args).await.is_ok());
     projector.stop().await.unwrap();
     env.cleanup().await;
 }

@@ -388,7 +388,8 @@ async fn rebuild_and_verify_run_on_the_cluster() {
     // Only the pointers are left of the base generation (and the projection's own `{meta}`
     // keys and the per-node write marks, which belong to no generation), on whichever shard
     // they live.
-    let is_write_mark = |k: &str| k.strip_suffix("}:mark").and_then(|k| k.rsplit_once(":{")).is_some_and(|(_, tag)| tag.starts_with("mark-"));
+    let is_write_mark =
+        |k: &str| k.strip_suffix("}:mark").and_then(|k| k.rsplit_once(":{")).is_some_and(|(_, tag)| tag.starts_with("mark-"));
     let left: Vec<String> = conn
         .scan_match(&format!("{}:{{*", env.keys.prefix()))
         .await

@@ -52,7 +52,14 @@ pub struct Claims {
     #[serde(rename = "orgId")]
     pub org_id: String,
     pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
 }
+
+/// The issuer of the tokens the demo sign-in signs. They are signed with `JWT_SECRET` like a
+/// real identity provider's, so only this claim tells them apart: `serve` refuses them whenever
+/// the demo sign-in is off, and a token signed during a demo dies with the demo.
+pub const DEMO_ISSUER: &str = "pipeline-board-demo";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Caller {
@@ -67,9 +74,20 @@ pub struct Verifier {
     rs256_by_kid: HashMap<String, DecodingKey>,
     audience: Vec<String>,
     issuer: Vec<String>,
+    /// Demo sign-in on: tokens issued by [`DEMO_ISSUER`] are accepted.
+    demo_tokens: bool,
 }
 
 impl Verifier {
+    /// Accepts the demo sign-in's tokens too (refused unless this is called).
+    pub fn accepting_demo_tokens(mut self) -> Self {
+        self.demo_tokens = true;
+        if !self.issuer.is_empty() {
+            self.issuer.push(DEMO_ISSUER.to_string());
+        }
+        self
+    }
+
     /// Refuses to start with no key, a short secret, or a key file that does not parse.
     pub fn from_args(args: &AuthArgs) -> anyhow::Result<Self> {
         let hs256 = match args.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
@@ -99,7 +117,14 @@ impl Verifier {
             hs256.is_some() || rs256_pem.is_some() || !rs256_by_kid.is_empty(),
             "no token key configured: set JWT_SECRET, JWT_PUBLIC_KEY_FILE or JWT_JWKS_FILE"
         );
-        Ok(Verifier { hs256, rs256_pem, rs256_by_kid, audience: args.jwt_audience.clone(), issuer: args.jwt_issuer.clone() })
+        Ok(Verifier {
+            hs256,
+            rs256_pem,
+            rs256_by_kid,
+            audience: args.jwt_audience.clone(),
+            issuer: args.jwt_issuer.clone(),
+            demo_tokens: false,
+        })
     }
 
     fn validation(&self, alg: Algorithm) -> Validation {
@@ -169,6 +194,9 @@ impl Verifier {
             ApiError::Unauthorized(why.into())
         })?;
         let c = data.claims;
+        if c.iss.as_deref() == Some(DEMO_ISSUER) && !self.demo_tokens {
+            return Err(ApiError::Unauthorized("demo token refused: the demo sign-in is off".into()));
+        }
         if !is_object_id(&c.org_id) || c.sub.trim().is_empty() {
             return Err(ApiError::Unauthorized("token lacks a valid orgId or sub".into()));
         }
@@ -185,10 +213,52 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-/// Signs a token (tests, the demo and the bench use it).
+/// Signs a token (tests and the bench use it).
 pub fn sign_hs256(secret: &[u8], user_id: &str, org_id: &str, ttl_secs: i64) -> String {
+    sign_hs256_as(secret, user_id, org_id, ttl_secs, None)
+}
+
+/// Signs a token naming its issuer (the demo sign-in signs as [`DEMO_ISSUER`]).
+pub fn sign_hs256_as(secret: &[u8], user_id: &str, org_id: &str, ttl_secs: i64, issuer: Option<&str>) -> String {
     let exp = (chrono::Utc::now().timestamp() + ttl_secs).max(0) as u64;
-    let claims = Claims { sub: user_id.to_string(), org_id: org_id.to_string(), exp };
+    let claims = Claims { sub: user_id.to_string(), org_id: org_id.to_string(), exp, iss: issuer.map(str::to_string) };
     jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), &claims, &jsonwebtoken::EncodingKey::from_secret(secret))
         .expect("HS256 signing cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+    const ORG: &str = "5f0c1b2a3d4e5f6a7b8c9d0e";
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(axum::http::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn demo_tokens_are_refused_unless_the_demo_sign_in_is_on() {
+        let demo = sign_hs256_as(SECRET.as_bytes(), "u1", ORG, 60, Some(DEMO_ISSUER));
+        let plain = sign_hs256(SECRET.as_bytes(), "u1", ORG, 60);
+        let off = Verifier::from_args(&AuthArgs::hs256(SECRET)).unwrap();
+        assert!(matches!(off.caller(&bearer(&demo)), Err(ApiError::Unauthorized(m)) if m.contains("demo")));
+        assert_eq!(off.caller(&bearer(&plain)).unwrap().org_id, ORG);
+        let on = off.accepting_demo_tokens();
+        assert_eq!(on.caller(&bearer(&demo)).unwrap(), Caller { user_id: "u1".into(), org_id: ORG.into() });
+    }
+
+    #[test]
+    fn with_configured_issuers_the_demo_issuer_is_one_more_only_while_the_demo_is_on() {
+        let args = AuthArgs { jwt_issuer: vec!["https://idp.example".into()], ..AuthArgs::hs256(SECRET) };
+        let demo = sign_hs256_as(SECRET.as_bytes(), "u1", ORG, 60, Some(DEMO_ISSUER));
+        let idp = sign_hs256_as(SECRET.as_bytes(), "u1", ORG, 60, Some("https://idp.example"));
+        let off = Verifier::from_args(&args).unwrap();
+        assert!(off.caller(&bearer(&demo)).is_err());
+        assert!(off.caller(&bearer(&idp)).is_ok());
+        let on = Verifier::from_args(&args).unwrap().accepting_demo_tokens();
+        assert!(on.caller(&bearer(&demo)).is_ok() && on.caller(&bearer(&idp)).is_ok());
+    }
 }

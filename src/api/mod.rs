@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// For demos only: anyone who reaches the API can then act as any user.
     #[arg(long, env = "DEMO_SIGNIN", default_value_t = false)]
     pub demo_signin: bool,
+    /// Allows the demo sign-in on an address other than loopback (refused without it: a demo
+    /// reachable from the network lets anyone act as any user).
+    #[arg(long, env = "DEMO_SIGNIN_ANYWHERE", default_value_t = false)]
+    pub demo_signin_anywhere: bool,
     /// Redis Cluster: where boards are read. `replica` sends the board's reads to a replica of
     /// the org's shard (writes never come from the API): more read capacity, answers behind the
     /// primary by the replication delay, which `meta.replicaStalenessMs` and
@@ -239,7 +243,15 @@ pub struct Application {
 
 impl Application {
     pub async fn build(args: &ServeArgs) -> anyhow::Result<Application> {
-        let verifier = Verifier::from_args(&args.auth)?;
+        check_demo_signin(args)?;
+        let mut verifier = Verifier::from_args(&args.auth)?;
+        if args.demo_signin {
+            tracing::warn!(
+                listen_addr = %args.listen_addr,
+                "the demo sign-in is on: anyone who reaches this address can act as any user (DEMO_SIGNIN=false for anything but a demo)"
+            );
+            verifier = verifier.accepting_demo_tokens();
+        }
         let options = ConnectOptions {
             connection_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(5),
@@ -295,6 +307,26 @@ impl Application {
     }
 }
 
+/// The demo sign-in only on a loopback address, unless `--demo-signin-anywhere` says otherwise.
+fn check_demo_signin(args: &ServeArgs) -> anyhow::Result<()> {
+    if !args.demo_signin || args.demo_signin_anywhere || is_loopback(&args.listen_addr) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "DEMO_SIGNIN is on and LISTEN_ADDR {} is not a loopback address: anyone reaching it could act as any user; \
+         listen on 127.0.0.1, turn the demo sign-in off, or pass --demo-signin-anywhere (DEMO_SIGNIN_ANYWHERE=true) if you mean it",
+        args.listen_addr
+    )
+}
+
+/// `127.0.0.0/8`, `::1` or `localhost` (any port); a name or an unspecified address is not.
+fn is_loopback(listen_addr: &str) -> bool {
+    match listen_addr.parse::<SocketAddr>() {
+        Ok(addr) => addr.ip().is_loopback(),
+        Err(_) => listen_addr.rsplit_once(':').is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost")),
+    }
+}
+
 /// The projection's lag from Redis alone (the applied offsets and the partition ends the
 /// projector publishes): the API never opens a Kafka client.
 fn spawn_lag_probe(args: &ServeArgs, mut redis: RedisConn, keys: KeySpace, lag: Arc<AtomicI64>, ends_age_ms: Arc<AtomicI64>) {
@@ -325,4 +357,19 @@ fn spawn_lag_probe(args: &ServeArgs, mut redis: RedisConn, keys: KeySpace, lag: 
             tokio::time::sleep(every).await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback;
+
+    #[test]
+    fn only_loopback_addresses_count_as_loopback() {
+        for a in ["127.0.0.1:8080", "127.1.2.3:0", "[::1]:8080", "localhost:8080", "LOCALHOST:1"] {
+            assert!(is_loopback(a), "{a}");
+        }
+        for a in ["0.0.0.0:8080", "[::]:8080", "10.0.0.5:8080", "example.com:8080", "localhost.evil.com:80", "8080", ""] {
+            assert!(!is_loopback(a), "{a}");
+        }
+    }
 }

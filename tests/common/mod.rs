@@ -274,6 +274,7 @@ impl TestEnv {
             ready_max_lag: 10_000,
             ready_max_ends_age_ms: 10_000,
             demo_signin: false,
+            demo_signin_anywhere: false,
             redis_read_from: pipeline_board::api::ReadFrom::Primary,
         }
     }
