@@ -144,14 +144,19 @@ pub struct ReplayReport {
     pub already: usize,
     /// Without an origin topic to go back to: skipped.
     pub no_origin: usize,
+    /// Naming a topic that is not one of the projection's inputs (the header is data anyone
+    /// who can write the dead-letter topic controls): skipped, never produced to.
+    pub not_an_input: usize,
 }
 
-/// Re-produces each dead letter into its original topic, once: a dead letter is recorded as
-/// replayed (in `replayed_set`) only after the broker acknowledged it, and skipped afterwards.
+/// Re-produces each dead letter into its original topic, once, and only when that topic is one
+/// of `inputs` (the configured input topics): a dead letter is recorded as replayed (in
+/// `replayed_set`) only after the broker acknowledged it, and skipped afterwards.
 pub async fn replay(
     kafka: &KafkaConnection,
     conn: &mut board_core::redis_conn::RedisConn,
     replayed_set: &str,
+    inputs: &[String],
     letters: &[DeadLetter],
     dry_run: bool,
 ) -> anyhow::Result<ReplayReport> {
@@ -160,6 +165,11 @@ pub async fn replay(
     for d in letters {
         if d.origin_topic.is_empty() {
             report.no_origin += 1;
+            continue;
+        }
+        if !inputs.contains(&d.origin_topic) {
+            tracing::warn!(id = %d.id, topic = %d.origin_topic, "dead letter names a topic that is not an input; not replayed");
+            report.not_an_input += 1;
             continue;
         }
         if conn.sismember(replayed_set, &d.id).await? {

@@ -135,13 +135,15 @@ payload ({} bytes):
         DlqCommand::Replay { args, dry_run } => {
             let (kafka, mut conn, letters) = args.letters().await?;
             let set = KeySpace::new(&args.redis.redis_prefix).replayed_dead_letters();
-            let r = pipeline_board::dlq::replay(&kafka, &mut conn, &set, &letters, dry_run).await?;
+            let inputs = args.kafka.topics.inputs();
+            let r = pipeline_board::dlq::replay(&kafka, &mut conn, &set, &inputs, &letters, dry_run).await?;
             println!(
-                "{} {} dead letters into their topics; {} skipped (replayed before), {} skipped (no origin topic)",
+                "{} {} dead letters into their topics; {} skipped (replayed before), {} skipped (no origin topic), {} skipped (origin not an input topic)",
                 if dry_run { "would replay" } else { "replayed" },
                 r.replayed,
                 r.already,
-                r.no_origin
+                r.no_origin,
+                r.not_an_input
             );
         }
     }
@@ -175,6 +177,10 @@ struct ProjectArgs {
     /// An event larger than this many bytes is dead-lettered (`too_large`) without being parsed.
     #[arg(long, env = "MAX_EVENT_BYTES", default_value_t = pipeline_board::consumers::projector::DEFAULT_MAX_EVENT_BYTES)]
     max_event_bytes: usize,
+    /// Most dead letters parked in Redis when the dead-letter topic refuses them; at the cap the
+    /// batch holding the next one is retried (its partitions wait) instead of dropping anything.
+    #[arg(long, env = "DLQ_PARKED_MAX", default_value_t = pipeline_board::consumers::dead_letter::DEFAULT_PARKED_MAX)]
+    parked_max: u64,
     /// Milliseconds to wait for more events before applying a partial batch.
     #[arg(long, env = "PROJECT_LINGER_MS", default_value_t = 5)]
     linger_ms: u64,
@@ -251,6 +257,7 @@ async fn project(args: ProjectArgs) -> anyhow::Result<ExitCode> {
     settings.linger = Duration::from_millis(args.linger_ms);
     settings.session_timeout = Duration::from_millis(args.session_timeout_ms);
     settings.exit_when_caught_up = args.exit_when_caught_up;
+    settings.parked_max = args.parked_max;
     let counters = Arc::new(RunCounters::default());
     let started = Instant::now();
     consumers::run(settings, counters.clone(), shutdown_signal()).await?;
@@ -272,7 +279,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             let app = pipeline_board::api::Application::build(&args).await?;
             let addr = app.local_addr();
-            tracing::info!(%addr, "serving");
+            tracing::info!(%addr, metrics_addr = ?app.metrics_addr(), "serving");
             // The first stdout line names the bound address (LISTEN_ADDR may use port 0).
             println!("listening on {addr}");
             app.run(shutdown_signal()).await?;

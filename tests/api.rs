@@ -373,6 +373,19 @@ async fn service_endpoints() {
     post_board(&f.url, Some(&token(org, &snap.users[0].id)), "{}").await;
     let metrics = client.get(format!("{}/metrics", f.url)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("pb_http_requests_total"), "{metrics}");
+
+    // METRICS_ADDR: `/metrics` moves to a listener of its own, off the public port.
+    let mut args = f.env.serve_args();
+    args.metrics_addr = Some("127.0.0.1:0".into());
+    let app = pipeline_board::api::Application::build(&args).await.unwrap();
+    let (public, private) = (format!("http://{}", app.local_addr()), format!("http://{}", app.metrics_addr().unwrap()));
+    tokio::spawn(app.run(std::future::pending()));
+    assert_eq!(client.get(format!("{public}/metrics")).send().await.unwrap().status(), 404);
+    assert_eq!(client.get(format!("{public}/healthz")).send().await.unwrap().status(), 200);
+    let scraped = client.get(format!("{private}/metrics")).send().await.unwrap();
+    assert_eq!(scraped.status(), 200);
+    assert!(scraped.text().await.unwrap().contains("pb_http_requests_total"));
+    assert_eq!(client.get(format!("{private}/api/contacts")).send().await.unwrap().status(), 404, "only /metrics there");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,10 +34,18 @@ async fn the_page_polls_cheaply_and_signs_demo_users_in_only_when_enabled() {
     assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
     let html = page.text().await.unwrap();
     assert!(html.contains(r#"<script src="/assets/board.js">"#) && html.contains(r#"href="/assets/board.css""#), "{html}");
-    for (path, kind) in [("/assets/board.js", "text/javascript"), ("/assets/board.css", "text/css")] {
+    for (path, kind) in [("/", "text/html"), ("/assets/board.js", "text/javascript"), ("/assets/board.css", "text/css")] {
         let r = reqwest::get(format!("{url}{path}")).await.unwrap();
         assert_eq!(r.status(), 200);
-        assert!(r.headers()["content-type"].to_str().unwrap().starts_with(kind));
+        let h = r.headers();
+        assert!(h["content-type"].to_str().unwrap().starts_with(kind));
+        // No inline script, no other origin, never framed, never sniffed as another type.
+        let csp = h["content-security-policy"].to_str().unwrap();
+        for directive in ["default-src 'none'", "script-src 'self'", "frame-ancestors 'none'", "base-uri 'none'"] {
+            assert!(csp.contains(directive), "{path}: {csp}");
+        }
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(h["x-frame-options"], "DENY", "{path}");
     }
 
     // Polling: the same answer is 304 with its ETag; a change anywhere in the answer is a new one.

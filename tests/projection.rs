@@ -422,6 +422,46 @@ async fn a_refused_dead_letter_is_parked_and_the_partition_goes_on() {
     env.cleanup().await;
 }
 
+/// Parked dead letters are bounded: at `DLQ_PARKED_MAX` nothing more is parked and nothing is
+/// dropped; the batch waits (its offsets are not stored) until the cap is raised, and then the
+/// held-back poison event is parked and the projection catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_dead_letters_stop_at_their_cap_without_losing_one() {
+    let env = TestEnv::new("dlq-cap").await;
+    let org = oid(1);
+    for n in 0..2 {
+        env.produce(&env.topics.topic_contacts, &oid(10 + n), format!("{{\"poison\": {n}").as_bytes()).await;
+    }
+    let valid = event("contact.upserted", &org, "contact", contact(&org, &oid(12), 1, &oid(2), &oid(3), &oid(20), "Val"));
+    env.produce(&env.topics.topic_contacts, &oid(12), &valid).await;
+
+    let mut settings = env.settings();
+    settings.topics.topic_dlq = format!("{}.missing-dlq", env.name);
+    settings.parked_max = 1;
+    let projector = env.spawn_projector_with(settings.clone());
+    let counters = projector.counters.clone();
+    eventually(Duration::from_secs(90), "the batch is retried at the cap", || {
+        let c = counters.clone();
+        async move { c.redis_retries.load(Ordering::Relaxed) >= 2 }
+    })
+    .await;
+    let mut r = env.redis().await;
+    let held: u64 = redis::cmd("XLEN").arg(env.keys.parked_dead_letters()).query_async(&mut r).await.unwrap();
+    assert_eq!(held, 1, "the cap holds");
+    assert!(env.lag().await.total() > 0, "the batch with the unparked dead letter is not stored");
+    projector.stop().await.unwrap();
+
+    // The operator raises the cap: the held-back dead letter is parked, none is lost.
+    settings.parked_max = 100;
+    let projector = env.spawn_projector_with(settings);
+    env.wait_caught_up(Duration::from_secs(90)).await;
+    projector.stop().await.unwrap();
+    let parked = pipeline_board::dlq::read_parked(&mut r, &env.keys.parked_dead_letters()).await.unwrap();
+    let offsets: std::collections::BTreeSet<(i32, i64)> = parked.iter().map(|d| (d.origin_partition, d.origin_offset)).collect();
+    assert_eq!(offsets.len(), 2, "both poison events parked: {parked:?}");
+    env.cleanup().await;
+}
+
 /// `verify` compares every structure the projection keeps: damage to any one of them is found
 /// and named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -567,12 +607,19 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
     assert!(letters[0].reason.contains("larger than the limit"), "{}", letters[0].reason);
     assert!(read_parked(&mut r, &env.keys.parked_dead_letters()).await.unwrap().is_empty());
     let replayed_set = env.keys.replayed_dead_letters();
-    let first = replay(&kafka, &mut r, &replayed_set, &letters, false).await.unwrap();
-    assert_eq!(first, ReplayReport { replayed: 1, already: 0, no_origin: 0 });
+    let inputs = t.inputs();
+    // A dead letter whose origin header names another topic (here: the dead-letter topic itself,
+    // a loop) is never produced there, whatever the header says.
+    let mut forged = letters[0].clone();
+    (forged.id, forged.origin_topic) = ("dlq/forged".into(), t.topic_dlq.clone());
+    let refused = replay(&kafka, &mut r, &replayed_set, &inputs, &[forged], false).await.unwrap();
+    assert_eq!(refused, ReplayReport { not_an_input: 1, ..Default::default() });
+    let first = replay(&kafka, &mut r, &replayed_set, &inputs, &letters, false).await.unwrap();
+    assert_eq!(first, ReplayReport { replayed: 1, ..Default::default() });
     env.wait_caught_up(Duration::from_secs(60)).await;
     assert!(r.hexists::<_, _, bool>(&cards_key, &c).await.unwrap(), "applied once replayed");
-    let second = replay(&kafka, &mut r, &replayed_set, &letters, false).await.unwrap();
-    assert_eq!(second, ReplayReport { replayed: 0, already: 1, no_origin: 0 }, "a second replay does nothing");
+    let second = replay(&kafka, &mut r, &replayed_set, &inputs, &letters, false).await.unwrap();
+    assert_eq!(second, ReplayReport { already: 1, ..Default::default() }, "a second replay does nothing");
     projector.stop().await.unwrap();
 
     // The command prints the same.

@@ -2,6 +2,9 @@
 //! topic refuses one (too large, missing, not authorized) or stays unreachable past a bound, the
 //! event is parked in a Redis stream instead: a poison event can neither stop its partition nor
 //! be lost. `pb_dead_letters_parked_total` and the API's `/readyz` (`deadLettersParked`) show it.
+//! The stream is bounded (`DLQ_PARKED_MAX`): at the cap nothing is parked nor dropped, the batch
+//! holding the poison event is retried (its partitions wait, the lag grows, `/readyz` turns 503)
+//! until the dead-letter topic takes records again or the cap is raised.
 use crate::kafka::KafkaConnection;
 use board_core::events::PoisonReason;
 use rdkafka::error::RDKafkaErrorCode;
@@ -88,15 +91,35 @@ impl DeadLetters {
     }
 }
 
+/// Most dead letters parked in Redis unless `DLQ_PARKED_MAX` says otherwise.
+pub const DEFAULT_PARKED_MAX: u64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParkError {
+    #[error("{held} dead letters are parked in redis, the cap (DLQ_PARKED_MAX) is {max}: not parked, retried")]
+    Full { held: u64, max: u64 },
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+}
+
 /// Keeps a dead letter the topic refused in a Redis stream, with everything the topic record
-/// would have carried plus why the topic refused it. Returns once Redis acknowledged it.
+/// would have carried plus why the topic refused it, while the stream holds fewer than `max`.
+/// Returns once Redis acknowledged it. Two projectors parking at once may pass the cap by the
+/// poison events of one batch each; it bounds memory, not an exact count.
 pub async fn park(
     redis: &mut board_core::redis_conn::RedisConn,
     stream: &str,
+    max: u64,
     origin: &Origin<'_>,
     reason: &PoisonReason,
     refusal: &str,
-) -> redis::RedisResult<()> {
+) -> Result<(), ParkError> {
+    let held: u64 = redis::cmd("XLEN").arg(stream).query_async(redis).await?;
+    metrics::gauge!("pb_dead_letters_parked").set(held as f64);
+    if held >= max {
+        metrics::counter!("pb_dead_letters_park_refused_total").increment(1);
+        return Err(ParkError::Full { held, max });
+    }
     let (partition, offset, reason_text) = (origin.partition.to_string(), origin.offset.to_string(), reason.to_string());
     let fields: [(&str, &[u8]); 8] = [
         ("topic", origin.topic.as_bytes()),
@@ -108,5 +131,7 @@ pub async fn park(
         ("reason", reason_text.as_bytes()),
         ("refusal", refusal.as_bytes()),
     ];
-    redis::cmd("XADD").arg(stream).arg("*").arg(&fields[..]).query_async::<String>(redis).await.map(|_| ())
+    redis::cmd("XADD").arg(stream).arg("*").arg(&fields[..]).query_async::<String>(redis).await?;
+    metrics::gauge!("pb_dead_letters_parked").set((held + 1) as f64);
+    Ok(())
 }

@@ -51,6 +51,8 @@ pub struct ProjectorSettings {
     pub session_timeout: Duration,
     /// Stop (gracefully) once every input partition is applied up to its high watermark.
     pub exit_when_caught_up: bool,
+    /// Most dead letters parked in Redis (see `dead_letter::park`).
+    pub parked_max: u64,
 }
 
 impl ProjectorSettings {
@@ -66,6 +68,7 @@ impl ProjectorSettings {
             linger: Duration::from_millis(5),
             session_timeout: Duration::from_secs(6),
             exit_when_caught_up: false,
+            parked_max: crate::dead_letter::DEFAULT_PARKED_MAX,
         }
     }
 }
@@ -348,8 +351,12 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         loop {
             attempts += 1;
             // A dead-letter topic that stays unreachable must not stop the partitions for good.
-            let dlq =
-                DeadLetterSink { topic: &dead_letters, parked_stream: &parked_stream, park_unsent: attempts > DLQ_ATTEMPTS_BEFORE_PARKING };
+            let dlq = DeadLetterSink {
+                topic: &dead_letters,
+                parked_stream: &parked_stream,
+                parked_max: settings.parked_max,
+                park_unsent: attempts > DLQ_ATTEMPTS_BEFORE_PARKING,
+            };
             let applying = process_batch(&mut applier, &dlq, &batch, &counters);
             tokio::pin!(applying);
             let result = loop {
@@ -701,6 +708,7 @@ const DLQ_ATTEMPTS_BEFORE_PARKING: u32 = 8;
 struct DeadLetterSink<'a> {
     topic: &'a DeadLetters,
     parked_stream: &'a str,
+    parked_max: u64,
     park_unsent: bool,
 }
 
@@ -739,7 +747,7 @@ async fn process_batch(
             Ok(()) => {}
             Err(e) if e.refused || dead_letters.park_unsent => {
                 let mut conn = applier.connection();
-                crate::dead_letter::park(&mut conn, dead_letters.parked_stream, &origin, reason, &e.text)
+                crate::dead_letter::park(&mut conn, dead_letters.parked_stream, dead_letters.parked_max, &origin, reason, &e.text)
                     .await
                     .map_err(|re| Transient(format!("parking a dead letter in redis: {re}")))?;
                 counters.parked.fetch_add(1, Ordering::Relaxed);

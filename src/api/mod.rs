@@ -36,6 +36,10 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 pub struct ServeArgs {
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen_addr: String,
+    /// Serve `GET /metrics` on this address instead of `LISTEN_ADDR` (keeps the metrics off the
+    /// public port; e.g. `0.0.0.0:9100` for the cluster's scraper only).
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     #[command(flatten)]
     pub auth: auth::AuthArgs,
     #[command(flatten)]
@@ -167,17 +171,22 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// The API; `/metrics` too unless it has a listener of its own (`METRICS_ADDR`).
+pub fn router(state: AppState, with_metrics: bool) -> Router {
+    let mut api = Router::new()
         .merge(contacts::router())
         .merge(page::router())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
-        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(axum::middleware::from_fn(contacts::record_metrics))
-        .with_state(state)
+        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }));
+    if with_metrics {
+        api = api.merge(metrics_router());
+    }
+    api.layer(DefaultBodyLimit::max(BODY_LIMIT)).layer(axum::middleware::from_fn(contacts::record_metrics)).with_state(state)
+}
+
+fn metrics_router() -> Router<AppState> {
+    Router::new().route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
 }
 
 /// Ready (200) when the projection is whole, at most `READY_MAX_LAG` events behind, attended (a
@@ -239,6 +248,8 @@ async fn readyz(State(s): State<AppState>) -> Response {
 pub struct Application {
     listener: tokio::net::TcpListener,
     router: Router,
+    /// `METRICS_ADDR`'s listener and its router (`/metrics` only).
+    metrics: Option<(tokio::net::TcpListener, Router)>,
 }
 
 impl Application {
@@ -295,15 +306,30 @@ impl Application {
             replica_staleness,
         };
         let listener = tokio::net::TcpListener::bind(&args.listen_addr).await?;
-        Ok(Application { listener, router: router(state) })
+        let metrics = match &args.metrics_addr {
+            Some(addr) => Some((tokio::net::TcpListener::bind(addr).await?, metrics_router().with_state(state.clone()))),
+            None => None,
+        };
+        Ok(Application { listener, router: router(state, metrics.is_none()), metrics })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener has an address")
     }
 
+    /// Where `/metrics` is served when it has its own listener.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(l, _)| l.local_addr().expect("bound listener has an address"))
+    }
+
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await
+        // The metrics listener lives as long as the API: a scrape needs no graceful drain.
+        let metrics = self.metrics.map(|(listener, router)| tokio::spawn(async move { axum::serve(listener, router).await }));
+        let served = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await;
+        if let Some(m) = metrics {
+            m.abort();
+        }
+        served
     }
 }
 

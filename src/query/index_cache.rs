@@ -2,7 +2,9 @@
 //! card records on the first board that needs it, then brought up to date before each such board
 //! from the org's change stream (`K:changes`, written by the same atomic commit as the records).
 //! A reader that fell further behind than the stream keeps (`max-deleted-entry-id` past its
-//! position) reloads the org.
+//! position, before or while it catches up), that finds the stream behind its position (Redis
+//! went back in time, or the stream was made again) or that sees the projection's instance
+//! change (a heal after Redis lost it) reloads the org.
 use super::index::OrgIndex;
 use board_core::keys::OrgKeys;
 use board_core::model::CardKind;
@@ -39,6 +41,32 @@ pub struct IndexCache {
     conn: RedisConn,
     orgs: Arc<Mutex<HashMap<String, Arc<OrgSlot>>>>,
     sweeper: Arc<Mutex<bool>>,
+    /// The projection instance the indexes were loaded under (`observe_instance`).
+    instance: Arc<RwLock<Option<String>>>,
+}
+
+/// What an org's index needs before it answers a board.
+#[derive(Debug, PartialEq, Eq)]
+enum Freshen {
+    /// Up to date.
+    Nothing,
+    /// Read the change stream from the index's position to its end.
+    CatchUp,
+    /// Load the org again: never loaded, another generation, or the stream lost entries the
+    /// index did not read (trimmed past its position) or went back behind it.
+    Load,
+}
+
+/// `at`: the index's position in the change stream; `last`, `max_deleted`: the stream's.
+fn freshen(loaded: bool, same_generation: bool, at: &str, last: &str, max_deleted: &str) -> Freshen {
+    let (at, last, max_deleted) = (stream_pos(at), stream_pos(last), stream_pos(max_deleted));
+    if !loaded || !same_generation || at < max_deleted || last < at {
+        Freshen::Load
+    } else if at != last {
+        Freshen::CatchUp
+    } else {
+        Freshen::Nothing
+    }
 }
 
 /// Card records as HSCAN returns them: (id, bincode).
@@ -75,7 +103,27 @@ async fn stream_state(conn: &mut RedisConn, key: &str) -> Result<(String, String
 
 impl IndexCache {
     pub fn new(conn: RedisConn) -> Self {
-        IndexCache { conn, orgs: Arc::default(), sweeper: Arc::default() }
+        IndexCache { conn, orgs: Arc::default(), sweeper: Arc::default(), instance: Arc::default() }
+    }
+
+    /// Every request reads the projection's instance before its index: when it changes (Redis
+    /// lost the projection and a projector made it again) every index is dropped, to be loaded
+    /// from the new instance's records, whatever their stream positions say.
+    pub fn observe_instance(&self, instance: &str) {
+        if self.instance.read().expect("not poisoned").as_deref() == Some(instance) {
+            return;
+        }
+        let previous = self.instance.write().expect("not poisoned").replace(instance.to_string());
+        if previous.is_some_and(|p| p != instance) {
+            let dropped = {
+                let mut orgs = self.orgs.lock().expect("not poisoned");
+                let n = orgs.len();
+                orgs.clear();
+                n
+            };
+            metrics::counter!("pb_index_instance_changes_total").increment(1);
+            info!(instance, dropped, "the projection's instance changed; in-memory indexes dropped");
+        }
     }
 
     /// Whether the org's index is being replaced by its new generation's (until then index
@@ -157,14 +205,18 @@ impl IndexCache {
                     slot.switching.store(false, Ordering::Relaxed);
                 });
             }
-        } else if !*loaded || stream_pos(&at) < stream_pos(&max_deleted) || base != keys.base {
-            let mut index = self.load(keys, last).await?;
-            index.base = keys.base.clone();
-            info!(org, cards = index.len(), "in-memory index loaded");
-            *slot.index.write().expect("not poisoned") = index;
-            *loaded = true;
-        } else if at != last {
-            self.catch_up(keys, &slot, &at, &last).await?;
+        } else {
+            let mut action = freshen(*loaded, base == keys.base, &at, &last, &max_deleted);
+            if action == Freshen::CatchUp && !self.catch_up(keys, &slot, &at, &last).await? {
+                action = Freshen::Load;
+            }
+            if action == Freshen::Load {
+                let mut index = self.load(keys, last).await?;
+                index.base = keys.base.clone();
+                info!(org, cards = index.len(), "in-memory index loaded");
+                *slot.index.write().expect("not poisoned") = index;
+                *loaded = true;
+            }
         }
         drop(loaded);
         Ok(slot)
@@ -203,7 +255,9 @@ impl IndexCache {
         built.map_err(|e| RedisError::from(std::io::Error::other(format!("index load: {e}"))))
     }
 
-    async fn catch_up(&self, keys: &OrgKeys, slot: &OrgSlot, from: &str, to: &str) -> Result<(), RedisError> {
+    /// Applies the stream's entries after `from` up to `to`; false (nothing applied) when the
+    /// stream was trimmed past `from` while its pages were read: an entry may have gone unread.
+    async fn catch_up(&self, keys: &OrgKeys, slot: &OrgSlot, from: &str, to: &str) -> Result<bool, RedisError> {
         let mut conn = self.conn.clone();
         let mut cards: BTreeSet<(CardKind, String)> = BTreeSet::new();
         let mut users: BTreeSet<String> = BTreeSet::new();
@@ -242,6 +296,10 @@ impl IndexCache {
                 }
             }
         }
+        let (_, max_deleted) = stream_state(&mut conn, &keys.changes()).await?;
+        if stream_pos(from) < stream_pos(&max_deleted) {
+            return Ok(false);
+        }
         // The current records of what changed: one HMGET per hash, in one round trip.
         let ids_of = |kind: CardKind| cards.iter().filter(|(k, _)| *k == kind).map(|(_, id)| id.clone()).collect::<Vec<_>>();
         let groups = [
@@ -265,6 +323,23 @@ impl IndexCache {
             }
         }
         index.stream_id = at;
-        Ok(())
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{freshen, Freshen};
+
+    #[test]
+    fn an_index_is_caught_up_only_from_a_stream_that_still_holds_its_position() {
+        assert_eq!(freshen(true, true, "5-0", "5-0", "0-0"), Freshen::Nothing);
+        assert_eq!(freshen(true, true, "5-0", "9-1", "0-0"), Freshen::CatchUp);
+        assert_eq!(freshen(true, true, "5-0", "9-1", "5-0"), Freshen::CatchUp, "deleted up to its position: nothing unread lost");
+        assert_eq!(freshen(false, true, "0-0", "9-1", "0-0"), Freshen::Load, "never loaded");
+        assert_eq!(freshen(true, false, "5-0", "9-1", "0-0"), Freshen::Load, "another generation");
+        assert_eq!(freshen(true, true, "5-0", "9-1", "6-0"), Freshen::Load, "trimmed past its position");
+        assert_eq!(freshen(true, true, "5-0", "4-9", "0-0"), Freshen::Load, "the stream went back (an older state reloaded)");
+        assert_eq!(freshen(true, true, "5-0", "0-0", "0-0"), Freshen::Load, "the stream is gone");
     }
 }

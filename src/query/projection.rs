@@ -164,7 +164,7 @@ impl ProjectionReader {
             redis::from_redis_value(redis::Value::Array(replies)).map_err(redis::RedisError::from)?;
         match (instance, status.as_deref()) {
             (None, _) => return Err(ProjectionError::NotWhole("projection_missing")),
-            (Some(_), Some("whole")) => {}
+            (Some(instance), Some("whole")) => self.index.observe_instance(&instance),
             (Some(_), _) => return Err(ProjectionError::NotWhole("projection_rebuilding")),
         }
         let generation = Generation::parse(pointer.as_deref().unwrap_or_default()).ok_or_else(|| bad("generation pointer"))?;

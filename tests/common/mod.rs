@@ -262,6 +262,7 @@ impl TestEnv {
         use pipeline_board::core::config::{MongoArgs, RedisArgs};
         pipeline_board::api::ServeArgs {
             listen_addr: "127.0.0.1:0".into(),
+            metrics_addr: None,
             auth: pipeline_board::api::auth::AuthArgs::hs256(JWT_SECRET),
             redis: RedisArgs { redis_url: self.redis_url.clone(), redis_cluster: false, redis_prefix: self.keys.prefix().to_string() },
             mongo: MongoArgs { mongodb_uri: self.mongo_uri.clone(), mongodb_db: self.mongo_db.clone() },
