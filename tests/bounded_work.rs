@@ -136,3 +136,81 @@ async fn the_worst_case_request_costs_redis_the_same_on_a_small_and_a_large_org(
 async fn post_board_owned(url: String, bearer: String, body: String) -> (u16, Value) {
     post_board(&url, Some(&bearer), &body).await
 }
+
+/// Index boards that wait for an index walk never hold the API's async workers. On a runtime of
+/// one worker: a walk is held in flight (its read lock), a change is committed so the next index
+/// boards must catch up (the index's write lock, which waits for the walk); while 8 such boards
+/// wait, `/healthz` and a sorted-set board answer, and none of the 8 has; once the walk ends they
+/// all answer, with the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn index_boards_waiting_for_a_walk_leave_health_and_sorted_set_boards_free() {
+    use std::time::Duration;
+    let env = common::TestEnv::new("index-locks").await;
+    let seeded = env.seed(small_seed(1, 120, 43)).await;
+    let org = seeded.org_ids[0].clone();
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    let app = pipeline_board::api::Application::build(&env.serve_args()).await.unwrap();
+    let (url, projection) = (format!("http://{}", app.local_addr()), app.projection());
+    tokio::spawn(app.run(std::future::pending()));
+    let snap = pipeline_board::mongo::load_org(&env.mongo().await, &org).await.unwrap();
+    let t = token(&org, &snap.users[0].id);
+    let search = r#"{"search": "a", "size": 100}"#;
+    let (status, first) = post_board(&url, Some(&t), search).await;
+    assert_eq!((status, first["meta"]["route"].as_str()), (200, Some("index")), "{first}");
+    let shown = first["data"].as_object().unwrap().values().find_map(|b| b["contacts"][0]["_id"].as_str()).unwrap().to_string();
+
+    // A walk in flight: the index's read lock, held on a thread of its own until released.
+    let slot = projection.loaded_index(&org).expect("the search board loaded the org's index");
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let walk = std::thread::spawn(move || {
+        let index = slot.index();
+        let _walking = index.read().unwrap();
+        held_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+    });
+    held_rx.recv().unwrap();
+
+    // A change the next index boards must catch up on.
+    let mut contact = snap.contacts.iter().find(|c| c.id == shown).unwrap().clone();
+    contact.first_name = Some("Aaron-after-the-walk".into());
+    contact.version = Some(contact.version.unwrap() + 1);
+    let event = json!({"type": "contact.upserted", "eventId": "index-locks", "orgId": org,
+        "occurredAt": "2026-12-01T00:00:00.000Z", "contact": contact});
+    env.produce(&env.topics.topic_contacts, &contact.id, &serde_json::to_vec(&event).unwrap()).await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+
+    // The clients run on runtimes of their own and are awaited with std channels: the bounds
+    // hold even if the server's one worker were blocked (then these would fail, not hang).
+    let boards: Vec<_> = (0..8).map(|_| on_own_runtime(post_board_owned(url.clone(), t.clone(), search.into()))).collect();
+    let bound = Duration::from_secs(30); // a bound, not a measurement
+    let u = url.clone();
+    let health = on_own_runtime(async move { reqwest::get(format!("{u}/healthz")).await.unwrap().status().as_u16() });
+    assert_eq!(health.recv_timeout(bound).expect("/healthz answers while index boards wait"), 200);
+    let (status, plain) = on_own_runtime(post_board_owned(url.clone(), t.clone(), "{}".into()))
+        .recv_timeout(bound)
+        .expect("a sorted-set board answers meanwhile");
+    assert_eq!((status, plain["meta"]["route"].as_str()), (200, Some("sorted_sets")), "{plain}");
+    assert!(boards.iter().all(|b| b.try_recv().is_err()), "the index boards wait for the walk");
+
+    release_tx.send(()).unwrap();
+    walk.join().unwrap();
+    for b in boards {
+        let (status, body) = b.recv_timeout(bound).expect("an index board answers once the walk ended");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.to_string().contains("Aaron-after-the-walk"), "caught up with the change: {body}");
+    }
+    projector.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// Runs `f` on a thread and runtime of its own; its output arrives on the channel.
+fn on_own_runtime<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send + 'static) -> std::sync::mpsc::Receiver<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _ = tx.send(rt.block_on(f));
+    });
+    rx
+}

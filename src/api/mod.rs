@@ -250,6 +250,7 @@ pub struct Application {
     router: Router,
     /// `METRICS_ADDR`'s listener and its router (`/metrics` only).
     metrics: Option<(tokio::net::TcpListener, Router)>,
+    projection: ProjectionReader,
 }
 
 impl Application {
@@ -310,11 +311,17 @@ impl Application {
             Some(addr) => Some((tokio::net::TcpListener::bind(addr).await?, metrics_router().with_state(state.clone()))),
             None => None,
         };
-        Ok(Application { listener, router: router(state, metrics.is_none()), metrics })
+        let projection = state.projection.clone();
+        Ok(Application { listener, router: router(state, metrics.is_none()), metrics, projection })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// The projection reader the API answers with (tests reach its in-memory indexes).
+    pub fn projection(&self) -> ProjectionReader {
+        self.projection.clone()
     }
 
     /// Where `/metrics` is served when it has its own listener.

@@ -6,26 +6,55 @@
 //! went back in time, or the stream was made again) or that sees the projection's instance
 //! change (a heal after Redis lost it) reloads the org.
 use super::index::OrgIndex;
+use arc_swap::ArcSwap;
 use board_core::keys::OrgKeys;
 use board_core::model::CardKind;
 use board_core::record::CardRecord;
 use board_core::redis_conn::RedisConn;
 use redis::{RedisError, Value};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tracing::info;
 
 /// One org's index and the lock that serializes its loading and catching up.
+///
+/// Who waits for whom: an index walk (a board) holds a read lock of the index it started on, on
+/// a blocking thread; a catch-up takes the write lock on a blocking thread too, so an async
+/// worker never waits for a walk; a load swaps in a new index without waiting for the walks of
+/// the old one (they finish on it); the sweeper reads only atomics.
 #[derive(Default)]
 pub struct OrgSlot {
     sync: tokio::sync::Mutex<bool>,
-    pub index: RwLock<OrgIndex>,
+    index: ArcSwap<RwLock<OrgIndex>>,
+    /// Cards in the index (the sweeper's metrics read this, never the index's lock).
+    cards: AtomicUsize,
     /// Unix seconds of the last board that used it (idle indexes are dropped).
     last_used: AtomicI64,
     /// A load of the org's new generation (after a rebuild's switch) is under way.
     switching: AtomicBool,
+}
+
+impl OrgSlot {
+    /// The current index; a board walks it under its read lock, on a blocking thread.
+    pub fn index(&self) -> Arc<RwLock<OrgIndex>> {
+        self.index.load_full()
+    }
+
+    /// Puts a newly loaded index in place: boards that started on the old one finish on it.
+    fn replace(&self, index: OrgIndex) {
+        self.cards.store(index.len(), Ordering::Relaxed);
+        self.index.store(Arc::new(RwLock::new(index)));
+    }
+
+    /// The index's position in the change stream and its generation. Called under `sync`, which
+    /// every writer holds too: no writer waits, so this read lock is never waited for.
+    fn position(&self) -> (String, String) {
+        let index = self.index.load();
+        let index = index.read().expect("not poisoned");
+        (index.stream_id.clone(), index.base.clone())
+    }
 }
 
 /// An org's index is dropped after this long without an index board: the API's memory follows
@@ -132,13 +161,19 @@ impl IndexCache {
         self.orgs.lock().expect("not poisoned").get(org).is_some_and(|s| s.switching.load(Ordering::Relaxed))
     }
 
+    /// The org's index slot, when it has one (tests hold its walk lock; nothing else needs it).
+    pub fn slot(&self, org: &str) -> Option<Arc<OrgSlot>> {
+        self.orgs.lock().expect("not poisoned").get(org).cloned()
+    }
+
     /// Drops the indexes of orgs idle for longer than `idle`; reports what stays as metrics.
     pub fn evict_idle(&self, idle: Duration) -> usize {
         let cutoff = unix_now() - idle.as_secs() as i64;
+        // Under the map's lock only atomics are read: never a slot's lock (a walk may hold it).
         let mut orgs = self.orgs.lock().expect("not poisoned");
         let before = orgs.len();
         orgs.retain(|_, slot| slot.last_used.load(Ordering::Relaxed) > cutoff);
-        let cards: usize = orgs.values().map(|s| s.index.read().map(|i| i.len()).unwrap_or_default()).sum();
+        let cards: usize = orgs.values().map(|s| s.cards.load(Ordering::Relaxed)).sum();
         metrics::gauge!("pb_index_orgs").set(orgs.len() as f64);
         metrics::gauge!("pb_index_cards").set(cards as f64);
         before - orgs.len()
@@ -182,10 +217,7 @@ impl IndexCache {
         let mut loaded = slot.sync.lock().await;
         let mut conn = self.conn.clone();
         let (last, max_deleted) = stream_state(&mut conn, &keys.changes()).await?;
-        let (at, base) = {
-            let index = slot.index.read().expect("not poisoned");
-            (index.stream_id.clone(), index.base.clone())
-        };
+        let (at, base) = slot.position();
         if *loaded && base != keys.base {
             // A rebuild switched the org. Loading a large org takes seconds: meanwhile the boards
             // are answered from the index of the generation it left (whole, as of the switch),
@@ -198,7 +230,7 @@ impl IndexCache {
                             index.base = keys.base.clone();
                             let _guard = slot.sync.lock().await;
                             info!(org, cards = index.len(), generation_keys = %keys.base, "in-memory index loaded for the new generation");
-                            *slot.index.write().expect("not poisoned") = index;
+                            slot.replace(index);
                         }
                         Err(e) => tracing::warn!(org, error = %e, "index of the new generation not loaded; the next board tries again"),
                     }
@@ -214,7 +246,7 @@ impl IndexCache {
                 let mut index = self.load(keys, last).await?;
                 index.base = keys.base.clone();
                 info!(org, cards = index.len(), "in-memory index loaded");
-                *slot.index.write().expect("not poisoned") = index;
+                slot.replace(index);
                 *loaded = true;
             }
         }
@@ -313,23 +345,52 @@ impl IndexCache {
             pipe.cmd("HMGET").arg(key).arg(fields);
         }
         let replies: Vec<Vec<Option<Vec<u8>>>> = if asked.is_empty() { Vec::new() } else { pipe.query_async(&mut conn).await? };
-        let mut index = slot.index.write().expect("not poisoned");
-        for ((kind, _, ids), values) in asked.into_iter().zip(replies) {
-            for (id, v) in ids.iter().zip(values) {
-                match kind {
-                    Some(kind) => index.put(*kind, id, v.and_then(|b| CardRecord::decode(&b).ok()).as_ref()),
-                    None => index.set_user(id.clone(), v.and_then(|b| serde_json::from_slice(&b).ok())),
+        let changed: Vec<(Option<CardKind>, Vec<String>)> = asked.into_iter().map(|(kind, _, ids)| (*kind, ids.clone())).collect();
+        // The write lock waits for the walks in flight: on a blocking thread, not an async worker.
+        let index = slot.index();
+        let cards = tokio::task::spawn_blocking(move || {
+            let mut index = index.write().expect("not poisoned");
+            for ((kind, ids), values) in changed.into_iter().zip(replies) {
+                for (id, v) in ids.iter().zip(values) {
+                    match kind {
+                        Some(kind) => index.put(kind, id, v.and_then(|b| CardRecord::decode(&b).ok()).as_ref()),
+                        None => index.set_user(id.clone(), v.and_then(|b| serde_json::from_slice(&b).ok())),
+                    }
                 }
             }
-        }
-        index.stream_id = at;
+            index.stream_id = at;
+            index.len()
+        })
+        .await
+        .map_err(|e| RedisError::from(std::io::Error::other(format!("index catch-up: {e}"))))?;
+        slot.cards.store(cards, Ordering::Relaxed);
         Ok(true)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{freshen, Freshen};
+    use super::{freshen, Freshen, OrgIndex, OrgSlot};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A walk in flight holds the old index's read lock; a load puts the new index in place
+    /// without waiting for it, and the sweeper's figures need no lock at all.
+    #[test]
+    fn a_new_index_goes_in_while_a_walk_holds_the_old_one() {
+        let slot = Arc::new(OrgSlot::default());
+        let old = slot.index();
+        let walk = old.read().unwrap();
+        let (done, swapped) = std::sync::mpsc::channel();
+        let s = slot.clone();
+        std::thread::spawn(move || {
+            s.replace(OrgIndex::new("7-0".into()));
+            done.send(s.position().0).unwrap();
+        });
+        let position = swapped.recv_timeout(Duration::from_secs(30)).expect("the swap did not wait for the walk");
+        assert_eq!(position, "7-0");
+        assert_eq!(walk.stream_id, "", "the walk goes on over the index it started on");
+    }
 
     #[test]
     fn an_index_is_caught_up_only_from_a_stream_that_still_holds_its_position() {

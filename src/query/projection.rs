@@ -171,6 +171,11 @@ impl ProjectionReader {
         Ok(self.keys.org_in(&generation, org))
     }
 
+    /// The org's in-memory index, when one is loaded.
+    pub fn loaded_index(&self, org: &str) -> Option<std::sync::Arc<super::index_cache::OrgSlot>> {
+        self.index.slot(org)
+    }
+
     /// Whether the org's in-memory index is being replaced after a rebuild's switch (its index
     /// boards come from the generation it left meanwhile).
     pub fn index_switching(&self, org: &str) -> bool {
@@ -437,7 +442,7 @@ impl ProjectionReader {
         let deadline = Instant::now() + self.index_deadline;
         let (q, plan, user) = (q.clone(), plan.clone(), user.to_string());
         let answered =
-            tokio::task::spawn_blocking(move || slot.index.read().expect("not poisoned").answer(&plan, &q, &user, now, deadline))
+            tokio::task::spawn_blocking(move || slot.index().read().expect("not poisoned").answer(&plan, &q, &user, now, deadline))
                 .await
                 .map_err(|e| ProjectionError::Unavailable(format!("index task: {e}")))?;
         Ok(answered?)
