@@ -11,14 +11,11 @@
 //! it alone (default 10). Own Kafka node and own Redis server: the faults touch no other test.
 mod common;
 
-use common::{small_seed, JWT_SECRET};
+use common::{mongodb_answer, small_seed, JWT_SECRET};
 use common::{OwnKafka, OwnRedis, TempDir, TestEnv};
 use mongodb::bson::{doc, Document};
 use nix::sys::signal::Signal;
 use pipeline_board::core::model::CardDoc;
-use pipeline_board::query::board::AnswerMeta;
-use pipeline_board::query::mongo_path::MongoReader;
-use pipeline_board::query::request::ContactsRequest;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -216,17 +213,6 @@ impl Producer {
         env["contact"] = serde_json::to_value(&card).unwrap();
         self.send(&self.topics.topic_contacts.clone(), &id, env).await;
     }
-}
-
-/// The MongoDB path's answer to `body` for `user` of `org`, without `meta`.
-async fn mongodb_answer(db: &mongodb::Database, org: &str, user: &str, body: &str) -> Value {
-    let query = ContactsRequest::parse(body.as_bytes()).unwrap().into_query().expect("valid request");
-    let reader = MongoReader::new(db.clone(), pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
-    let a = reader.answer(org, user, &query, chrono::Utc::now().timestamp_millis()).await.expect("mongodb answers");
-    let meta = AnswerMeta { answered_by: "mongodb", route: None, reason: None, projection_lag: None, replica_staleness_ms: None };
-    let mut v: Value = serde_json::from_slice(&a.to_json_bytes(&meta)).unwrap();
-    v.as_object_mut().map(|o| o.remove("meta"));
-    v
 }
 
 /// `pipeline-board serve` on a fixed port (restarted on the same one), ready to answer.

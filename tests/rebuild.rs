@@ -151,6 +151,92 @@ async fn rebuild_while_the_board_is_queried_switches_without_a_bad_answer() {
     env.cleanup().await;
 }
 
+/// A board poll: the status, the ETag and the body (`None` on a 304).
+async fn poll(url: &str, bearer: &str, body: &str, etag: Option<&str>) -> (u16, Option<String>, Option<Value>) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{url}/api/contacts"))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {bearer}"))
+        .body(body.to_string());
+    if let Some(e) = etag {
+        req = req.header("if-none-match", e);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let etag = resp.headers().get("etag").map(|v| v.to_str().unwrap().to_string());
+    let body = if status == 200 { resp.json().await.ok() } else { None };
+    (status, etag, body)
+}
+
+/// No stale 304 after a switch: clients poll index and sorted-set boards with `If-None-Match`
+/// while rounds of "MongoDB drifts from the projection, `rebuild --source mongodb` repairs it"
+/// switch the org again and again (each switch loads the org's index anew, and until it is
+/// loaded the boards come from the index of the generation the org left). Once quiet, every
+/// client's last board — the last 200 it got, kept through its 304s — equals MongoDB's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn polls_racing_switches_never_keep_a_stale_board() {
+    let env = TestEnv::new("switch-etags").await;
+    let seeded = env.seed(small_seed(1, 150, 95)).await;
+    let org = seeded.org_ids[0].clone();
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    let url = env.serve_with(env.serve_args()).await;
+    let db = env.mongo().await;
+    let snap = pipeline_board::mongo::load_org(&db, &org).await.unwrap();
+    let (user, t) = (snap.users[0].id.clone(), token(&org, &snap.users[0].id));
+    let bodies = [r#"{"search": "a", "size": 100}"#, r#"{"search": "e", "size": 7}"#, r#"{"size": 100}"#];
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = bodies
+        .iter()
+        .flat_map(|b| [*b, *b])
+        .map(|body| {
+            let (stop, url, t) = (stop.clone(), url.clone(), t.clone());
+            tokio::spawn(async move {
+                let (mut etag, mut board, mut polls) = (None::<String>, None::<Value>, 0u32);
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, e, b) = poll(&url, &t, body, etag.as_deref()).await;
+                    polls += 1;
+                    if status == 200 {
+                        (etag, board) = (e, b);
+                    }
+                }
+                (body, etag, board, polls)
+            })
+        })
+        .collect();
+
+    let contacts = db.collection::<bson::Document>("contacts");
+    for round in 0..4 {
+        // MongoDB changes without an event (the projection drifts): a name every board shows.
+        for c in snap.contacts.iter().take(30) {
+            let name = format!("Drift{round}ae{}", &c.id[18..]);
+            contacts.update_one(bson::doc! {"_id": &c.id}, bson::doc! {"$set": {"firstName": &name}}).await.unwrap();
+        }
+        let mut cmd = env.cli(&["rebuild", "--source", "mongodb", "--grace-ms", "0", "--metrics-addr", ""]);
+        let (ok, out) = tokio::task::spawn_blocking(move || run(&mut cmd)).await.unwrap();
+        assert!(ok && out.contains("1 orgs switched"), "round {round}: {out}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    // Quiet: each client polls once more with its last ETag; a 304 keeps its board.
+    for client in clients {
+        let (body, etag, board, polls) = client.await.unwrap();
+        assert!(polls > 3, "the client polled through the switches");
+        let (status, _, fresh) = poll(&url, &t, body, etag.as_deref()).await;
+        let last = match status {
+            304 => board.expect("a 304 only after a 200"),
+            200 => fresh.unwrap(),
+            other => panic!("{body}: {other}"),
+        };
+        let mut last_data = last.clone();
+        last_data.as_object_mut().map(|o| o.remove("meta"));
+        let want = common::mongodb_answer(&db, &org, &user, body).await;
+        assert!(last_data == want, "{body}: the client's last board (status {status}) differs from MongoDB's answer");
+    }
+    projector.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_killed_with_sigkill_is_refused_twice_then_resumed() {
     let env = TestEnv::new("rebuild-kill").await;

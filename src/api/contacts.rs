@@ -67,10 +67,11 @@ pub async fn contacts(
         .map_err(|_| ApiError::Timeout)??;
     metrics::counter!("pb_board_answers_total", "path" => meta.answered_by).increment(1);
     // The change token read with the answer (before its cards: a change in between makes the
-    // next poll a 200, never a stale 304) names it, unless it came from the old generation's
-    // index while a switched org's new index loads.
+    // next poll a 200, never a stale 304) names it; the projection gives none for an answer an
+    // index of another generation computed (a switched org's new index still loading): that
+    // one is named by its content.
     let etag = match token {
-        Some(t) if tokened && !s.projection.index_switching(&caller.org_id) => change_etag(t, &caller, &body),
+        Some(t) if tokened => change_etag(t, &caller, &body),
         _ => answer_etag(&answer, &meta),
     };
     if if_none_match.is_some_and(|v| v.as_bytes() == etag.as_bytes()) {

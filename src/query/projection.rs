@@ -176,12 +176,6 @@ impl ProjectionReader {
         self.index.slot(org)
     }
 
-    /// Whether the org's in-memory index is being replaced after a rebuild's switch (its index
-    /// boards come from the generation it left meanwhile).
-    pub fn index_switching(&self, org: &str) -> bool {
-        self.index.is_switching(org)
-    }
-
     /// A token that changes whenever anything a projection answer of `org` can depend on
     /// changes — the org's generation, its pipelines, the last change of its cards and users
     /// (the change stream every commit that touches them appends to) — read in two round trips,
@@ -263,10 +257,12 @@ impl ProjectionReader {
     ) -> Result<(BoardAnswer, ProjectionRoute, Option<u64>), ProjectionError> {
         let keys = self.live_keys(org).await?;
         let (plan, token) = self.plan(&keys, q, q.nameable_by_change_token()).await?;
-        let (pages, route) = self.pages_for(&keys, org, user, q, &plan, now).await?;
+        let (pages, route, of_keys_generation) = self.pages_for(&keys, org, user, q, &plan, now).await?;
         let records = self.records(&keys, q.kind, &pages).await?;
         let buckets = render(&plan, pages, &records);
-        Ok((BoardAnswer { kind: q.kind, buckets }, route, token))
+        // An index of the generation the org left (a switch's load under way) computed these
+        // pages: the new generation's token does not name them.
+        Ok((BoardAnswer { kind: q.kind, buckets }, route, token.filter(|_| of_keys_generation)))
     }
 
     /// Which pipeline and buckets the request answers, from the projection's pipelines, and the
@@ -289,7 +285,7 @@ impl ProjectionReader {
     ) -> Result<(BoardPlan, Vec<IndexBucket>, ProjectionRoute), ProjectionError> {
         let keys = self.live_keys(org).await?;
         let (plan, _) = self.plan(&keys, q, false).await?;
-        let (pages, route) = self.pages_for(&keys, org, user, q, &plan, now).await?;
+        let (pages, route, _) = self.pages_for(&keys, org, user, q, &plan, now).await?;
         Ok((plan, pages, route))
     }
 
@@ -301,10 +297,13 @@ impl ProjectionReader {
         q: &BoardQuery,
         plan: &BoardPlan,
         now: Millis,
-    ) -> Result<(Vec<IndexBucket>, ProjectionRoute), ProjectionError> {
+    ) -> Result<(Vec<IndexBucket>, ProjectionRoute, bool), ProjectionError> {
         Ok(match SetShape::of(q, user) {
-            Some(shape) => (self.read_sets(keys, q.kind, plan, &shape).await?, ProjectionRoute::SortedSets),
-            None => (self.read_index(keys, org, user, q, plan, now).await?, ProjectionRoute::Index),
+            Some(shape) => (self.read_sets(keys, q.kind, plan, &shape).await?, ProjectionRoute::SortedSets, true),
+            None => {
+                let (pages, of_keys_generation) = self.read_index(keys, org, user, q, plan, now).await?;
+                (pages, ProjectionRoute::Index, of_keys_generation)
+            }
         })
     }
 
@@ -437,15 +436,18 @@ impl ProjectionReader {
         q: &BoardQuery,
         plan: &BoardPlan,
         now: Millis,
-    ) -> Result<Vec<IndexBucket>, ProjectionError> {
+    ) -> Result<(Vec<IndexBucket>, bool), ProjectionError> {
         let slot = self.index.current(org, keys).await?;
         let deadline = Instant::now() + self.index_deadline;
-        let (q, plan, user) = (q.clone(), plan.clone(), user.to_string());
-        let answered =
-            tokio::task::spawn_blocking(move || slot.index().read().expect("not poisoned").answer(&plan, &q, &user, now, deadline))
-                .await
-                .map_err(|e| ProjectionError::Unavailable(format!("index task: {e}")))?;
-        Ok(answered?)
+        let (q, plan, user, base) = (q.clone(), plan.clone(), user.to_string(), keys.base.clone());
+        let (answered, of_keys_generation) = tokio::task::spawn_blocking(move || {
+            let index = slot.index();
+            let index = index.read().expect("not poisoned");
+            (index.answer(&plan, &q, &user, now, deadline), index.base == base)
+        })
+        .await
+        .map_err(|e| ProjectionError::Unavailable(format!("index task: {e}")))?;
+        Ok((answered?, of_keys_generation))
     }
 
     /// The page's card records, as stored, in page order: one HMGET for the whole board.

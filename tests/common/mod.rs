@@ -637,3 +637,16 @@ pub async fn env_with_own_cluster(name: &str) -> (TestEnv, OwnCluster) {
     env.redis_url = cluster.url();
     (env, cluster)
 }
+
+/// The MongoDB path's answer to `body` for `user` of `org` as the API renders it, without `meta`
+/// (what a client's last board is compared with).
+pub async fn mongodb_answer(db: &mongodb::Database, org: &str, user: &str, body: &str) -> serde_json::Value {
+    use pipeline_board::query::board::AnswerMeta;
+    let query = pipeline_board::query::request::ContactsRequest::parse(body.as_bytes()).unwrap().into_query().expect("valid request");
+    let reader = pipeline_board::query::mongo_path::MongoReader::new(db.clone(), pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
+    let a = reader.answer(org, user, &query, chrono::Utc::now().timestamp_millis()).await.expect("mongodb answers");
+    let meta = AnswerMeta { answered_by: "mongodb", route: None, reason: None, projection_lag: None, replica_staleness_ms: None };
+    let mut v: serde_json::Value = serde_json::from_slice(&a.to_json_bytes(&meta)).unwrap();
+    v.as_object_mut().map(|o| o.remove("meta"));
+    v
+}
