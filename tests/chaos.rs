@@ -8,7 +8,9 @@
 //! be clean. It prints a table: fault, count, time to heal (p50/max), wrong answers while healthy.
 //!
 //! `CHAOS_MINUTES` (default 2: the CI variant) sets its length; `deploy/chaos.sh [minutes]` runs
-//! it alone (default 10). Own Kafka node and own Redis server: the faults touch no other test.
+//! it alone (default 10); `CHAOS_REDIS=cluster` (`deploy/chaos.sh [minutes] cluster`) runs it on a
+//! Redis Cluster of 3 primaries + 3 replicas, each Redis fault hitting one shard's primary.
+//! Own Kafka node and own Redis: the faults touch no other test.
 mod common;
 
 use common::{mongodb_answer, small_seed, JWT_SECRET};
@@ -264,6 +266,99 @@ async fn healed(env: &TestEnv, url: &str) -> bool {
     ready && whole && lag.is_ok_and(|l| l.total() == 0)
 }
 
+/// The Redis the run breaks: a server of its own, or (`CHAOS_REDIS=cluster`) a Redis Cluster of
+/// 3 primaries + 3 replicas of its own, where each Redis fault hits one shard's primary (FLUSHALL:
+/// every primary).
+enum ChaosRedis {
+    Single { port: u16, dir: TempDir, server: Option<OwnRedis> },
+    Cluster(common::OwnCluster),
+}
+
+impl ChaosRedis {
+    async fn start() -> ChaosRedis {
+        if std::env::var("CHAOS_REDIS").is_ok_and(|r| r == "cluster") {
+            return ChaosRedis::Cluster(common::OwnCluster::start());
+        }
+        let (port, dir) = (common::free_port(), TempDir::new("chaos-redis"));
+        let server = OwnRedis::start(port, &dir.0);
+        server.wait_ready().await;
+        ChaosRedis::Single { port, dir, server: Some(server) }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            ChaosRedis::Single { .. } => "single Redis",
+            ChaosRedis::Cluster(_) => "Redis Cluster 3+3",
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            ChaosRedis::Single { port, .. } => format!("redis://127.0.0.1:{port}"),
+            ChaosRedis::Cluster(c) => c.url(),
+        }
+    }
+
+    /// Plain connections to the nodes that are primaries now (one on a single server).
+    fn primaries(&self) -> Vec<(u16, redis::Connection)> {
+        let node = |port: u16| redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?.get_connection().ok();
+        match self {
+            ChaosRedis::Single { port, .. } => node(*port).map(|c| (*port, c)).into_iter().collect(),
+            ChaosRedis::Cluster(c) => {
+                let shards = c.ports().find_map(|p| redis::cmd("CLUSTER").arg("SHARDS").query::<redis::Value>(&mut node(p)?).ok());
+                let nodes = shards.and_then(|s| pipeline_board::core::redis_conn::cluster_nodes(&s).ok()).unwrap_or_default();
+                nodes.iter().filter(|n| n.primary && n.healthy && !n.slots.is_empty()).filter_map(|n| Some((n.port, node(n.port)?))).collect()
+            }
+        }
+    }
+
+    /// One primary, at random.
+    fn one_primary(&self, rng: &mut impl Rng) -> (u16, redis::Connection) {
+        let mut all = self.primaries();
+        assert!(!all.is_empty(), "a primary answers");
+        all.swap_remove(rng.random_range(0..all.len()))
+    }
+
+    fn save(&self) {
+        for (_, mut c) in self.primaries() {
+            let _: () = redis::cmd("SAVE").query(&mut c).unwrap();
+        }
+    }
+
+    fn flushall(&self) {
+        for (_, mut c) in self.primaries() {
+            let _: () = redis::cmd("FLUSHALL").query(&mut c).unwrap();
+        }
+    }
+
+    /// A server (a shard's primary) restarted without its data, at once.
+    async fn restart_empty(&mut self, rng: &mut impl Rng) {
+        match self {
+            ChaosRedis::Single { port, dir, server } => {
+                if let Some(old) = server.take() {
+                    old.stop();
+                }
+                *dir = TempDir::new("chaos-redis");
+                let fresh = OwnRedis::start(*port, &dir.0);
+                fresh.wait_ready().await;
+                *server = Some(fresh);
+            }
+            ChaosRedis::Cluster(_) => {
+                let (port, _) = self.one_primary(rng);
+                let ChaosRedis::Cluster(c) = self else { unreachable!() };
+                c.kill(port);
+                c.restart(port);
+            }
+        }
+    }
+
+    /// A primary loads the file saved before (`DEBUG RELOAD NOSAVE`): it goes back in time.
+    fn reload_older(&self, rng: &mut impl Rng) {
+        let (_, mut c) = self.one_primary(rng);
+        let _: () = redis::cmd("DEBUG").arg("RELOAD").arg("NOSAVE").query(&mut c).unwrap();
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -276,10 +371,7 @@ async fn chaos_run() {
     let minutes: f64 = std::env::var("CHAOS_MINUTES").ok().and_then(|m| m.parse().ok()).unwrap_or(2.0);
     let kafka = OwnKafka::start().await;
     let mut env = TestEnv::on_brokers("chaos", &kafka.brokers()).await;
-    let redis_port = common::free_port();
-    let mut redis_dir = TempDir::new("chaos-redis");
-    let mut redis = OwnRedis::start(redis_port, &redis_dir.0);
-    redis.wait_ready().await;
+    let mut redis = ChaosRedis::start().await;
     env.redis_url = redis.url();
     let seeded = env.seed(small_seed(2, 80, 1717)).await;
     let db = env.mongo().await;
@@ -373,7 +465,7 @@ async fn chaos_run() {
         let fault = order[round % order.len()];
         round += 1;
         if fault == Fault::OlderRdbReloaded {
-            let _: () = redis::cmd("SAVE").query_async(&mut env.redis().await).await.unwrap();
+            redis.save();
         }
         producing.store(true, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..2500))).await;
@@ -392,19 +484,9 @@ async fn chaos_run() {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 kafka.restart().await;
             }
-            Fault::Flushall => {
-                let _: () = redis::cmd("FLUSHALL").query_async(&mut env.redis().await).await.unwrap();
-            }
-            Fault::RedisRestartEmpty => {
-                drop(redis.stop());
-                redis_dir = TempDir::new("chaos-redis");
-                redis = OwnRedis::start(redis_port, &redis_dir.0);
-                redis.wait_ready().await;
-            }
-            Fault::OlderRdbReloaded => {
-                let mut c = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-                let _: () = redis::cmd("DEBUG").arg("RELOAD").arg("NOSAVE").query_async(&mut c).await.unwrap();
-            }
+            Fault::Flushall => redis.flushall(),
+            Fault::RedisRestartEmpty => redis.restart_empty(&mut rng).await,
+            Fault::OlderRdbReloaded => redis.reload_older(&mut rng),
             Fault::RebuildKilled => {
                 let mut rebuild = env.cli(&["rebuild", "--grace-ms", "0", "--metrics-addr", ""]);
                 rebuild.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
@@ -480,7 +562,7 @@ async fn chaos_run() {
         .iter()
         .fold((0, 0, 0, 0, 0), |a, v| (a.0 + v.polls, a.1 + v.ok, a.2 + v.not_modified, a.3 + v.documented_503, a.4 + v.unreachable));
     let other: Vec<String> = views.iter().flat_map(|v| v.other_5xx.iter().cloned()).collect();
-    eprintln!("\nchaos run: {minutes} min, {round} faults, {} changes produced", produced.load(Ordering::Relaxed));
+    eprintln!("\nchaos run on {}: {minutes} min, {round} faults, {} changes produced", redis.name(), produced.load(Ordering::Relaxed));
     eprintln!("{:<20} {:>5} {:>14} {:>14} {:>22}", "fault", "count", "heal p50 (s)", "heal max (s)", "wrong while healthy");
     for f in FAULTS {
         let mut t = heal_times.get(&f).cloned().unwrap_or_default();
@@ -509,5 +591,7 @@ async fn chaos_run() {
     }
     kill(&mut api);
     env.cleanup().await;
-    drop(redis.stop());
+    if let ChaosRedis::Single { server: Some(server), .. } = redis {
+        server.stop();
+    }
 }
