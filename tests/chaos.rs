@@ -307,7 +307,11 @@ impl ChaosRedis {
             ChaosRedis::Cluster(c) => {
                 let shards = c.ports().find_map(|p| redis::cmd("CLUSTER").arg("SHARDS").query::<redis::Value>(&mut node(p)?).ok());
                 let nodes = shards.and_then(|s| pipeline_board::core::redis_conn::cluster_nodes(&s).ok()).unwrap_or_default();
-                nodes.iter().filter(|n| n.primary && n.healthy && !n.slots.is_empty()).filter_map(|n| Some((n.port, node(n.port)?))).collect()
+                nodes
+                    .iter()
+                    .filter(|n| n.primary && n.healthy && !n.slots.is_empty())
+                    .filter_map(|n| Some((n.port, node(n.port)?)))
+                    .collect()
             }
         }
     }
@@ -363,7 +367,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+    // Nearest rank, lower: the p50 of two values is the first.
+    sorted[((sorted.len() - 1) as f64 * p).floor() as usize]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

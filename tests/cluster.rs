@@ -367,6 +367,52 @@ async fn replica_reads_answer_like_mongodb_and_report_their_staleness() {
     assert!((0..1_000).contains(&staleness), "an idle loopback replica is behind by well under a second: {staleness} ms");
     let metrics = reqwest::get(format!("{api}/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("pb_replica_staleness_seconds{shard="), "staleness per shard exported");
+
+    // A second replica for the org's shard (1 primary + 2 replicas): every read of one org goes
+    // to one of them, so one answer's token, index position and cards are of one node's moment.
+    let port = loop {
+        let p = common::free_port();
+        if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            break p;
+        }
+    };
+    cluster.restart(port); // starts a node of the cluster's directory on that port: empty, alone
+    let mut newcomer = cluster.node(port);
+    let _: () = redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(cluster.base).query(&mut newcomer).unwrap();
+    let primary_id: String = redis::cmd("CLUSTER").arg("MYID").query(&mut cluster.node(primary)).unwrap();
+    eventually(Duration::from_secs(30), "the new node replicates the org's primary", || {
+        let ok = redis::cmd("CLUSTER").arg("REPLICATE").arg(&primary_id).query::<()>(&mut cluster.node(port)).is_ok();
+        async move { ok }
+    })
+    .await;
+    eventually(Duration::from_secs(30), "the shard has two linked replicas, as every node sees it", || {
+        let shards: redis::Value = redis::cmd("CLUSTER").arg("SHARDS").query(&mut cluster.node(cluster.base)).unwrap();
+        let nodes = pipeline_board::core::redis_conn::cluster_nodes(&shards).unwrap();
+        let replicas = nodes.iter().filter(|n| !n.primary && n.healthy && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))).count();
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut cluster.node(port)).unwrap();
+        async move { replicas == 2 && info.contains("master_link_status:up") }
+    })
+    .await;
+    let mut args = env.serve_args();
+    args.redis_read_from = pipeline_board::api::ReadFrom::Replica;
+    let api = env.serve_with(args).await;
+    // Commands only this org's boards send: the change token's XREVRANGE, the index's HSCAN.
+    let board_reads = |port: u16| -> u64 {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut cluster.node(port)).unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_xrevrange:") || l.starts_with("cmdstat_hscan:"))
+            .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = [board_reads(replica), board_reads(port)];
+    assert_api_equals_mongodb(&api, &db, &seeded.org_ids[..1]).await;
+    for body in [r#"{"size": 3}"#, r#"{"search": "a", "size": 3}"#] {
+        for _ in 0..10 {
+            assert_eq!(post_board(&api, Some(&bearer), body).await.0, 200);
+        }
+    }
+    let read = [board_reads(replica) - before[0], board_reads(port) - before[1]];
+    assert!(read.iter().filter(|n| **n > 0).count() == 1 && read.iter().sum::<u64>() >= 20, "one replica serves the org: {read:?}");
     env.cleanup().await;
 }
 

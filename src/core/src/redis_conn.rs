@@ -277,7 +277,7 @@ fn cluster_builder(target: &RedisTarget, options: ConnectOptions) -> redis::clus
         builder = builder.retries(n.max(CLUSTER_MIN_RETRIES));
     }
     if options.read_from_replicas {
-        builder = builder.read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
+        builder = builder.read_routing_strategy(SlotPinnedReplica);
     }
     builder
 }
@@ -402,5 +402,68 @@ mod tests {
             RedisTarget::parse("redis://a:7000, redis://b:7001", false),
             RedisTarget { nodes: vec!["redis://a:7000".into(), "redis://b:7001".into()], cluster: true }
         );
+    }
+}
+
+/// Reads from replicas with every read of one hash slot sent to the same replica (the replica
+/// whose address hashes highest with the slot: rendezvous hashing, so the choice does not depend
+/// on the order a topology lists replicas in, and only the slots of a replica that comes or goes
+/// move). An org lives in one slot: the change token, the index's load position and the cards of
+/// one answer all come from one node, of one moment, and its next answer from that node again
+/// (never from a replica further behind than the last one). Orgs spread over the replicas.
+#[derive(Debug, Default)]
+pub struct SlotPinnedReplica;
+
+impl redis::cluster_read_routing::ReadRoutingStrategy for SlotPinnedReplica {
+    fn route_read<'a>(&self, candidates: &redis::cluster_read_routing::ReadCandidates<'a>) -> &'a redis::cluster::NodeAddress {
+        use redis::cluster_read_routing::ReadCandidates;
+        let replicas = match candidates {
+            ReadCandidates::AnyNode(c) => c.replicas(),
+            ReadCandidates::ReplicasOnly(c) => c.replicas(),
+        };
+        let slot = candidates.slot();
+        replicas.iter().max_by_key(|r| pin_weight(slot, r.host(), r.port())).unwrap_or_else(|| replicas.first())
+    }
+}
+
+/// The weight of a replica for a slot: the same in every process (SipHash with fixed keys).
+fn pin_weight(slot: u16, host: &str, port: u16) -> u64 {
+    use std::hash::{Hash, Hasher};
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    (slot, host, port).hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod slot_pinning_tests {
+    use super::pin_weight;
+
+    /// The replica a slot's reads go to: the highest weight.
+    fn pick(slot: u16, replicas: &[(&str, u16)]) -> (String, u16) {
+        let (h, p) = replicas.iter().max_by_key(|(h, p)| pin_weight(slot, h, *p)).unwrap();
+        (h.to_string(), *p)
+    }
+
+    #[test]
+    fn a_slot_always_reads_from_the_same_replica_and_slots_spread() {
+        let replicas = [("10.0.0.1", 6379), ("10.0.0.2", 6379), ("10.0.0.3", 6379)];
+        let reversed: Vec<_> = replicas.iter().rev().cloned().collect();
+        let mut counts = std::collections::BTreeMap::new();
+        for slot in 0..16384u16 {
+            let chosen = pick(slot, &replicas);
+            assert_eq!(chosen, pick(slot, &reversed), "the order of the topology does not matter");
+            *counts.entry(chosen).or_insert(0u32) += 1;
+        }
+        assert_eq!(counts.len(), 3);
+        assert!(counts.values().all(|n| *n > 4000), "slots spread over the replicas: {counts:?}");
+        // A replica that goes away moves only its own slots.
+        let two = &replicas[..2];
+        for slot in 0..16384u16 {
+            let before = pick(slot, &replicas);
+            if before.0 != "10.0.0.3" {
+                assert_eq!(pick(slot, two), before);
+            }
+        }
     }
 }
