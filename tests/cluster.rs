@@ -590,11 +590,24 @@ async fn a_shard_reloaded_from_an_older_snapshot_is_noticed_and_replayed() {
         assert!(round < 12, "an org on the victim shard");
     }
     env.wait_caught_up(Duration::from_secs(120)).await;
+    let before = pipeline_board::consumers::state::instance(&mut env.redis().await, &env.keys).await.unwrap();
     let reloaded = Instant::now();
     let _: () = redis::cmd("DEBUG").arg("RELOAD").arg("NOSAVE").query(&mut cluster.node(victim)).unwrap();
     let drift = env.verify(&orgs).await;
     let seeded = env.seed(small_seed(1, 1, 199)).await;
     orgs.extend(seeded.org_ids);
+    // The shard's progress lives in `{meta}`, which did not go back: "caught up" holds at once.
+    // What is awaited is the projector noticing (a new instance replays) and then catching up.
+    let keys = env.keys.clone();
+    let redis_url = env.redis_url.clone();
+    eventually(Duration::from_secs(60), "the rewind is noticed (a new projection instance)", || {
+        let (keys, redis_url, before) = (keys.clone(), redis_url.clone(), before.clone());
+        async move {
+            let mut conn = pipeline_board::core::config::redis_connection(&redis_url).await.unwrap();
+            pipeline_board::consumers::state::instance(&mut conn, &keys).await.unwrap() != before
+        }
+    })
+    .await;
     env.wait_caught_up(Duration::from_secs(120)).await;
     eprintln!(
         "shard {victim} reloaded an older snapshot (drift right after: {} differences): whole and caught up again after {:.2} s",

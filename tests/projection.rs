@@ -326,7 +326,8 @@ async fn the_commit_function_guards_and_validates_before_writing() {
     let commit = |guards: Vec<Guard>, writes: Vec<Write>| {
         Commit { org: keys.clone(), guards, writes, generation: None, offsets: Vec::new(), min_writes: None }.to_cmd()
     };
-    assert_eq!(commit(vec![absent.clone()], write.clone()).query_async::<String>(&mut r).await.unwrap(), "ok");
+    // A commit that writes replies with the org's write counter after it (rewind detection).
+    assert_eq!(commit(vec![absent.clone()], write.clone()).query_async::<String>(&mut r).await.unwrap(), "ok:1");
     assert_eq!(
         r.zrange_withscores::<_, Vec<(String, f64)>>(&z, 0, -1).await.unwrap(),
         vec![("b".to_string(), f64::NEG_INFINITY), ("a".into(), 5.0)]
@@ -338,7 +339,7 @@ async fn the_commit_function_guards_and_validates_before_writing() {
     let wrong = Guard { key: h.clone(), field: "a".into(), expected: Some(b"v0".to_vec()) };
     assert_eq!(commit(vec![wrong], other.clone()).query_async::<String>(&mut r).await.unwrap(), "conflict");
     assert_eq!(r.hget::<_, _, Vec<u8>>(&h, "a").await.unwrap(), b"v1");
-    assert_eq!(commit(vec![holds], other).query_async::<String>(&mut r).await.unwrap(), "ok");
+    assert_eq!(commit(vec![holds], other).query_async::<String>(&mut r).await.unwrap(), "ok:2", "a refused commit counts no write");
     assert_eq!(r.hget::<_, _, Vec<u8>>(&h, "a").await.unwrap(), b"v2");
     // An unknown op after a valid one: an error, and the valid one was not written either.
     let mut bad = commit(vec![], vec![Write::HSet { key: h.clone(), field: "x".into(), value: b"1".to_vec() }]);

@@ -391,9 +391,21 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
             }
         }
         if given_up {
+            // Nothing else is done until the restart is made (Redis or Kafka may be unreachable
+            // meanwhile): re-seeking first would forget the orgs that went back and, on a shard
+            // whose progress lives elsewhere, skip the events they lost.
             let mine = instance.lock().expect("not poisoned").clone();
-            if let Err(e) = restart_if_counters_went_back(&mut progress_conn, &settings, &applier.write_counters, &mine).await {
-                warn!(error = %e, "restart after a rewind not made here; the state watch retries");
+            let mut backoff = Duration::from_millis(200);
+            while let Err(e) = restart_if_counters_went_back(&mut progress_conn, &settings, &applier.write_counters, &mine).await {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "restart after a rewind not made yet; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => {
+                        finish(&consumer);
+                        return Ok(());
+                    }
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             lost.raise();
             continue;
@@ -579,16 +591,23 @@ async fn restart_if_counters_went_back(
     let keys = &settings.keys;
     let back = rewind::counters_went_back(conn, keys, counters).await?;
     let Some(first) = back.first() else { return Ok(false) };
-    let mut orgs = Vec::with_capacity(back.len());
-    for base in &back {
-        let offsets: rewind::Progress = conn.hgetall(format!("{base}:offsets")).await?;
-        orgs.push(offsets);
+    let restarted: anyhow::Result<()> = async {
+        let mut orgs = Vec::with_capacity(back.len());
+        for base in &back {
+            let offsets: rewind::Progress = conn.hgetall(format!("{base}:offsets")).await?;
+            orgs.push(offsets);
+        }
+        let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
+        let resume = rewind::replay_from_orgs(&progress, &orgs);
+        let what = format!("the write counter of {first} went back ({} orgs)", back.len());
+        restart_after_rewind(conn, settings, mine, &what, &resume).await
     }
-    let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
-    let resume = rewind::replay_from_orgs(&progress, &orgs);
-    let what = format!("the write counter of {first} went back ({} orgs)", back.len());
-    restart_after_rewind(conn, settings, mine, &what, &resume).await?;
-    Ok(true)
+    .await;
+    if restarted.is_err() {
+        // Kept for the next try: until the restart is made the rewind is not forgotten.
+        back.iter().for_each(|b| counters.went_back(b));
+    }
+    restarted.map(|()| true)
 }
 
 async fn restart_after_rewind(

@@ -185,17 +185,27 @@ pub async fn counters_went_back(
     let mut back = counters.take_went_back();
     let seen = counters.seen();
     let reads = seen.iter().map(|(base, _)| (base.clone(), redis::cmd("GET").arg(format!("{base}:writes")).clone())).collect();
-    let held: Vec<Option<i64>> = conn.query_by_slot(reads).await?;
+    let held: Vec<Option<i64>> = match conn.query_by_slot(reads).await {
+        Ok(held) => held,
+        Err(e) => {
+            // Kept for the next call: the evidence of a rewind is never dropped on an error.
+            back.iter().for_each(|b| counters.went_back(b));
+            return Err(e);
+        }
+    };
     back.extend(seen.into_iter().zip(held).filter(|((_, seen), held)| held.unwrap_or(0) < *seen).map(|((base, _), _)| base));
     back.sort();
     back.dedup();
     let mut live = Vec::with_capacity(back.len());
-    for base in back {
-        let Some(org) = org_of(&base) else { continue };
-        if keys.live_org(conn, org).await?.base == base {
-            live.push(base);
-        } else {
-            counters.forget(&base);
+    for (i, base) in back.iter().enumerate() {
+        let Some(org) = org_of(base) else { continue };
+        match keys.live_org(conn, org).await {
+            Ok(l) if l.base == *base => live.push(base.clone()),
+            Ok(_) => counters.forget(base),
+            Err(e) => {
+                live.iter().chain(&back[i..]).for_each(|b| counters.went_back(b));
+                return Err(e);
+            }
         }
     }
     Ok(live)

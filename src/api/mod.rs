@@ -74,6 +74,8 @@ pub struct ServeArgs {
     /// `/readyz` says ready only while a projector published the topics' ends at most this
     /// long ago: with every projector stopped nobody advances the projection nor tells how far
     /// behind the topics it is, so it is not ready (`reason: unattended`) within this bound.
+    /// Measured by the lag probe (not with `LAG_INTERVAL_MS=0`), against the projector's clock
+    /// (hosts' clocks assumed synchronised, NTP: a skew of seconds shows as age).
     #[arg(long, env = "READY_MAX_ENDS_AGE_MS", default_value_t = 10_000)]
     pub ready_max_ends_age_ms: i64,
     /// The board page's demo sign-in: lists users and signs tokens for them with `JWT_SECRET`.
@@ -110,7 +112,8 @@ pub struct AppState {
     pub lag: Arc<AtomicI64>,
     /// How long ago a projector last published the topics' ends, in ms (-1: never).
     pub ends_age_ms: Arc<AtomicI64>,
-    pub ready_max_ends_age_ms: i64,
+    /// None when the lag probe is off (`LAG_INTERVAL_MS=0`): then nothing measures the ends' age.
+    pub ready_max_ends_age_ms: Option<i64>,
     pub metrics: PrometheusHandle,
     pub health: Health,
     /// The Redis stream of dead letters the dead-letter topic refused (readiness reports it).
@@ -205,7 +208,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
         Some("redis_down")
     } else if !matches!(projection, "whole" | "unknown") {
         Some("not_whole")
-    } else if ends_age.is_none_or(|a| a > s.ready_max_ends_age_ms) {
+    } else if s.ready_max_ends_age_ms.is_some_and(|max| ends_age.is_none_or(|a| a > max)) {
         Some("unattended")
     } else if lag.is_some_and(|l| l > s.ready_max_lag) {
         Some("lagging")
@@ -297,7 +300,7 @@ impl Application {
             request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
             lag,
             ends_age_ms,
-            ready_max_ends_age_ms: args.ready_max_ends_age_ms,
+            ready_max_ends_age_ms: (args.lag_interval_ms > 0).then_some(args.ready_max_ends_age_ms),
             metrics: metrics_handle(),
             health,
             parked_dead_letters: keys.parked_dead_letters(),
