@@ -2,6 +2,7 @@
 //! started by deploy/stack.sh. Kill, restart and rebalance tests are in tests/failures.rs.
 mod common;
 
+use common::events::{contact, event, oid, one_stage_pipeline};
 use common::{env_with_own_redis, eventually, free_port, small_seed, OwnRedis, TestEnv};
 use pipeline_board::consumers::apply::Position;
 use pipeline_board::core::model::CardKind;
@@ -27,25 +28,6 @@ async fn seeded_projection_equals_mongodb() {
     assert_eq!(report.cards as u64, seeded.contacts + seeded.applications);
     assert!(report.index_keys > 100, "a real projection has many index keys: {report:?}");
     env.cleanup().await;
-}
-
-fn oid(n: u32) -> String {
-    format!("65a0000000000000{n:08x}")
-}
-
-fn event(kind: &str, org: &str, field: &str, body: Value) -> Vec<u8> {
-    let mut v = json!({"type": kind, "eventId": format!("ev-{}", rand::random::<u64>()), "orgId": org,
-        "occurredAt": "2026-11-30T09:00:00.000Z"});
-    v.as_object_mut().unwrap().insert(field.into(), body);
-    serde_json::to_vec(&v).unwrap()
-}
-
-fn contact(org: &str, id: &str, version: i64, pipeline: &str, stage: &str, owner: &str, name: &str) -> Value {
-    json!({"_id": id, "orgId": org, "firstName": name, "lastName": "Tester", "fullName": format!("{name} Tester"),
-        "phoneNumbers": [{"value": "+15550001111", "type": "mobile"}], "source": "website", "createdBy": oid(90),
-        "owner": owner, "pipelineId": pipeline, "pipelineStage": stage, "status": null, "isBulkSms": false,
-        "createdAt": "2026-10-01T12:00:00.000Z", "updatedAt": "2026-10-01T12:00:00.000Z",
-        "customFields": {"tier": "gold"}, "version": version})
 }
 
 /// Duplicates, out-of-order versions, tombstones, idempotent messages and index moves.
@@ -637,13 +619,6 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
     assert!(stdout.contains("1 dead letters (1 in the topic, 0 parked in redis)"), "{stdout}");
     assert!(stdout.contains("larger than the limit"), "{stdout}");
     env.cleanup().await;
-}
-
-/// The event of an active Contact pipeline with one stage, "New".
-fn one_stage_pipeline(org: &str, p: &str, s: &str) -> Vec<u8> {
-    let pipeline = json!({"_id": p, "orgId": org, "name": "Sales", "type": "Contact", "isActive": true,
-        "stages": [{"_id": s, "name": "New", "order": 0}], "version": 1});
-    event("pipeline.upserted", org, "pipeline", pipeline)
 }
 
 /// The Function library with `line` run first in `commit` (a library deployed with a bug).

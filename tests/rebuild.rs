@@ -3,8 +3,10 @@
 //! topics that lost their early history, and a FLUSHALL under a running projector and API.
 mod common;
 
+use common::events::{contact, event, oid, one_stage_pipeline};
 use common::{env_with_own_redis, eventually, post_board, small_seed, token, TestEnv};
 use pipeline_board::core::keys::Generation;
+use pipeline_board::core::model::CardKind;
 use pipeline_board::query::mongo_path::MongoReader;
 use pipeline_board::query::projection::ProjectionReader;
 use pipeline_board::query::request::ContactsRequest;
@@ -324,10 +326,22 @@ async fn a_rebuild_killed_with_sigkill_is_refused_twice_then_resumed() {
 async fn from_replays_the_topics_from_a_time() {
     let env = TestEnv::new("rebuild-from").await;
     let early = env.seed(small_seed(1, 60, 93)).await;
+    // A third org has events on both sides of the time, in the same partitions (every event keyed
+    // by the org): two contacts before it, then its pipeline again and one contact's rename.
+    let t = env.topics.clone();
+    let (mixed, p, s, u, kept, renamed) = (oid(1), oid(2), oid(3), oid(4), oid(10), oid(11));
+    env.produce(&t.topic_pipelines, &mixed, &one_stage_pipeline(&mixed, &p, &s)).await;
+    for c in [&kept, &renamed] {
+        env.produce(&t.topic_contacts, &mixed, &event("contact.upserted", &mixed, "contact", contact(&mixed, c, 1, &p, &s, &u, "Ann")))
+            .await;
+    }
     tokio::time::sleep(Duration::from_millis(50)).await;
     let from = chrono::Utc::now();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let late = env.seed(small_seed(1, 60, 94)).await;
+    env.produce(&t.topic_pipelines, &mixed, &one_stage_pipeline(&mixed, &p, &s)).await;
+    let rename = event("contact.upserted", &mixed, "contact", contact(&mixed, &renamed, 2, &p, &s, &u, "Bea"));
+    env.produce(&t.topic_contacts, &mixed, &rename).await;
     let projector = env.spawn_projector();
     env.wait_caught_up(Duration::from_secs(120)).await;
     let from = from.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -335,7 +349,7 @@ async fn from_replays_the_topics_from_a_time() {
     let (ok, out) = run(&mut env.cli(&["rebuild", "--dry-run", "--from", &from, "--metrics-addr", ""]));
     assert!(ok, "{out}");
     let total: i64 = out.lines().find_map(|l| l.strip_suffix(" events to replay")?.parse().ok()).unwrap();
-    assert!(total > 0 && total < late.events as i64 + 1, "{total} events from {from}: only the late org's {}", late.events);
+    assert!(total > 0 && total < late.events as i64 + 3, "{total} events from {from}: only the late org's {} and 2", late.events);
 
     let (ok, out) = run(&mut env.cli(&["rebuild", "--from", &from, "--org", &late.org_ids[0], "--grace-ms", "0", "--metrics-addr", ""]));
     assert!(ok && out.contains("1 orgs switched"), "{out}");
@@ -346,6 +360,17 @@ async fn from_replays_the_topics_from_a_time() {
     let (ok, out) = run(&mut env.cli(&["rebuild", "--from", &from, "--org", &early.org_ids[0], "--grace-ms", "0", "--metrics-addr", ""]));
     assert!(!ok && out.contains("1 orgs not switched") && out.contains(&early.org_ids[0]), "{out}");
     assert!(generation_of(&env, &early.org_ids[0]).await.is_base(), "the early org keeps its live generation");
+    // The mixed org's partitions all have events after the time, so the switch's offset check
+    // passes; but its generation from the time lacks the contact untouched since: switching it
+    // would delete its only complete generation. Refused, its new keys removed, its board whole.
+    let (ok, out) = run(&mut env.cli(&["rebuild", "--from", &from, "--org", &mixed, "--grace-ms", "0", "--metrics-addr", ""]));
+    assert!(!ok && out.contains("1 orgs not switched") && out.contains(&format!("contact {kept}")), "{out}");
+    assert!(generation_of(&env, &mixed).await.is_base(), "the mixed org keeps its live generation");
+    let cards: Vec<String> = env.redis().await.hkeys(env.keys.org(&mixed).cards(CardKind::Contact)).await.unwrap();
+    assert_eq!(cards.len(), 2, "both contacts stay on the board: {cards:?}");
+    let generations = format!("{}:g", env.keys.prefix());
+    let leftovers: Vec<String> = all_keys(&env).await.into_iter().filter(|k| k.starts_with(&generations) && k.contains(&mixed)).collect();
+    assert!(leftovers.is_empty(), "the refused generation's keys are removed: {leftovers:?}");
     let report = env.verify(&[late.org_ids[0].clone(), early.org_ids[0].clone()]).await;
     assert!(report.is_clean(), "{}", report.summary());
     projector.stop().await.unwrap();

@@ -2,6 +2,7 @@
 //! database on the real services that `deploy/stack.sh up` starts, so tests run in parallel
 //! without seeing each other.
 #![allow(dead_code)]
+pub mod events;
 pub mod oracle;
 use pipeline_board::consumers::progress::{self, Lag};
 use pipeline_board::consumers::{KafkaConnection, ProjectorSettings, RunCounters};

@@ -17,6 +17,8 @@
 //!
 //! The live generation is never written by a rebuild: until the switch the new generation's keys
 //! are invisible to readers, and after it the live projectors write there themselves.
+mod coverage;
+
 use crate::consumers::apply::{Position, RedisApplier, Target};
 use crate::consumers::{progress, KafkaConnection};
 use crate::mongo;
@@ -60,7 +62,8 @@ pub struct RebuildArgs {
     pub source: Source,
     /// Replay the topics from this time (RFC 3339) instead of their beginning: the offsets of
     /// the first records at or after it (Kafka's offsets-for-times). The new generation starts
-    /// empty, so this fits topics that hold every document's latest state from that time on.
+    /// empty, so this fits topics that hold every document's latest state from that time on; an
+    /// org whose new generation lacks a record of its live one is not switched (`coverage`).
     #[arg(long)]
     pub from: Option<String>,
     /// Rebuild only these orgs (repeatable); default every org.
@@ -479,6 +482,9 @@ async fn rebuild(
         let mut pending: Vec<String> = built.into_iter().filter(|o| filter.is_empty() || filter.contains(o)).collect();
         let starts: Option<String> = conn.hget(keys.rebuild_state(), "starts").await?;
         let starts: BTreeMap<String, i64> = starts.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+        // A replay from a time holds only documents with an event since then: each org's
+        // documents are compared with its live generation's before its switch.
+        let from_a_time = plan.source.starts_with("topics-from:");
         for round in 0.. {
             ensure_not_lost(lease_lost)?;
             let mut behind = Vec::new();
@@ -487,6 +493,22 @@ async fn rebuild(
                 let current = Generation::parse(current.as_deref().unwrap_or_default()).unwrap_or_default();
                 if current == plan.generation {
                     continue;
+                }
+                if from_a_time {
+                    match coverage_check(conn, keys, &org, &current, &plan.generation).await? {
+                        // Behind: `pb_switch` answers so too (nothing writes the new
+                        // generation during a round, and the live one only moves on), and its
+                        // answer tells a partition replay can bring from one it cannot.
+                        Coverage::Complete | Coverage::Behind => {}
+                        Coverage::Lacks(missing) => {
+                            warn!(org, %missing, "org not switched: the replay from the time lacks a document its live generation holds");
+                            report.orgs_refused.push(format!(
+                                "{org} (its live generation holds {missing}, which had no event since --from: use --source mongodb)"
+                            ));
+                            let _: () = conn.hset(keys.rebuild_state(), format!("drop:{org}"), plan.generation.name()).await?;
+                            continue;
+                        }
+                    }
                 }
                 let reply: String = switch_cmd(keys, &org, &current, &plan.generation).query_async(conn).await?;
                 match SwitchOutcome::parse(&reply) {
@@ -557,6 +579,30 @@ async fn rebuild(
     report.total_seconds = started.elapsed().as_secs_f64();
     info!(summary = report.summary(), "rebuild finished");
     Ok(report)
+}
+
+/// What the coverage check before a `--from` switch found.
+enum Coverage {
+    /// The new generation holds every document of the live one.
+    Complete,
+    /// It lacks one, but has not applied every event the live one has yet: replay on.
+    Behind,
+    /// It lacks one although it applied every event the live one has: the document's events all
+    /// precede the replay's start, no replay brings it.
+    Lacks(coverage::Missing),
+}
+
+async fn coverage_check(conn: &mut RedisConn, keys: &KeySpace, org: &str, live: &Generation, new: &Generation) -> anyhow::Result<Coverage> {
+    let (live_keys, new_keys) = (keys.org_in(live, org), keys.org_in(new, org));
+    let Some(missing) = coverage::first_missing(conn, &live_keys, &new_keys).await? else {
+        return Ok(Coverage::Complete);
+    };
+    // Read after the scan: the live generation's offsets then cover every document it scanned,
+    // so a new generation at or past them has applied those documents' events, if any.
+    let live_offsets: HashMap<String, i64> = conn.hgetall(live_keys.offsets()).await?;
+    let new_offsets: HashMap<String, i64> = conn.hgetall(new_keys.offsets()).await?;
+    let caught_up = live_offsets.iter().all(|(field, o)| new_offsets.get(field).is_some_and(|n| n >= o));
+    Ok(if caught_up { Coverage::Lacks(missing) } else { Coverage::Behind })
 }
 
 fn ensure_not_lost(lease_lost: &AtomicBool) -> anyhow::Result<()> {
