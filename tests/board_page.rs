@@ -2,24 +2,9 @@
 //! `304 Not Modified` for polling boards, the demo sign-in (off unless enabled).
 mod common;
 
-use common::{eventually, post_board, small_seed, token, TestEnv};
+use common::{eventually, post_board, post_with_etag, small_seed, token, TestEnv};
 use serde_json::{json, Value};
 use std::time::Duration;
-
-async fn post_with_etag(url: &str, bearer: &str, body: &str, etag: Option<&str>) -> (u16, Option<String>, String) {
-    let mut req = reqwest::Client::new()
-        .post(format!("{url}/api/contacts"))
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {bearer}"))
-        .body(body.to_string());
-    if let Some(e) = etag {
-        req = req.header("if-none-match", e);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let etag = resp.headers().get("etag").map(|v| v.to_str().unwrap().to_string());
-    (status, etag, resp.text().await.unwrap())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_polls_cheaply_and_signs_demo_users_in_only_when_enabled() {

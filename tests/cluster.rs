@@ -413,6 +413,54 @@ async fn replica_reads_answer_like_mongodb_and_report_their_staleness() {
     }
     let read = [board_reads(replica) - before[0], board_reads(port) - before[1]];
     assert!(read.iter().filter(|n| **n > 0).count() == 1 && read.iter().sum::<u64>() >= 20, "one replica serves the org: {read:?}");
+
+    // One replica at a time is held back (`CLIENT PAUSE WRITE` on it: it answers reads but
+    // applies no replication) while contacts of the board are renamed and clients poll boards
+    // with ETags. An answer whose change token came from the current replica and whose cards came
+    // from the held-back one would be named fresh and kept stale through 304s: once quiet, every
+    // client's last board must equal MongoDB's answer.
+    let projector = env.spawn_projector();
+    let snap = mongo::load_org(&db, org).await.unwrap();
+    let bodies = [r#"{"size": 100}"#, r#"{"search": "e", "size": 50}"#, r#"{"size": 7}"#];
+    let pollers = common::BoardPollers::start(&api, &bearer, &bodies);
+    let contacts = db.collection::<bson::Document>("contacts");
+    for (round, held) in [replica, port, replica, port].into_iter().enumerate() {
+        let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(120_000).arg("WRITE").query(&mut cluster.node(held)).unwrap();
+        for c in snap.contacts.iter().take(20) {
+            let mut c = c.clone();
+            c.first_name = Some(format!("Held{round}e{}", &c.id[18..]));
+            c.version = Some(c.version.unwrap_or_default() + 1 + round as i64);
+            let set = bson::doc! {"$set": {"firstName": c.first_name.as_deref().unwrap(), "version": c.version.unwrap()}};
+            contacts.update_one(bson::doc! {"_id": &c.id}, set).await.unwrap();
+            let event = serde_json::json!({"type": "contact.upserted", "eventId": format!("held-{round}-{}", c.id), "orgId": org,
+                "occurredAt": "2026-12-01T00:00:00.000Z", "contact": c});
+            env.produce(&env.topics.topic_contacts, &c.id, &serde_json::to_vec(&event).unwrap()).await;
+        }
+        env.wait_caught_up(Duration::from_secs(60)).await;
+        let seen = pollers.polls();
+        eventually(Duration::from_secs(60), "boards are polled while the replica is held back", || {
+            let polls = pollers.polls();
+            async move { polls >= seen + 30 }
+        })
+        .await;
+        let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut cluster.node(held)).unwrap();
+    }
+    eventually(Duration::from_secs(30), "both replicas caught up with their primary", || {
+        let offset = |port: u16, field: &str| -> Option<i64> {
+            let info: String = redis::cmd("INFO").arg("replication").query(&mut cluster.node(port)).ok()?;
+            info.lines().find_map(|l| l.strip_prefix(field)?.trim().parse().ok())
+        };
+        let primary_at = offset(primary, "master_repl_offset:");
+        let done = primary_at.is_some() && [replica, port].iter().all(|r| offset(*r, "slave_repl_offset:") == primary_at);
+        async move { done }
+    })
+    .await;
+    for last in pollers.last_boards().await {
+        assert!(last.polls > 3, "the client polled while replicas were held back");
+        let want = common::mongodb_answer(&db, org, &user, last.body).await;
+        assert!(last.data == want, "{}: the client's last board (status {}) differs from MongoDB's answer", last.body, last.status);
+    }
+    projector.stop().await.unwrap();
     env.cleanup().await;
 }
 

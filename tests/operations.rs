@@ -158,3 +158,51 @@ async fn a_redis_reloaded_from_an_older_snapshot_is_noticed_and_replayed() {
     env.cleanup().await;
     own.stop();
 }
+
+/// A Redis gone back to offsets that retention has since passed: replaying forward from what it
+/// holds would skip the deleted events, so the projection must not turn whole again. It stays
+/// `building`, says why (`incomplete`), and readiness answers 503; `rebuild --source mongodb`
+/// then makes it whole and right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_past_the_topics_retention_is_reported_not_replayed_with_holes() {
+    let (env, own, _dir) = env_with_own_redis("ops-rewind-trimmed").await;
+    let first = env.seed(small_seed(1, 30, 181)).await;
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    mark_holds_the_progress(&env).await;
+    save(&own).await;
+    let later = env.seed(small_seed(1, 50, 182)).await;
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    // Retention passes everything applied: the events after the snapshot are gone from Kafka.
+    env.delete_records_below(|high| high).await;
+    let url = env.serve_with(env.serve_args()).await;
+    debug_reload_nosave(&own).await;
+    env.seed(small_seed(1, 1, 183)).await;
+    eventually(Duration::from_secs(60), "the rewound projection says it cannot be made whole from the topics", || async {
+        let incomplete: Option<String> = env.redis().await.hget(env.keys.state(), "incomplete").await.unwrap();
+        incomplete.is_some_and(|why| why.contains("no longer hold") && why.contains("--source mongodb"))
+    })
+    .await;
+    // Every event the topics still hold is applied (`wait_caught_up` would also await `whole`).
+    eventually(Duration::from_secs(120), "the projector applied what the topics hold", || async { env.lag().await.total() == 0 }).await;
+    let status: Option<String> = env.redis().await.hget(env.keys.state(), "status").await.unwrap();
+    assert_eq!(status.as_deref(), Some("building"), "never whole with the deleted events missing");
+    eventually(Duration::from_secs(30), "readiness says the projection is not whole", || async {
+        let (code, body) = readyz(&url).await;
+        code == 503 && body["reason"] == "not_whole"
+    })
+    .await;
+
+    let out = env.cli(&["rebuild", "--source", "mongodb", "--grace-ms", "0", "--metrics-addr", ""]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually(Duration::from_secs(60), "whole again after the snapshot rebuild", || async {
+        let status: Option<String> = env.redis().await.hget(env.keys.state(), "status").await.unwrap();
+        status.as_deref() == Some("whole")
+    })
+    .await;
+    let report = env.verify(&[first.org_ids[0].clone(), later.org_ids[0].clone()]).await;
+    assert!(report.is_clean(), "{}", report.summary());
+    projector.stop().await.unwrap();
+    env.cleanup().await;
+    own.stop();
+}

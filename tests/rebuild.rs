@@ -4,15 +4,12 @@
 mod common;
 
 use common::events::{contact, event, oid, one_stage_pipeline};
-use common::{env_with_own_redis, eventually, post_board, small_seed, token, TestEnv};
+use common::{env_with_own_redis, eventually, post_board, small_seed, token, BoardPollers, TestEnv};
 use pipeline_board::core::keys::Generation;
 use pipeline_board::core::model::CardKind;
 use pipeline_board::query::mongo_path::MongoReader;
 use pipeline_board::query::projection::ProjectionReader;
 use pipeline_board::query::request::ContactsRequest;
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -154,23 +151,6 @@ async fn rebuild_while_the_board_is_queried_switches_without_a_bad_answer() {
     env.cleanup().await;
 }
 
-/// A board poll: the status, the ETag and the body (`None` on a 304).
-async fn poll(url: &str, bearer: &str, body: &str, etag: Option<&str>) -> (u16, Option<String>, Option<Value>) {
-    let mut req = reqwest::Client::new()
-        .post(format!("{url}/api/contacts"))
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {bearer}"))
-        .body(body.to_string());
-    if let Some(e) = etag {
-        req = req.header("if-none-match", e);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let etag = resp.headers().get("etag").map(|v| v.to_str().unwrap().to_string());
-    let body = if status == 200 { resp.json().await.ok() } else { None };
-    (status, etag, body)
-}
-
 /// No stale 304 after a switch: clients poll index and sorted-set boards with `If-None-Match`
 /// while rounds of "MongoDB drifts from the projection, `rebuild --source mongodb` repairs it"
 /// switch the org again and again (each switch loads the org's index anew, and until it is
@@ -189,25 +169,7 @@ async fn polls_racing_switches_never_keep_a_stale_board() {
     let (user, t) = (snap.users[0].id.clone(), token(&org, &snap.users[0].id));
     let bodies = [r#"{"search": "a", "size": 100}"#, r#"{"search": "e", "size": 7}"#, r#"{"size": 100}"#];
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = bodies
-        .iter()
-        .flat_map(|b| [*b, *b])
-        .map(|body| {
-            let (stop, url, t) = (stop.clone(), url.clone(), t.clone());
-            tokio::spawn(async move {
-                let (mut etag, mut board, mut polls) = (None::<String>, None::<Value>, 0u32);
-                while !stop.load(Ordering::Relaxed) {
-                    let (status, e, b) = poll(&url, &t, body, etag.as_deref()).await;
-                    polls += 1;
-                    if status == 200 {
-                        (etag, board) = (e, b);
-                    }
-                }
-                (body, etag, board, polls)
-            })
-        })
-        .collect();
+    let pollers = BoardPollers::start(&url, &t, &bodies);
 
     let contacts = db.collection::<bson::Document>("contacts");
     for round in 0..4 {
@@ -220,21 +182,10 @@ async fn polls_racing_switches_never_keep_a_stale_board() {
         let (ok, out) = tokio::task::spawn_blocking(move || run(&mut cmd)).await.unwrap();
         assert!(ok && out.contains("1 orgs switched"), "round {round}: {out}");
     }
-    stop.store(true, Ordering::Relaxed);
-    // Quiet: each client polls once more with its last ETag; a 304 keeps its board.
-    for client in clients {
-        let (body, etag, board, polls) = client.await.unwrap();
-        assert!(polls > 3, "the client polled through the switches");
-        let (status, _, fresh) = poll(&url, &t, body, etag.as_deref()).await;
-        let last = match status {
-            304 => board.expect("a 304 only after a 200"),
-            200 => fresh.unwrap(),
-            other => panic!("{body}: {other}"),
-        };
-        let mut last_data = last.clone();
-        last_data.as_object_mut().map(|o| o.remove("meta"));
-        let want = common::mongodb_answer(&db, &org, &user, body).await;
-        assert!(last_data == want, "{body}: the client's last board (status {status}) differs from MongoDB's answer");
+    for last in pollers.last_boards().await {
+        assert!(last.polls > 3, "the client polled through the switches");
+        let want = common::mongodb_answer(&db, &org, &user, last.body).await;
+        assert!(last.data == want, "{}: the client's last board (status {}) differs from MongoDB's answer", last.body, last.status);
     }
     projector.stop().await.unwrap();
     env.cleanup().await;
@@ -385,17 +336,7 @@ async fn the_mongodb_snapshot_rebuilds_what_the_topics_no_longer_hold() {
     env.wait_caught_up(Duration::from_secs(120)).await;
 
     // Retention took the first half of every partition.
-    let marks = pipeline_board::consumers::progress::watermarks(&env.kafka(), &env.topics.inputs()).unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for ((t, p), (_, high)) in &marks {
-        if *high > 1 {
-            tpl.add_partition_offset(t, *p, Offset::Offset(high / 2)).unwrap();
-        }
-    }
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &env.brokers).create().unwrap();
-    admin.delete_records(&tpl, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await.unwrap();
-    let marks = pipeline_board::consumers::progress::watermarks(&env.kafka(), &env.topics.inputs()).unwrap();
-    assert!(marks.values().any(|(low, _)| *low > 0), "early history deleted");
+    env.delete_records_below(|high| if high > 1 { high / 2 } else { 0 }).await;
 
     // From the topics alone the rebuild would miss the deleted half: refused before anything is
     // switched or discarded, naming the way out; the live generation stays as it was.

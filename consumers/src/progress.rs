@@ -11,6 +11,35 @@ pub fn field(topic: &str, partition: i32) -> String {
     format!("{topic}/{partition}")
 }
 
+/// The partitions whose records a replay from `starts` needs but the topics no longer hold
+/// (retention, `DeleteRecords`), as `topic/partition starts at <low>, the replay at <start>`.
+/// A replay that starts at a partition's log start above 0 counts too: whether the records
+/// before it mattered cannot be known. A MongoDB snapshot replays from the ends it took before
+/// it, so only a partition trimmed past those is missing. Empty: the replay sees every record
+/// the new generation needs.
+pub fn missing_history(marks: &BTreeMap<(String, i32), (i64, i64)>, starts: &BTreeMap<(String, i32), i64>, snapshot: bool) -> Vec<String> {
+    marks
+        .iter()
+        .filter_map(|((t, p), (low, _))| {
+            let start = starts.get(&(t.clone(), *p)).copied().unwrap_or(0);
+            let lost = start < *low || (!snapshot && start == *low && *low > 0);
+            lost.then(|| format!("{t}/{p} starts at {low}, the replay at {start}"))
+        })
+        .collect()
+}
+
+/// Where a replay of each partition really starts, as progress fields: a start below the log
+/// start (retention deleted those records; the consumer's offset reset lands on the log start)
+/// is recorded at the log start, so that a projection made whole by `rebuild --source mongodb`
+/// is not held `building` by offsets no consumer can read again. Only the partitions that move.
+pub fn replay_floors(marks: &BTreeMap<(String, i32), (i64, i64)>, starts: &BTreeMap<(String, i32), i64>) -> Vec<(String, i64)> {
+    marks
+        .iter()
+        .filter(|((t, p), (low, _))| starts.get(&(t.clone(), *p)).copied().unwrap_or(0) < *low)
+        .map(|((t, p), (low, _))| (field(t, *p), *low))
+        .collect()
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Lag {
     /// (topic, partition) -> (applied next offset, high watermark)
@@ -114,4 +143,22 @@ pub async fn lag_from_redis(
         out.partitions.insert((topic, partition), (applied.get(&f).copied().unwrap_or(0), high));
     }
     Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marks(parts: &[(i32, i64, i64)]) -> BTreeMap<(String, i32), (i64, i64)> {
+        parts.iter().map(|(p, low, high)| (("t".to_string(), *p), (*low, *high))).collect()
+    }
+
+    #[test]
+    fn a_replay_below_the_log_start_is_recorded_at_the_log_start() {
+        let marks = marks(&[(0, 0, 10), (1, 5, 10), (2, 5, 10), (3, 7, 7)]);
+        let starts: BTreeMap<(String, i32), i64> = [(("t".to_string(), 1), 3), (("t".to_string(), 2), 6)].into_iter().collect();
+        // p0 starts at 0 = its log start; p1 at 3 < 5; p2 at 6 >= 5; p3 has no start (0) < 7.
+        assert_eq!(replay_floors(&marks, &starts), vec![("t/1".to_string(), 5), ("t/3".to_string(), 7)]);
+        assert_eq!(missing_history(&marks, &starts, true).len(), 2, "the same partitions are the lost ones");
+    }
 }

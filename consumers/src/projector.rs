@@ -164,6 +164,15 @@ impl ClientContext for ProjectorContext {
     }
 }
 
+impl ProjectorContext {
+    /// The gauge is set from what the consumer holds after the change, not added up from the
+    /// changes: an error path that drops the assignment cannot leave it counting stale partitions.
+    fn count_assignment(&self, consumer: &BaseConsumer<Self>) {
+        let held = consumer.assignment().map(|tpl| tpl.count()).unwrap_or(0);
+        self.counters.assigned_partitions.store(held as i64, Ordering::Relaxed);
+    }
+}
+
 impl ConsumerContext for ProjectorContext {
     /// librdkafka's eager assignment, with the offsets Redis holds: the projection, not the
     /// group's commits, says where its data ends.
@@ -191,6 +200,7 @@ impl ConsumerContext for ProjectorContext {
                 let code: rdkafka::error::RDKafkaErrorCode = other.into();
                 warn!(error = %code, "rebalance error");
                 let _ = consumer.unassign();
+                self.count_assignment(consumer);
             }
         }
     }
@@ -206,18 +216,13 @@ impl ConsumerContext for ProjectorContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => {
-                self.counters.assigned_partitions.fetch_add(tpl.count() as i64, Ordering::Relaxed);
-                info!(partitions = tpl.count(), "partitions assigned")
-            }
-            Rebalance::Revoke(tpl) => {
-                self.counters.assigned_partitions.fetch_sub(tpl.count() as i64, Ordering::Relaxed);
-                info!(partitions = tpl.count(), "partitions revoked")
-            }
+            Rebalance::Assign(tpl) => info!(partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Revoke(tpl) => info!(partitions = tpl.count(), "partitions revoked"),
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
         }
+        self.count_assignment(consumer);
     }
 }
 
@@ -264,7 +269,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     };
     check_model(&mut applier.connection(), &settings.keys, &settings.group_id).await?;
     let instance = Arc::new(std::sync::Mutex::new(
-        state::ensure(&mut applier.connection(), &settings.keys, &settings.kafka, &settings.topics.inputs()).await?,
+        state::ensure(&mut applier.connection(), &settings.keys, &settings.group_id, &settings.kafka, &settings.topics.inputs()).await?,
     ));
     // Raised when Redis lost the projection (by the watch below or by a refused progress write).
     let lost = Arc::new(LostSignal::default());
@@ -439,7 +444,7 @@ async fn start_again_from_redis(
     instance: &std::sync::Mutex<String>,
 ) -> bool {
     applier.forget_generations();
-    match state::ensure(&mut applier.connection(), &settings.keys, &settings.kafka, &settings.topics.inputs()).await {
+    match state::ensure(&mut applier.connection(), &settings.keys, &settings.group_id, &settings.kafka, &settings.topics.inputs()).await {
         Ok(i) => *instance.lock().expect("not poisoned") = i,
         Err(e) => {
             warn!(error = %e, "projection state not written; retrying");

@@ -51,7 +51,13 @@ pub async fn instance(conn: &mut RedisConn, keys: &KeySpace) -> redis::RedisResu
 /// Creates the state if Redis has none (status `building`, target = the partitions' ends now);
 /// returns the instance Redis holds afterwards (ours, or the one another projector made first).
 /// Atomic: two projectors that find Redis empty at once agree on one instance.
-pub async fn ensure(conn: &mut RedisConn, keys: &KeySpace, kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<String> {
+pub async fn ensure(
+    conn: &mut RedisConn,
+    keys: &KeySpace,
+    group: &str,
+    kafka: &KafkaConnection,
+    topics: &[String],
+) -> anyhow::Result<String> {
     if let Some(i) = instance(conn, keys).await? {
         return Ok(i);
     }
@@ -65,8 +71,12 @@ pub async fn ensure(conn: &mut RedisConn, keys: &KeySpace, kafka: &KafkaConnecti
         redis.call('SET', KEYS[3], ARGV[4])
         redis.call('DEL', KEYS[4])
         if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'incomplete', ARGV[3]) end
+        local m = tonumber(ARGV[5])
+        for i = 6, 5 + 2 * m, 2 do
+          if tonumber(redis.call('HGET', KEYS[5], ARGV[i]) or '0') < tonumber(ARGV[i + 1]) then redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
+        end
         redis.call('DEL', KEYS[2])
-        if #ARGV > 4 then redis.call('HSET', KEYS[2], unpack(ARGV, 5)) end
+        if #ARGV > 5 + 2 * m then redis.call('HSET', KEYS[2], unpack(ARGV, 6 + 2 * m)) end
         return ARGV[1]",
     );
     // Partitions whose early records are gone (retention): replaying them cannot make the
@@ -84,10 +94,16 @@ pub async fn ensure(conn: &mut RedisConn, keys: &KeySpace, kafka: &KafkaConnecti
     call.key(keys.state_target())
         .key(keys.model())
         .key(keys.write_marks_seen())
+        .key(keys.progress(group))
         .arg(&mine)
         .arg(now)
         .arg(&incomplete)
         .arg(board_core::keys::MODEL_VERSION);
+    let floors = progress::replay_floors(&ends, &BTreeMap::new());
+    call.arg(floors.len());
+    for (field, low) in &floors {
+        call.arg(field).arg(*low);
+    }
     for ((t, p), (_, end)) in &ends {
         call.arg(progress::field(t, *p)).arg(*end);
     }
@@ -160,27 +176,51 @@ pub async fn restart_after_rewind(
     let script = redis::Script::new(
         r"
         if redis.call('HGET', KEYS[1], 'instance') ~= ARGV[1] then return 0 end
-        local n = tonumber(ARGV[4])
+        local n = tonumber(ARGV[5])
         local resume = {}
-        for i = 5, 4 + 2 * n, 2 do resume[ARGV[i]] = tonumber(ARGV[i + 1]) end
+        for i = 6, 5 + 2 * n, 2 do resume[ARGV[i]] = tonumber(ARGV[i + 1]) end
         local held = redis.call('HGETALL', KEYS[3])
         for i = 1, #held, 2 do
           local to = resume[held[i]]
           if not to then redis.call('HDEL', KEYS[3], held[i])
           elseif to < tonumber(held[i + 1]) then redis.call('HSET', KEYS[3], held[i], to) end
         end
+        local m = tonumber(ARGV[6 + 2 * n])
+        for i = 7 + 2 * n, 6 + 2 * n + 2 * m, 2 do
+          if tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or '0') < tonumber(ARGV[i + 1]) then redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+        end
         redis.call('HSET', KEYS[1], 'instance', ARGV[2], 'status', 'building', 'since', ARGV[3])
         redis.call('HDEL', KEYS[1], 'wholeAt')
+        if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'incomplete', ARGV[4]) end
         redis.call('DEL', KEYS[2])
-        if #ARGV > 4 + 2 * n then redis.call('HSET', KEYS[2], unpack(ARGV, 5 + 2 * n)) end
+        if #ARGV > 6 + 2 * n + 2 * m then redis.call('HSET', KEYS[2], unpack(ARGV, 7 + 2 * n + 2 * m)) end
         return 1",
     );
+    // Resuming below a partition's log start (retention passed the offsets the restored data
+    // holds) skips events for good: the projection stays `building` and says why, as a start on
+    // an empty Redis does, until `rebuild --source mongodb`.
+    let starts: BTreeMap<(String, i32), i64> =
+        ends.keys().map(|(t, p)| ((t.clone(), *p), resume.get(&progress::field(t, *p)).copied().unwrap_or(0))).collect();
+    let lost = progress::missing_history(&ends, &starts, true);
+    let incomplete = if lost.is_empty() {
+        String::new()
+    } else {
+        format!("redis went back to offsets the topics no longer hold ({}): run `pipeline-board rebuild --source mongodb`", lost.join(", "))
+    };
+    if !incomplete.is_empty() {
+        tracing::error!(incomplete, "the rewound projection cannot be replayed whole from the topics");
+    }
     let new = format!("{:016x}", rand::random::<u64>());
     let mut call = script.key(keys.state());
     call.key(keys.state_target()).key(keys.progress(group));
-    call.arg(mine).arg(&new).arg(chrono_free_now_millis()).arg(resume.len());
+    call.arg(mine).arg(&new).arg(chrono_free_now_millis()).arg(&incomplete).arg(resume.len());
     for (field, offset) in resume {
         call.arg(field).arg(*offset);
+    }
+    let floors = progress::replay_floors(&ends, &starts);
+    call.arg(floors.len());
+    for (field, low) in &floors {
+        call.arg(field).arg(*low);
     }
     for ((t, p), (_, end)) in &ends {
         call.arg(progress::field(t, *p)).arg(*end);

@@ -20,6 +20,7 @@
 mod coverage;
 
 use crate::consumers::apply::{Position, RedisApplier, Target};
+use crate::consumers::progress::missing_history;
 use crate::consumers::{progress, KafkaConnection};
 use crate::mongo;
 use anyhow::{bail, Context};
@@ -307,23 +308,6 @@ async fn renew_lease(mut conn: RedisConn, keys: KeySpace, run_id: String, lost: 
             Err(e) => warn!(error = %e, "lease not renewed"),
         }
     }
-}
-
-/// The partitions whose records a replay from `starts` needs but the topics no longer hold
-/// (retention, `DeleteRecords`), as `topic/partition starts at <low>, the replay at <start>`.
-/// A replay that starts at a partition's log start above 0 counts too: whether the records
-/// before it mattered cannot be known. A MongoDB snapshot replays from the ends it took before
-/// it, so only a partition trimmed past those is missing. Empty: the replay sees every record
-/// the new generation needs.
-pub fn missing_history(marks: &BTreeMap<(String, i32), (i64, i64)>, starts: &BTreeMap<(String, i32), i64>, snapshot: bool) -> Vec<String> {
-    marks
-        .iter()
-        .filter_map(|((t, p), (low, _))| {
-            let start = starts.get(&(t.clone(), *p)).copied().unwrap_or(0);
-            let lost = start < *low || (!snapshot && start == *low && *low > 0);
-            lost.then(|| format!("{t}/{p} starts at {low}, the replay at {start}"))
-        })
-        .collect()
 }
 
 fn refuse_missing_history(missing: &[String]) -> anyhow::Result<()> {

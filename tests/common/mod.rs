@@ -91,6 +91,22 @@ impl TestEnv {
         }
     }
 
+    /// Deletes the records of every input partition below `to(high watermark)` (what retention
+    /// or `DeleteRecords` does): the topics no longer hold their early history.
+    pub async fn delete_records_below(&self, to: impl Fn(i64) -> i64) {
+        let marks = progress::watermarks(&self.kafka(), &self.topics.inputs()).unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for ((t, p), (_, high)) in &marks {
+            if to(*high) > 0 {
+                tpl.add_partition_offset(t, *p, rdkafka::Offset::Offset(to(*high))).unwrap();
+            }
+        }
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
+        admin.delete_records(&tpl, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await.unwrap();
+        let marks = progress::watermarks(&self.kafka(), &self.topics.inputs()).unwrap();
+        assert!(marks.values().any(|(low, _)| *low > 0), "early history deleted");
+    }
+
     pub fn kafka(&self) -> KafkaConnection {
         KafkaConnection::new(&self.brokers)
     }
@@ -650,4 +666,94 @@ pub async fn mongodb_answer(db: &mongodb::Database, org: &str, user: &str, body:
     let mut v: serde_json::Value = serde_json::from_slice(&a.to_json_bytes(&meta)).unwrap();
     v.as_object_mut().map(|o| o.remove("meta"));
     v
+}
+
+/// `POST /api/contacts` with an optional `If-None-Match`: status, ETag and body.
+pub async fn post_with_etag(url: &str, bearer: &str, body: &str, etag: Option<&str>) -> (u16, Option<String>, String) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{url}/api/contacts"))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {bearer}"))
+        .body(body.to_string());
+    if let Some(e) = etag {
+        req = req.header("if-none-match", e);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let etag = resp.headers().get("etag").map(|v| v.to_str().unwrap().to_string());
+    (status, etag, resp.text().await.unwrap())
+}
+
+/// Clients that poll boards with `If-None-Match` as the board page does, each keeping the last
+/// board it got with a 200 through its 304s: a board named by a token it does not belong to is
+/// kept stale for as long as nothing changes.
+pub struct BoardPollers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    polls: Arc<std::sync::atomic::AtomicUsize>,
+    clients: Vec<JoinHandle<ClientEnd>>,
+    url: String,
+    bearer: String,
+}
+
+/// What a polling client ends with: its body, last ETag, last 200's board and how often it polled.
+type ClientEnd = (&'static str, Option<String>, Option<serde_json::Value>, u32);
+
+/// One client's last board once quiet (without `meta`) and how often it polled before.
+pub struct LastBoard {
+    pub body: &'static str,
+    pub status: u16,
+    pub data: serde_json::Value,
+    pub polls: u32,
+}
+
+impl BoardPollers {
+    /// Two clients per board body, polling until [`BoardPollers::last_boards`].
+    pub fn start(url: &str, bearer: &str, bodies: &[&'static str]) -> BoardPollers {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let clients = bodies
+            .iter()
+            .flat_map(|b| [*b, *b])
+            .map(|body| {
+                let (stop, count, url, bearer) = (stop.clone(), polls.clone(), url.to_string(), bearer.to_string());
+                tokio::spawn(async move {
+                    let (mut etag, mut board, mut polls) = (None::<String>, None::<serde_json::Value>, 0u32);
+                    while !stop.load(Ordering::Relaxed) {
+                        let (status, e, b) = post_with_etag(&url, &bearer, body, etag.as_deref()).await;
+                        polls += 1;
+                        count.fetch_add(1, Ordering::Relaxed);
+                        if status == 200 {
+                            (etag, board) = (e, serde_json::from_str(&b).ok());
+                        }
+                    }
+                    (body, etag, board, polls)
+                })
+            })
+            .collect();
+        BoardPollers { stop, polls, clients, url: url.to_string(), bearer: bearer.to_string() }
+    }
+
+    /// Polls answered so far, by all clients.
+    pub fn polls(&self) -> usize {
+        self.polls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the clients; each polls once more with its last ETag (a 304 keeps its board).
+    pub async fn last_boards(self) -> Vec<LastBoard> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut last = Vec::new();
+        for client in self.clients {
+            let (body, etag, board, polls) = client.await.unwrap();
+            let (status, _, fresh) = post_with_etag(&self.url, &self.bearer, body, etag.as_deref()).await;
+            let mut data = match status {
+                304 => board.expect("a 304 only after a 200"),
+                200 => serde_json::from_str(&fresh).unwrap(),
+                other => panic!("{body}: {other} {fresh}"),
+            };
+            data.as_object_mut().map(|o| o.remove("meta"));
+            last.push(LastBoard { body, status, data, polls });
+        }
+        last
+    }
 }
