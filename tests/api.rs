@@ -1,8 +1,8 @@
 //! Black-box HTTP tests of `POST /api/contacts` and the service endpoints, against the real stack.
 mod common;
 
+use board_mongo::OrgSnapshot;
 use common::{eventually, free_port, post_board, small_seed, token, TestEnv, JWT_SECRET};
-use pipeline_board::mongo::{self, OrgSnapshot};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -25,7 +25,7 @@ async fn fixture() -> &'static Fixture {
             let db = env.mongo().await;
             let mut orgs = Vec::new();
             for org in &seeded.org_ids {
-                orgs.push((org.clone(), mongo::load_org(&db, org).await.unwrap()));
+                orgs.push((org.clone(), board_mongo::load_org(&db, org).await.unwrap()));
             }
             // A server of its own (on the fixture's runtime-independent thread) for all tests.
             let args = env.serve_args();
@@ -36,9 +36,9 @@ async fn fixture() -> &'static Fixture {
                 rt.block_on(async move {
                     // A projector keeps running beside the API, as in a deployment: readiness
                     // asks for one (the ends it publishes).
-                    let counters = std::sync::Arc::new(pipeline_board::consumers::RunCounters::default());
-                    tokio::spawn(pipeline_board::consumers::run(settings, counters, std::future::pending()));
-                    let app = pipeline_board::api::Application::build(&args).await.unwrap();
+                    let counters = std::sync::Arc::new(projector::RunCounters::default());
+                    tokio::spawn(projector::run(settings, counters, std::future::pending()));
+                    let app = board_api::http::Application::build(&args).await.unwrap();
                     tx.send(format!("http://{}", app.local_addr())).unwrap();
                     app.run(std::future::pending()).await.unwrap();
                 });
@@ -70,8 +70,8 @@ async fn tokens_are_checked() {
     let good = token(org, user);
     assert_eq!(post_board(&f.url, Some(&good), "{}").await.0, 200);
 
-    let expired = pipeline_board::api::auth::sign_hs256(JWT_SECRET.as_bytes(), user, org, -3600);
-    let wrong_secret = pipeline_board::api::auth::sign_hs256(b"another secret", user, org, 3600);
+    let expired = board_api::http::auth::sign_hs256(JWT_SECRET.as_bytes(), user, org, -3600);
+    let wrong_secret = board_api::http::auth::sign_hs256(b"another secret", user, org, 3600);
     let parts: Vec<&str> = good.split('.').collect();
     let tampered_claims = {
         use base64::Engine;
@@ -85,7 +85,7 @@ async fn tokens_are_checked() {
         let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         format!("{}.{}.", e.encode(br#"{"alg":"none","typ":"JWT"}"#), parts[1])
     };
-    let bad_org = pipeline_board::api::auth::sign_hs256(JWT_SECRET.as_bytes(), user, "not-an-object-id", 3600);
+    let bad_org = board_api::http::auth::sign_hs256(JWT_SECRET.as_bytes(), user, "not-an-object-id", 3600);
     for (what, t) in [
         ("garbage", "abc.def.ghi".to_string()),
         ("expired", expired),
@@ -116,8 +116,8 @@ fn sign(header: jsonwebtoken::Header, claims: Value, key: &jsonwebtoken::Encodin
 /// `nbf`, audience, issuer, RS256 from a PEM key and from a JWKS, and the secret-length rule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_time_audience_issuer_and_rs256() {
+    use board_api::http::auth::AuthArgs;
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    use pipeline_board::api::auth::AuthArgs;
     let f = fixture().await;
     let (org, snap) = &f.orgs[0];
     let user = &snap.users[0].id;
@@ -190,10 +190,10 @@ async fn token_time_audience_issuer_and_rs256() {
 
     // A short secret, or no key at all, is refused at start-up.
     args.auth = AuthArgs::hs256("thirty-one-bytes-is-not-enough!");
-    let err = pipeline_board::api::Application::build(&args).await.err().expect("short secret refused");
+    let err = board_api::http::Application::build(&args).await.err().expect("short secret refused");
     assert!(err.to_string().contains("at least 32"), "{err}");
     args.auth = AuthArgs::default();
-    assert!(pipeline_board::api::Application::build(&args).await.is_err(), "no key refused");
+    assert!(board_api::http::Application::build(&args).await.is_err(), "no key refused");
 }
 
 /// A pipeline that MongoDB has and the projection does not (its event late or dead-lettered) is
@@ -205,13 +205,13 @@ async fn a_pipeline_only_mongodb_knows_is_answered_not_404() {
     let t = token(org, &snap.users[0].id);
     let id = format!("{:024x}", rand::random::<u64>() as u128 | (0xabcd_u128 << 80));
     let stages = [(format!("{:024x}", rand::random::<u64>()), "Late A"), (format!("{:024x}", rand::random::<u64>()), "Late B")];
-    let pipeline: pipeline_board::core::model::Pipeline = serde_json::from_value(json!({
+    let pipeline: board_model::model::Pipeline = serde_json::from_value(json!({
         "_id": id, "orgId": org, "name": "Only in MongoDB", "type": "Application", "isActive": false,
         "stages": [{"_id": stages[0].0, "name": stages[0].1, "order": 0}, {"_id": stages[1].0, "name": stages[1].1, "order": 1}],
         "version": 1}))
     .unwrap();
     let db = f.env.mongo().await;
-    db.collection("pipelines").insert_one(mongo::pipeline_to_bson(&pipeline)).await.unwrap();
+    db.collection("pipelines").insert_one(board_mongo::pipeline_to_bson(&pipeline)).await.unwrap();
 
     let body = json!({"pipelineType": "Application", "pipelineId": id}).to_string();
     let (status, answer) = post_board(&f.url, Some(&t), &body).await;
@@ -387,7 +387,7 @@ async fn service_endpoints() {
     // METRICS_ADDR: `/metrics` moves to a listener of its own, off the public port.
     let mut args = f.env.serve_args();
     args.metrics_addr = Some("127.0.0.1:0".into());
-    let app = pipeline_board::api::Application::build(&args).await.unwrap();
+    let app = board_api::http::Application::build(&args).await.unwrap();
     let (public, private) = (format!("http://{}", app.local_addr()), format!("http://{}", app.metrics_addr().unwrap()));
     tokio::spawn(app.run(std::future::pending()));
     assert_eq!(client.get(format!("{public}/metrics")).send().await.unwrap().status(), 404);

@@ -36,7 +36,7 @@ async fn the_page_polls_cheaply_and_signs_demo_users_in_only_when_enabled() {
     // Polling: the same answer is 304 with its ETag; a change anywhere in the answer is a new one.
     let db = env.mongo().await;
     let (org, other) = (&seeded.org_ids[0], &seeded.org_ids[1]);
-    let snap = pipeline_board::mongo::load_org(&db, org).await.unwrap();
+    let snap = board_mongo::load_org(&db, org).await.unwrap();
     let t = token(org, &snap.users[0].id);
     let board = r#"{"size": 100}"#;
     let (status, etag, body_of_board) = post_with_etag(&url, &t, board, None).await;
@@ -47,7 +47,7 @@ async fn the_page_polls_cheaply_and_signs_demo_users_in_only_when_enabled() {
     let (status, _, _) = post_with_etag(&url, &t, r#"{"size": 1}"#, Some(&etag)).await;
     assert_eq!(status, 200, "another board is another answer");
     // Another org's caller never gets a 304 for this org's ETag.
-    let other_snap = pipeline_board::mongo::load_org(&db, other).await.unwrap();
+    let other_snap = board_mongo::load_org(&db, other).await.unwrap();
     let (status, _, _) = post_with_etag(&url, &token(other, &other_snap.users[0].id), board, Some(&etag)).await;
     assert_eq!(status, 200);
 
@@ -107,10 +107,10 @@ async fn the_page_polls_cheaply_and_signs_demo_users_in_only_when_enabled() {
     assert_eq!(r.status(), 404);
     // The demo sign-in is refused on a non-loopback address unless asked for by name.
     args.listen_addr = "0.0.0.0:0".into();
-    let refused = pipeline_board::api::Application::build(&args).await.err().expect("refused on 0.0.0.0");
+    let refused = board_api::http::Application::build(&args).await.err().expect("refused on 0.0.0.0");
     assert!(refused.to_string().contains("--demo-signin-anywhere"), "{refused}");
     args.demo_signin_anywhere = true;
-    assert!(pipeline_board::api::Application::build(&args).await.is_ok());
+    assert!(board_api::http::Application::build(&args).await.is_ok());
     projector.stop().await.unwrap();
     env.cleanup().await;
 }

@@ -5,8 +5,8 @@
 //! it is alone. Redis work is counted with `INFO commandstats` on a Redis of the test's own.
 mod common;
 
+use board_api::query::request::{MAX_PAGES, MAX_SEARCH_CHARS, MAX_STAGES, MAX_USER_IDS};
 use common::{env_with_own_redis, post_board, small_seed, token};
-use pipeline_board::query::request::{MAX_PAGES, MAX_SEARCH_CHARS, MAX_STAGES, MAX_USER_IDS};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -38,7 +38,7 @@ fn worst_case(stage_names: &[String]) -> String {
 }
 
 /// command -> calls since the last CONFIG RESETSTAT
-async fn command_calls(r: &mut pipeline_board::core::redis_conn::RedisConn) -> BTreeMap<String, u64> {
+async fn command_calls(r: &mut board_redis::redis_conn::RedisConn) -> BTreeMap<String, u64> {
     let info: String = redis::cmd("INFO").arg("commandstats").query_async(r).await.unwrap();
     info.lines()
         .filter_map(|l| {
@@ -63,7 +63,7 @@ async fn the_worst_case_request_costs_redis_the_same_on_a_small_and_a_large_org(
     let mut r = env.redis().await;
     let mut per_org = Vec::new();
     for org in [&small, &large] {
-        let snap = pipeline_board::mongo::load_org(&db, org).await.unwrap();
+        let snap = board_mongo::load_org(&db, org).await.unwrap();
         let user = snap.users[0].id.clone();
         let bearer = token(org, &user);
         let stages: Vec<String> = snap
@@ -111,7 +111,7 @@ async fn the_worst_case_request_costs_redis_the_same_on_a_small_and_a_large_org(
     let mut args = env.serve_args();
     args.index_deadline_ms = 0;
     let strict = env.serve_with(args).await;
-    let snap = pipeline_board::mongo::load_org(&db, &large).await.unwrap();
+    let snap = board_mongo::load_org(&db, &large).await.unwrap();
     let bearer = token(&large, &snap.users[0].id);
     let (status, err) = post_board(&strict, Some(&bearer), &worst_case(&[])).await;
     assert_eq!((status, err["error"]["code"].as_str()), (503, Some("timeout")), "{err}");
@@ -120,8 +120,8 @@ async fn the_worst_case_request_costs_redis_the_same_on_a_small_and_a_large_org(
 
     // An idle org's index is dropped and loaded again, with the same answer, on its next board.
     let reader =
-        pipeline_board::query::projection::ProjectionReader::new(env.redis().await, env.keys.clone(), std::time::Duration::from_secs(10));
-    let q = pipeline_board::query::request::ContactsRequest::parse(br#"{"ownerFilter": "team"}"#).unwrap().into_query().unwrap();
+        board_api::query::projection::ProjectionReader::new(env.redis().await, env.keys.clone(), std::time::Duration::from_secs(10));
+    let q = board_api::query::request::ContactsRequest::parse(br#"{"ownerFilter": "team"}"#).unwrap().into_query().unwrap();
     let user = snap.users[0].id.clone();
     let (first, route) = reader.answer(&large, &user, &q, 0).await.unwrap();
     assert_eq!(route.name(), "index");
@@ -150,10 +150,10 @@ async fn index_boards_waiting_for_a_walk_leave_health_and_sorted_set_boards_free
     let org = seeded.org_ids[0].clone();
     let projector = env.spawn_projector();
     env.wait_caught_up(Duration::from_secs(120)).await;
-    let app = pipeline_board::api::Application::build(&env.serve_args()).await.unwrap();
+    let app = board_api::http::Application::build(&env.serve_args()).await.unwrap();
     let (url, projection) = (format!("http://{}", app.local_addr()), app.projection());
     tokio::spawn(app.run(std::future::pending()));
-    let snap = pipeline_board::mongo::load_org(&env.mongo().await, &org).await.unwrap();
+    let snap = board_mongo::load_org(&env.mongo().await, &org).await.unwrap();
     let t = token(&org, &snap.users[0].id);
     let search = r#"{"search": "a", "size": 100}"#;
     let (status, first) = post_board(&url, Some(&t), search).await;

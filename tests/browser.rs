@@ -29,7 +29,7 @@ async fn the_board_page_in_chromium() {
     nothing.mongo.mongodb_uri = format!("mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=500", common::free_port());
     let down_url = env.serve_with(nothing).await;
     let org = seeded.org_ids[0].clone();
-    let snap = pipeline_board::mongo::load_org(&env.mongo().await, &org).await.unwrap();
+    let snap = board_mongo::load_org(&env.mongo().await, &org).await.unwrap();
     let user = snap.users[0].id.clone();
     let shots = format!("{}/browser-screenshots", env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(&shots).unwrap();
@@ -38,7 +38,7 @@ async fn the_board_page_in_chromium() {
         .arg(&spec)
         .env("BOARD_URL", &url)
         .env("TOKEN", token(&org, &user))
-        .env("EXPIRED_TOKEN", pipeline_board::api::auth::sign_hs256(JWT_SECRET.as_bytes(), &user, &org, -3600))
+        .env("EXPIRED_TOKEN", board_api::http::auth::sign_hs256(JWT_SECRET.as_bytes(), &user, &org, -3600))
         .env("SHOTS", &shots)
         .env("DOWN_URL", &down_url)
         .env("RENAMED", "Livetest Person")

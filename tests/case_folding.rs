@@ -3,9 +3,8 @@
 //! give different answers; this pins the rule with names that show the difference.
 mod common;
 
+use board_model::model::{CardDoc, Pipeline};
 use common::{free_port, post_board, token, TestEnv};
-use pipeline_board::core::model::{CardDoc, Pipeline};
-use pipeline_board::mongo;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -29,7 +28,7 @@ async fn search_folds_each_character_on_both_paths() {
     let db = env.mongo().await;
     env.produce(&env.topics.topic_pipelines, &p, &event("pipeline.upserted", &org, "pipeline", &pipeline)).await;
     let pipeline: Pipeline = serde_json::from_value(pipeline).unwrap();
-    db.collection("pipelines").insert_one(mongo::pipeline_to_bson(&pipeline)).await.unwrap();
+    db.collection("pipelines").insert_one(board_mongo::pipeline_to_bson(&pipeline)).await.unwrap();
     for (i, (first, last)) in names.iter().enumerate() {
         let id = oid(10 + i as u32);
         let doc = json!({"_id": id, "orgId": org, "firstName": first, "lastName": last, "fullName": format!("{first} {last}"),
@@ -37,7 +36,7 @@ async fn search_folds_each_character_on_both_paths() {
             "pipelineId": p, "pipelineStage": s, "createdAt": format!("2026-10-0{}T12:00:00.000Z", i + 1), "version": 1});
         env.produce(&env.topics.topic_contacts, &id, &event("contact.upserted", &org, "contact", &doc)).await;
         let card: CardDoc = serde_json::from_value(doc).unwrap();
-        db.collection("contacts").insert_one(mongo::card_to_bson(&card)).await.unwrap();
+        db.collection("contacts").insert_one(board_mongo::card_to_bson(&card)).await.unwrap();
     }
     let projector = env.spawn_projector();
     env.wait_caught_up(Duration::from_secs(60)).await;

@@ -13,11 +13,11 @@
 //! Own Kafka node and own Redis: the faults touch no other test.
 mod common;
 
+use board_model::model::CardDoc;
 use common::{mongodb_answer, small_seed, JWT_SECRET};
 use common::{OwnKafka, OwnRedis, TempDir, TestEnv};
 use mongodb::bson::{doc, Document};
 use nix::sys::signal::Signal;
-use pipeline_board::core::model::CardDoc;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -123,7 +123,7 @@ async fn poll_forever(client: Arc<Client>, url: String, stop: Arc<AtomicBool>) {
 struct Producer {
     db: mongodb::Database,
     kafka: FutureProducer,
-    topics: pipeline_board::core::config::Topics,
+    topics: projector::config::Topics,
     /// Per org: its users and its contacts' ids (deleted ones removed).
     orgs: Vec<(String, Vec<String>, Vec<String>)>,
     stages: BTreeMap<String, Vec<(String, String, String)>>,
@@ -154,7 +154,7 @@ impl Producer {
 
     fn envelope(&mut self, kind: &str, org: &str) -> Value {
         json!({"type": kind, "eventId": format!("chaos-{}", object_id(&mut self.rng)), "orgId": org,
-            "occurredAt": pipeline_board::core::time::format_millis(chrono::Utc::now().timestamp_millis())})
+            "occurredAt": board_model::time::format_millis(chrono::Utc::now().timestamp_millis())})
     }
 
     async fn one_change(&mut self) {
@@ -163,7 +163,7 @@ impl Producer {
         let Some(id) = contacts.choose(&mut self.rng).cloned() else { return };
         let coll = self.db.collection::<Document>("contacts");
         let Some(d) = coll.find_one(doc! {"_id": &id}).await.unwrap() else { return };
-        let mut card: CardDoc = pipeline_board::mongo::card_from_bson(&d);
+        let mut card: CardDoc = board_mongo::card_from_bson(&d);
         let version = card.version.unwrap_or(1) + 1;
         let now = chrono::Utc::now().timestamp_millis();
         let what = self.rng.random_range(0..100);
@@ -181,7 +181,7 @@ impl Producer {
             let conv = self.db.collection::<Document>("conversations").find_one(doc! {"contactId": &id}).await.unwrap();
             if let Some(conv) = conv {
                 let conv_id = conv.get_str("_id").unwrap_or_default().to_string();
-                let m = pipeline_board::core::model::Message {
+                let m = board_model::model::Message {
                     id: object_id(&mut self.rng),
                     org_id: org.clone(),
                     contact_id: Some(id.clone()),
@@ -189,7 +189,7 @@ impl Producer {
                     direction: Some(if self.rng.random_bool(0.5) { "inbound" } else { "outbound" }.to_string()),
                     created_at: Some(now),
                 };
-                self.db.collection::<Document>("messages").insert_one(pipeline_board::mongo::message_to_bson(&m)).await.unwrap();
+                self.db.collection::<Document>("messages").insert_one(board_mongo::message_to_bson(&m)).await.unwrap();
                 let mut env = self.envelope("message.created", &org);
                 env["message"] = serde_json::to_value(&m).unwrap();
                 self.send(&self.topics.topic_messages.clone(), &id, env).await;
@@ -210,7 +210,7 @@ impl Producer {
         card.full_name = Some(format!("{} {}", card.first_name.clone().unwrap_or_default(), card.last_name.clone().unwrap_or_default()));
         card.version = Some(version);
         card.updated_at = Some(now);
-        coll.replace_one(doc! {"_id": &id}, pipeline_board::mongo::card_to_bson(&card)).await.unwrap();
+        coll.replace_one(doc! {"_id": &id}, board_mongo::card_to_bson(&card)).await.unwrap();
         let mut env = self.envelope("contact.upserted", &org);
         env["contact"] = serde_json::to_value(&card).unwrap();
         self.send(&self.topics.topic_contacts.clone(), &id, env).await;
@@ -259,10 +259,9 @@ fn kill(child: &mut std::process::Child) {
 async fn healed(env: &TestEnv, url: &str) -> bool {
     let Ok(r) = reqwest::get(format!("{url}/readyz")).await else { return false };
     let ready = r.status().as_u16() == 200;
-    let Ok(mut conn) = pipeline_board::core::config::redis_connection(&env.redis_url).await else { return false };
-    let whole =
-        pipeline_board::consumers::state::status(&mut conn, &env.keys).await.ok() == Some(pipeline_board::consumers::state::Status::Whole);
-    let lag = pipeline_board::consumers::progress::lag(&env.kafka(), &env.topics.inputs(), &mut conn, &env.keys.progress(&env.group)).await;
+    let Ok(mut conn) = board_redis::config::redis_connection(&env.redis_url).await else { return false };
+    let whole = board_redis::projection::status(&mut conn, &env.keys).await.ok() == Some(board_redis::projection::Status::Whole);
+    let lag = projector::progress::lag(&env.kafka(), &env.topics.inputs(), &mut conn, &env.keys.progress(&env.group)).await;
     ready && whole && lag.is_ok_and(|l| l.total() == 0)
 }
 
@@ -306,7 +305,7 @@ impl ChaosRedis {
             ChaosRedis::Single { port, .. } => node(*port).map(|c| (*port, c)).into_iter().collect(),
             ChaosRedis::Cluster(c) => {
                 let shards = c.ports().find_map(|p| redis::cmd("CLUSTER").arg("SHARDS").query::<redis::Value>(&mut node(p)?).ok());
-                let nodes = shards.and_then(|s| pipeline_board::core::redis_conn::cluster_nodes(&s).ok()).unwrap_or_default();
+                let nodes = shards.and_then(|s| board_redis::redis_conn::cluster_nodes(&s).ok()).unwrap_or_default();
                 nodes
                     .iter()
                     .filter(|n| n.primary && n.healthy && !n.slots.is_empty())
@@ -394,7 +393,7 @@ async fn chaos_run() {
     let mut producer_orgs = Vec::new();
     let mut stages = BTreeMap::new();
     for org in &seeded.org_ids {
-        let snap = pipeline_board::mongo::load_org(&db, org).await.unwrap();
+        let snap = board_mongo::load_org(&db, org).await.unwrap();
         for (i, body) in BOARDS.iter().enumerate() {
             let user = snap.users[i % snap.users.len()].id.clone();
             clients.push(Arc::new(Client { org: org.clone(), user, body, view: Mutex::new(ClientView::default()) }));

@@ -4,12 +4,11 @@
 //! node or move a slot.
 mod common;
 
+use board_api::query::board::AnswerMeta;
+use board_api::query::mongo_path::MongoReader;
+use board_api::query::request::ContactsRequest;
 use common::{cluster_url, eventually, post_board, primary_of, signal, small_seed, token, TestEnv};
 use nix::sys::signal::Signal;
-use pipeline_board::mongo;
-use pipeline_board::query::board::AnswerMeta;
-use pipeline_board::query::mongo_path::MongoReader;
-use pipeline_board::query::request::ContactsRequest;
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -32,7 +31,7 @@ fn without_meta(mut v: Value) -> Value {
 /// The MongoDB path's answer to `body` for the org's first user, as the API would send it.
 async fn mongodb_answer(db: &mongodb::Database, org: &str, user: &str, body: &str) -> (u16, Value) {
     let query = ContactsRequest::parse(body.as_bytes()).unwrap().into_query().expect("valid request");
-    let reader = MongoReader::new(db.clone(), pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
+    let reader = MongoReader::new(db.clone(), board_api::query::mongo_path::DEFAULT_MAX_IDS);
     match reader.answer(org, user, &query, chrono::Utc::now().timestamp_millis()).await {
         Ok(a) => {
             let meta = AnswerMeta { answered_by: "mongodb", route: None, reason: None, projection_lag: None, replica_staleness_ms: None };
@@ -46,7 +45,7 @@ async fn mongodb_answer(db: &mongodb::Database, org: &str, user: &str, body: &st
 async fn assert_api_equals_mongodb(api: &str, db: &mongodb::Database, orgs: &[String]) -> usize {
     let mut compared = 0;
     for org in orgs {
-        let snap = mongo::load_org(db, org).await.unwrap();
+        let snap = board_mongo::load_org(db, org).await.unwrap();
         let user = &snap.users[0].id;
         for body in BOARDS {
             let (status, got) = post_board(api, Some(&token(org, user)), body).await;
@@ -94,9 +93,9 @@ impl Drop for Reaper {
 /// on to catch an operation that is not single-slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cross_slot_pipeline_is_refused_so_the_cluster_tests_would_catch_one() {
-    let mut conn = pipeline_board::core::config::redis_connection(&cluster_url()).await.unwrap();
+    let mut conn = board_redis::config::redis_connection(&cluster_url()).await.unwrap();
     assert!(conn.is_cluster());
-    let keys = pipeline_board::core::keys::KeySpace::new(format!("t:crossslot-{}", std::process::id()));
+    let keys = board_model::keys::KeySpace::new(format!("t:crossslot-{}", std::process::id()));
     let (a, b) = (keys.generation_pointer("64f0a1b2c3d4e5f6a7b8c9d1"), keys.generation_pointer("64f0a1b2c3d4e5f6a7b8c9d4"));
     let mut node = redis::Client::open("redis://127.0.0.1:7000").unwrap().get_connection().unwrap();
     assert_ne!(primary_of(&mut node, &a).1, primary_of(&mut node, &b).1, "two slots");
@@ -179,7 +178,7 @@ async fn an_org_slot_migrated_while_boards_are_served_gives_no_failed_answer() {
     let seeded = env.seed_and_project(small_seed(2, 400, 43)).await;
     let org = seeded.org_ids[0].clone();
     let db = env.mongo().await;
-    let user = mongo::load_org(&db, &org).await.unwrap().users[0].id.clone();
+    let user = board_mongo::load_org(&db, &org).await.unwrap().users[0].id.clone();
     let api = env.serve_with(env.serve_args()).await;
     let bearer = token(&org, &user);
     let mut before = Vec::new();
@@ -287,7 +286,7 @@ async fn two_projectors_and_two_apis_one_of_each_killed_and_restarted() {
     // More events while one of each is gone; the other API keeps answering.
     let second = env.seed(small_seed(2, 200, 46)).await;
     let db = env.mongo().await;
-    let user = mongo::load_org(&db, &first.org_ids[0]).await.unwrap().users[0].id.clone();
+    let user = board_mongo::load_org(&db, &first.org_ids[0]).await.unwrap().users[0].id.clone();
     // While the projection is not whole yet its boards come from MongoDB, whose speed on a
     // loaded machine is no part of this test: a whole answer or the documented 503 `timeout`.
     let (status, body) = post_board(&url_b, Some(&token(&first.org_ids[0], &user)), r#"{"size": 1}"#).await;
@@ -327,12 +326,12 @@ async fn replica_reads_answer_like_mongodb_and_report_their_staleness() {
     let (env, cluster) = common::env_with_own_cluster("replica-reads").await;
     let seeded = env.seed_and_project(small_seed(2, 300, 47)).await;
     let mut args = env.serve_args();
-    args.redis_read_from = pipeline_board::api::ReadFrom::Replica;
+    args.redis_read_from = board_api::http::ReadFrom::Replica;
     args.lag_interval_ms = 200;
     let api = env.serve_with(args).await;
     let org = &seeded.org_ids[0];
     let db = env.mongo().await;
-    let user = mongo::load_org(&db, org).await.unwrap().users[0].id.clone();
+    let user = board_mongo::load_org(&db, org).await.unwrap().users[0].id.clone();
     let bearer = token(org, &user);
     eventually(Duration::from_secs(30), "staleness measured", || async {
         post_board(&api, Some(&bearer), r#"{"size": 1}"#).await.1["meta"]["replicaStalenessMs"].is_i64()
@@ -342,7 +341,7 @@ async fn replica_reads_answer_like_mongodb_and_report_their_staleness() {
     let mut node = cluster.node(cluster.base);
     let (primary, slot) = primary_of(&mut node, &env.keys.generation_pointer(org));
     let shards: redis::Value = redis::cmd("CLUSTER").arg("SHARDS").query(&mut node).unwrap();
-    let nodes = pipeline_board::core::redis_conn::cluster_nodes(&shards).unwrap();
+    let nodes = board_redis::redis_conn::cluster_nodes(&shards).unwrap();
     let replica = nodes.iter().find(|n| !n.primary && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))).expect("a replica").port;
     let reads = |port: u16| -> u64 {
         let info: String = redis::cmd("INFO")
@@ -387,14 +386,14 @@ async fn replica_reads_answer_like_mongodb_and_report_their_staleness() {
     .await;
     eventually(Duration::from_secs(30), "the shard has two linked replicas, as every node sees it", || {
         let shards: redis::Value = redis::cmd("CLUSTER").arg("SHARDS").query(&mut cluster.node(cluster.base)).unwrap();
-        let nodes = pipeline_board::core::redis_conn::cluster_nodes(&shards).unwrap();
+        let nodes = board_redis::redis_conn::cluster_nodes(&shards).unwrap();
         let replicas = nodes.iter().filter(|n| !n.primary && n.healthy && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))).count();
         let info: String = redis::cmd("INFO").arg("replication").query(&mut cluster.node(port)).unwrap();
         async move { replicas == 2 && info.contains("master_link_status:up") }
     })
     .await;
     let mut args = env.serve_args();
-    args.redis_read_from = pipeline_board::api::ReadFrom::Replica;
+    args.redis_read_from = board_api::http::ReadFrom::Replica;
     let api = env.serve_with(args).await;
     // Commands only this org's boards send: the change token's XREVRANGE, the index's HSCAN.
     let board_reads = |port: u16| -> u64 {
@@ -420,7 +419,7 @@ async fn replica_reads_answer_like_mongodb_and_report_their_staleness() {
     // from the held-back one would be named fresh and kept stale through 304s: once quiet, every
     // client's last board must equal MongoDB's answer.
     let projector = env.spawn_projector();
-    let snap = mongo::load_org(&db, org).await.unwrap();
+    let snap = board_mongo::load_org(&db, org).await.unwrap();
     let bodies = [r#"{"size": 100}"#, r#"{"search": "e", "size": 50}"#, r#"{"size": 7}"#];
     let pollers = common::BoardPollers::start(&api, &bearer, &bodies);
     let contacts = db.collection::<bson::Document>("contacts");
@@ -524,7 +523,7 @@ async fn a_primary_restarted_empty_is_noticed_and_the_projection_built_again() {
     let projector = env.spawn_projector();
     env.wait_caught_up(Duration::from_secs(120)).await;
     let mut conn = env.redis().await;
-    let instance = |mut c: pipeline_board::core::redis_conn::RedisConn, key: String| async move {
+    let instance = |mut c: board_redis::redis_conn::RedisConn, key: String| async move {
         redis::cmd("HMGET").arg(key).arg("instance").arg("status").query_async::<(Option<String>, Option<String>)>(&mut c).await.unwrap()
     };
     let (before, status) = instance(conn.clone(), env.keys.state()).await;
@@ -571,7 +570,7 @@ async fn the_api_starts_and_answers_from_mongodb_while_the_cluster_is_unreachabl
     );
     let api = env.serve_with(env.serve_args()).await;
     let org = &seeded.org_ids[0];
-    let user = mongo::load_org(&env.mongo().await, org).await.unwrap().users[0].id.clone();
+    let user = board_mongo::load_org(&env.mongo().await, org).await.unwrap().users[0].id.clone();
     let (status, body) = post_board(&api, Some(&token(org, &user)), r#"{"size": 5}"#).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["meta"]["answeredBy"], "mongodb");
@@ -638,7 +637,7 @@ async fn a_shard_reloaded_from_an_older_snapshot_is_noticed_and_replayed() {
         assert!(round < 12, "an org on the victim shard");
     }
     env.wait_caught_up(Duration::from_secs(120)).await;
-    let before = pipeline_board::consumers::state::instance(&mut env.redis().await, &env.keys).await.unwrap();
+    let before = board_redis::projection::instance(&mut env.redis().await, &env.keys).await.unwrap();
     let reloaded = Instant::now();
     let _: () = redis::cmd("DEBUG").arg("RELOAD").arg("NOSAVE").query(&mut cluster.node(victim)).unwrap();
     let drift = env.verify(&orgs).await;
@@ -651,8 +650,8 @@ async fn a_shard_reloaded_from_an_older_snapshot_is_noticed_and_replayed() {
     eventually(Duration::from_secs(60), "the rewind is noticed (a new projection instance)", || {
         let (keys, redis_url, before) = (keys.clone(), redis_url.clone(), before.clone());
         async move {
-            let mut conn = pipeline_board::core::config::redis_connection(&redis_url).await.unwrap();
-            pipeline_board::consumers::state::instance(&mut conn, &keys).await.unwrap() != before
+            let mut conn = board_redis::config::redis_connection(&redis_url).await.unwrap();
+            board_redis::projection::instance(&mut conn, &keys).await.unwrap() != before
         }
     })
     .await;

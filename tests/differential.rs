@@ -2,14 +2,14 @@
 //! data set and hundreds of randomized requests covering every field and their combinations.
 mod common;
 
+use board_api::query::board::BoardAnswer;
+use board_api::query::mongo_path::MongoReader;
+use board_api::query::projection::ProjectionReader;
+use board_api::query::request::ContactsRequest;
+use board_model::model::CardDoc;
+use board_mongo::OrgSnapshot;
 use common::oracle::{self, OracleBucket};
 use common::{cluster_url, small_seed, TestEnv};
-use pipeline_board::core::model::CardDoc;
-use pipeline_board::mongo::{self, OrgSnapshot};
-use pipeline_board::query::board::BoardAnswer;
-use pipeline_board::query::mongo_path::MongoReader;
-use pipeline_board::query::projection::ProjectionReader;
-use pipeline_board::query::request::ContactsRequest;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value};
 const HOUR: i64 = 3_600_000;
 
 fn iso(ms: i64) -> String {
-    pipeline_board::core::time::format_millis(ms)
+    board_model::time::format_millis(ms)
 }
 
 /// Each character in upper or lower case by Unicode's full mappings, so terms carry what
@@ -237,7 +237,7 @@ fn describe_difference(a: &BoardAnswer, b: &BoardAnswer) -> String {
         if x.total != y.total {
             return format!("bucket {:?}: total {} (projection) vs {} (mongodb)", x.name, x.total, y.total);
         }
-        let ids = |v: &Vec<pipeline_board::query::board::CardOut>| v.iter().map(|c| c.doc.id.clone()).collect::<Vec<_>>();
+        let ids = |v: &Vec<board_api::query::board::CardOut>| v.iter().map(|c| c.doc.id.clone()).collect::<Vec<_>>();
         if ids(&x.cards) != ids(&y.cards) {
             return format!("bucket {:?}: cards {:?} vs {:?}", x.name, ids(&x.cards), ids(&y.cards));
         }
@@ -332,11 +332,7 @@ async fn change_pipelines(env: &TestEnv, db: &mongodb::Database, org: &str, snap
     let stages = was_active.stages.as_mut().unwrap();
     stages[0].name = Some(format!("{} (renamed)", stages[0].name.clone().unwrap_or_default()));
     stages.pop();
-    stages.push(pipeline_board::core::model::Stage {
-        id: format!("{:024x}", rand::random::<u64>()),
-        name: Some("Added".into()),
-        order: Some(99),
-    });
+    stages.push(board_model::model::Stage { id: format!("{:024x}", rand::random::<u64>()), name: Some("Added".into()), order: Some(99) });
     was_active.is_active = Some(false);
     now_active.is_active = Some(true);
     for p in [&mut was_active, &mut now_active] {
@@ -344,7 +340,10 @@ async fn change_pipelines(env: &TestEnv, db: &mongodb::Database, org: &str, snap
         let event = json!({"type": "pipeline.upserted", "eventId": format!("change-{}", p.id), "orgId": org,
             "occurredAt": "2026-11-30T09:00:00.000Z", "pipeline": p});
         env.produce(&env.topics.topic_pipelines, &p.id, &serde_json::to_vec(&event).unwrap()).await;
-        db.collection::<bson::Document>("pipelines").replace_one(bson::doc! {"_id": &p.id}, mongo::pipeline_to_bson(p)).await.unwrap();
+        db.collection::<bson::Document>("pipelines")
+            .replace_one(bson::doc! {"_id": &p.id}, board_mongo::pipeline_to_bson(p))
+            .await
+            .unwrap();
     }
 }
 
@@ -357,10 +356,10 @@ async fn projection_and_mongodb_answer_identically() {
         // Pages from offset 5 on are selected by pb_union_page: both ways are compared.
         .with_deep_page_offset(5);
     let db = env.mongo().await;
-    let mongo_reader = MongoReader::new(db.clone(), pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
+    let mongo_reader = MongoReader::new(db.clone(), board_api::query::mongo_path::DEFAULT_MAX_IDS);
     let mut snaps = Vec::new();
     for org in &seeded.org_ids {
-        snaps.push((org.clone(), mongo::load_org(&db, org).await.unwrap()));
+        snaps.push((org.clone(), board_mongo::load_org(&db, org).await.unwrap()));
     }
     let base_now = chrono::Utc::now().timestamp_millis();
     let requests: usize = std::env::var("DIFF_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
@@ -390,7 +389,7 @@ async fn projection_and_mongodb_answer_identically() {
     assert!(report.is_clean(), "after the pipeline changes: {:#?}", report.samples);
     let mut snaps = Vec::new();
     for org in &seeded.org_ids {
-        snaps.push((org.clone(), mongo::load_org(&db, org).await.unwrap()));
+        snaps.push((org.clone(), board_mongo::load_org(&db, org).await.unwrap()));
     }
     round.run("after pipeline changes", &snaps, requests / 3, &mut rng).await;
     env.cleanup().await;
@@ -403,7 +402,7 @@ async fn projection_and_mongodb_answer_identically() {
 async fn on_a_redis_cluster_with_orgs_on_every_shard_both_paths_answer_identically() {
     let env = TestEnv::on_cluster("diff-cluster").await;
     let mut org_ids: Vec<String> = Vec::new();
-    let mut node = redis::Client::open(pipeline_board::core::redis_conn::RedisTarget::parse(&cluster_url(), false).first_node())
+    let mut node = redis::Client::open(board_redis::redis_conn::RedisTarget::parse(&cluster_url(), false).first_node())
         .unwrap()
         .get_connection()
         .unwrap();
@@ -430,10 +429,10 @@ async fn on_a_redis_cluster_with_orgs_on_every_shard_both_paths_answer_identical
     let projection =
         ProjectionReader::new(env.redis().await, env.keys.clone(), std::time::Duration::from_secs(10)).with_deep_page_offset(5);
     let db = env.mongo().await;
-    let mongo_reader = MongoReader::new(db.clone(), pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
+    let mongo_reader = MongoReader::new(db.clone(), board_api::query::mongo_path::DEFAULT_MAX_IDS);
     let mut snaps = Vec::new();
     for org in &org_ids {
-        snaps.push((org.clone(), mongo::load_org(&db, org).await.unwrap()));
+        snaps.push((org.clone(), board_mongo::load_org(&db, org).await.unwrap()));
     }
     let requests: usize = std::env::var("DIFF_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(300) / 3;
     let mut rng = ChaCha8Rng::seed_from_u64(2027);

@@ -157,7 +157,7 @@ async fn mongodb_down_projection_keeps_answering() {
     let url = env.serve_with(env.serve_args()).await;
     let org = &seeded.org_ids[0];
     let db = env.mongo().await;
-    let snap = pipeline_board::mongo::load_org(&db, org).await.expect("snapshot");
+    let snap = board_mongo::load_org(&db, org).await.expect("snapshot");
     let t = token(org, &snap.users[0].id);
     let boards = [r#"{"size": 10}"#, r#"{"size": 5, "ownerFilter": "my", "messageStatus": "answered"}"#, r#"{"search": "a"}"#];
     let mut before = Vec::new();

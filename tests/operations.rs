@@ -31,8 +31,7 @@ async fn a_projector_starts_on_a_projection_healed_after_a_flushall() {
         let lag = env.lag().await;
         instance.is_some()
             && lag.total() == 0
-            && pipeline_board::consumers::state::status(&mut conn, &env.keys).await.unwrap()
-                == pipeline_board::consumers::state::Status::Whole
+            && board_redis::projection::status(&mut conn, &env.keys).await.unwrap() == board_redis::projection::Status::Whole
     })
     .await;
     projector.stop().await.unwrap();

@@ -2,12 +2,11 @@
 //! started by deploy/stack.sh. Kill, restart and rebalance tests are in tests/failures.rs.
 mod common;
 
+use board_model::model::CardKind;
+use board_model::record::{CardRecord, ContactState};
 use common::events::{contact, event, oid, one_stage_pipeline};
 use common::{env_with_own_redis, eventually, free_port, small_seed, OwnRedis, TestEnv};
-use pipeline_board::consumers::apply::Position;
-use pipeline_board::core::model::CardKind;
-use pipeline_board::core::record::{CardRecord, ContactState};
-use pipeline_board::mongo;
+use projector::apply::Position;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -95,15 +94,15 @@ async fn versions_duplicates_and_tombstones() {
 
     // The same final state written to MongoDB: verify finds the projection equal to it.
     let db = env.mongo().await;
-    let final_contact: pipeline_board::core::model::CardDoc = serde_json::from_value(contact(&org, &c, 3, &p, &s_new, &u2, "Ann")).unwrap();
-    db.collection("contacts").insert_one(mongo::card_to_bson(&final_contact)).await.unwrap();
-    db.collection("pipelines").insert_one(mongo::pipeline_to_bson(&serde_json::from_value(pipeline).unwrap())).await.unwrap();
+    let final_contact: board_model::model::CardDoc = serde_json::from_value(contact(&org, &c, 3, &p, &s_new, &u2, "Ann")).unwrap();
+    db.collection("contacts").insert_one(board_mongo::card_to_bson(&final_contact)).await.unwrap();
+    db.collection("pipelines").insert_one(board_mongo::pipeline_to_bson(&serde_json::from_value(pipeline).unwrap())).await.unwrap();
     db.collection("conversations")
-        .insert_one(mongo::conversation_to_bson(&serde_json::from_value(conv_doc(2, &u2)).unwrap()))
+        .insert_one(board_mongo::conversation_to_bson(&serde_json::from_value(conv_doc(2, &u2)).unwrap()))
         .await
         .unwrap();
     for (id, at) in [(oid(30), "2026-11-01T00:00:00.000Z"), (oid(31), "2026-11-02T00:00:00.000Z")] {
-        db.collection("messages").insert_one(mongo::message_to_bson(&serde_json::from_value(msg(&id, at)).unwrap())).await.unwrap();
+        db.collection("messages").insert_one(board_mongo::message_to_bson(&serde_json::from_value(msg(&id, at)).unwrap())).await.unwrap();
     }
     let report = env.verify(std::slice::from_ref(&org)).await;
     assert!(report.is_clean(), "drift: {:#?}", report.samples);
@@ -241,9 +240,9 @@ async fn redis_outage_is_retried_and_nothing_is_skipped() {
 /// there), through the projector's own apply step against Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_compare_exactly_as_64_bit_integers() {
-    use pipeline_board::consumers::apply::RedisApplier;
-    use pipeline_board::consumers::batch::Outcome;
-    use pipeline_board::core::events::Event;
+    use board_model::events::Event;
+    use projector::apply::RedisApplier;
+    use projector::batch::Outcome;
     let env = TestEnv::new("exact-versions").await;
     let mut applier = RedisApplier::connect(&env.redis_url, env.keys.clone()).await.unwrap();
     let (org, p, s, c, u) = (oid(1), oid(2), oid(3), oid(10), oid(20));
@@ -296,7 +295,7 @@ async fn versions_compare_exactly_as_64_bit_integers() {
 /// op before the first write (Redis keeps the writes of a script that fails midway).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_commit_function_guards_and_validates_before_writing() {
-    use pipeline_board::core::functions::{load_library, Commit, Guard, Write};
+    use board_redis::functions::{load_library, Commit, Guard, Write};
     let env = TestEnv::new("commit-fn").await;
     let mut r = env.redis().await;
     load_library(&mut r).await.unwrap();
@@ -340,7 +339,7 @@ async fn the_commit_function_guards_and_validates_before_writing() {
 /// fixed, nothing is dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_function_is_retried_not_dead_lettered() {
-    use pipeline_board::core::functions::load_library;
+    use board_redis::functions::load_library;
     let (env, own, _dir) = env_with_own_redis("script-bug").await;
     let t = env.topics.clone();
     let (org, p, s, c, u) = (oid(1), oid(2), oid(3), oid(10), oid(20));
@@ -442,7 +441,7 @@ async fn parked_dead_letters_stop_at_their_cap_without_losing_one() {
     let projector = env.spawn_projector_with(settings);
     env.wait_caught_up(Duration::from_secs(90)).await;
     projector.stop().await.unwrap();
-    let parked = pipeline_board::dlq::read_parked(&mut r, &env.keys.parked_dead_letters()).await.unwrap();
+    let parked = board_ops::dlq::read_parked(&mut r, &env.keys.parked_dead_letters()).await.unwrap();
     let offsets: std::collections::BTreeSet<(i32, i64)> = parked.iter().map(|d| (d.origin_partition, d.origin_offset)).collect();
     assert_eq!(offsets.len(), 2, "both poison events parked: {parked:?}");
     env.cleanup().await;
@@ -471,7 +470,7 @@ async fn verify_finds_damage_in_every_structure() {
     }
 
     let db = env.mongo().await;
-    let snap = mongo::load_org(&db, &org).await.unwrap();
+    let snap = board_mongo::load_org(&db, &org).await.unwrap();
     let keys = env.keys.org(&org);
     let mut r = env.redis().await;
     let conv = snap.conversations.iter().find(|c| c.contact_id.is_some() && c.assignees.as_ref().is_some_and(|a| !a.is_empty())).unwrap();
@@ -533,12 +532,12 @@ async fn values_with_separators_stay_apart_on_the_board() {
     env.wait_caught_up(Duration::from_secs(60)).await;
     projector.stop().await.unwrap();
 
-    let reader = pipeline_board::query::projection::ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10));
+    let reader = board_api::query::projection::ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10));
     let ask = |body: Value| {
         let reader = reader.clone();
         let org = org.clone();
         async move {
-            let q = pipeline_board::query::request::ContactsRequest::parse(body.to_string().as_bytes()).unwrap().into_query().unwrap();
+            let q = board_api::query::request::ContactsRequest::parse(body.to_string().as_bytes()).unwrap().into_query().unwrap();
             let (answer, _) = reader.answer(&org, &oid(99), &q, 0).await.unwrap();
             answer
                 .buckets
@@ -564,7 +563,7 @@ async fn values_with_separators_stay_apart_on_the_board() {
 /// a second replay does nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
-    use pipeline_board::dlq::{read_parked, read_topic, replay, ReplayReport};
+    use board_ops::dlq::{read_parked, read_topic, replay, ReplayReport};
     let env = TestEnv::new("replay").await;
     let t = env.topics.clone();
     let (org, p, s, c, u) = (oid(1), oid(2), oid(3), oid(10), oid(20));
@@ -627,8 +626,8 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
 /// The Function library with `line` run first in `commit` (a library deployed with a bug).
 fn commit_starting_with(line: &str) -> String {
     let anchor = "local function commit(keys, args)\n";
-    let patched = pipeline_board::core::functions::LIBRARY.replacen(anchor, &format!("{anchor}  {line}\n"), 1);
-    assert_ne!(patched, pipeline_board::core::functions::LIBRARY, "commit is where the test expects it");
+    let patched = board_redis::functions::LIBRARY.replacen(anchor, &format!("{anchor}  {line}\n"), 1);
+    assert_ne!(patched, board_redis::functions::LIBRARY, "commit is where the test expects it");
     patched
 }
 
@@ -636,7 +635,7 @@ fn commit_starting_with(line: &str) -> String {
 /// with many ties, cards without createdAt, and random created ranges, offsets and limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn union_page_selects_the_same_cards_as_a_full_merge() {
-    use pipeline_board::core::functions::load_library;
+    use board_redis::functions::load_library;
     use rand::{Rng, SeedableRng};
     let env = TestEnv::new("union-page").await;
     let mut r = env.redis().await;
@@ -655,13 +654,8 @@ async fn union_page_selects_the_same_cards_as_a_full_merge() {
                 if all.iter().any(|(_, x)| x == &id) {
                     continue; // one card is in one raw stage set
                 }
-                let _: () = redis::cmd("ZADD")
-                    .arg(key)
-                    .arg(pipeline_board::core::functions::score_arg(score))
-                    .arg(&id)
-                    .query_async(&mut r)
-                    .await
-                    .unwrap();
+                let _: () =
+                    redis::cmd("ZADD").arg(key).arg(board_redis::functions::score_arg(score)).arg(&id).query_async(&mut r).await.unwrap();
                 all.push((score, id));
             }
         }
@@ -700,8 +694,8 @@ async fn union_page_selects_the_same_cards_as_a_full_merge() {
 /// is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generation_functions_guard_commits_switches_and_progress() {
-    use pipeline_board::core::functions::{load_library, progress_cmd, switch_cmd, Commit, CommitOutcome, SwitchOutcome, Write};
-    use pipeline_board::core::keys::Generation;
+    use board_model::keys::Generation;
+    use board_redis::functions::{load_library, progress_cmd, switch_cmd, Commit, CommitOutcome, SwitchOutcome, Write};
     let env = TestEnv::new("generation-fn").await;
     let mut r = env.redis().await;
     load_library(&mut r).await.unwrap();

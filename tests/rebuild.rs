@@ -3,13 +3,13 @@
 //! topics that lost their early history, and a FLUSHALL under a running projector and API.
 mod common;
 
+use board_api::query::mongo_path::MongoReader;
+use board_api::query::projection::ProjectionReader;
+use board_api::query::request::ContactsRequest;
+use board_model::keys::Generation;
+use board_model::model::CardKind;
 use common::events::{contact, event, oid, one_stage_pipeline};
 use common::{env_with_own_redis, eventually, post_board, small_seed, token, BoardPollers, TestEnv};
-use pipeline_board::core::keys::Generation;
-use pipeline_board::core::model::CardKind;
-use pipeline_board::query::mongo_path::MongoReader;
-use pipeline_board::query::projection::ProjectionReader;
-use pipeline_board::query::request::ContactsRequest;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,7 +35,7 @@ async fn all_keys(env: &TestEnv) -> Vec<String> {
 /// The projection's answers equal MongoDB's for every board of `org`.
 async fn assert_projection_equals_mongodb(env: &TestEnv, org: &str, user: &str) {
     let reader = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10));
-    let mongo = MongoReader::new(env.mongo().await, pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
+    let mongo = MongoReader::new(env.mongo().await, board_api::query::mongo_path::DEFAULT_MAX_IDS);
     let now = chrono::Utc::now().timestamp_millis();
     for body in BOARDS {
         let q = ContactsRequest::parse(body.as_bytes()).unwrap().into_query().unwrap();
@@ -60,7 +60,7 @@ async fn rebuild_while_the_board_is_queried_switches_without_a_bad_answer() {
     let db = env.mongo().await;
     let mut boards = Vec::new();
     for org in &seeded.org_ids {
-        let user = pipeline_board::mongo::load_org(&db, org).await.unwrap().users[0].id.clone();
+        let user = board_mongo::load_org(&db, org).await.unwrap().users[0].id.clone();
         for body in BOARDS {
             let (status, answer) = post_board(&url, Some(&token(org, &user)), body).await;
             assert_eq!((status, answer["meta"]["answeredBy"].as_str()), (200, Some("projection")), "{answer}");
@@ -130,11 +130,11 @@ async fn rebuild_while_the_board_is_queried_switches_without_a_bad_answer() {
 
     // The live projector writes into the new generation: a change made after the switch shows.
     let org = &seeded.org_ids[0];
-    let mut contact = pipeline_board::mongo::load_org(&db, org).await.unwrap().contacts[0].clone();
+    let mut contact = board_mongo::load_org(&db, org).await.unwrap().contacts[0].clone();
     contact.first_name = Some("Zebulon".into());
     contact.version = Some(contact.version.unwrap() + 1);
     db.collection::<bson::Document>("contacts")
-        .replace_one(bson::doc! {"_id": &contact.id}, pipeline_board::mongo::card_to_bson(&contact))
+        .replace_one(bson::doc! {"_id": &contact.id}, board_mongo::card_to_bson(&contact))
         .await
         .unwrap();
     let event = json!({"type": "contact.upserted", "eventId": "after-switch", "orgId": org,
@@ -165,7 +165,7 @@ async fn polls_racing_switches_never_keep_a_stale_board() {
     env.wait_caught_up(Duration::from_secs(120)).await;
     let url = env.serve_with(env.serve_args()).await;
     let db = env.mongo().await;
-    let snap = pipeline_board::mongo::load_org(&db, &org).await.unwrap();
+    let snap = board_mongo::load_org(&db, &org).await.unwrap();
     let (user, t) = (snap.users[0].id.clone(), token(&org, &snap.users[0].id));
     let bodies = [r#"{"search": "a", "size": 100}"#, r#"{"search": "e", "size": 7}"#, r#"{"size": 100}"#];
 
@@ -357,7 +357,7 @@ async fn the_mongodb_snapshot_rebuilds_what_the_topics_no_longer_hold() {
     assert!(!generation_of(&env, org).await.is_base());
     let report = env.verify(&seeded.org_ids).await;
     assert!(report.is_clean(), "{}", report.summary());
-    let user = pipeline_board::mongo::load_org(&env.mongo().await, org).await.unwrap().users[0].id.clone();
+    let user = board_mongo::load_org(&env.mongo().await, org).await.unwrap().users[0].id.clone();
     assert_projection_equals_mongodb(&env, org, &user).await;
     projector.stop().await.unwrap();
     env.cleanup().await;
@@ -371,7 +371,7 @@ async fn flushall_under_a_running_projector_and_api_falls_back_then_heals() {
     env.wait_caught_up(Duration::from_secs(120)).await;
     let url = env.serve_with(env.serve_args()).await;
     let org = &seeded.org_ids[0];
-    let user = pipeline_board::mongo::load_org(&env.mongo().await, org).await.unwrap().users[0].id.clone();
+    let user = board_mongo::load_org(&env.mongo().await, org).await.unwrap().users[0].id.clone();
     let t = token(org, &user);
     let (_, healthy) = post_board(&url, Some(&t), "{}").await;
     assert_eq!(healthy["meta"]["answeredBy"], "projection");

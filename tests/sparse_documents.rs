@@ -20,7 +20,7 @@ fn as_json(d: &Document) -> Value {
         d.iter()
             .map(|(k, v)| {
                 let j = match v {
-                    Bson::DateTime(t) => json!(pipeline_board::core::time::format_millis(t.timestamp_millis())),
+                    Bson::DateTime(t) => json!(board_model::time::format_millis(t.timestamp_millis())),
                     other => other.clone().into_relaxed_extjson(),
                 };
                 (k.clone(), j)
@@ -127,7 +127,7 @@ async fn documents_with_only_the_required_fields_answer_alike_on_both_paths() {
     let mut args = env.serve_args();
     args.redis.redis_url = format!("redis://127.0.0.1:{}", free_port());
     let mongodb_only = env.serve_with(args).await;
-    let snap = pipeline_board::mongo::load_org(&db, &org).await.unwrap();
+    let snap = board_mongo::load_org(&db, &org).await.unwrap();
     let tk = token(&org, &u);
     let now = chrono::Utc::now().timestamp_millis();
     for body in [

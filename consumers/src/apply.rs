@@ -3,10 +3,10 @@
 //! round trip of `FCALL pb_commit` (atomic per org). An org whose commit met a concurrent change
 //! (another projector wrote a value this batch read) is read again and recomputed.
 use crate::batch::{self, Outcome, Slot, Snapshot, Step};
-use board_core::events::Event;
-use board_core::functions::{commit_writes, load_library, Commit, CommitOutcome};
-use board_core::keys::{Generation, KeySpace, OrgKeys};
-use board_core::redis_conn::{ConnectOptions, RedisConn, RedisTarget, Route};
+use board_model::events::Event;
+use board_model::keys::{Generation, KeySpace, OrgKeys};
+use board_redis::functions::{commit_writes, load_library, Commit, CommitOutcome};
+use board_redis::redis_conn::{ConnectOptions, RedisConn, RedisTarget, Route};
 use redis::RedisError;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -215,7 +215,7 @@ impl RedisApplier {
                     let e = next.entry((p.topic, p.partition)).or_insert(0);
                     *e = (*e).max(p.offset + 1);
                 }
-                (*org, next.into_iter().map(|((t, p), o)| (crate::progress::field(t, p), o)).collect())
+                (*org, next.into_iter().map(|((t, p), o)| (board_model::offsets::field(t, p), o)).collect())
             })
             .collect();
         let orgs: Vec<&str> = by_org.keys().copied().collect();

@@ -9,11 +9,11 @@
 //! the step again (from scratch: it is pure). Everything it read becomes a guard of the commit,
 //! so a concurrent projector changing one of those values makes the commit a conflict instead of
 //! a lost update.
-use board_core::events::Event;
-use board_core::functions::{Commit, Guard, Write};
-use board_core::keys::OrgKeys;
-use board_core::model::{CardDoc, CardKind, Conversation, Pipeline, User};
-use board_core::record::{index_entries, CardRecord, ContactState, ConversationRecord};
+use board_model::events::Event;
+use board_model::keys::OrgKeys;
+use board_model::model::{CardDoc, CardKind, Conversation, Pipeline, User};
+use board_model::record::{index_entries, CardRecord, ContactState, ConversationRecord};
+use board_redis::functions::{Commit, Guard, Write};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// One field of one Redis hash.

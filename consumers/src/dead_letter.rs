@@ -6,7 +6,7 @@
 //! holding the poison event is retried (its partitions wait, the lag grows, `/readyz` turns 503)
 //! until the dead-letter topic takes records again or the cap is raised.
 use crate::kafka::KafkaConnection;
-use board_core::events::PoisonReason;
+use board_model::events::PoisonReason;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -107,7 +107,7 @@ pub enum ParkError {
 /// Returns once Redis acknowledged it. Two projectors parking at once may pass the cap by the
 /// poison events of one batch each; it bounds memory, not an exact count.
 pub async fn park(
-    redis: &mut board_core::redis_conn::RedisConn,
+    redis: &mut board_redis::redis_conn::RedisConn,
     stream: &str,
     max: u64,
     origin: &Origin<'_>,

@@ -2,7 +2,7 @@
 //! properties the operator passes through (TLS, SASL, client ids, timeouts), so the projector, the
 //! dead-letter producer, the lag probe, `seed` and the benchmarks all reach a secured cluster the
 //! same way (README "Your own clusters").
-use board_core::config::KafkaArgs;
+use crate::config::KafkaArgs;
 use rdkafka::ClientConfig;
 
 #[derive(Debug, Clone, PartialEq)]

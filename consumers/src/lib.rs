@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod batch;
+pub mod config;
 pub mod dead_letter;
 pub mod kafka;
 pub mod progress;

@@ -9,16 +9,17 @@
 //! idempotently.
 use crate::apply::{Position, RedisApplier, Transient};
 use crate::batch::Outcome;
+use crate::config::Topics;
 use crate::dead_letter::{DeadLetters, Origin};
 use crate::kafka::KafkaConnection;
 use crate::progress;
 use crate::rewind;
 use crate::state;
-use board_core::config::Topics;
-use board_core::events::{parse_event_timed, Event, PoisonReason};
-use board_core::functions::{load_library, progress_cmd};
-use board_core::keys::KeySpace;
-use board_core::redis_conn::{query_blocking, RedisTarget};
+use board_model::events::{parse_event_timed, Event, PoisonReason};
+use board_model::keys::KeySpace;
+use board_model::offsets;
+use board_redis::functions::{load_library, progress_cmd};
+use board_redis::redis_conn::{query_blocking, RedisTarget};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
@@ -143,7 +144,7 @@ impl Positions {
         let parts: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         for (topic, partition) in parts {
             let offset = match &held {
-                Some(h) => h.get(&progress::field(&topic, partition)).map(|o| Offset::Offset(*o)).unwrap_or(Offset::Beginning),
+                Some(h) => h.get(&offsets::field(&topic, partition)).map(|o| Offset::Offset(*o)).unwrap_or(Offset::Beginning),
                 None => Offset::Stored,
             };
             let _ = tpl.set_partition_offset(&topic, partition, offset);
@@ -496,7 +497,7 @@ impl LostSignal {
 /// Redis lost the projection: `lost`), and is a building projection whole now?
 fn watch_state_every_second(
     settings: &ProjectorSettings,
-    mut conn: board_core::redis_conn::RedisConn,
+    mut conn: board_redis::redis_conn::RedisConn,
     instance: Arc<std::sync::Mutex<String>>,
     lost: Arc<LostSignal>,
     counters: crate::apply::WriteCounters,
@@ -525,7 +526,7 @@ fn watch_state_every_second(
                 Err(e) => debug!(error = %e, "cluster primaries not checked"),
             }
             let mine = instance.lock().expect("not poisoned").clone();
-            match state::instance(&mut conn, &keys).await {
+            match board_redis::projection::instance(&mut conn, &keys).await {
                 Ok(held) if held.as_deref() != Some(mine.as_str()) => {
                     warn!(held = ?held, mine, "redis no longer holds the projection this projector wrote: starting again");
                     lost.raise();
@@ -551,7 +552,7 @@ fn watch_state_every_second(
                 Err(e) => warn!(error = %e, "write marks not checked: a redis gone back in time is not noticed until they are"),
             }
             match state::check_whole(&mut conn, &keys, &mine, &progress_key).await {
-                Ok(s) => metrics::gauge!("pb_projection_whole").set(if s == state::Status::Whole { 1.0 } else { 0.0 }),
+                Ok(s) => metrics::gauge!("pb_projection_whole").set(if s == board_redis::projection::Status::Whole { 1.0 } else { 0.0 }),
                 Err(e) => debug!(error = %e, "wholeness not checked"),
             }
         }
@@ -563,7 +564,7 @@ fn watch_state_every_second(
 /// projection a new building instance (`state::restart_after_rewind`). true: the projection was
 /// restarted (the caller re-seeks to what Redis holds).
 async fn check_rewind(
-    conn: &mut board_core::redis_conn::RedisConn,
+    conn: &mut board_redis::redis_conn::RedisConn,
     settings: &ProjectorSettings,
     marks: &mut rewind::WriteMarks,
     counters: &crate::apply::WriteCounters,
@@ -588,7 +589,7 @@ async fn check_rewind(
 /// offsets (restored with their data; no commit of this process landed on them since, the
 /// `min_writes` guard refuses it) and a new building instance. true: restarted.
 async fn restart_if_counters_went_back(
-    conn: &mut board_core::redis_conn::RedisConn,
+    conn: &mut board_redis::redis_conn::RedisConn,
     settings: &ProjectorSettings,
     counters: &crate::apply::WriteCounters,
     mine: &str,
@@ -616,7 +617,7 @@ async fn restart_if_counters_went_back(
 }
 
 async fn restart_after_rewind(
-    conn: &mut board_core::redis_conn::RedisConn,
+    conn: &mut board_redis::redis_conn::RedisConn,
     settings: &ProjectorSettings,
     mine: &str,
     what: &str,
@@ -647,8 +648,8 @@ fn record_freshness(batch: &[Parsed]) {
 /// projection is there (its records would be misread and left behind). Model 1 wrote no marker:
 /// its trace is a progress hash of the group without one. A projection a heal made again
 /// carries the marker (`state::ensure` writes it with the new state).
-async fn check_model(conn: &mut board_core::redis_conn::RedisConn, keys: &KeySpace, group: &str) -> anyhow::Result<()> {
-    use board_core::keys::MODEL_VERSION;
+async fn check_model(conn: &mut board_redis::redis_conn::RedisConn, keys: &KeySpace, group: &str) -> anyhow::Result<()> {
+    use board_model::keys::MODEL_VERSION;
     let key = keys.model();
     let found: Option<String> = conn.get(&key).await?;
     let legacy: Option<String> = match found {
@@ -682,7 +683,7 @@ impl Drop for AbortOnDrop {
 
 /// Keeps the partitions' ends in Redis, every second while the projector runs, so the API reads
 /// the projection's lag without a Kafka client.
-fn publish_ends_every_second(settings: &ProjectorSettings, mut conn: board_core::redis_conn::RedisConn) -> tokio::task::JoinHandle<()> {
+fn publish_ends_every_second(settings: &ProjectorSettings, mut conn: board_redis::redis_conn::RedisConn) -> tokio::task::JoinHandle<()> {
     let (kafka, topics, key) = (settings.kafka.clone(), settings.topics.inputs(), settings.keys.partition_ends(&settings.group_id));
     tokio::spawn(async move {
         loop {
@@ -695,7 +696,7 @@ fn publish_ends_every_second(settings: &ProjectorSettings, mut conn: board_core:
 }
 
 /// Resolves once every input partition is applied to its end; never, unless asked for.
-async fn caught_up_watch(settings: &ProjectorSettings, mut conn: board_core::redis_conn::RedisConn, progress_key: String) {
+async fn caught_up_watch(settings: &ProjectorSettings, mut conn: board_redis::redis_conn::RedisConn, progress_key: String) {
     if !settings.exit_when_caught_up {
         return std::future::pending().await;
     }
@@ -821,13 +822,13 @@ pub(crate) fn next_offsets(batch: &[Parsed]) -> BTreeMap<(&str, i32), i64> {
 async fn store_offsets(
     consumer: &StreamConsumer<ProjectorContext>,
     batch: &[Parsed],
-    redis: &mut board_core::redis_conn::RedisConn,
+    redis: &mut board_redis::redis_conn::RedisConn,
     keys: &KeySpace,
     progress_key: &str,
     instance: &str,
 ) -> bool {
     let next = next_offsets(batch);
-    let fields: Vec<(String, i64)> = next.iter().map(|((t, p), o)| (progress::field(t, *p), *o)).collect();
+    let fields: Vec<(String, i64)> = next.iter().map(|((t, p), o)| (offsets::field(t, *p), *o)).collect();
     // Retried a few times (about 3 s): the batch is applied, so its progress should be recorded,
     // or the loss of the projection learnt. If Redis stays unreachable the record is skipped: a
     // later batch records these partitions, and until then a restart re-reads them (idempotent).

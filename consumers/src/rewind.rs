@@ -19,8 +19,9 @@
 //! node, `{meta}` included) and in `{meta}` (a projector started later notices a rewind of
 //! another shard; on a single server `{meta}` goes back with the mark, and then Redis' own
 //! progress is consistent with its data anyway).
-use board_core::keys::KeySpace;
-use board_core::redis_conn::RedisConn;
+use board_model::keys::KeySpace;
+use board_redis::redis_conn::RedisConn;
+use board_redis::LiveOrg;
 use redis::AsyncCommands;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;

@@ -9,44 +9,12 @@
 //! beginnings) and the API answers from MongoDB until the projection is whole again.
 use crate::kafka::KafkaConnection;
 use crate::progress;
-use board_core::keys::KeySpace;
-use board_core::redis_conn::RedisConn;
+use board_model::keys::KeySpace;
+use board_model::offsets;
+use board_redis::projection::{instance, status, Status};
+use board_redis::redis_conn::RedisConn;
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
-
-/// What the state hash says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    /// No projection at all (never built, or Redis lost it and no projector noticed yet).
-    Missing,
-    /// Started from nothing and not yet applied up to the target.
-    Building,
-    Whole,
-}
-
-impl Status {
-    pub fn name(self) -> &'static str {
-        match self {
-            Status::Missing => "missing",
-            Status::Building => "building",
-            Status::Whole => "whole",
-        }
-    }
-}
-
-pub async fn status(conn: &mut RedisConn, keys: &KeySpace) -> redis::RedisResult<Status> {
-    let (instance, status): (Option<String>, Option<String>) =
-        redis::cmd("HMGET").arg(keys.state()).arg("instance").arg("status").query_async(conn).await?;
-    Ok(match (instance, status.as_deref()) {
-        (None, _) => Status::Missing,
-        (Some(_), Some("whole")) => Status::Whole,
-        (Some(_), _) => Status::Building,
-    })
-}
-
-pub async fn instance(conn: &mut RedisConn, keys: &KeySpace) -> redis::RedisResult<Option<String>> {
-    conn.hget(keys.state(), "instance").await
-}
 
 /// Creates the state if Redis has none (status `building`, target = the partitions' ends now);
 /// returns the instance Redis holds afterwards (ours, or the one another projector made first).
@@ -98,14 +66,14 @@ pub async fn ensure(
         .arg(&mine)
         .arg(now)
         .arg(&incomplete)
-        .arg(board_core::keys::MODEL_VERSION);
-    let floors = progress::replay_floors(&ends, &BTreeMap::new());
+        .arg(board_model::keys::MODEL_VERSION);
+    let floors = offsets::replay_floors(&ends, &BTreeMap::new());
     call.arg(floors.len());
     for (field, low) in &floors {
         call.arg(field).arg(*low);
     }
     for ((t, p), (_, end)) in &ends {
-        call.arg(progress::field(t, *p)).arg(*end);
+        call.arg(offsets::field(t, *p)).arg(*end);
     }
     let instance: String = call.invoke_async(conn).await?;
     if instance == mine && !incomplete.is_empty() {
@@ -200,8 +168,8 @@ pub async fn restart_after_rewind(
     // holds) skips events for good: the projection stays `building` and says why, as a start on
     // an empty Redis does, until `rebuild --source mongodb`.
     let starts: BTreeMap<(String, i32), i64> =
-        ends.keys().map(|(t, p)| ((t.clone(), *p), resume.get(&progress::field(t, *p)).copied().unwrap_or(0))).collect();
-    let lost = progress::missing_history(&ends, &starts, true);
+        ends.keys().map(|(t, p)| ((t.clone(), *p), resume.get(&offsets::field(t, *p)).copied().unwrap_or(0))).collect();
+    let lost = offsets::missing_history(&ends, &starts, true);
     let incomplete = if lost.is_empty() {
         String::new()
     } else {
@@ -217,13 +185,13 @@ pub async fn restart_after_rewind(
     for (field, offset) in resume {
         call.arg(field).arg(*offset);
     }
-    let floors = progress::replay_floors(&ends, &starts);
+    let floors = offsets::replay_floors(&ends, &starts);
     call.arg(floors.len());
     for (field, low) in &floors {
         call.arg(field).arg(*low);
     }
     for ((t, p), (_, end)) in &ends {
-        call.arg(progress::field(t, *p)).arg(*end);
+        call.arg(offsets::field(t, *p)).arg(*end);
     }
     let done: i64 = call.invoke_async(conn).await?;
     Ok((done == 1).then_some(new))

@@ -1,15 +1,15 @@
 //! Criterion micro-benchmarks of the hot pure code: event decoding, card record encoding, the
 //! projector's batch step, request parsing, the in-memory index and response rendering.
 //! `cargo bench --bench hot`.
+use board_api::query::board::{plan, AnswerMeta, BoardAnswer, BucketAnswer, CardOut};
+use board_api::query::index::OrgIndex;
+use board_api::query::request::ContactsRequest;
+use board_model::events::{parse_event, Event};
+use board_model::keys::KeySpace;
+use board_model::model::{CardDoc, CardKind, Phone, Pipeline, Stage};
+use board_model::record::{CardRecord, Derived};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use pipeline_board::consumers::batch::{self, Snapshot, Step};
-use pipeline_board::core::events::{parse_event, Event};
-use pipeline_board::core::keys::KeySpace;
-use pipeline_board::core::model::{CardDoc, CardKind, Phone, Pipeline, Stage};
-use pipeline_board::core::record::{CardRecord, Derived};
-use pipeline_board::query::board::{plan, AnswerMeta, BoardAnswer, BucketAnswer, CardOut};
-use pipeline_board::query::index::OrgIndex;
-use pipeline_board::query::request::ContactsRequest;
+use projector::batch::{self, Snapshot, Step};
 use std::time::{Duration, Instant};
 
 fn oid(n: u64) -> String {

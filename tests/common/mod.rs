@@ -4,12 +4,13 @@
 #![allow(dead_code)]
 pub mod events;
 pub mod oracle;
-use pipeline_board::consumers::progress::{self, Lag};
-use pipeline_board::consumers::{KafkaConnection, ProjectorSettings, RunCounters};
-use pipeline_board::core::config::Topics;
-use pipeline_board::core::keys::KeySpace;
-use pipeline_board::seed::{SeedArgs, SeedReport};
-use pipeline_board::verify::DriftReport;
+use board_model::keys::KeySpace;
+use board_model::offsets::Lag;
+use board_ops::seed::{SeedArgs, SeedReport};
+use board_ops::verify::DriftReport;
+use projector::config::Topics;
+use projector::progress;
+use projector::{KafkaConnection, ProjectorSettings, RunCounters};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -25,7 +26,8 @@ pub fn env_or(name: &str, default: &str) -> String {
 
 pub fn init_logs() {
     if std::env::var("TEST_LOG").is_ok() {
-        pipeline_board::core::telemetry::init("text");
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rdkafka=warn".into());
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     }
 }
 
@@ -126,7 +128,7 @@ impl TestEnv {
         let (tx, rx) = oneshot::channel::<()>();
         let c = counters.clone();
         let handle = tokio::spawn(async move {
-            pipeline_board::consumers::run(settings, c, async move {
+            projector::run(settings, c, async move {
                 let _ = rx.await;
             })
             .await
@@ -135,7 +137,7 @@ impl TestEnv {
     }
 
     pub async fn seed(&self, args: SeedArgs) -> SeedReport {
-        pipeline_board::seed::run(&args, &self.kafka(), &self.topics, &self.mongo_uri, &self.mongo_db).await.expect("seed")
+        board_ops::seed::run(&args, &self.kafka(), &self.topics, &self.mongo_uri, &self.mongo_db).await.expect("seed")
     }
 
     /// Seeds, projects the events with one projector until caught up, and stops it gracefully.
@@ -147,12 +149,12 @@ impl TestEnv {
         seeded
     }
 
-    pub async fn redis(&self) -> pipeline_board::core::redis_conn::RedisConn {
-        pipeline_board::core::config::redis_connection(&self.redis_url).await.expect("redis")
+    pub async fn redis(&self) -> board_redis::redis_conn::RedisConn {
+        board_redis::config::redis_connection(&self.redis_url).await.expect("redis")
     }
 
     pub async fn mongo(&self) -> mongodb::Database {
-        pipeline_board::mongo::connect(&self.mongo_uri, &self.mongo_db).await.expect("mongo")
+        board_mongo::connect(&self.mongo_uri, &self.mongo_db).await.expect("mongo")
     }
 
     pub async fn lag(&self) -> Lag {
@@ -165,8 +167,8 @@ impl TestEnv {
         let deadline = Instant::now() + within;
         loop {
             let lag = self.lag().await;
-            let status = pipeline_board::consumers::state::status(&mut self.redis().await, &self.keys).await.expect("state");
-            if lag.total() == 0 && lag.applied() > 0 && status == pipeline_board::consumers::state::Status::Whole {
+            let status = board_redis::projection::status(&mut self.redis().await, &self.keys).await.expect("state");
+            if lag.total() == 0 && lag.applied() > 0 && status == board_redis::projection::Status::Whole {
                 return lag;
             }
             assert!(Instant::now() < deadline, "projection not caught up within {within:?}: {lag:?}");
@@ -177,7 +179,7 @@ impl TestEnv {
     pub async fn verify(&self, orgs: &[String]) -> DriftReport {
         let mut conn = self.redis().await;
         let db = self.mongo().await;
-        pipeline_board::verify::verify(&mut conn, &self.keys, &db, orgs).await.expect("verify")
+        board_ops::verify::verify(&mut conn, &self.keys, &db, orgs).await.expect("verify")
     }
 
     pub fn producer(&self) -> FutureProducer {
@@ -275,31 +277,32 @@ pub fn small_seed(orgs: usize, contacts: usize, seed: u64) -> SeedArgs {
 pub const JWT_SECRET: &str = "test-secret-of-sufficient-length";
 
 impl TestEnv {
-    pub fn serve_args(&self) -> pipeline_board::api::ServeArgs {
-        use pipeline_board::core::config::{MongoArgs, RedisArgs};
-        pipeline_board::api::ServeArgs {
+    pub fn serve_args(&self) -> board_api::http::ServeArgs {
+        use board_mongo::MongoArgs;
+        use board_redis::config::RedisArgs;
+        board_api::http::ServeArgs {
             listen_addr: "127.0.0.1:0".into(),
             metrics_addr: None,
-            auth: pipeline_board::api::auth::AuthArgs::hs256(JWT_SECRET),
+            auth: board_api::http::auth::AuthArgs::hs256(JWT_SECRET),
             redis: RedisArgs { redis_url: self.redis_url.clone(), redis_cluster: false, redis_prefix: self.keys.prefix().to_string() },
             mongo: MongoArgs { mongodb_uri: self.mongo_uri.clone(), mongodb_db: self.mongo_db.clone() },
             group_id: self.group.clone(),
             request_timeout_ms: 30_000,
             index_deadline_ms: 10_000,
             health_interval_ms: 200,
-            mongodb_path_max_ids: pipeline_board::query::mongo_path::DEFAULT_MAX_IDS,
+            mongodb_path_max_ids: board_api::query::mongo_path::DEFAULT_MAX_IDS,
             lag_interval_ms: 1_000,
             ready_max_lag: 10_000,
             ready_max_ends_age_ms: 10_000,
             demo_signin: false,
             demo_signin_anywhere: false,
-            redis_read_from: pipeline_board::api::ReadFrom::Primary,
+            redis_read_from: board_api::http::ReadFrom::Primary,
         }
     }
 
     /// Starts the API in-process on port 0; returns its base URL. It stops with the test runtime.
-    pub async fn serve_with(&self, args: pipeline_board::api::ServeArgs) -> String {
-        let app = pipeline_board::api::Application::build(&args).await.expect("app builds");
+    pub async fn serve_with(&self, args: board_api::http::ServeArgs) -> String {
+        let app = board_api::http::Application::build(&args).await.expect("app builds");
         let url = format!("http://{}", app.local_addr());
         tokio::spawn(app.run(std::future::pending()));
         url
@@ -307,7 +310,7 @@ impl TestEnv {
 }
 
 pub fn token(org: &str, user: &str) -> String {
-    pipeline_board::api::auth::sign_hs256(JWT_SECRET.as_bytes(), user, org, 3600)
+    board_api::http::auth::sign_hs256(JWT_SECRET.as_bytes(), user, org, 3600)
 }
 
 pub fn free_port() -> u16 {
@@ -455,7 +458,7 @@ impl OwnFerretDb {
         eventually(Duration::from_secs(30), "own ferretdb answers a ping", || {
             let uri = uri.clone();
             async move {
-                match pipeline_board::mongo::connect(&uri, "admin").await {
+                match board_mongo::connect(&uri, "admin").await {
                     Ok(db) => db.run_command(bson::doc! {"ping": 1}).await.is_ok(),
                     Err(_) => false,
                 }
@@ -642,7 +645,7 @@ pub fn primary_of(node: &mut redis::Connection, key: &str) -> (u16, u16) {
 pub fn serving_primary(node: &mut redis::Connection, key: &str) -> Option<(u16, u16)> {
     let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(node).ok()?;
     let shards: redis::Value = redis::cmd("CLUSTER").arg("SHARDS").query(node).ok()?;
-    let nodes = pipeline_board::core::redis_conn::cluster_nodes(&shards).ok()?;
+    let nodes = board_redis::redis_conn::cluster_nodes(&shards).ok()?;
     let owner = nodes.iter().find(|n| n.primary && n.healthy && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))?;
     Some((owner.port, slot))
 }
@@ -658,9 +661,9 @@ pub async fn env_with_own_cluster(name: &str) -> (TestEnv, OwnCluster) {
 /// The MongoDB path's answer to `body` for `user` of `org` as the API renders it, without `meta`
 /// (what a client's last board is compared with).
 pub async fn mongodb_answer(db: &mongodb::Database, org: &str, user: &str, body: &str) -> serde_json::Value {
-    use pipeline_board::query::board::AnswerMeta;
-    let query = pipeline_board::query::request::ContactsRequest::parse(body.as_bytes()).unwrap().into_query().expect("valid request");
-    let reader = pipeline_board::query::mongo_path::MongoReader::new(db.clone(), pipeline_board::query::mongo_path::DEFAULT_MAX_IDS);
+    use board_api::query::board::AnswerMeta;
+    let query = board_api::query::request::ContactsRequest::parse(body.as_bytes()).unwrap().into_query().expect("valid request");
+    let reader = board_api::query::mongo_path::MongoReader::new(db.clone(), board_api::query::mongo_path::DEFAULT_MAX_IDS);
     let a = reader.answer(org, user, &query, chrono::Utc::now().timestamp_millis()).await.expect("mongodb answers");
     let meta = AnswerMeta { answered_by: "mongodb", route: None, reason: None, projection_lag: None, replica_staleness_ms: None };
     let mut v: serde_json::Value = serde_json::from_slice(&a.to_json_bytes(&meta)).unwrap();

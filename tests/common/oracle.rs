@@ -2,8 +2,8 @@
 //! memory, straight from the request's JSON and the org's documents, with none of the service's
 //! code (no request parser, no `board::plan`, no key model, no case-folding helper). The
 //! differential test compares both service paths with it, so a bug they share shows up.
-use pipeline_board::core::model::{CardDoc, Pipeline, Stage};
-use pipeline_board::mongo::OrgSnapshot;
+use board_model::model::{CardDoc, Pipeline, Stage};
+use board_mongo::OrgSnapshot;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
 
@@ -77,7 +77,7 @@ pub fn answer(snap: &OrgSnapshot, user: &str, body: &Value, now: i64) -> Result<
             messages.entry(cid).or_default().push(at);
         }
     }
-    let date = |v: Option<&Value>| v.and_then(Value::as_str).and_then(pipeline_board::core::time::parse_rfc3339);
+    let date = |v: Option<&Value>| v.and_then(Value::as_str).and_then(board_model::time::parse_rfc3339);
     let range = |k: &str| get(k).map(|r| (date(r.get("start")), date(r.get("end"))));
     let created = if get("createdDateRange").is_some() { range("createdDateRange") } else { range("dateRange") };
     let ids = |k: &str| -> Option<BTreeSet<String>> {

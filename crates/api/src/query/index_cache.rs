@@ -1,0 +1,406 @@
+//! Keeps one `OrgIndex` per org in the API's memory, current with the projection: loaded from the
+//! card records on the first board that needs it, then brought up to date before each such board
+//! from the org's change stream (`K:changes`, written by the same atomic commit as the records).
+//! A reader that fell further behind than the stream keeps (`max-deleted-entry-id` past its
+//! position, before or while it catches up), that finds the stream behind its position (Redis
+//! went back in time, or the stream was made again) or that sees the projection's instance
+//! change (a heal after Redis lost it) reloads the org.
+use super::index::OrgIndex;
+use arc_swap::ArcSwap;
+use board_model::keys::OrgKeys;
+use board_model::model::CardKind;
+use board_model::record::CardRecord;
+use board_redis::redis_conn::RedisConn;
+use redis::{RedisError, Value};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tracing::info;
+
+/// One org's index and the lock that serializes its loading and catching up.
+///
+/// Who waits for whom: an index walk (a board) holds a read lock of the index it started on, on
+/// a blocking thread; a catch-up takes the write lock on a blocking thread too, so an async
+/// worker never waits for a walk; a load swaps in a new index without waiting for the walks of
+/// the old one (they finish on it); the sweeper reads only atomics.
+#[derive(Default)]
+pub struct OrgSlot {
+    sync: tokio::sync::Mutex<bool>,
+    index: ArcSwap<RwLock<OrgIndex>>,
+    /// Cards in the index (the sweeper's metrics read this, never the index's lock).
+    cards: AtomicUsize,
+    /// Unix seconds of the last board that used it (idle indexes are dropped).
+    last_used: AtomicI64,
+    /// A load of the org's new generation (after a rebuild's switch) is under way.
+    switching: AtomicBool,
+}
+
+impl OrgSlot {
+    /// The current index; a board walks it under its read lock, on a blocking thread.
+    pub fn index(&self) -> Arc<RwLock<OrgIndex>> {
+        self.index.load_full()
+    }
+
+    /// Puts a newly loaded index in place: boards that started on the old one finish on it.
+    fn replace(&self, index: OrgIndex) {
+        self.cards.store(index.len(), Ordering::Relaxed);
+        self.index.store(Arc::new(RwLock::new(index)));
+    }
+
+    /// The index's position in the change stream and its generation. Called under `sync`, which
+    /// every writer holds too: no writer waits, so this read lock is never waited for.
+    fn position(&self) -> (String, String) {
+        let index = self.index.load();
+        let index = index.read().expect("not poisoned");
+        (index.stream_id.clone(), index.base.clone())
+    }
+}
+
+/// An org's index is dropped after this long without an index board: the API's memory follows
+/// the orgs being worked on, and a dropped org is loaded again on its next index board.
+pub const INDEX_IDLE: Duration = Duration::from_secs(600);
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
+}
+
+#[derive(Clone)]
+pub struct IndexCache {
+    conn: RedisConn,
+    orgs: Arc<Mutex<HashMap<String, Arc<OrgSlot>>>>,
+    sweeper: Arc<Mutex<bool>>,
+    /// The projection instance the indexes were loaded under (`observe_instance`).
+    instance: Arc<RwLock<Option<String>>>,
+}
+
+/// What an org's index needs before it answers a board.
+#[derive(Debug, PartialEq, Eq)]
+enum Freshen {
+    /// Up to date.
+    Nothing,
+    /// Read the change stream from the index's position to its end.
+    CatchUp,
+    /// Load the org again: never loaded, another generation, or the stream lost entries the
+    /// index did not read (trimmed past its position) or went back behind it.
+    Load,
+}
+
+/// `at`: the index's position in the change stream; `last`, `max_deleted`: the stream's.
+fn freshen(loaded: bool, same_generation: bool, at: &str, last: &str, max_deleted: &str) -> Freshen {
+    let (at, last, max_deleted) = (stream_pos(at), stream_pos(last), stream_pos(max_deleted));
+    if !loaded || !same_generation || at < max_deleted || last < at {
+        Freshen::Load
+    } else if at != last {
+        Freshen::CatchUp
+    } else {
+        Freshen::Nothing
+    }
+}
+
+/// Card records as HSCAN returns them: (id, bincode).
+type RecordChunk = Vec<(String, Vec<u8>)>;
+
+/// A stream id `ms-seq` as a comparable pair.
+fn stream_pos(id: &str) -> (u64, u64) {
+    let (a, b) = id.split_once('-').unwrap_or((id, "0"));
+    (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// `XINFO STREAM`: (last-generated-id, max-deleted-entry-id); ("0-0", "0-0") when the stream
+/// does not exist yet.
+async fn stream_state(conn: &mut RedisConn, key: &str) -> Result<(String, String), RedisError> {
+    let reply: Result<Value, RedisError> = redis::cmd("XINFO").arg("STREAM").arg(key).query_async(conn).await;
+    let fields: Vec<(String, Value)> = match reply {
+        Ok(Value::Array(items)) => items.chunks(2).filter_map(|c| Some((text(&c[0])?, c.get(1)?.clone()))).collect(),
+        Ok(Value::Map(items)) => items.into_iter().filter_map(|(k, v)| Some((text(&k)?, v))).collect(),
+        Ok(_) => Vec::new(),
+        Err(e) if e.to_string().contains("no such key") => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let get = |name: &str| fields.iter().find(|(k, _)| k == name).and_then(|(_, v)| text(v)).unwrap_or_else(|| "0-0".into());
+    Ok((get("last-generated-id"), get("max-deleted-entry-id")))
+}
+
+impl IndexCache {
+    pub fn new(conn: RedisConn) -> Self {
+        IndexCache { conn, orgs: Arc::default(), sweeper: Arc::default(), instance: Arc::default() }
+    }
+
+    /// Every request reads the projection's instance before its index: when it changes (Redis
+    /// lost the projection and a projector made it again) every index is dropped, to be loaded
+    /// from the new instance's records, whatever their stream positions say.
+    pub fn observe_instance(&self, instance: &str) {
+        if self.instance.read().expect("not poisoned").as_deref() == Some(instance) {
+            return;
+        }
+        let previous = self.instance.write().expect("not poisoned").replace(instance.to_string());
+        if previous.is_some_and(|p| p != instance) {
+            let dropped = {
+                let mut orgs = self.orgs.lock().expect("not poisoned");
+                let n = orgs.len();
+                orgs.clear();
+                n
+            };
+            metrics::counter!("pb_index_instance_changes_total").increment(1);
+            info!(instance, dropped, "the projection's instance changed; in-memory indexes dropped");
+        }
+    }
+
+    /// Whether the org's index is being replaced by its new generation's (until then index
+    /// boards are answered from the generation the org left).
+    pub fn is_switching(&self, org: &str) -> bool {
+        self.orgs.lock().expect("not poisoned").get(org).is_some_and(|s| s.switching.load(Ordering::Relaxed))
+    }
+
+    /// The org's index slot, when it has one (tests hold its walk lock; nothing else needs it).
+    pub fn slot(&self, org: &str) -> Option<Arc<OrgSlot>> {
+        self.orgs.lock().expect("not poisoned").get(org).cloned()
+    }
+
+    /// Drops the indexes of orgs idle for longer than `idle`; reports what stays as metrics.
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        let cutoff = unix_now() - idle.as_secs() as i64;
+        // Under the map's lock only atomics are read: never a slot's lock (a walk may hold it).
+        let mut orgs = self.orgs.lock().expect("not poisoned");
+        let before = orgs.len();
+        orgs.retain(|_, slot| slot.last_used.load(Ordering::Relaxed) > cutoff);
+        let cards: usize = orgs.values().map(|s| s.cards.load(Ordering::Relaxed)).sum();
+        metrics::gauge!("pb_index_orgs").set(orgs.len() as f64);
+        metrics::gauge!("pb_index_cards").set(cards as f64);
+        before - orgs.len()
+    }
+
+    /// Starts, once, the task that evicts idle indexes every minute.
+    fn start_sweeper(&self) {
+        let mut started = self.sweeper.lock().expect("not poisoned");
+        if *started {
+            return;
+        }
+        *started = true;
+        let cache = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let evicted = cache.evict_idle(INDEX_IDLE);
+                if evicted > 0 {
+                    info!(evicted, "idle in-memory indexes dropped");
+                }
+            }
+        });
+    }
+
+    /// The org's index, current with everything committed before this call. The work runs in a
+    /// task of its own: a request that gives up (its deadline) does not cancel a load that the
+    /// next requests of the org will need.
+    pub async fn current(&self, org: &str, keys: &OrgKeys) -> Result<Arc<OrgSlot>, RedisError> {
+        let (cache, org, keys) = (self.clone(), org.to_string(), keys.clone());
+        tokio::spawn(async move { cache.current_here(&org, &keys).await })
+            .await
+            .map_err(|e| RedisError::from(std::io::Error::other(format!("index task: {e}"))))?
+    }
+
+    /// `keys`: the generation the request reads; an index of another generation (a rebuild
+    /// switched the org) is loaded again.
+    async fn current_here(&self, org: &str, keys: &OrgKeys) -> Result<Arc<OrgSlot>, RedisError> {
+        self.start_sweeper();
+        let slot = self.orgs.lock().expect("not poisoned").entry(org.to_string()).or_default().clone();
+        slot.last_used.store(unix_now(), Ordering::Relaxed);
+        let mut loaded = slot.sync.lock().await;
+        let mut conn = self.conn.clone();
+        let (last, max_deleted) = stream_state(&mut conn, &keys.changes()).await?;
+        let (at, base) = slot.position();
+        if *loaded && base != keys.base {
+            // A rebuild switched the org. Loading a large org takes seconds: meanwhile the boards
+            // are answered from the index of the generation it left (whole, as of the switch),
+            // and the new one replaces it once loaded.
+            if !slot.switching.swap(true, Ordering::Relaxed) {
+                let (cache, slot, keys, org) = (self.clone(), slot.clone(), keys.clone(), org.to_string());
+                tokio::spawn(async move {
+                    match cache.load(&keys, last).await {
+                        Ok(mut index) => {
+                            index.base = keys.base.clone();
+                            let _guard = slot.sync.lock().await;
+                            info!(org, cards = index.len(), generation_keys = %keys.base, "in-memory index loaded for the new generation");
+                            slot.replace(index);
+                        }
+                        Err(e) => tracing::warn!(org, error = %e, "index of the new generation not loaded; the next board tries again"),
+                    }
+                    slot.switching.store(false, Ordering::Relaxed);
+                });
+            }
+        } else {
+            let mut action = freshen(*loaded, base == keys.base, &at, &last, &max_deleted);
+            if action == Freshen::CatchUp && !self.catch_up(keys, &slot, &at, &last).await? {
+                action = Freshen::Load;
+            }
+            if action == Freshen::Load {
+                let mut index = self.load(keys, last).await?;
+                index.base = keys.base.clone();
+                info!(org, cards = index.len(), "in-memory index loaded");
+                slot.replace(index);
+                *loaded = true;
+            }
+        }
+        drop(loaded);
+        Ok(slot)
+    }
+
+    async fn load(&self, keys: &OrgKeys, stream_id: String) -> Result<OrgIndex, RedisError> {
+        let mut conn = self.conn.clone();
+        let mut raw: Vec<(CardKind, RecordChunk)> = Vec::new();
+        for kind in [CardKind::Contact, CardKind::Application] {
+            let mut cursor = 0u64;
+            loop {
+                let (next, chunk): (u64, Vec<(String, Vec<u8>)>) =
+                    redis::cmd("HSCAN").arg(keys.cards(kind)).arg(cursor).arg("COUNT").arg(2000).query_async(&mut conn).await?;
+                raw.push((kind, chunk));
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        let users: Vec<(String, String)> = redis::cmd("HGETALL").arg(keys.users()).query_async(&mut conn).await?;
+        // Decoding a large org is CPU work: keep it off the async workers.
+        let built = tokio::task::spawn_blocking(move || {
+            let mut index = OrgIndex::new(stream_id);
+            index.start_load();
+            index.set_users(users.into_iter().map(|(u, t)| (u, serde_json::from_str(&t).unwrap_or_default())));
+            for (kind, chunk) in raw {
+                for (id, bytes) in chunk {
+                    index.put(kind, &id, CardRecord::decode(&bytes).ok().as_ref());
+                }
+            }
+            index.finish_load();
+            index
+        })
+        .await;
+        built.map_err(|e| RedisError::from(std::io::Error::other(format!("index load: {e}"))))
+    }
+
+    /// Applies the stream's entries after `from` up to `to`; false (nothing applied) when the
+    /// stream was trimmed past `from` while its pages were read: an entry may have gone unread.
+    async fn catch_up(&self, keys: &OrgKeys, slot: &OrgSlot, from: &str, to: &str) -> Result<bool, RedisError> {
+        let mut conn = self.conn.clone();
+        let mut cards: BTreeSet<(CardKind, String)> = BTreeSet::new();
+        let mut users: BTreeSet<String> = BTreeSet::new();
+        let mut at = from.to_string();
+        while stream_pos(&at) < stream_pos(to) {
+            let entries: Vec<(String, Vec<(String, String)>)> = {
+                let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                    .arg(keys.changes())
+                    .arg(format!("({at}"))
+                    .arg(to)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await?;
+                reply
+                    .ids
+                    .into_iter()
+                    .map(|e| {
+                        let fields = e.map.iter().filter_map(|(k, v)| Some((k.clone(), text(v)?))).collect();
+                        (e.id, fields)
+                    })
+                    .collect()
+            };
+            let Some((last, _)) = entries.last() else { break };
+            at = last.clone();
+            for (_, fields) in entries {
+                for (_, ids) in fields {
+                    for line in ids.lines() {
+                        match line.split_once(':') {
+                            Some(("c", id)) => cards.insert((CardKind::Contact, id.to_string())),
+                            Some(("a", id)) => cards.insert((CardKind::Application, id.to_string())),
+                            Some(("u", id)) => users.insert(id.to_string()),
+                            _ => false,
+                        };
+                    }
+                }
+            }
+        }
+        let (_, max_deleted) = stream_state(&mut conn, &keys.changes()).await?;
+        if stream_pos(from) < stream_pos(&max_deleted) {
+            return Ok(false);
+        }
+        // The current records of what changed: one HMGET per hash, in one round trip.
+        let ids_of = |kind: CardKind| cards.iter().filter(|(k, _)| *k == kind).map(|(_, id)| id.clone()).collect::<Vec<_>>();
+        let groups = [
+            (Some(CardKind::Contact), keys.cards(CardKind::Contact), ids_of(CardKind::Contact)),
+            (Some(CardKind::Application), keys.cards(CardKind::Application), ids_of(CardKind::Application)),
+            (None, keys.users(), users.into_iter().collect()),
+        ];
+        let asked: Vec<&(Option<CardKind>, String, Vec<String>)> = groups.iter().filter(|g| !g.2.is_empty()).collect();
+        let mut pipe = redis::pipe();
+        for (_, key, fields) in &asked {
+            pipe.cmd("HMGET").arg(key).arg(fields);
+        }
+        let replies: Vec<Vec<Option<Vec<u8>>>> = if asked.is_empty() { Vec::new() } else { pipe.query_async(&mut conn).await? };
+        let changed: Vec<(Option<CardKind>, Vec<String>)> = asked.into_iter().map(|(kind, _, ids)| (*kind, ids.clone())).collect();
+        // The write lock waits for the walks in flight: on a blocking thread, not an async worker.
+        let index = slot.index();
+        let cards = tokio::task::spawn_blocking(move || {
+            let mut index = index.write().expect("not poisoned");
+            for ((kind, ids), values) in changed.into_iter().zip(replies) {
+                for (id, v) in ids.iter().zip(values) {
+                    match kind {
+                        Some(kind) => index.put(kind, id, v.and_then(|b| CardRecord::decode(&b).ok()).as_ref()),
+                        None => index.set_user(id.clone(), v.and_then(|b| serde_json::from_slice(&b).ok())),
+                    }
+                }
+            }
+            index.stream_id = at;
+            index.len()
+        })
+        .await
+        .map_err(|e| RedisError::from(std::io::Error::other(format!("index catch-up: {e}"))))?;
+        slot.cards.store(cards, Ordering::Relaxed);
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{freshen, Freshen, OrgIndex, OrgSlot};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A walk in flight holds the old index's read lock; a load puts the new index in place
+    /// without waiting for it, and the sweeper's figures need no lock at all.
+    #[test]
+    fn a_new_index_goes_in_while_a_walk_holds_the_old_one() {
+        let slot = Arc::new(OrgSlot::default());
+        let old = slot.index();
+        let walk = old.read().unwrap();
+        let (done, swapped) = std::sync::mpsc::channel();
+        let s = slot.clone();
+        std::thread::spawn(move || {
+            s.replace(OrgIndex::new("7-0".into()));
+            done.send(s.position().0).unwrap();
+        });
+        let position = swapped.recv_timeout(Duration::from_secs(30)).expect("the swap did not wait for the walk");
+        assert_eq!(position, "7-0");
+        assert_eq!(walk.stream_id, "", "the walk goes on over the index it started on");
+    }
+
+    #[test]
+    fn an_index_is_caught_up_only_from_a_stream_that_still_holds_its_position() {
+        assert_eq!(freshen(true, true, "5-0", "5-0", "0-0"), Freshen::Nothing);
+        assert_eq!(freshen(true, true, "5-0", "9-1", "0-0"), Freshen::CatchUp);
+        assert_eq!(freshen(true, true, "5-0", "9-1", "5-0"), Freshen::CatchUp, "deleted up to its position: nothing unread lost");
+        assert_eq!(freshen(false, true, "0-0", "9-1", "0-0"), Freshen::Load, "never loaded");
+        assert_eq!(freshen(true, false, "5-0", "9-1", "0-0"), Freshen::Load, "another generation");
+        assert_eq!(freshen(true, true, "5-0", "9-1", "6-0"), Freshen::Load, "trimmed past its position");
+        assert_eq!(freshen(true, true, "5-0", "4-9", "0-0"), Freshen::Load, "the stream went back (an older state reloaded)");
+        assert_eq!(freshen(true, true, "5-0", "0-0", "0-0"), Freshen::Load, "the stream is gone");
+    }
+}

@@ -1,0 +1,509 @@
+//! The projection path. A board whose filters are any of none, one person (`my`, one owner, a
+//! user id), `unanswered` and a created range is read natively from the sorted sets: per raw
+//! stage key one count and one range read, pipelined in one round trip, then the page's card
+//! records with one `HMGET` — Redis work proportional to the page, never to the matches. Every
+//! other board is answered by the in-memory index (`index.rs`) off Redis' thread, under a
+//! deadline; the page's records still come from Redis.
+use super::board::{self, BoardAnswer, BoardPlan, BucketAnswer, CardOut};
+use super::error::ApiError;
+use super::index::{IndexBucket, IndexError};
+use super::index_cache::IndexCache;
+use super::request::{BoardQuery, MessageStatus, OwnerScope};
+use board_model::keys::{Generation, KeySpace, OrgKeys};
+use board_model::model::{CardKind, Pipeline};
+use board_model::record::CardRecord;
+use board_model::time::Millis;
+use board_redis::redis_conn::RedisConn;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Why the projection did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// The request itself is wrong (404 and friends): MongoDB would say the same.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The projection has nothing for this org yet: ask MongoDB.
+    #[error("the projection has no data for this org yet")]
+    NotBuilt,
+    /// The projection is not whole (Redis lost it, or it is being built from nothing): ask
+    /// MongoDB. The reason goes to `meta.reason`.
+    #[error("the projection is not whole: {0}")]
+    NotWhole(&'static str),
+    /// Redis failed: ask MongoDB.
+    #[error("redis: {0}")]
+    Unavailable(String),
+    /// The in-memory index could not finish within its deadline.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+impl From<redis::RedisError> for ProjectionError {
+    fn from(e: redis::RedisError) -> Self {
+        ProjectionError::Unavailable(e.to_string())
+    }
+}
+
+/// From this offset on, a page of a bucket spanning several raw stage sets is selected inside
+/// Redis by `pb_union_page` (work proportional to the page) instead of reading the first
+/// offset + limit of every set and merging them here.
+pub const DEEP_PAGE_OFFSET: u64 = 100;
+
+/// Which sorted set answers a board directly: the filters it can carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetShape {
+    pub person: Option<String>,
+    pub unanswered: bool,
+    /// Score bounds (createdAt): `-inf`/`+inf` when no created range.
+    pub created: Option<(String, String)>,
+}
+
+impl SetShape {
+    /// The shape of `q` if the sorted sets answer it, None if the index must.
+    pub fn of(q: &BoardQuery, user: &str) -> Option<SetShape> {
+        let f = &q.filters;
+        let person = match &f.owner {
+            OwnerScope::All => None,
+            OwnerScope::Mine => Some(user.to_string()),
+            OwnerScope::Users(u) if u.len() == 1 => Some(u[0].clone()),
+            _ => return None,
+        };
+        let unanswered = match f.message_status {
+            MessageStatus::All => false,
+            MessageStatus::Unanswered => true,
+            MessageStatus::Answered => return None,
+        };
+        // The quiet window ("no message since t") holds for every card without messages.
+        let source_applies = f.source.is_some() && q.kind == CardKind::Contact;
+        if f.search.is_some() || f.assignees.is_some() || source_applies || f.bulk_only || f.messaged_in.is_some() {
+            return None;
+        }
+        if f.quiet_for.is_some() && !unanswered {
+            return None;
+        }
+        // "(-inf" leaves out cards without createdAt, which no range matches.
+        let created = f.created.map(|r| {
+            (
+                r.start.map(|s| s.to_string()).unwrap_or_else(|| "(-inf".into()),
+                r.end.map(|e| e.to_string()).unwrap_or_else(|| "+inf".into()),
+            )
+        });
+        Some(SetShape { person, unanswered, created })
+    }
+
+    pub fn key(&self, keys: &OrgKeys, kind: CardKind, rk: &str) -> String {
+        match (&self.person, self.unanswered) {
+            (None, false) => keys.stage(kind, rk),
+            (None, true) => keys.stage_unanswered(kind, rk),
+            (Some(u), false) => keys.stage_person(kind, rk, u),
+            (Some(u), true) => keys.stage_person_unanswered(kind, rk, u),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ProjectionReader {
+    conn: RedisConn,
+    keys: KeySpace,
+    index: IndexCache,
+    index_deadline: Duration,
+    deep_page_offset: u64,
+}
+
+/// Which path of the projection answered a board (for `meta` and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProjectionRoute {
+    SortedSets,
+    Index,
+}
+
+impl ProjectionRoute {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProjectionRoute::SortedSets => "sorted_sets",
+            ProjectionRoute::Index => "index",
+        }
+    }
+}
+
+impl ProjectionReader {
+    pub fn new(conn: RedisConn, keys: KeySpace, index_deadline: Duration) -> Self {
+        ProjectionReader { index: IndexCache::new(conn.clone()), conn, keys, index_deadline, deep_page_offset: DEEP_PAGE_OFFSET }
+    }
+
+    /// Drops the in-memory indexes of orgs without an index board for `idle` (a background task
+    /// does this every minute with `index_cache::INDEX_IDLE`); returns how many.
+    pub fn evict_idle_indexes(&self, idle: Duration) -> usize {
+        self.index.evict_idle(idle)
+    }
+
+    /// Where deep-page selection starts (`DEEP_PAGE_OFFSET`); tests lower it to compare both ways.
+    pub fn with_deep_page_offset(mut self, offset: u64) -> Self {
+        self.deep_page_offset = offset;
+        self
+    }
+
+    /// The org's keys in the generation that holds it now (its pointer; absent: the base one).
+    /// A request resolves this once and reads everything from that generation: a rebuild's
+    /// switch is atomic per org, and the old generation stays readable for its grace period.
+    /// In the same round trip, the projection's state: a request never reads a projection that
+    /// is not whole.
+    pub async fn live_keys(&self, org: &str) -> Result<OrgKeys, ProjectionError> {
+        // Two slots (the org's and `{meta}`): one pipeline on a single server, two requests
+        // sent at once on a cluster.
+        let (pointer_key, state_key) = (self.keys.generation_pointer(org), self.keys.state());
+        let replies: Vec<redis::Value> = self
+            .conn
+            .clone()
+            .query_by_slot(vec![
+                (pointer_key.clone(), redis::cmd("GET").arg(&pointer_key).clone()),
+                (state_key.clone(), redis::cmd("HMGET").arg(&state_key).arg("instance").arg("status").clone()),
+            ])
+            .await?;
+        let (pointer, (instance, status)): (Option<String>, (Option<String>, Option<String>)) =
+            redis::from_redis_value(redis::Value::Array(replies)).map_err(redis::RedisError::from)?;
+        match (instance, status.as_deref()) {
+            (None, _) => return Err(ProjectionError::NotWhole("projection_missing")),
+            (Some(instance), Some("whole")) => self.index.observe_instance(&instance),
+            (Some(_), _) => return Err(ProjectionError::NotWhole("projection_rebuilding")),
+        }
+        let generation = Generation::parse(pointer.as_deref().unwrap_or_default()).ok_or_else(|| bad("generation pointer"))?;
+        Ok(self.keys.org_in(&generation, org))
+    }
+
+    /// The org's in-memory index, when one is loaded.
+    pub fn loaded_index(&self, org: &str) -> Option<std::sync::Arc<super::index_cache::OrgSlot>> {
+        self.index.slot(org)
+    }
+
+    /// A token that changes whenever anything a projection answer of `org` can depend on
+    /// changes — the org's generation, its pipelines, the last change of its cards and users
+    /// (the change stream every commit that touches them appends to) — read in two round trips,
+    /// without computing the answer. None when the projection cannot answer (not whole, not
+    /// built). The caller adds the request and the caller's id; it must not use it for answers
+    /// that depend on the current time (`lastMessageTimeRange`) or on MongoDB.
+    pub async fn change_token(&self, org: &str) -> Result<Option<u64>, ProjectionError> {
+        // Index boards answered from the old generation's index after a switch are not named by
+        // the new generation's token.
+        if self.index.is_switching(org) {
+            return Ok(None);
+        }
+        let keys = match self.live_keys(org).await {
+            Ok(k) => k,
+            Err(ProjectionError::NotWhole(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let (pipelines, token) = self.view_at(&keys, true).await?;
+        Ok(if pipelines.is_empty() { None } else { token })
+    }
+
+    pub async fn pipelines(&self, org: &str) -> Result<Vec<Pipeline>, ProjectionError> {
+        Ok(self.view_at(&self.live_keys(org).await?, false).await?.0)
+    }
+
+    /// The org's pipelines and, if `with_token`, its change token, in one round trip: the token
+    /// hashes the generation's key base, the pipelines as stored and the id of the last entry of
+    /// the change stream (every commit that changes a card or a user appends one).
+    async fn view_at(&self, keys: &OrgKeys, with_token: bool) -> Result<(Vec<Pipeline>, Option<u64>), ProjectionError> {
+        use std::hash::Hasher;
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(keys.pipelines());
+        if with_token {
+            pipe.cmd("XREVRANGE").arg(keys.changes()).arg("+").arg("-").arg("COUNT").arg(1);
+        }
+        let mut replies: Vec<redis::Value> = pipe.query_async(&mut self.conn.clone()).await?;
+        let last: Option<Vec<(String, redis::Value)>> = if with_token { Some(parse_reply(replies.pop())?) } else { None };
+        let mut raw: Vec<(String, String)> = parse_reply(replies.pop())?;
+        raw.sort();
+        let token = last.map(|last| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            h.write(keys.base.as_bytes());
+            for (id, json) in &raw {
+                h.write(id.as_bytes());
+                h.write(json.as_bytes());
+            }
+            h.write(last.first().map(|(id, _)| id.as_str()).unwrap_or("0-0").as_bytes());
+            h.finish()
+        });
+        let pipelines = raw
+            .into_iter()
+            .map(|(_, json)| {
+                serde_json::from_str(&json).map_err(|e| ProjectionError::Unavailable(format!("bad pipeline in projection: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((pipelines, token))
+    }
+
+    /// `user` is the caller (`my`, `team`); `now` anchors `lastMessageTimeRange`.
+    pub async fn answer(
+        &self,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        now: Millis,
+    ) -> Result<(BoardAnswer, ProjectionRoute), ProjectionError> {
+        self.answer_with_token(org, user, q, now).await.map(|(a, route, _)| (a, route))
+    }
+
+    /// The answer and, for a query `nameable_by_change_token`, the org's change token read
+    /// before its cards (`change_token`'s value at that moment: a change after it makes the next
+    /// token differ), in the same round trip as the pipelines.
+    pub async fn answer_with_token(
+        &self,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        now: Millis,
+    ) -> Result<(BoardAnswer, ProjectionRoute, Option<u64>), ProjectionError> {
+        let keys = self.live_keys(org).await?;
+        let (plan, token) = self.plan(&keys, q, q.nameable_by_change_token()).await?;
+        let (pages, route, of_keys_generation) = self.pages_for(&keys, org, user, q, &plan, now).await?;
+        let records = self.records(&keys, q.kind, &pages).await?;
+        let buckets = render(&plan, pages, &records);
+        // An index of the generation the org left (a switch's load under way) computed these
+        // pages: the new generation's token does not name them.
+        Ok((BoardAnswer { kind: q.kind, buckets }, route, token.filter(|_| of_keys_generation)))
+    }
+
+    /// Which pipeline and buckets the request answers, from the projection's pipelines, and the
+    /// org's change token.
+    async fn plan(&self, keys: &OrgKeys, q: &BoardQuery, with_token: bool) -> Result<(BoardPlan, Option<u64>), ProjectionError> {
+        let (pipelines, token) = self.view_at(keys, with_token).await?;
+        if pipelines.is_empty() {
+            return Err(ProjectionError::NotBuilt);
+        }
+        Ok((board::plan(&pipelines, q)?, token))
+    }
+
+    /// The plan, each bucket's total and page ids, and which structure answered.
+    pub async fn pages(
+        &self,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        now: Millis,
+    ) -> Result<(BoardPlan, Vec<IndexBucket>, ProjectionRoute), ProjectionError> {
+        let keys = self.live_keys(org).await?;
+        let (plan, _) = self.plan(&keys, q, false).await?;
+        let (pages, route, _) = self.pages_for(&keys, org, user, q, &plan, now).await?;
+        Ok((plan, pages, route))
+    }
+
+    async fn pages_for(
+        &self,
+        keys: &OrgKeys,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        plan: &BoardPlan,
+        now: Millis,
+    ) -> Result<(Vec<IndexBucket>, ProjectionRoute, bool), ProjectionError> {
+        Ok(match SetShape::of(q, user) {
+            Some(shape) => (self.read_sets(keys, q.kind, plan, &shape).await?, ProjectionRoute::SortedSets, true),
+            None => {
+                let (pages, of_keys_generation) = self.read_index(keys, org, user, q, plan, now).await?;
+                (pages, ProjectionRoute::Index, of_keys_generation)
+            }
+        })
+    }
+
+    /// The Redis work of a board alone, without decoding or rendering (benchmarks compare the
+    /// service with it): the pipelines, the sorted-set reads or the index's freshness check,
+    /// and the page's records. `index_pages` are the index's answer computed beforehand (its CPU
+    /// work is not Redis work). Returns the bytes of records read.
+    pub async fn redis_work(
+        &self,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        index_pages: Option<&[IndexBucket]>,
+    ) -> Result<usize, ProjectionError> {
+        let keys = self.live_keys(org).await?;
+        let (plan, _) = self.plan(&keys, q, false).await?;
+        let pages = match (SetShape::of(q, user), index_pages) {
+            (Some(shape), _) => self.read_sets(&keys, q.kind, &plan, &shape).await?,
+            (None, Some(pages)) => {
+                self.index.current(org, &keys).await?;
+                pages.to_vec()
+            }
+            (None, None) => return Err(bad("the index's pages are needed for an index board")),
+        };
+        let records = self.raw_records(&keys, q.kind, &pages).await?;
+        Ok(records.iter().flatten().map(Vec::len).sum())
+    }
+
+    /// Totals and page ids from the sorted sets, in one round trip: per raw stage set of each
+    /// bucket a count and a range read. A shallow page (offset below `deep_page_offset`) reads
+    /// the first offset + limit of each set with scores (by rank, the cheapest read), so a bucket
+    /// that spans several sets (legacy cards, status-only cards) is merged here at once. A deep
+    /// page reads just its slice by rank; if its bucket spans several non-empty sets, a second
+    /// round trip selects it inside Redis with `pb_union_page` (work proportional to the page).
+    async fn read_sets(
+        &self,
+        keys: &OrgKeys,
+        kind: CardKind,
+        plan: &BoardPlan,
+        shape: &SetShape,
+    ) -> Result<Vec<IndexBucket>, ProjectionError> {
+        let sets: Vec<Vec<String>> =
+            plan.buckets.iter().map(|b| plan.raw_keys(b).iter().map(|rk| shape.key(keys, kind, rk)).collect()).collect();
+        let mut pipe = redis::pipe();
+        for (b, keys) in plan.buckets.iter().zip(&sets) {
+            let shallow = b.offset < self.deep_page_offset;
+            let (first, count) = if shallow { (0, b.offset + b.limit) } else { (b.offset, b.limit) };
+            for key in keys {
+                match &shape.created {
+                    None => {
+                        pipe.cmd("ZCARD").arg(key);
+                        pipe.cmd("ZRANGE").arg(key).arg(first).arg((first + count).saturating_sub(1)).arg("REV");
+                    }
+                    Some((min, max)) => {
+                        pipe.cmd("ZCOUNT").arg(key).arg(min).arg(max);
+                        pipe.cmd("ZRANGE").arg(key).arg(max).arg(min).arg("BYSCORE").arg("REV").arg("LIMIT").arg(first).arg(count);
+                    }
+                }
+                if shallow {
+                    pipe.arg("WITHSCORES");
+                }
+            }
+        }
+        let mut replies = pipe.query_async::<Vec<redis::Value>>(&mut self.conn.clone()).await?.into_iter();
+        let mut next = || replies.next().ok_or_else(|| bad("reply count"));
+        let mut out = Vec::with_capacity(plan.buckets.len());
+        let mut deep_spanning: Vec<(usize, Vec<String>)> = Vec::new();
+        for (i, (b, keys)) in plan.buckets.iter().zip(&sets).enumerate() {
+            let shallow = b.offset < self.deep_page_offset;
+            let (mut total, mut non_empty, mut ids) = (0u64, Vec::new(), Vec::new());
+            let mut merged: Vec<(f64, String)> = Vec::new();
+            for key in keys {
+                let n: u64 = redis::from_redis_value(next()?).map_err(|e| bad(&e.to_string()))?;
+                if shallow {
+                    let part: Vec<(String, f64)> = redis::from_redis_value(next()?).map_err(|e| bad(&e.to_string()))?;
+                    merged.extend(part.into_iter().map(|(id, s)| (s, id)));
+                } else {
+                    let page: Vec<String> = redis::from_redis_value(next()?).map_err(|e| bad(&e.to_string()))?;
+                    if n > 0 {
+                        ids = page;
+                    }
+                }
+                if n > 0 {
+                    total += n;
+                    non_empty.push(key.clone());
+                }
+            }
+            if shallow {
+                // Board order: score descending, then id descending (as ZRANGE REV orders).
+                merged.sort_by(|x, y| y.0.total_cmp(&x.0).then_with(|| y.1.cmp(&x.1)));
+                ids = merged.into_iter().skip(b.offset as usize).take(b.limit as usize).map(|(_, id)| id).collect();
+            } else if non_empty.len() > 1 {
+                deep_spanning.push((i, non_empty));
+            }
+            out.push(IndexBucket { total, ids });
+        }
+        if !deep_spanning.is_empty() {
+            let (min, max) = shape.created.clone().unwrap_or_else(|| ("-inf".into(), "+inf".into()));
+            let mut pipe = redis::pipe();
+            for (i, keys) in &deep_spanning {
+                let b = &plan.buckets[*i];
+                pipe.cmd("FCALL_RO").arg("pb_union_page").arg(keys.len()).arg(keys).arg(b.offset).arg(b.limit).arg(&min).arg(&max);
+            }
+            let replies = self.query_reads(pipe).await?;
+            for ((i, _), reply) in deep_spanning.iter().zip(replies) {
+                out[*i].ids = redis::from_redis_value(reply).map_err(|e| bad(&e.to_string()))?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs read commands; loads the Function library once if Redis lost it (a restart without
+    /// persistence) and the reads use `pb_union_page`.
+    async fn query_reads(&self, pipe: redis::Pipeline) -> Result<Vec<redis::Value>, ProjectionError> {
+        let mut conn = self.conn.clone();
+        match pipe.query_async::<Vec<redis::Value>>(&mut conn).await {
+            Err(e) if e.to_string().contains("Function not found") => {
+                board_redis::functions::load_library(&mut conn).await?;
+                Ok(pipe.query_async(&mut conn).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    async fn read_index(
+        &self,
+        keys: &OrgKeys,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        plan: &BoardPlan,
+        now: Millis,
+    ) -> Result<(Vec<IndexBucket>, bool), ProjectionError> {
+        let slot = self.index.current(org, keys).await?;
+        let deadline = Instant::now() + self.index_deadline;
+        let (q, plan, user, base) = (q.clone(), plan.clone(), user.to_string(), keys.base.clone());
+        let (answered, of_keys_generation) = tokio::task::spawn_blocking(move || {
+            let index = slot.index();
+            let index = index.read().expect("not poisoned");
+            (index.answer(&plan, &q, &user, now, deadline), index.base == base)
+        })
+        .await
+        .map_err(|e| ProjectionError::Unavailable(format!("index task: {e}")))?;
+        Ok((answered?, of_keys_generation))
+    }
+
+    /// The page's card records, as stored, in page order: one HMGET for the whole board.
+    async fn raw_records(&self, keys: &OrgKeys, kind: CardKind, pages: &[IndexBucket]) -> Result<Vec<Option<Vec<u8>>>, ProjectionError> {
+        let ids: Vec<&String> = pages.iter().flat_map(|p| &p.ids).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("HMGET").arg(keys.cards(kind)).arg(&ids).query_async(&mut conn).await?)
+    }
+
+    async fn records(&self, keys: &OrgKeys, kind: CardKind, pages: &[IndexBucket]) -> Result<HashMap<String, CardRecord>, ProjectionError> {
+        let raw = self.raw_records(keys, kind, pages).await?;
+        let mut out = HashMap::with_capacity(raw.len());
+        for (id, bytes) in pages.iter().flat_map(|p| &p.ids).zip(raw) {
+            if let Some(b) = bytes {
+                out.insert(id.clone(), CardRecord::decode(&b).map_err(|e| bad(&format!("card record: {e}")))?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The buckets of the answer from the pages and their records.
+fn render(plan: &BoardPlan, pages: Vec<IndexBucket>, records: &HashMap<String, CardRecord>) -> Vec<BucketAnswer> {
+    plan.buckets
+        .iter()
+        .zip(pages)
+        .map(|(spec, page)| BucketAnswer {
+            name: spec.name.clone(),
+            stage_id: spec.stage.as_ref().map(|s| s.id.clone()),
+            total: page.total,
+            cards: page
+                .ids
+                .iter()
+                // A card deleted between the read of the ids and of the records drops out.
+                .filter_map(|id| records.get(id))
+                .filter_map(|r| {
+                    let card = r.card.as_ref()?;
+                    Some(CardOut {
+                        doc: card.to_doc(),
+                        assignees: r.derived.assignees.clone(),
+                        last_message_at: r.derived.last_message_at(),
+                    })
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// One reply of a pipeline, as `T`.
+fn parse_reply<T: redis::FromRedisValue>(reply: Option<redis::Value>) -> Result<T, ProjectionError> {
+    redis::from_redis_value(reply.ok_or_else(|| bad("reply count"))?).map_err(|e| bad(&e.to_string()))
+}
+
+fn bad(what: &str) -> ProjectionError {
+    ProjectionError::Unavailable(format!("unexpected projection reply: {what}"))
+}

@@ -1,0 +1,198 @@
+#!lua name=pipeline_board
+-- The projection's one writer Function: commits the writes the projector computed in Rust for
+-- one org and one Kafka batch, atomically, if what the projector read is still what Redis holds.
+-- Every rule (versions, buckets, derived fields) lives in Rust (crates/board-model/src/record.rs and
+-- consumers/src/batch.rs); this only compares and writes.
+--
+-- KEYS[1]: the org's key base `<prefix>[:<generation>]:{<orgId>}`. Every key touched is KEYS[1] ..
+-- suffix, so all of them live in the org's hash slot (Redis Cluster).
+-- KEYS[2] (the live projector's commits): the org's generation pointer. ARGV[1] is then the
+-- generation the projector wrote for ('' = base, pointer absent); if the pointer says another,
+-- nothing is written and the reply is 'moved:<generation>' (a rebuild switched the org).
+-- ARGV (after that): a sequence of groups, each an op code, a key suffix, a count n and n items:
+--   G suffix n (field expected)*n   guards: each field must hold `expected` ('' = absent: no
+--                                   stored value is empty); checked before any write
+--   H suffix n (field value)*n      HSET          h suffix n field*n         HDEL
+--   Z suffix n (score member)*n     ZADD          z suffix n member*n        ZREM
+--   S suffix n member*n             SADD          s suffix n member*n        SREM
+--   X suffix n (maxlen field value) XADD suffix MAXLEN ~ maxlen * field value (n = 1)
+--   O suffix n (field offset)*n     HSET each field unless it already holds a larger offset
+--   W suffix 1 minimum              guard: the write counter (`:writes`) must be >= minimum, else
+--                                   nothing is written and the reply is 'rewound:<held>'
+-- One group is one command (in chunks of 500 items: Lua's unpack has a stack limit), so a batch
+-- of a thousand cards is a few hundred calls, not thousands.
+-- Reply: 'ok:<n>' (n: the org's write counter after this commit, `<base>:writes`), or 'conflict'
+-- (nothing written: another projector changed a guarded field since it was read; the caller
+-- reads again and recomputes).
+local width = { G = 2, W = 1, H = 2, h = 1, Z = 2, z = 1, S = 1, s = 1, X = 3, O = 2 }
+local command = { H = 'HSET', h = 'HDEL', Z = 'ZADD', z = 'ZREM', S = 'SADD', s = 'SREM' }
+local CHUNK = 500
+
+local function commit(keys, args)
+  local K = keys[1]
+  local i, n = 1, #args
+  if keys[2] then
+    local current = redis.call('GET', keys[2]) or ''
+    if current ~= args[1] then return 'moved:' .. current end
+    i = 2
+  end
+  -- Check the shape of every group before the first write: Redis keeps the writes of a script
+  -- that fails midway.
+  local groups = {}
+  while i <= n do
+    local op, count = args[i], tonumber(args[i + 2])
+    local w = width[op]
+    if not w or not count or i + 2 + count * w > n then
+      return redis.error_reply('PB_BAD_OP ' .. tostring(op) .. ' at ' .. i)
+    end
+    groups[#groups + 1] = { op, K .. args[i + 1], i + 3, count * w }
+    i = i + 3 + count * w
+  end
+  for _, g in ipairs(groups) do
+    local op, key, from, len = g[1], g[2], g[3], g[4]
+    if op == 'W' then
+      -- The org's write counter must be at least what the committer last saw: below it, these
+      -- keys went back in time (an older RDB/AOF, a replica promoted behind) and writing on top
+      -- would move the org's applied offsets past events they no longer hold.
+      local held = tonumber(redis.call('GET', key) or '0')
+      if held < tonumber(args[from]) then return 'rewound:' .. held end
+    elseif op == 'G' then
+      local fields = {}
+      for j = from, from + len - 1, 2 do fields[#fields + 1] = args[j] end
+      for c = 1, #fields, CHUNK do
+        local cur = redis.call('HMGET', key, unpack(fields, c, math.min(c + CHUNK - 1, #fields)))
+        for x = 1, #cur do
+          local want = args[from + 2 * (c + x - 2) + 1]
+          if want == '' then
+            if cur[x] then return 'conflict' end
+          elseif cur[x] ~= want then
+            return 'conflict'
+          end
+        end
+      end
+    end
+  end
+  for _, g in ipairs(groups) do
+    local op, key, from, len = g[1], g[2], g[3], g[4]
+    if op == 'X' then
+      redis.call('XADD', key, 'MAXLEN', '~', args[from], '*', args[from + 1], args[from + 2])
+    elseif op == 'O' then
+      for j = from, from + len - 1, 2 do
+        local had = redis.call('HGET', key, args[j])
+        if not had or tonumber(had) < tonumber(args[j + 1]) then redis.call('HSET', key, args[j], args[j + 1]) end
+      end
+    elseif op ~= 'G' and op ~= 'W' then
+      local step = width[op] * CHUNK
+      for c = from, from + len - 1, step do
+        redis.call(command[op], key, unpack(args, c, math.min(c + step - 1, from + len - 1)))
+      end
+    end
+  end
+  -- The org's write counter, raised with every commit: a Redis that went back in time (an older
+  -- RDB or AOF loaded, a replica promoted while behind) hands a committer a number it already saw.
+  return 'ok:' .. redis.call('INCR', K .. ':writes')
+end
+
+redis.register_function('pb_commit', commit)
+
+-- Moves an org to another generation, atomically, if that generation holds every event of the
+-- org that the current one holds: for each partition in the current generation's offsets, the
+-- new one's offset must be at least as large. Both generations and the pointer are in the org's
+-- slot. KEYS: pointer, new generation's offsets, current generation's offsets.
+-- ARGV: new generation ('' = base), expected current generation ('' = base).
+-- Reply: 'ok', 'moved:<generation>' (the pointer is not what the caller expected), or
+-- 'behind:<topic/partition>' (nothing changed: replay further and call again).
+local function switch(keys, args)
+  local current = redis.call('GET', keys[1]) or ''
+  if current ~= args[2] then return 'moved:' .. current end
+  local have = redis.call('HGETALL', keys[3])
+  for j = 1, #have, 2 do
+    local new = redis.call('HGET', keys[2], have[j])
+    if not new or tonumber(new) < tonumber(have[j + 1]) then return 'behind:' .. have[j] end
+  end
+  if args[1] == '' then redis.call('DEL', keys[1]) else redis.call('SET', keys[1], args[1]) end
+  return 'ok'
+end
+
+redis.register_function('pb_switch', switch)
+
+-- Records consumer progress only while the projection it belongs to is still the one Redis
+-- holds: KEYS: the state hash, the progress hash; ARGV: instance, then (field offset)*n.
+-- Reply: 'ok', or 'lost' (Redis lost or replaced the projection: nothing written, the caller
+-- starts again from what Redis holds).
+local function progress(keys, args)
+  if redis.call('HGET', keys[1], 'instance') ~= args[1] then return 'lost' end
+  if #args > 1 then redis.call('HSET', keys[2], unpack(args, 2)) end
+  return 'ok'
+end
+
+redis.register_function('pb_progress', progress)
+
+-- A page deep inside the union of a bucket's raw stage sets (read-only, no state): the ids of
+-- ranks [offset, offset + limit) in board order (score descending, then id descending), in work
+-- proportional to the page, not to the offset. Binary search finds the score of the first card
+-- of the page with ZCOUNTs (O(log n) each), then only that score's ties and the page are read.
+-- KEYS: the sets (one slot: the org's). ARGV: offset, limit, min, max (ZCOUNT syntax bounds of a
+-- created range; '-inf' '+inf' when none).
+local function union_page(keys, args)
+  local offset, limit, min, max = tonumber(args[1]), tonumber(args[2]), args[3], args[4]
+  local function count_from(s) -- cards with score >= s (s a number or '-inf') within [min, max]
+    local n = 0
+    for _, k in ipairs(keys) do n = n + redis.call('ZCOUNT', k, s, max) end
+    return n
+  end
+  local function num(s) if s == '-inf' then return -math.huge end if s == '+inf' or s == 'inf' then return math.huge end return tonumber(s) end
+  if count_from(min) <= offset then return {} end
+  local function fmt(n) return string.format('%.0f', n) end
+  -- Cards without createdAt score -inf and sort last; `finite` excludes them.
+  local finite = min
+  if min == '-inf' then finite = '(-inf' end
+  -- The lowest and highest finite scores in range bound the search.
+  local lo, hi = nil, nil
+  for _, k in ipairs(keys) do
+    local top = redis.call('ZRANGE', k, max, finite, 'BYSCORE', 'REV', 'LIMIT', 0, 1, 'WITHSCORES')
+    local bottom = redis.call('ZRANGE', k, finite, max, 'BYSCORE', 'LIMIT', 0, 1, 'WITHSCORES')
+    if #top > 0 then
+      local t, b = num(top[2]), num(bottom[2])
+      if not hi or t > hi then hi = t end
+      if not lo or b < lo then lo = b end
+    end
+  end
+  -- s*: the largest score with count_from(s*) > offset (the first card of the page has it).
+  local star, above
+  if not hi or count_from(finite) <= offset then
+    star, above = '-inf', (hi and count_from(finite)) or 0
+  else
+    local a, b = lo, hi -- invariant: count_from(a) > offset
+    while a < b do
+      local m = math.floor((a + b + 1) / 2)
+      if count_from(fmt(m)) > offset then a = m else b = m - 1 end
+    end
+    star, above = fmt(a), 0
+    for _, k in ipairs(keys) do above = above + redis.call('ZCOUNT', k, '(' .. star, max) end
+  end
+  local skip = offset - above
+  -- Ties at s* in id-descending order, then the cards below s*, merged across the sets.
+  local ties, below = {}, {}
+  for _, k in ipairs(keys) do
+    for _, id in ipairs(redis.call('ZRANGE', k, star, star, 'BYSCORE', 'REV', 'LIMIT', 0, skip + limit)) do ties[#ties + 1] = id end
+    if star ~= '-inf' then
+      local r = redis.call('ZRANGE', k, '(' .. star, min, 'BYSCORE', 'REV', 'LIMIT', 0, limit, 'WITHSCORES')
+      for i = 1, #r, 2 do below[#below + 1] = { num(r[i + 1]), r[i] } end
+    end
+  end
+  table.sort(ties, function(x, y) return x > y end)
+  table.sort(below, function(x, y) if x[1] ~= y[1] then return x[1] > y[1] end return x[2] > y[2] end)
+  local out = {}
+  for i = skip + 1, #ties do
+    if #out == limit then return out end
+    out[#out + 1] = ties[i]
+  end
+  for _, e in ipairs(below) do
+    if #out == limit then break end
+    out[#out + 1] = e[2]
+  end
+  return out
+end
+
+redis.register_function{ function_name = 'pb_union_page', callback = union_page, flags = { 'no-writes' } }

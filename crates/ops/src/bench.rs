@@ -1,0 +1,486 @@
+//! `pipeline-board bench ...`: the raw costs our numbers are compared against, measured with the
+//! same clients on the same data, and the end-to-end measurements that need a program rather
+//! than `wrk` (see deploy/bench.sh, which runs them all in one go).
+use board_api::query::index::IndexBucket;
+use board_api::query::mongo_path::MongoReader;
+use board_api::query::projection::ProjectionReader;
+use board_api::query::request::{BoardQuery, ContactsRequest};
+use board_model::keys::KeySpace;
+use board_model::model::CardKind;
+use board_model::record::{index_entries, CardRecord};
+use board_mongo::MongoArgs;
+use board_redis::config::RedisArgs;
+use board_redis::LiveOrg;
+use projector::config::KafkaArgs;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Read every input topic from the start without processing: the raw Kafka read rate.
+    KafkaRead {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+    /// The raw Redis rate of the projector's write mix: the final writes of `--cards` projected
+    /// cards of the org (record, index entries, contact state) replayed as plain pipelined
+    /// HSET/ZADD into a scratch key space, 1,000 cards a round trip — no reads, guards or Lua.
+    RedisWrites {
+        #[command(flatten)]
+        redis: RedisArgs,
+        #[arg(long)]
+        org: String,
+        #[arg(long, default_value_t = 200_000)]
+        cards: usize,
+        /// Events per card of the data set (events / cards), to express the rate in events/s.
+        #[arg(long, default_value_t = 1.0)]
+        events_per_card: f64,
+    },
+    /// Runs a board's Redis work directly (no HTTP, no decoding, no JSON) in a closed loop:
+    /// `--simplest` replaces it by the simplest possible board on the same data (per stage one
+    /// ZRANGE + ZCARD over the stage's plain sorted set, then one HMGET of the page's records).
+    Board {
+        #[command(flatten)]
+        redis: RedisArgs,
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "{}")]
+        body: String,
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long)]
+        simplest: bool,
+    },
+    /// Serves one canned response of `--bytes` bytes at `POST /api/contacts` with axum: what this
+    /// box can serve at all for a board of that size.
+    Canned {
+        #[arg(long, default_value = "127.0.0.1:18182")]
+        listen: String,
+        #[arg(long)]
+        bytes: usize,
+    },
+    /// Freshness: produces `--rate` events/s (messages to cards of `--org`) while `--query-rate`
+    /// boards/s are asked, and every 100 ms a probe card into `--probe-org`, timing from its
+    /// produce call to the first API answer that shows it.
+    Freshness {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        redis: RedisArgs,
+        #[arg(long)]
+        api: String,
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        probe_org: String,
+        #[arg(long)]
+        probe_token: String,
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        #[arg(long, default_value_t = 500)]
+        query_rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// The MongoDB path against the projection on the same org, in-process (no HTTP), for each
+    /// body: median of `--n` answers each.
+    MongoVsProjection {
+        #[command(flatten)]
+        redis: RedisArgs,
+        #[command(flatten)]
+        mongo: MongoArgs,
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value_t = 20)]
+        n: usize,
+        /// Request bodies (JSON), one per flag.
+        #[arg(long = "body")]
+        bodies: Vec<String>,
+    },
+}
+
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::KafkaRead { kafka } => {
+            let (messages, bytes, secs) = tokio::task::spawn_blocking(move || kafka_read(&kafka)).await??;
+            println!(
+                "kafka read: {messages} messages, {:.1} MB in {secs:.2} s = {:.0} messages/s",
+                bytes as f64 / 1e6,
+                messages as f64 / secs.max(1e-9)
+            );
+        }
+        BenchCommand::RedisWrites { redis, org, cards, events_per_card } => redis_writes(&redis, &org, cards, events_per_card).await?,
+        BenchCommand::Board { redis, org, user, body, conns, seconds, simplest } => {
+            board(&redis, &org, &user, &body, conns, Duration::from_secs(seconds), simplest).await?
+        }
+        BenchCommand::Canned { listen, bytes } => {
+            let body = axum::body::Bytes::from(vec![b' '; bytes]);
+            let app = axum::Router::new().route("/api/contacts", axum::routing::post(move || std::future::ready(body.clone())));
+            let listener = tokio::net::TcpListener::bind(&listen).await?;
+            axum::serve(listener, app).await?;
+        }
+        BenchCommand::Freshness { kafka, redis, api, org, token, probe_org, probe_token, rate, query_rate, seconds } => {
+            freshness(&kafka, &redis, &api, (&org, &token), (&probe_org, &probe_token), rate, query_rate, Duration::from_secs(seconds))
+                .await?
+        }
+        BenchCommand::MongoVsProjection { redis, mongo, org, user, n, bodies } => {
+            mongo_vs_projection(&redis, &mongo, &org, &user, n, &bodies).await?
+        }
+    }
+    Ok(())
+}
+
+/// p50, p99, max and rate of a closed-loop run.
+fn summary(mut lat: Vec<Duration>, elapsed: Duration) -> String {
+    lat.sort();
+    let at = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default();
+    let ms = |d: Duration| format!("{:.3}ms", d.as_secs_f64() * 1e3);
+    format!(
+        "p50 {} p99 {} max {} rps {:.0} (n {})",
+        ms(at(0.5)),
+        ms(at(0.99)),
+        ms(lat.last().copied().unwrap_or_default()),
+        lat.len() as f64 / elapsed.as_secs_f64(),
+        lat.len()
+    )
+}
+
+async fn reader(redis: &RedisArgs) -> anyhow::Result<ProjectionReader> {
+    let conn = board_redis::config::redis_connection(&redis.url()).await?;
+    Ok(ProjectionReader::new(conn, KeySpace::new(&redis.redis_prefix), Duration::from_secs(30)))
+}
+
+fn query(body: &str) -> anyhow::Result<BoardQuery> {
+    Ok(ContactsRequest::parse(body.as_bytes())?.into_query()?)
+}
+
+/// The board plan the API would make for `q`, from the projection's pipelines.
+async fn board_plan(reader: &ProjectionReader, org: &str, q: &BoardQuery) -> anyhow::Result<board_api::query::board::BoardPlan> {
+    let pipelines = reader.pipelines(org).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(board_api::query::board::plan(&pipelines, q)?)
+}
+
+async fn board(redis: &RedisArgs, org: &str, user: &str, body: &str, conns: usize, length: Duration, simplest: bool) -> anyhow::Result<()> {
+    let reader = Arc::new(reader(redis).await?);
+    let q = Arc::new(query(body)?);
+    let now = chrono::Utc::now().timestamp_millis();
+    // The index's answer, computed once: its CPU work is not Redis work.
+    let (_, pages, _) = reader.pages(org, user, &q, now).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pages: Arc<Vec<IndexBucket>> = Arc::new(pages);
+    let simplest_keys = if simplest { Some(Arc::new(simplest_board_keys(&reader, redis, org, &q).await?)) } else { None };
+    let mut conn = board_redis::config::redis_connection(&redis.url()).await?;
+    let cards_key = Arc::new(KeySpace::new(&redis.redis_prefix).live_org(&mut conn, org).await?.cards(q.kind));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let (reader, q, pages, simplest_keys, org, user) =
+            (reader.clone(), q.clone(), pages.clone(), simplest_keys.clone(), org.to_string(), user.to_string());
+        let (mut conn, cards_key) = (conn.clone(), cards_key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while started.elapsed() < length {
+                let t = Instant::now();
+                match &simplest_keys {
+                    Some(stages) => simplest_board(&mut conn, stages, &cards_key).await?,
+                    None => {
+                        reader.redis_work(&org, &user, &q, Some(&pages)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    }
+                }
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    println!("{}", summary(all, started.elapsed()));
+    Ok(())
+}
+
+/// The plain sorted set of each stage of the board's pipeline (all its cards).
+async fn simplest_board_keys(reader: &ProjectionReader, redis: &RedisArgs, org: &str, q: &BoardQuery) -> anyhow::Result<Vec<String>> {
+    let mut conn = board_redis::config::redis_connection(&redis.url()).await?;
+    let keys = KeySpace::new(&redis.redis_prefix).live_org(&mut conn, org).await?;
+    let plan = board_plan(reader, org, q).await?;
+    Ok(plan.buckets.iter().filter_map(|b| plan.raw_keys(b).first().map(|rk| keys.stage(q.kind, rk))).collect())
+}
+
+async fn simplest_board(conn: &mut board_redis::redis_conn::RedisConn, stages: &[String], cards_key: &str) -> anyhow::Result<()> {
+    let mut pipe = redis::pipe();
+    for s in stages {
+        pipe.cmd("ZRANGE").arg(s).arg(0).arg(24).arg("REV").cmd("ZCARD").arg(s);
+    }
+    let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+    let ids: Vec<String> =
+        replies.into_iter().step_by(2).flat_map(|v| redis::from_redis_value::<Vec<String>>(v).unwrap_or_default()).collect();
+    if !ids.is_empty() {
+        let _: Vec<Option<Vec<u8>>> = redis::cmd("HMGET").arg(cards_key).arg(&ids).query_async(conn).await?;
+    }
+    Ok(())
+}
+
+async fn redis_writes(redis: &RedisArgs, org: &str, cards: usize, events_per_card: f64) -> anyhow::Result<()> {
+    let mut conn = board_redis::config::redis_connection(&redis.url()).await?;
+    let keys = KeySpace::new(&redis.redis_prefix).live_org(&mut conn, org).await?;
+    let scratch = KeySpace::new(format!("{}-rawwrites", redis.redis_prefix)).org(org);
+    let mut records: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut cursor = 0u64;
+    while records.len() < cards {
+        let (next, chunk): (u64, Vec<(String, Vec<u8>)>) =
+            redis::cmd("HSCAN").arg(keys.cards(CardKind::Contact)).arg(cursor).arg("COUNT").arg(5000).query_async(&mut conn).await?;
+        records.extend(chunk);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    records.truncate(cards);
+    let states: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+        .arg(keys.contact_states())
+        .arg(records.iter().map(|(id, _)| id).collect::<Vec<_>>())
+        .query_async(&mut conn)
+        .await?;
+    // Build every round trip first: the measurement is Redis taking the writes.
+    let mut pipes = Vec::new();
+    let mut ops = 0usize;
+    for (chunk, states) in records.chunks(1000).zip(states.chunks(1000)) {
+        let mut pipe = redis::pipe();
+        for ((id, bytes), state) in chunk.iter().zip(states) {
+            let rec = CardRecord::decode(bytes)?;
+            for (key, score) in index_entries(&scratch, CardKind::Contact, &rec) {
+                pipe.cmd("ZADD").arg(key).arg(board_redis::functions::score_arg(score)).arg(id).ignore();
+                ops += 1;
+            }
+            pipe.cmd("HSET").arg(scratch.cards(CardKind::Contact)).arg(id).arg(bytes).ignore();
+            ops += 1;
+            if let Some(s) = state {
+                pipe.cmd("HSET").arg(scratch.contact_states()).arg(id).arg(s).ignore();
+                ops += 1;
+            }
+        }
+        pipes.push(pipe);
+    }
+    let started = Instant::now();
+    for pipe in &pipes {
+        pipe.query_async::<()>(&mut conn).await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "raw redis writes: {} cards ({ops} HSET/ZADD) in {secs:.2} s = {:.0} cards/s, {:.0} ops/s = {:.0} events/s at {events_per_card:.2} events per card",
+        records.len(),
+        records.len() as f64 / secs,
+        ops as f64 / secs,
+        records.len() as f64 * events_per_card / secs
+    );
+    let names = conn.scan_match(&format!("{}-rawwrites:*", redis.redis_prefix)).await?;
+    for chunk in names.chunks(1000) {
+        redis::cmd("UNLINK").arg(chunk).query_async::<()>(&mut conn).await?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn freshness(
+    kafka: &KafkaArgs,
+    redis: &RedisArgs,
+    api: &str,
+    (org, token): (&str, &str),
+    (probe_org, probe_token): (&str, &str),
+    rate: u64,
+    query_rate: u64,
+    length: Duration,
+) -> anyhow::Result<()> {
+    let topics = kafka.topics.clone();
+    let producer: FutureProducer = projector::KafkaConnection::from_args(kafka)?.client_config(&[("linger.ms", "1")]).create()?;
+    let mut conn = board_redis::config::redis_connection(&redis.url()).await?;
+    let keys = KeySpace::new(&redis.redis_prefix);
+    let (_, records): (u64, Vec<(String, Vec<u8>)>) = redis::cmd("HSCAN")
+        .arg(keys.live_org(&mut conn, org).await?.cards(CardKind::Contact))
+        .arg(0)
+        .arg("COUNT")
+        .arg(2000)
+        .query_async(&mut conn)
+        .await?;
+    let contact_ids: Vec<String> = records.into_iter().map(|(id, _)| id).collect();
+    anyhow::ensure!(!contact_ids.is_empty(), "org {org} has no contacts in the projection");
+    // The probe card goes to the first column of the probe org's board.
+    let plan = board_plan(&reader(redis).await?, probe_org, &query("{}")?).await?;
+    let pipeline = plan.pipeline.clone();
+    let stage = plan.buckets.first().and_then(|b| b.stage.clone()).ok_or_else(|| anyhow::anyhow!("probe org {probe_org}: no stage"))?;
+    let stage_name = stage.name.clone().unwrap_or_default();
+    let http = reqwest::Client::new();
+    let url = format!("{api}/api/contacts");
+    let started = Instant::now();
+
+    // Background ingest: messages to the big org's contacts at `rate`/s.
+    let load = {
+        let (producer, topic, org, ids) = (producer.clone(), topics.topic_messages.clone(), org.to_string(), contact_ids.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let per_tick = (rate / 100).max(1);
+            let mut n = 0u64;
+            while started.elapsed() < length {
+                tick.tick().await;
+                for _ in 0..per_tick {
+                    n += 1;
+                    let cid = &ids[(n as usize * 7919) % ids.len()];
+                    let now = chrono::Utc::now();
+                    let ev = serde_json::json!({"type": "message.created", "eventId": format!("fresh-{n}-{}", now.timestamp_nanos_opt().unwrap_or_default()),
+                        "orgId": org, "occurredAt": board_model::time::format_millis(now.timestamp_millis()),
+                        "message": {"_id": format!("{:024x}", (now.timestamp_nanos_opt().unwrap_or_default() as u128) << 8 | (n as u128 & 0xff)),
+                            "orgId": org, "contactId": cid, "direction": "inbound", "createdAt": board_model::time::format_millis(now.timestamp_millis())}});
+                    let payload = serde_json::to_vec(&ev).expect("json");
+                    let _ = producer.send_result(FutureRecord::to(&topic).key(cid.as_str()).payload(&payload));
+                }
+            }
+            n
+        })
+    };
+    // Background queries at `query_rate`/s: the big org's unfiltered board.
+    let queries = {
+        let (http, url, token) = (http.clone(), url.clone(), token.to_string());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / query_rate.max(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let inflight = Arc::new(tokio::sync::Semaphore::new(64));
+            while started.elapsed() < length {
+                tick.tick().await;
+                let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                    failed += 1;
+                    continue;
+                };
+                let req = http.post(&url).bearer_auth(&token).body("{\"size\":25}").send();
+                tokio::spawn(async move {
+                    let _ = req.await;
+                    drop(permit);
+                });
+                ok += 1;
+            }
+            (ok, failed)
+        })
+    };
+    // Probes.
+    let mut seen = Vec::new();
+    let mut version = chrono::Utc::now().timestamp_millis();
+    let probe_id = format!("{:024x}", 0xfeedu64 << 32 | (version as u64 & 0xffff_ffff));
+    while started.elapsed() < length {
+        version += 1;
+        let marker = format!("probe{version}");
+        let doc = serde_json::json!({"_id": probe_id, "orgId": probe_org, "firstName": marker, "pipelineId": pipeline.id, "pipelineStage": stage.id,
+            "createdAt": "2099-01-01T00:00:00.000Z", "version": version});
+        let ev = serde_json::json!({"type": "contact.upserted", "eventId": marker, "orgId": probe_org, "occurredAt": board_model::time::format_millis(version), "contact": doc});
+        let payload = serde_json::to_vec(&ev)?;
+        let sent = Instant::now();
+        producer
+            .send(FutureRecord::to(&topics.topic_contacts).key(probe_id.as_str()).payload(&payload), Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        loop {
+            let body = serde_json::json!({"size": 1, "stages": [stage_name]}).to_string();
+            let answer: serde_json::Value = http.post(&url).bearer_auth(probe_token).body(body).send().await?.json().await?;
+            let first = answer["data"][&stage_name]["contacts"][0]["firstName"].as_str().unwrap_or_default().to_string();
+            if first == marker {
+                seen.push(sent.elapsed());
+                break;
+            }
+            if sent.elapsed() > Duration::from_secs(10) {
+                anyhow::bail!("probe {marker} not visible after 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let produced = load.await?;
+    let (queried, skipped) = queries.await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "freshness under {:.0} events/s and {:.0} boards/s (skipped {skipped}): produce -> visible in the API {}",
+        produced as f64 / elapsed,
+        queried as f64 / elapsed,
+        summary(seen, started.elapsed()).split(" rps").next().unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn mongo_vs_projection(
+    redis: &RedisArgs,
+    mongo: &MongoArgs,
+    org: &str,
+    user: &str,
+    n: usize,
+    bodies: &[String],
+) -> anyhow::Result<()> {
+    let reader = reader(redis).await?;
+    let db = board_mongo::connect(&mongo.mongodb_uri, &mongo.mongodb_db).await?;
+    let mongo_reader = MongoReader::new(db, board_api::query::mongo_path::DEFAULT_MAX_IDS);
+    let now = chrono::Utc::now().timestamp_millis();
+    for body in bodies {
+        let q = query(body)?;
+        let (mut p, mut m) = (Vec::new(), Vec::new());
+        let mut totals = (0, 0);
+        for _ in 0..n {
+            let t = Instant::now();
+            let (a, _) = reader.answer(org, user, &q, now).await.map_err(|e| anyhow::anyhow!("projection: {e}"))?;
+            p.push(t.elapsed());
+            let t = Instant::now();
+            let b = mongo_reader.answer(org, user, &q, now).await.map_err(|e| anyhow::anyhow!("mongodb: {e:?}"))?;
+            m.push(t.elapsed());
+            anyhow::ensure!(a == b, "the two paths answered {body} differently");
+            totals = (a.buckets.iter().map(|b| b.total).sum::<u64>(), b.buckets.len());
+        }
+        p.sort();
+        m.sort();
+        let (pm, mm) = (p[p.len() / 2], m[m.len() / 2]);
+        println!(
+            "{body}: projection p50 {:.2} ms, mongodb p50 {:.1} ms: {:.0}x ({} cards match in {} buckets, identical answers)",
+            pm.as_secs_f64() * 1e3,
+            mm.as_secs_f64() * 1e3,
+            mm.as_secs_f64() / pm.as_secs_f64().max(1e-9),
+            totals.0,
+            totals.1
+        );
+    }
+    Ok(())
+}
+
+fn kafka_read(kafka: &KafkaArgs) -> anyhow::Result<(u64, u64, f64)> {
+    let topics = kafka.topics.inputs();
+    let kafka = projector::KafkaConnection::from_args(kafka)?;
+    let group = format!("bench-read-{}", std::process::id());
+    let consumer: BaseConsumer = kafka.client_config(&[("group.id", &group), ("enable.auto.commit", "false")]).create()?;
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    for ((topic, partition), (low, end)) in projector::progress::watermarks(&kafka, &topics)? {
+        remaining += end - low;
+        tpl.add_partition_offset(&topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    let started = Instant::now();
+    while (messages as i64) < remaining {
+        match consumer.poll(Duration::from_secs(5)) {
+            Some(Ok(m)) => {
+                messages += 1;
+                bytes += m.payload().map(|p| p.len()).unwrap_or(0) as u64;
+            }
+            Some(Err(e)) => anyhow::bail!("kafka: {e}"),
+            None => anyhow::bail!("no message for 5 s with {} left", remaining - messages as i64),
+        }
+    }
+    Ok((messages, bytes, started.elapsed().as_secs_f64()))
+}
