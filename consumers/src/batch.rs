@@ -266,10 +266,7 @@ impl<'a> Working<'a> {
                 self.contact(cid).applications.insert(doc.id.clone());
             }
         }
-        let cid = match kind {
-            CardKind::Contact => Some(doc.id.as_str()),
-            CardKind::Application => doc.contact_id.as_deref(),
-        };
+        let cid = kind.shown_contact(&doc.id, doc.contact_id.as_deref());
         let derived = cid.map(|c| self.contact(c).derived()).unwrap_or_default();
         self.set_card(kind, &doc.id, CardRecord::live(doc, derived));
         true

@@ -132,6 +132,16 @@ pub enum CardKind {
 }
 
 impl CardKind {
+    /// The contact whose conversations and messages a card of this kind shows (CONTRACT.md 1):
+    /// a contact its own, an application the contact it was made for (none if it names none).
+    /// The one home of this rule: the projector, `verify`, the MongoDB path and the records ask it.
+    pub fn shown_contact<'a>(self, id: &'a str, contact_id: Option<&'a str>) -> Option<&'a str> {
+        match self {
+            CardKind::Contact => Some(id),
+            CardKind::Application => contact_id,
+        }
+    }
+
     /// The one-letter tag used in Redis key names.
     pub fn tag(self) -> &'static str {
         match self {
@@ -164,4 +174,16 @@ impl CardKind {
 /// they are ever put into a Redis key or a MongoDB filter.
 pub fn is_object_id(s: &str) -> bool {
     s.len() == 24 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod shown_contact_tests {
+    use super::CardKind;
+
+    #[test]
+    fn a_contact_shows_itself_and_an_application_its_contact() {
+        assert_eq!(CardKind::Contact.shown_contact("c1", Some("other")), Some("c1"));
+        assert_eq!(CardKind::Application.shown_contact("a1", Some("c1")), Some("c1"));
+        assert_eq!(CardKind::Application.shown_contact("a1", None), None);
+    }
 }

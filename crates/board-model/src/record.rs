@@ -86,13 +86,6 @@ impl CardRecord {
     pub fn decode(b: &[u8]) -> Result<Self, bincode::error::DecodeError> {
         decode(b)
     }
-    /// The contact whose conversations and messages the card shows.
-    pub fn contact_id(kind: CardKind, card: &StoredCard) -> Option<&str> {
-        match kind {
-            CardKind::Contact => Some(&card.id),
-            CardKind::Application => card.contact_id.as_deref(),
-        }
-    }
     /// Everyone `my`, `owner` and `team` look for: creator, owner and conversation assignees.
     pub fn people(&self) -> BTreeSet<&str> {
         let mut out: BTreeSet<&str> = self.derived.assignees.iter().map(String::as_str).collect();

@@ -120,10 +120,7 @@ pub async fn verify_org(
         for card in cards {
             report.cards += 1;
             live_in_mongo.insert(card.id.as_str());
-            let cid = match kind {
-                CardKind::Contact => Some(card.id.as_str()),
-                CardKind::Application => card.contact_id.as_deref(),
-            };
+            let cid = kind.shown_contact(&card.id, card.contact_id.as_deref());
             let want = CardRecord::live(card, cid.and_then(|c| states.get(c)).unwrap_or(&none).derived());
             for (key, score) in index_entries(&keys, kind, &want) {
                 expected.entry(key).or_default().insert(card.id.clone(), score);

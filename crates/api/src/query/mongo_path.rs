@@ -269,10 +269,7 @@ impl MongoReader {
 
     /// Adds the assignee union and the last message time of each card's contact.
     async fn with_derived(&self, org: &str, kind: CardKind, cards: Vec<board_model::model::CardDoc>) -> Result<Vec<CardOut>> {
-        let cid_of = |c: &board_model::model::CardDoc| match kind {
-            CardKind::Contact => Some(c.id.clone()),
-            CardKind::Application => c.contact_id.clone(),
-        };
+        let cid_of = |c: &board_model::model::CardDoc| kind.shown_contact(&c.id, c.contact_id.as_deref()).map(str::to_string);
         let cids: Vec<String> = cards.iter().filter_map(cid_of).collect::<HashSet<_>>().into_iter().collect();
         let mut assignees: HashMap<String, BTreeSet<String>> = HashMap::new();
         let mut last: HashMap<String, Millis> = HashMap::new();
