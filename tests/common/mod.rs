@@ -575,23 +575,31 @@ pub struct OwnCluster {
 
 impl OwnCluster {
     pub fn start() -> OwnCluster {
-        let dir = TempDir::new("cluster");
-        // Six ports and their cluster bus ports (+10000) all free.
-        let base = loop {
-            let base = 20_000 + rand::random::<u16>() % 20_000;
-            let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-            if (base..base + 6).all(|p| free(p) && free(p + 10_000)) {
-                break base;
+        // A port found free can be taken by another test's connection before its node binds it
+        // (CI saw "node 33068 did not start"): a failed start is stopped and tried on new ports.
+        for _ in 0..3 {
+            let dir = TempDir::new("cluster");
+            // Six ports and their cluster bus ports (+10000) all free.
+            let base = loop {
+                let base = 20_000 + rand::random::<u16>() % 20_000;
+                let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+                if (base..base + 6).all(|p| free(p) && free(p + 10_000)) {
+                    break base;
+                }
+            };
+            let status = std::process::Command::new("bash")
+                .arg(deploy_script("redis-cluster.sh"))
+                .args(["up", dir.0.to_str().unwrap(), &base.to_string()])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .expect("redis-cluster.sh runs");
+            let cluster = OwnCluster { dir, base };
+            if status.success() {
+                return cluster;
             }
-        };
-        let status = std::process::Command::new("bash")
-            .arg(deploy_script("redis-cluster.sh"))
-            .args(["up", dir.0.to_str().unwrap(), &base.to_string()])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("redis-cluster.sh runs");
-        assert!(status.success(), "own cluster started");
-        OwnCluster { dir, base }
+            drop(cluster); // `down`: the nodes that did start stop
+        }
+        panic!("own cluster started (3 tries on fresh ports)");
     }
 
     pub fn url(&self) -> String {
