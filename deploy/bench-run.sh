@@ -70,7 +70,7 @@ seed_and_project_one_org() {
   rm -f "$OUT.seed"
   echo "== the projection: pipeline-board project --exit-when-caught-up"
   "$BIN" project --exit-when-caught-up --metrics-addr "" 2>&1 | grep -E '^applied'
-  USER_ID=$(redis-cli hkeys "$RUN:{$ORG}:users" | head -1)
+  USER_ID=$(redis-cli hkeys "$("$BIN" keys users "$ORG")" | head -1)
   TOKEN=$("$BIN" token --org "$ORG" --user "$USER_ID")
 }
 

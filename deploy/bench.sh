@@ -19,7 +19,8 @@ DURATION="${BENCH_SECONDS:-8}"
 . deploy/bench-run.sh
 bench_run bench
 used_memory() { redis-cli info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r'; }
-cards_of() { echo $(( $(redis-cli hlen "$RUN:{$1}:card:c") + $(redis-cli hlen "$RUN:{$1}:card:a") )); }
+# Key names come from the key model (`pipeline-board keys`), never spelled here.
+cards_of() { echo $(( $(redis-cli hlen "$("$BIN" keys cards "$1" contact)") + $(redis-cli hlen "$("$BIN" keys cards "$1" application)") )); }
 {
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2}'); redis $(redis-server --version | awk '{print $3}'); commit $(git rev-parse --short HEAD)"
 echo "== command: deploy/bench.sh $CONTACTS (BENCH_SECONDS=$DURATION)"
@@ -41,20 +42,20 @@ cpu0=$(redis_cpu)
 echo "redis-server: $(awk -v a="$cpu0" -v b="$(redis_cpu)" 'BEGIN {printf "%.1f", b - a}') s CPU during the ingest"
 after=$(used_memory)
 total_cards=0
-for org in $(redis-cli --scan --pattern "$RUN:{*}:pipelines" | sed 's/.*{\(.*\)}.*/\1/'); do total_cards=$(( total_cards + $(cards_of "$org") )); done
+for org in $(redis-cli --scan --pattern "$("$BIN" keys pipelines '*')" | sed 's/.*{\(.*\)}.*/\1/'); do total_cards=$(( total_cards + $(cards_of "$org") )); done
 BIG_CARDS=$(cards_of "$BIG")
 echo "redis used_memory grew by $(( (after - before) / 1048576 )) MiB for $total_cards cards (big org: $BIG_CARDS) with their conversations and messages: $(( (after - before) / total_cards )) bytes per card"
 
 echo "== raw kafka read of the same topics"
 "$BIN" bench kafka-read
 echo "== raw redis rate of the same write mix (final writes of 200,000 cards as plain pipelined HSET/ZADD)"
-all_events=$(redis-cli hgetall "$RUN:{meta}:progress:$RUN" | awk 'NR % 2 == 0 {s += $1} END {print s}')
+all_events=$(redis-cli hgetall "$("$BIN" keys progress "$KAFKA_GROUP_ID")" | awk 'NR % 2 == 0 {s += $1} END {print s}')
 "$BIN" bench redis-writes --org "$BIG" --cards 200000 --events-per-card "$(awk -v e="$all_events" -v c="$total_cards" 'BEGIN {printf "%.2f", e / c}')"
 
 # The caller: a user with teams (so that `team` means something).
-USER_ID=$(redis-cli hgetall "$RUN:{$BIG}:users" | paste - - | awk '$2 != "[]" {print $1; exit}')
+USER_ID=$(redis-cli hgetall "$("$BIN" keys users "$BIG")" | paste - - | awk '$2 != "[]" {print $1; exit}')
 TOKEN=$("$BIN" token --org "$BIG" --user "$USER_ID")
-SMALL_USER=$(redis-cli hkeys "$RUN:{$SMALL}:users" | head -1)
+SMALL_USER=$(redis-cli hkeys "$("$BIN" keys users "$SMALL")" | head -1)
 SMALL_TOKEN=$("$BIN" token --org "$SMALL" --user "$SMALL_USER")
 PORT=18181
 "$BIN" project --metrics-addr "" >/dev/null 2>&1 &
@@ -115,7 +116,7 @@ kill $CANNED_PID; CANNED_PID=
 echo "== freshness: produce -> visible in an API answer, under 5,000 events/s and 500 boards/s"
 "$BIN" bench freshness --api "http://127.0.0.1:$PORT" --org "$BIG" --token "$TOKEN" --probe-org "$SMALL" --probe-token "$SMALL_TOKEN" --seconds 20
 echo "== the MongoDB path against the projection on a 5,000-contact org (same process, no HTTP; identical answers checked)"
-MONGO_USER=$(redis-cli hkeys "$RUN:{$MONGO_ORG}:users" | head -1)
+MONGO_USER=$(redis-cli hkeys "$("$BIN" keys users "$MONGO_ORG")" | head -1)
 "$BIN" bench mongo-vs-projection --org "$MONGO_ORG" --user "$MONGO_USER" --n 10 --body '{"size":25}' --body '{"size":25,"ownerFilter":"my"}' \
   --body '{"size":25,"search":"jan"}' --body '{"size":25,"ownerFilter":"team","messageStatus":"unanswered"}'
 echo "== redis after the run: $(redis-cli info memory | awk -F: '/^used_memory_human:/ {print $2}' | tr -d '\r') used; the API process: $(ps -o rss= -p $SERVE_PID | awk '{printf "%.0f MiB RSS", $1/1024}')"

@@ -59,7 +59,7 @@ ingest "cluster 3+3, 2 projectors" "$CLUSTER_URL" "$RUN-c2" 2
 # Boards: every request goes to the next of the 6 orgs (each with a token of one of its users).
 TOKENS=""
 for o in $ORG_IDS; do
-  u=$(redis-cli -p 6379 hkeys "$RUN-s:{$o}:users" | head -1)
+  u=$(redis-cli -p 6379 hkeys "$("$BIN" keys --redis-prefix "$RUN-s" users "$o")" | head -1)
   TOKENS="$TOKENS $("$BIN" token --org "$o" --user "$u")"
 done
 SCRIPT=$(mktemp --suffix .lua)
@@ -109,7 +109,7 @@ redis-cli -p 6379 --scan --pattern "$RUN-*" | xargs -r -d '\n' -n 1000 redis-cli
 for p in "$RUN-c" "$RUN-c2"; do
   for o in $ORG_IDS; do
     port=$(shard_of "$o")
-    redis-cli -p "$port" --scan --pattern "$p:{$o}:*" | xargs -r -d '\n' -n 1000 redis-cli -p "$port" unlink >/dev/null
+    redis-cli -p "$port" --scan --pattern "$("$BIN" keys --redis-prefix "$p" org-pattern "$o")" | xargs -r -d '\n' -n 1000 redis-cli -p "$port" unlink >/dev/null
   done
   for port in 7000 7001 7002 7003 7004 7005; do
     redis-cli -p "$port" role | head -1 | grep -q master || continue

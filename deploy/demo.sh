@@ -12,7 +12,10 @@ export MONGODB_DB="${MONGODB_DB:-crm}"
 # removed, and the topics are projected again from the start under a consumer group of model 2.
 export KAFKA_GROUP_ID="${KAFKA_GROUP_ID:-pipeline-board-m2}"
 P="${REDIS_PREFIX:-pb}"
-if [ "$(redis-cli get "$P:model")" != "2" ] && [ -n "$(redis-cli --scan --pattern "$P:*" | head -1)" ]; then
+# The marker's name comes from the key model; read model 2 kept it outside {meta} before.
+model=$(redis-cli get "$("$BIN" keys model)")
+[ -n "$model" ] || model=$(redis-cli get "$("$BIN" keys legacy-model)")
+if [ "$model" != "2" ] && [ -n "$(redis-cli --scan --pattern "$P:*" | head -1)" ]; then
   echo "removing a projection of an older read model under the prefix $P (the topics are projected again)"
   redis-cli --scan --pattern "$P:*" | xargs -r -n 1000 redis-cli unlink >/dev/null
 fi

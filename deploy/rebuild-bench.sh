@@ -15,7 +15,8 @@ CONTACTS="${1:-1000000}"
 bench_run rebuild
 # A port nothing listens on (an API left by an earlier run must not answer for this one).
 PORT=$(free_port)
-state() { redis-cli hget "$RUN:{meta}:state" status | tr -d '\r'; }
+STATE_KEY=$("$BIN" keys state)
+state() { redis-cli hget "$STATE_KEY" status | tr -d '\r'; }
 # Board (a): its total and who answered, or the whole reply when it is not a board.
 board_a() {
   curl -s -X POST "http://127.0.0.1:$PORT/api/contacts" -H "Authorization: Bearer $TOKEN" -d '{"size":25}' |
@@ -49,7 +50,7 @@ PIDS+=($WRK)
 /usr/bin/time -f "rebuild process: %U s user + %S s system CPU, %M KiB max RSS, %e s" "$BIN" rebuild --metrics-addr "" 2>&1 | grep -E 'rebuilt|rebuild process'
 kill -INT $WRK; wait $WRK 2>/dev/null || true
 grep 'client during' "$OUT.wrk"
-echo "board (a) after: $(board_a); generation $(redis-cli get "$RUN:{$ORG}:generation" | tr -d '\r')"
+echo "board (a) after: $(board_a); generation $(redis-cli get "$("$BIN" keys generation "$ORG")" | tr -d '\r')"
 echo "== FLUSHALL under the running projector and API"
 redis-cli flushall >/dev/null
 t0=$(date +%s.%N)

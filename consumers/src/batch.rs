@@ -10,9 +10,10 @@
 //! so a concurrent projector changing one of those values makes the commit a conflict instead of
 //! a lost update.
 use board_model::events::Event;
-use board_model::keys::OrgKeys;
+use board_model::keys::{Changed, OrgKeys, VersionField};
 use board_model::model::{CardDoc, CardKind, Conversation, Pipeline, User};
 use board_model::record::{index_entries, CardRecord, ContactState, ConversationRecord};
+use board_model::version::{supersedes, version_of};
 use board_redis::functions::{Commit, Guard, Write};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -204,11 +205,12 @@ impl<'a> Working<'a> {
     }
 
     /// Applies a versioned change of `field` if `version` is newer; false if stale.
-    fn newer(&mut self, field: &str, version: i64) -> bool {
-        if self.version(field).is_some_and(|cur| cur >= version) {
+    fn newer(&mut self, doc: VersionField, version: i64) -> bool {
+        let field = doc.field();
+        if !supersedes(version, self.version(&field)) {
             return false;
         }
-        self.versions.insert(field.to_string(), Some(version));
+        self.versions.insert(field, Some(version));
         true
     }
 
@@ -229,14 +231,14 @@ impl<'a> Working<'a> {
                 _ => false,
             },
             Event::PipelineUpserted(p) => {
-                let fresh = self.newer(&format!("p:{}", p.id), p.version.unwrap_or_default());
+                let fresh = self.newer(VersionField::Pipeline(&p.id), version_of(p.version));
                 if fresh {
                     self.pipelines.insert(p.id.clone(), Some(p.clone()));
                 }
                 fresh
             }
             Event::PipelineDeleted { id, version, .. } => {
-                let fresh = self.newer(&format!("p:{id}"), *version);
+                let fresh = self.newer(VersionField::Pipeline(id), *version);
                 if fresh {
                     self.pipelines.insert(id.clone(), None);
                 }
@@ -252,9 +254,8 @@ impl<'a> Working<'a> {
     }
 
     fn upsert_card(&mut self, kind: CardKind, doc: &CardDoc) -> bool {
-        let version = doc.version.unwrap_or_default();
         let current = self.card(kind, &doc.id);
-        if current.as_ref().is_some_and(|r| r.version >= version) {
+        if !supersedes(version_of(doc.version), current.as_ref().map(|r| r.version)) {
             return false;
         }
         if kind == CardKind::Application {
@@ -274,7 +275,7 @@ impl<'a> Working<'a> {
 
     fn delete_card(&mut self, kind: CardKind, id: &str, version: i64) -> bool {
         let current = self.card(kind, id);
-        if current.as_ref().is_some_and(|r| r.version >= version) {
+        if !supersedes(version, current.as_ref().map(|r| r.version)) {
             return false;
         }
         if kind == CardKind::Application {
@@ -287,9 +288,9 @@ impl<'a> Working<'a> {
     }
 
     fn upsert_conversation(&mut self, c: &Conversation) -> bool {
-        let version = c.version.unwrap_or_default();
+        let version = version_of(c.version);
         let current = self.conversation(&c.id);
-        if current.as_ref().is_some_and(|r| r.version >= version) {
+        if !supersedes(version, current.as_ref().map(|r| r.version)) {
             return false;
         }
         let mut assignees = c.assignees.clone().unwrap_or_default();
@@ -324,7 +325,7 @@ impl<'a> Working<'a> {
     }
 
     fn upsert_user(&mut self, u: &User) -> bool {
-        if !self.newer(&format!("u:{}", u.id), u.version.unwrap_or_default()) {
+        if !self.newer(VersionField::User(&u.id), version_of(u.version)) {
             return false;
         }
         let mut teams = u.team_ids.clone().unwrap_or_default();
@@ -343,7 +344,7 @@ impl<'a> Working<'a> {
     fn into_commit(mut self) -> Option<Commit> {
         let keys = self.keys;
         let mut writes = Vec::new();
-        let mut changed_cards: Vec<String> = Vec::new();
+        let mut changed: Vec<String> = Vec::new();
         let cards = std::mem::take(&mut self.cards);
         for ((kind, id), (old, new)) in cards {
             if old == new {
@@ -363,7 +364,7 @@ impl<'a> Working<'a> {
                 }
             }
             writes.push(Write::HSet { key, field: id.clone(), value: new.encode() });
-            changed_cards.push(format!("{}:{id}", kind.tag()));
+            changed.push(Changed::Card(kind, id).line());
         }
         for (cid, state) in std::mem::take(&mut self.contacts) {
             let key = &self.names.contacts;
@@ -405,13 +406,13 @@ impl<'a> Working<'a> {
             }
             let value = serde_json::to_vec(&teams).expect("ids serialize");
             writes.push(Write::HSet { key: self.names.users.clone(), field: id.clone(), value });
-            changed_cards.push(format!("u:{id}"));
+            changed.push(Changed::User(id.clone()).line());
         }
         if writes.is_empty() {
             return None;
         }
-        if !changed_cards.is_empty() {
-            writes.push(Write::XAdd { key: keys.changes(), field: "ids".into(), value: changed_cards.join("\n").into_bytes() });
+        if !changed.is_empty() {
+            writes.push(Write::XAdd { key: keys.changes(), field: "ids".into(), value: changed.join("\n").into_bytes() });
         }
         let mut read = std::mem::take(&mut self.read);
         read.sort_unstable();

@@ -174,6 +174,49 @@ impl KeySpace {
     }
 }
 
+/// A document whose last applied version lives in the org's `versions` hash (cards and
+/// conversations keep theirs in their records): its field there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionField<'a> {
+    Pipeline(&'a str),
+    User(&'a str),
+}
+
+impl VersionField<'_> {
+    pub fn field(&self) -> String {
+        match self {
+            VersionField::Pipeline(id) => format!("p:{id}"),
+            VersionField::User(id) => format!("u:{id}"),
+        }
+    }
+}
+
+/// One line of an entry of the org's change stream (`OrgKeys::changes`): what a batch changed,
+/// so the API's index re-reads just that (`c:<id>`, `a:<id>` for cards, `u:<id>` for a user).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Changed {
+    Card(CardKind, String),
+    User(String),
+}
+
+impl Changed {
+    pub fn line(&self) -> String {
+        match self {
+            Changed::Card(kind, id) => format!("{}:{id}", kind.tag()),
+            Changed::User(id) => format!("u:{id}"),
+        }
+    }
+    /// `None` for a line this build does not know (a newer projector's): the reader skips it.
+    pub fn parse(line: &str) -> Option<Self> {
+        match line.split_once(':')? {
+            ("c", id) => Some(Changed::Card(CardKind::Contact, id.to_string())),
+            ("a", id) => Some(Changed::Card(CardKind::Application, id.to_string())),
+            ("u", id) => Some(Changed::User(id.to_string())),
+            _ => None,
+        }
+    }
+}
+
 /// The keys of one org. `base` is also the first KEYS argument of every Function call: it
 /// routes the call to the org's slot on Redis Cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,6 +248,10 @@ impl OrgKeys {
     /// (cards and conversations keep theirs in their records).
     pub fn versions(&self) -> String {
         self.k(&["ver"])
+    }
+    /// Every sorted set of the org (for a SCAN MATCH): the `z`, `zn`, `zp` and `zpn` families.
+    pub fn index_pattern(&self) -> String {
+        self.k(&["z*"])
     }
     /// Card records (`record::CardRecord`, bincode), field = card id; deleted cards stay as
     /// tombstones.
@@ -301,6 +348,18 @@ mod tests {
         assert_ne!(o.stage_person(CardKind::Contact, &a, "def"), o.stage_person(CardKind::Contact, &b, "abc:def"));
         assert_ne!(o.stage_person_unanswered(CardKind::Contact, &a, "def"), o.stage_person_unanswered(CardKind::Contact, &b, "abc:def"));
         assert_ne!(raw_stage_key(Some("p|s:x"), Some("y"), None), raw_stage_key(Some("p"), Some("x|s:y"), None));
+    }
+
+    #[test]
+    fn change_lines_and_version_fields_round_trip() {
+        for c in
+            [Changed::Card(CardKind::Contact, "x:1".into()), Changed::Card(CardKind::Application, "a".into()), Changed::User("u".into())]
+        {
+            assert_eq!(Changed::parse(&c.line()), Some(c));
+        }
+        assert_eq!(Changed::parse("q:1"), None, "an unknown kind is skipped");
+        assert_eq!(VersionField::Pipeline("p1").field(), "p:p1");
+        assert_ne!(VersionField::Pipeline("x").field(), VersionField::User("x").field());
     }
 
     /// Any two different tuples of values give different keys, for every kind of index key.

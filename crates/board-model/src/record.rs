@@ -43,6 +43,9 @@ impl Derived {
     pub fn last_message_at(&self) -> Option<Millis> {
         self.message_times.last().copied()
     }
+    /// `messageStatus: answered`: the contact has at least one message (any direction, any
+    /// time); `unanswered` is its negation. The sorted-set path keeps the unanswered cards in
+    /// their own sets (`index_entries`); the MongoDB path asks `messages` for the contacts.
     pub fn answered(&self) -> bool {
         !self.message_times.is_empty()
     }
@@ -85,6 +88,12 @@ impl CardRecord {
     }
     pub fn decode(b: &[u8]) -> Result<Self, bincode::error::DecodeError> {
         decode(b)
+    }
+    /// `ownerFilter: unassigned`: a live card without an owner whose contact has no conversation
+    /// assignee (its creator does not count). The MongoDB path asks the same: `owner` null and
+    /// the contact not among those with an assigned conversation.
+    pub fn unassigned(&self) -> bool {
+        self.card.as_ref().is_some_and(|c| c.owner.is_none()) && self.derived.assignees.is_empty()
     }
     /// Everyone `my`, `owner` and `team` look for: creator, owner and conversation assignees.
     pub fn people(&self) -> BTreeSet<&str> {
@@ -246,6 +255,21 @@ mod tests {
         let answered = CardRecord::live(&card("c1"), Derived { assignees: vec![], message_times: vec![7] });
         assert_eq!(index_entries(&keys, CardKind::Contact, &answered).len(), 2, "all + one person, no unanswered sets");
         assert!(index_entries(&keys, CardKind::Contact, &CardRecord::tombstone(3)).is_empty());
+    }
+
+    #[test]
+    fn unassigned_means_no_owner_and_no_conversation_assignee() {
+        let unowned = CardDoc { owner: None, ..card("c1") };
+        assert!(CardRecord::live(&unowned, Derived::default()).unassigned(), "the creator does not count");
+        assert!(!CardRecord::live(&card("c1"), Derived::default()).unassigned(), "an owner");
+        assert!(!CardRecord::live(&unowned, Derived { assignees: vec!["u2".into()], message_times: vec![] }).unassigned());
+        assert!(!CardRecord::tombstone(1).unassigned(), "a deleted card is on no board");
+    }
+
+    #[test]
+    fn answered_means_any_message() {
+        assert!(!Derived::default().answered());
+        assert!(Derived { assignees: vec![], message_times: vec![0] }.answered());
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub enum OpsCommand {
     /// Raw baselines for the benchmarks (deploy/bench.sh).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Print a Redis key's name (for scripts: they never spell keys themselves).
+    Keys(crate::keys::KeysArgs),
 }
 
 pub async fn run(cmd: OpsCommand) -> anyhow::Result<ExitCode> {
@@ -86,6 +88,10 @@ pub async fn run(cmd: OpsCommand) -> anyhow::Result<ExitCode> {
             Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         OpsCommand::Dlq(cmd) => dlq(cmd).await,
+        OpsCommand::Keys(args) => {
+            println!("{}", crate::keys::name(&args)?);
+            Ok(ExitCode::SUCCESS)
+        }
         OpsCommand::Bench(cmd) => {
             crate::bench::run(cmd).await?;
             Ok(ExitCode::SUCCESS)

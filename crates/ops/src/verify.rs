@@ -5,7 +5,7 @@
 //! projector uses (`record.rs`), but along a different road: from whole collections at once
 //! rather than event by event, so a bug in the event handling (ordering, versions, coalescing,
 //! moves between contacts) shows up as drift.
-use board_model::keys::{KeySpace, OrgKeys};
+use board_model::keys::{KeySpace, OrgKeys, VersionField};
 use board_model::model::{CardKind, Pipeline};
 use board_model::record::{index_entries, CardRecord, ContactState, ConversationRecord};
 use board_mongo::{self, OrgSnapshot};
@@ -92,7 +92,7 @@ pub fn expected_contact_states(snap: &OrgSnapshot) -> BTreeMap<String, ContactSt
 }
 
 async fn actual_entries(conn: &mut board_redis::redis_conn::RedisConn, keys: &OrgKeys) -> redis::RedisResult<Entries> {
-    let names: Vec<String> = conn.scan_match(&format!("{}:z*", keys.base)).await?;
+    let names: Vec<String> = conn.scan_match(&keys.index_pattern()).await?;
     let mut out = Entries::new();
     for name in names {
         let m: Vec<(String, f64)> = conn.zrange_withscores(&name, 0, -1).await?;
@@ -258,11 +258,15 @@ async fn verify_versions_and_users(
     report: &mut DriftReport,
 ) -> anyhow::Result<()> {
     let versions: HashMap<String, String> = conn.hgetall(keys.versions()).await?;
-    let docs = snap.pipelines.iter().map(|d| ("p", &d.id, d.version)).chain(snap.users.iter().map(|d| ("u", &d.id, d.version)));
-    for (tag, id, version) in docs {
+    let docs = snap
+        .pipelines
+        .iter()
+        .map(|d| (VersionField::Pipeline(&d.id), d.version))
+        .chain(snap.users.iter().map(|d| (VersionField::User(&d.id), d.version)));
+    for (doc, version) in docs {
         let Some(version) = version else { continue };
         report.versions += 1;
-        let field = format!("{tag}:{id}");
+        let field = doc.field();
         if versions.get(&field) != Some(&version.to_string()) {
             report.drift(format!("version of {field}: {:?} in the projection, {version} in MongoDB", versions.get(&field)));
         }

@@ -12,6 +12,7 @@ use super::request::{BoardQuery, MessageStatus, OwnerScope};
 use board_model::card::{search_fields, trigrams, Trigram};
 use board_model::keys::raw_stage_key;
 use board_model::model::CardKind;
+use board_model::order::BoardPlace;
 use board_model::record::{has_message_between, quiet_since, CardRecord};
 use board_model::time::Millis;
 use roaring::RoaringBitmap;
@@ -33,6 +34,7 @@ struct Row {
     source: Option<String>,
     bulk: bool,
     unassigned: bool,
+    answered: bool,
 }
 
 impl Row {
@@ -157,7 +159,8 @@ impl OrgIndex {
             // `source` filters only the Contact board (CONTRACT.md 3).
             source: if kind == CardKind::Contact { card.source.clone() } else { None },
             bulk: card.is_bulk_sms == Some(true),
-            unassigned: card.owner.is_none() && rec.derived.assignees.is_empty(),
+            unassigned: rec.unassigned(),
+            answered: rec.derived.answered(),
         });
         let Some(r) = new else {
             if let Some((row, o)) = old {
@@ -185,20 +188,20 @@ impl OrgIndex {
         self.slot_of.insert(key, row);
     }
 
-    /// Board order: the greater key comes first.
-    fn board_key(&self, row: u32) -> (i64, &str) {
+    /// The row's place in its column (`board_model::order`): the smaller place comes first.
+    fn place(&self, row: u32) -> BoardPlace<'_> {
         let r = self.rows[row as usize].as_ref().expect("ordered rows are live");
-        (r.created.unwrap_or(i64::MIN), &r.id)
+        BoardPlace::new(r.created, &r.id)
     }
 
     fn order_insert(&mut self, row: u32, r: &Row) {
         let Some(stage) = &r.stage else { return };
-        let key = (r.created.unwrap_or(i64::MIN), r.id.as_str());
+        let place = BoardPlace::new(r.created, &r.id);
         let mut list = self.order.remove(&(r.kind, stage.clone())).unwrap_or_default();
         if self.loading {
             list.push(row);
         } else {
-            let at = list.partition_point(|x| self.board_key(*x) > key);
+            let at = list.partition_point(|x| self.place(*x) < place);
             list.insert(at, row);
         }
         self.order.insert((r.kind, stage.clone()), list);
@@ -207,12 +210,12 @@ impl OrgIndex {
     /// `r` is the row's old content (already taken out of `rows`).
     fn order_remove(&mut self, row: u32, r: &Row) {
         let Some(stage) = &r.stage else { return };
-        let key = (r.created.unwrap_or(i64::MIN), r.id.as_str());
+        let place = BoardPlace::new(r.created, &r.id);
         let Some(mut list) = self.order.remove(&(r.kind, stage.clone())) else { return };
         if self.loading {
             list.retain(|x| *x != row);
         } else {
-            let at = list.partition_point(|x| *x != row && self.board_key(*x) > key);
+            let at = list.partition_point(|x| *x != row && self.place(*x) < place);
             if let Some(i) = list[at..].iter().position(|x| *x == row) {
                 list.remove(at + i);
             }
@@ -231,7 +234,7 @@ impl OrgIndex {
         self.loading = false;
         let mut order = std::mem::take(&mut self.order);
         for list in order.values_mut() {
-            list.sort_unstable_by(|a, b| self.board_key(*b).cmp(&self.board_key(*a)));
+            list.sort_unstable_by_key(|row| self.place(*row));
         }
         self.order = order;
     }
@@ -256,9 +259,7 @@ impl OrgIndex {
         for g in r.grams() {
             set(&mut self.by_gram, &g, row, on);
         }
-        for (flag, bitmap) in
-            [(r.bulk, &mut self.bulk), (r.unassigned, &mut self.unassigned), (!r.message_times.is_empty(), &mut self.answered)]
-        {
+        for (flag, bitmap) in [(r.bulk, &mut self.bulk), (r.unassigned, &mut self.unassigned), (r.answered, &mut self.answered)] {
             if flag && on {
                 bitmap.insert(row);
             } else if flag {
@@ -308,7 +309,7 @@ impl OrgIndex {
                         return Err(IndexError::Deadline);
                     }
                 }
-                if at[i] < list.len() && best.is_none_or(|b| self.board_key(list[at[i]]) > self.board_key(lists[b][at[b]])) {
+                if at[i] < list.len() && best.is_none_or(|b| self.place(list[at[i]]) < self.place(lists[b][at[b]])) {
                     best = Some(i);
                 }
             }
@@ -390,7 +391,7 @@ impl OrgIndex {
                 out.push(IndexBucket { total: cand.len(), ids });
                 continue;
             }
-            let mut hits: Vec<(i64, &str)> = Vec::new();
+            let mut hits: Vec<BoardPlace> = Vec::new();
             for (n, row) in cand.iter().enumerate() {
                 if n % 4096 == 4095 && Instant::now() >= deadline {
                     return Err(IndexError::Deadline);
@@ -412,19 +413,17 @@ impl OrgIndex {
                         continue;
                     }
                 }
-                hits.push((r.created.unwrap_or(i64::MIN), &r.id));
+                hits.push(BoardPlace::new(r.created, &r.id));
             }
             let total = hits.len() as u64;
             let want = (b.offset + b.limit) as usize;
-            // Board order: createdAt descending, then id descending; only the first `want`
-            // matter.
-            let by_board_order = |x: &(i64, &str), y: &(i64, &str)| y.cmp(x);
+            // In board order; only the first `want` matter.
             if hits.len() > want && want > 0 {
-                hits.select_nth_unstable_by(want - 1, by_board_order);
+                hits.select_nth_unstable(want - 1);
                 hits.truncate(want);
             }
-            hits.sort_unstable_by(by_board_order);
-            let ids = hits.into_iter().skip(b.offset as usize).take(b.limit as usize).map(|(_, id)| id.to_string()).collect();
+            hits.sort_unstable();
+            let ids = hits.into_iter().skip(b.offset as usize).take(b.limit as usize).map(|p| p.id().to_string()).collect();
             out.push(IndexBucket { total, ids });
         }
         Ok(out)

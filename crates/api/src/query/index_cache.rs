@@ -7,7 +7,7 @@
 //! change (a heal after Redis lost it) reloads the org.
 use super::index::OrgIndex;
 use arc_swap::ArcSwap;
-use board_model::keys::OrgKeys;
+use board_model::keys::{Changed, OrgKeys};
 use board_model::model::CardKind;
 use board_model::record::CardRecord;
 use board_redis::redis_conn::RedisConn;
@@ -318,11 +318,10 @@ impl IndexCache {
             for (_, fields) in entries {
                 for (_, ids) in fields {
                     for line in ids.lines() {
-                        match line.split_once(':') {
-                            Some(("c", id)) => cards.insert((CardKind::Contact, id.to_string())),
-                            Some(("a", id)) => cards.insert((CardKind::Application, id.to_string())),
-                            Some(("u", id)) => users.insert(id.to_string()),
-                            _ => false,
+                        match Changed::parse(line) {
+                            Some(Changed::Card(kind, id)) => cards.insert((kind, id)),
+                            Some(Changed::User(id)) => users.insert(id),
+                            None => false,
                         };
                     }
                 }

@@ -5,6 +5,7 @@ use super::board::{self, BoardAnswer, BoardPlan, BucketAnswer, BucketSpec, CardO
 use super::error::ApiError;
 use super::request::{BoardQuery, CustomValue, MessageStatus, OwnerScope, TimeRange};
 use board_model::model::{CardKind, Pipeline};
+use board_model::order::MONGO_SORT;
 use board_model::time::Millis;
 use board_mongo::{card_from_bson, pipeline_from_bson};
 use bson::{doc, Bson, DateTime, Document};
@@ -250,7 +251,7 @@ impl MongoReader {
                         Vec::new()
                     } else {
                         let opts = FindOptions::builder()
-                            .sort(doc! {"createdAt": -1, "_id": -1})
+                            .sort(MONGO_SORT.iter().map(|(field, dir)| (field.to_string(), Bson::Int32(*dir))).collect::<Document>())
                             .skip(b.offset)
                             .limit(b.limit as i64)
                             .max_time(OP_TIMEOUT)

@@ -11,6 +11,7 @@ use super::index_cache::IndexCache;
 use super::request::{BoardQuery, MessageStatus, OwnerScope};
 use board_model::keys::{Generation, KeySpace, OrgKeys};
 use board_model::model::{CardKind, Pipeline};
+use board_model::order::BoardPlace;
 use board_model::record::CardRecord;
 use board_model::time::Millis;
 use board_redis::redis_conn::RedisConn;
@@ -392,8 +393,7 @@ impl ProjectionReader {
                 }
             }
             if shallow {
-                // Board order: score descending, then id descending (as ZRANGE REV orders).
-                merged.sort_by(|x, y| y.0.total_cmp(&x.0).then_with(|| y.1.cmp(&x.1)));
+                merged.sort_by(|x, y| BoardPlace::of_score(x.0, &x.1).cmp(&BoardPlace::of_score(y.0, &y.1)));
                 ids = merged.into_iter().skip(b.offset as usize).take(b.limit as usize).map(|(_, id)| id).collect();
             } else if non_empty.len() > 1 {
                 deep_spanning.push((i, non_empty));
