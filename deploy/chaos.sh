@@ -10,4 +10,4 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pipeline-board/target}"
 minutes="${1:-10}"
 bash deploy/stack.sh up
-CHAOS_REDIS="${2:-single}" CHAOS_MINUTES="$minutes" cargo test --locked --test chaos -- --nocapture --test-threads 1
+CHAOS_REDIS="${2:-single}" CHAOS_MINUTES="$minutes" cargo test --locked --test it -- chaos:: --nocapture --test-threads 1

@@ -3,6 +3,7 @@
 //! round trip of `FCALL pb_commit` (atomic per org). An org whose commit met a concurrent change
 //! (another projector wrote a value this batch read) is read again and recomputed.
 use crate::batch::{self, Outcome, Slot, Snapshot, Step};
+use crate::events;
 use board_model::events::Event;
 use board_model::keys::{Generation, KeySpace, OrgKeys};
 use board_redis::functions::{commit_writes, load_library, Commit, CommitOutcome};
@@ -10,7 +11,7 @@ use board_redis::redis_conn::{ConnectOptions, RedisConn, RedisTarget, Route};
 use redis::RedisError;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
-use tracing::{debug, warn};
+use tracing::warn;
 
 /// Redis could not take the batch now (down, restarting, out of memory, failing over). The
 /// batch is retried as a whole: its writes are a pure function of what it reads.
@@ -285,7 +286,7 @@ impl RedisApplier {
             let replies: Vec<String> = match self.conn.query_by_slot(calls).await {
                 Ok(r) => r,
                 Err(e) => {
-                    if e.to_string().contains("Function not found") {
+                    if board_redis::functions::is_missing(&e) {
                         // Redis restarted without persistence: load the library for the retry.
                         let _ = load_library(&mut self.conn).await;
                     }
@@ -306,16 +307,14 @@ impl RedisApplier {
                         if *n > MAX_CONFLICTS {
                             return Err(Transient(format!("org {org}: {MAX_CONFLICTS} commit conflicts in a row")));
                         }
-                        debug!(org, "commit conflict; reading again");
-                        metrics::counter!("pb_commit_conflicts_total").increment(1);
+                        events::CommitConflict { org }.emit();
                         for g in &commit.guards {
                             snap.remove(&g.key, &g.field);
                         }
                         pending.push(org);
                     }
                     Some(CommitOutcome::Moved(generation)) => {
-                        debug!(org, generation = %generation, "org switched to another generation; computing again there");
-                        metrics::counter!("pb_commit_moved_total").increment(1);
+                        events::CommitMoved { org, generation: &generation }.emit();
                         self.generations.insert(org.to_string(), generation);
                         let n = conflicts.entry(org).or_default();
                         *n += 1;
@@ -353,19 +352,19 @@ impl RedisApplier {
         for route in routes {
             if let Some(until) = self.without_replica.get(&route) {
                 if Instant::now() < *until {
-                    metrics::counter!("pb_commit_unreplicated_total").increment(1);
+                    events::CommitUnreplicated.emit();
                     continue;
                 }
                 if self.conn.replicas_of(route).await? == 0 {
                     self.without_replica.insert(route, Instant::now() + Duration::from_secs(1));
-                    metrics::counter!("pb_commit_unreplicated_total").increment(1);
+                    events::CommitUnreplicated.emit();
                     continue;
                 }
                 self.without_replica.remove(&route);
             }
             let acked = self.conn.wait_on(route, self.replica_acks, REPLICA_ACK_TIMEOUT).await?;
             if acked < self.replica_acks as i64 {
-                metrics::counter!("pb_commit_unreplicated_total").increment(1);
+                events::CommitUnreplicated.emit();
                 if self.conn.replicas_of(route).await? == 0 {
                     warn!(?route, "a shard has no connected replica: its writes are not waited for until one connects");
                     self.without_replica.insert(route, Instant::now() + Duration::from_secs(1));

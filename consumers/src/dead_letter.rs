@@ -115,9 +115,9 @@ pub async fn park(
     refusal: &str,
 ) -> Result<(), ParkError> {
     let held: u64 = redis::cmd("XLEN").arg(stream).query_async(redis).await?;
-    metrics::gauge!("pb_dead_letters_parked").set(held as f64);
+    crate::events::ParkedDeadLetters { held }.emit();
     if held >= max {
-        metrics::counter!("pb_dead_letters_park_refused_total").increment(1);
+        crate::events::ParkRefused.emit();
         return Err(ParkError::Full { held, max });
     }
     let (partition, offset, reason_text) = (origin.partition.to_string(), origin.offset.to_string(), reason.to_string());
@@ -132,6 +132,6 @@ pub async fn park(
         ("refusal", refusal.as_bytes()),
     ];
     redis::cmd("XADD").arg(stream).arg("*").arg(&fields[..]).query_async::<String>(redis).await?;
-    metrics::gauge!("pb_dead_letters_parked").set((held + 1) as f64);
+    crate::events::ParkedDeadLetters { held: held + 1 }.emit();
     Ok(())
 }

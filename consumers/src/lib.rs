@@ -5,6 +5,7 @@ pub mod apply;
 pub mod batch;
 pub mod config;
 pub mod dead_letter;
+pub mod events;
 pub mod kafka;
 pub mod progress;
 pub mod projector;

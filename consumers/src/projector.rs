@@ -11,6 +11,7 @@ use crate::apply::{Position, RedisApplier, Transient};
 use crate::batch::Outcome;
 use crate::config::Topics;
 use crate::dead_letter::{DeadLetters, Origin};
+use crate::events;
 use crate::kafka::KafkaConnection;
 use crate::progress;
 use crate::rewind;
@@ -18,7 +19,7 @@ use crate::state;
 use board_model::events::{parse_event_timed, Event, PoisonReason};
 use board_model::keys::KeySpace;
 use board_model::offsets;
-use board_redis::functions::{load_library, progress_cmd};
+use board_redis::functions::{load_library, progress_cmd, ProgressOutcome};
 use board_redis::redis_conn::{query_blocking, RedisTarget};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
@@ -102,10 +103,6 @@ impl RunCounters {
     }
 }
 
-fn unix_millis() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
-}
-
 impl RunCounters {
     pub fn get(&self, c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
@@ -157,8 +154,7 @@ impl ClientContext for ProjectorContext {
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
                 if *partition >= 0 && p.consumer_lag >= 0 {
-                    metrics::gauge!("pb_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
+                    events::ConsumerLag { topic, partition: *partition, lag: p.consumer_lag }.emit();
                 }
             }
         }
@@ -333,7 +329,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
                 }
             }
         }
-        let _ = counters.first_batch_at.compare_exchange(0, unix_millis(), Ordering::Relaxed, Ordering::Relaxed);
+        let _ = counters.first_batch_at.compare_exchange(0, board_model::time::now_millis(), Ordering::Relaxed, Ordering::Relaxed);
         let deadline = Instant::now() + settings.linger;
         while batch.len() < settings.max_batch {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
@@ -383,8 +379,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
                 }
                 Err(e) => {
                     counters.redis_retries.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("pb_apply_retries_total").increment(1);
-                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "batch not applied; retrying");
+                    events::ApplyRetried { error: &e, retry_in: backoff }.emit();
                     tokio::select! {
                         _ = &mut shutdown => {
                             finish(&consumer);
@@ -423,7 +418,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         }
         record_freshness(&batch);
         counters.batches.fetch_add(1, Ordering::Relaxed);
-        counters.last_batch_at.store(unix_millis(), Ordering::Relaxed);
+        counters.last_batch_at.store(board_model::time::now_millis(), Ordering::Relaxed);
     }
     finish(&consumer);
     // Stopping once caught up (a backfill) must not leave a whole projection marked `building`
@@ -512,11 +507,9 @@ fn watch_state_every_second(
             tokio::time::sleep(Duration::from_secs(1)).await;
             match shards.restarted_empty(&mut conn).await {
                 Ok(Some(node)) => {
-                    warn!(node, "a redis cluster primary restarted empty: its orgs are lost; building the projection again");
-
+                    events::ShardLost { node: &node }.emit();
                     match state::forget(&mut conn, &keys, &group).await {
                         Ok(()) => {
-                            metrics::counter!("pb_shard_losses_total").increment(1);
                             shards.handled();
                         }
                         Err(e) => warn!(error = %e, "projection state not forgotten; the next check retries"),
@@ -552,7 +545,7 @@ fn watch_state_every_second(
                 Err(e) => warn!(error = %e, "write marks not checked: a redis gone back in time is not noticed until they are"),
             }
             match state::check_whole(&mut conn, &keys, &mine, &progress_key).await {
-                Ok(s) => metrics::gauge!("pb_projection_whole").set(if s == board_redis::projection::Status::Whole { 1.0 } else { 0.0 }),
+                Ok(s) => events::ProjectionWhole(s == board_redis::projection::Status::Whole).emit(),
                 Err(e) => debug!(error = %e, "wholeness not checked"),
             }
         }
@@ -628,18 +621,17 @@ async fn restart_after_rewind(
         state::restart_after_rewind(conn, &settings.keys, &settings.group_id, mine, resume, &settings.kafka, &settings.topics.inputs())
             .await?;
     if restarted.is_some() {
-        metrics::counter!("pb_redis_rewinds_total").increment(1);
+        events::RedisRewound.emit();
     }
     Ok(())
 }
 
 /// Freshness: from each applied event's `occurredAt` to now (its batch acknowledged).
 fn record_freshness(batch: &[Parsed]) {
-    let now = unix_millis();
-    let h = metrics::histogram!("pb_projection_freshness_seconds");
+    let now = board_model::time::now_millis();
     for (_, p) in batch {
         if let Ok((_, Some(at))) = p {
-            h.record(((now - at).max(0)) as f64 / 1000.0);
+            events::Freshness { seconds: ((now - at).max(0)) as f64 / 1000.0 }.emit();
         }
     }
 }
@@ -686,13 +678,29 @@ impl Drop for AbortOnDrop {
 fn publish_ends_every_second(settings: &ProjectorSettings, mut conn: board_redis::redis_conn::RedisConn) -> tokio::task::JoinHandle<()> {
     let (kafka, topics, key) = (settings.kafka.clone(), settings.topics.inputs(), settings.keys.partition_ends(&settings.group_id));
     tokio::spawn(async move {
+        let mut client = None;
         loop {
-            if let Err(e) = progress::publish_ends(&kafka, &topics, &mut conn, &key).await {
+            let published = match watermarks_client(&mut client, &kafka) {
+                Ok(c) => c.publish_ends(&topics, &mut conn, &key).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = published {
                 debug!(error = %e, "partition ends not published");
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     })
+}
+
+/// The loop's one watermarks client, made on first use (and again after a failed make).
+fn watermarks_client<'a>(
+    client: &'a mut Option<progress::Watermarks>,
+    kafka: &KafkaConnection,
+) -> anyhow::Result<&'a progress::Watermarks> {
+    if client.is_none() {
+        *client = Some(progress::Watermarks::new(kafka)?);
+    }
+    Ok(client.as_ref().expect("made above"))
 }
 
 /// Resolves once every input partition is applied to its end; never, unless asked for.
@@ -702,9 +710,14 @@ async fn caught_up_watch(settings: &ProjectorSettings, mut conn: board_redis::re
     }
     let (kafka, topics) = (settings.kafka.clone(), settings.topics.inputs());
     let task = tokio::spawn(async move {
+        let mut client = None;
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            match progress::lag(&kafka, &topics, &mut conn, &progress_key).await {
+            let lag = match watermarks_client(&mut client, &kafka) {
+                Ok(c) => c.lag(&topics, &mut conn, &progress_key).await,
+                Err(e) => Err(e),
+            };
+            match lag {
                 Ok(lag) if lag.total() == 0 => {
                     info!(applied = lag.applied(), "caught up; stopping");
                     return;
@@ -776,21 +789,25 @@ async fn process_batch(
                     .await
                     .map_err(|re| Transient(format!("parking a dead letter in redis: {re}")))?;
                 counters.parked.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("pb_dead_letters_parked_total", "code" => reason.code()).increment(1);
-                warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), dlq_topic = dead_letters.topic.topic(),
-                    refusal = %e, "the dead-letter topic did not take the event; parked in redis");
+                events::DeadLetterParked {
+                    topic: msg.topic(),
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    code: reason.code(),
+                    dlq_topic: dead_letters.topic.topic(),
+                    refusal: &e,
+                }
+                .emit();
             }
             Err(e) => return Err(Transient(format!("dead-letter topic: {e}"))),
         }
-        warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), code = reason.code(), reason = %reason, "event dead-lettered");
-        metrics::counter!("pb_events_dead_lettered_total", "code" => reason.code()).increment(1);
+        events::EventDeadLettered { topic: msg.topic(), partition: msg.partition(), offset: msg.offset(), code: reason.code(), reason }
+            .emit();
     }
     counters.applied.fetch_add(applied, Ordering::Relaxed);
     counters.stale.fetch_add(stale, Ordering::Relaxed);
     counters.dead_lettered.fetch_add(poison.len() as u64, Ordering::Relaxed);
-    metrics::counter!("pb_events_applied_total").increment(applied);
-    metrics::counter!("pb_events_stale_total").increment(stale);
-    metrics::histogram!("pb_batch_apply_seconds").record(started.elapsed().as_secs_f64());
+    events::BatchApplied { applied, stale, took: started.elapsed() }.emit();
     Ok(())
 }
 
@@ -834,10 +851,11 @@ async fn store_offsets(
     // later batch records these partitions, and until then a restart re-reads them (idempotent).
     let mut backoff = Duration::from_millis(100);
     for attempt in 1..=5 {
-        match progress_cmd(keys, progress_key, instance, &fields).query_async::<String>(redis).await {
-            Ok(r) if r == "ok" => break,
-            Ok(_) => return false,
-            Err(e) if e.to_string().contains("Function not found") => return false,
+        match progress_cmd(keys, progress_key, instance, &fields).query_async::<ProgressOutcome>(redis).await {
+            Ok(ProgressOutcome::Recorded) => break,
+            Ok(ProgressOutcome::Lost) => return false,
+            // A Redis without the library lost its data too: the projection is gone.
+            Err(e) if board_redis::functions::is_missing(&e) => return false,
             Err(e) => {
                 debug!(error = %e, attempt, "progress not recorded");
                 tokio::time::sleep(backoff).await;

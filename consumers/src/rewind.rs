@@ -20,6 +20,8 @@
 //! another shard; on a single server `{meta}` goes back with the mark, and then Redis' own
 //! progress is consistent with its data anyway).
 use board_model::keys::KeySpace;
+use board_redis::functions::fcall;
+use board_redis::functions::mark::{mark_raise_cmd, MarkRaised};
 use board_redis::redis_conn::RedisConn;
 use board_redis::LiveOrg;
 use redis::AsyncCommands;
@@ -92,18 +94,6 @@ pub fn tag_within(ranges: &[(u16, u16)]) -> Option<String> {
     })
 }
 
-/// Raises a mark by compare-and-set: KEYS[1] the mark; ARGV: the lowest `seq` it may hold
-/// (the last seen), the progress to keep with the new `seq` (JSON). Reply: {'ok', seq, ''} or
-/// {'rewound', seq, progress-json-or-''} (nothing written).
-const RAISE: &str = r"
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-if seq < tonumber(ARGV[1]) then
-  return {'rewound', seq, redis.call('HGET', KEYS[1], 'progress') or ''}
-end
-seq = seq + 1
-redis.call('HSET', KEYS[1], 'seq', seq, 'progress', ARGV[2])
-return {'ok', seq, ''}";
-
 /// One projector's view of the write marks.
 #[derive(Default)]
 pub struct WriteMarks {
@@ -144,9 +134,8 @@ impl WriteMarks {
         let mut found = None;
         for mark in self.marks(conn, keys).await? {
             let seen = self.seen.get(&mark).copied().unwrap_or(0).max(recorded.get(&mark).copied().unwrap_or(0));
-            let reply: (String, i64, Option<String>) = redis::Script::new(RAISE).key(&mark).arg(seen).arg(&json).invoke_async(conn).await?;
-            match reply {
-                (word, seq, _) if word == "ok" => {
+            match fcall(conn, &mark_raise_cmd(&mark, seen, &json)).await? {
+                MarkRaised::Raised(seq) => {
                     self.seen.insert(mark.clone(), seq);
                     raised.push((mark.clone(), seq));
                     if conn.is_cluster() {
@@ -155,8 +144,8 @@ impl WriteMarks {
                         let _ = conn.wait_on(RedisConn::route_of(&mark), 1, Duration::from_millis(100)).await;
                     }
                 }
-                (_, held, progress) => {
-                    let progress = progress.filter(|p| !p.is_empty()).and_then(|p| serde_json::from_str::<Progress>(&p).ok());
+                MarkRaised::Rewound { held, progress } => {
+                    let progress = progress.and_then(|p| serde_json::from_str::<Progress>(&p).ok());
                     found.get_or_insert(Rewound { mark: mark.clone(), held, seen, progress });
                 }
             }

@@ -11,6 +11,8 @@ use crate::kafka::KafkaConnection;
 use crate::progress;
 use board_model::keys::KeySpace;
 use board_model::offsets;
+use board_redis::functions::fcall;
+use board_redis::functions::state::{state_whole_cmd, StateRewind, StateStart, StateStarted};
 use board_redis::projection::{instance, status, Status};
 use board_redis::redis_conn::RedisConn;
 use redis::AsyncCommands;
@@ -31,22 +33,7 @@ pub async fn ensure(
     }
     let ends = progress::fetch_watermarks(kafka, topics).await?;
     let mine = format!("{:016x}", rand::random::<u64>());
-    let now = chrono_free_now_millis();
-    let script = redis::Script::new(
-        r"
-        if redis.call('HSETNX', KEYS[1], 'instance', ARGV[1]) == 0 then return redis.call('HGET', KEYS[1], 'instance') end
-        redis.call('HSET', KEYS[1], 'status', 'building', 'since', ARGV[2])
-        redis.call('SET', KEYS[3], ARGV[4])
-        redis.call('DEL', KEYS[4])
-        if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'incomplete', ARGV[3]) end
-        local m = tonumber(ARGV[5])
-        for i = 6, 5 + 2 * m, 2 do
-          if tonumber(redis.call('HGET', KEYS[5], ARGV[i]) or '0') < tonumber(ARGV[i + 1]) then redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
-        end
-        redis.call('DEL', KEYS[2])
-        if #ARGV > 5 + 2 * m then redis.call('HSET', KEYS[2], unpack(ARGV, 6 + 2 * m)) end
-        return ARGV[1]",
-    );
+    let now = board_model::time::now_millis();
     // Partitions whose early records are gone (retention): replaying them cannot make the
     // projection whole; only `rebuild --source mongodb` can.
     let lost: Vec<String> =
@@ -56,36 +43,16 @@ pub async fn ensure(
     } else {
         format!("the topics no longer hold their whole history ({}): run `pipeline-board rebuild --source mongodb`", lost.join(", "))
     };
-    let mut call = script.key(keys.state());
-    // The model marker with the state: a later projector start finds the projection claimed.
-    // The marks seen belong to the projection that was lost (`rewind.rs`): they start over.
-    call.key(keys.state_target())
-        .key(keys.model())
-        .key(keys.write_marks_seen())
-        .key(keys.progress(group))
-        .arg(&mine)
-        .arg(now)
-        .arg(&incomplete)
-        .arg(board_model::keys::MODEL_VERSION);
-    let floors = offsets::replay_floors(&ends, &BTreeMap::new());
-    call.arg(floors.len());
-    for (field, low) in &floors {
-        call.arg(field).arg(*low);
-    }
-    for ((t, p), (_, end)) in &ends {
-        call.arg(offsets::field(t, *p)).arg(*end);
-    }
-    let instance: String = call.invoke_async(conn).await?;
-    if instance == mine && !incomplete.is_empty() {
+    let floors = offsets::replay_floors(&ends, &offsets::Checkpoint::default());
+    let ends_fields = end_fields(&ends);
+    let start = StateStart { group, instance: &mine, now, incomplete: &incomplete, floors: &floors, ends: &ends_fields };
+    let instance: String = fcall(conn, &start.cmd(keys)).await?;
+    let made = start.outcome(instance.clone()) == StateStarted::Made;
+    if made && !incomplete.is_empty() {
         tracing::error!(instance, incomplete, "no projection in redis, and the topics cannot rebuild it alone");
     }
-    if instance == mine {
-        tracing::warn!(
-            instance,
-            partitions = ends.len(),
-            "no projection in redis: building it from what redis holds (the partitions' beginnings)"
-        );
-        metrics::counter!("pb_projection_restarts_total").increment(1);
+    if made {
+        crate::events::ProjectionRestarted { instance: &instance, partitions: ends.len() }.emit();
     }
     Ok(instance)
 }
@@ -107,21 +74,11 @@ pub async fn check_whole(conn: &mut RedisConn, keys: &KeySpace, instance: &str, 
     if !reached {
         return Ok(Status::Building);
     }
-    let script = redis::Script::new(
-        r"
-        if redis.call('HGET', KEYS[1], 'instance') ~= ARGV[1] then return 0 end
-        redis.call('HSET', KEYS[1], 'status', 'whole', 'wholeAt', ARGV[2])
-        return 1",
-    );
-    let done: i64 = script.key(keys.state()).arg(instance).arg(chrono_free_now_millis()).invoke_async(conn).await?;
+    let done: i64 = fcall(conn, &state_whole_cmd(keys, instance, board_model::time::now_millis())).await?;
     if done == 1 {
         tracing::info!(instance, "projection is whole");
     }
     Ok(if done == 1 { Status::Whole } else { Status::Missing })
-}
-
-fn chrono_free_now_millis() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
 
 /// After Redis went back in time (`rewind.rs`): lowers the group's progress to `resume` (a
@@ -141,33 +98,10 @@ pub async fn restart_after_rewind(
     topics: &[String],
 ) -> anyhow::Result<Option<String>> {
     let ends = progress::fetch_watermarks(kafka, topics).await?;
-    let script = redis::Script::new(
-        r"
-        if redis.call('HGET', KEYS[1], 'instance') ~= ARGV[1] then return 0 end
-        local n = tonumber(ARGV[5])
-        local resume = {}
-        for i = 6, 5 + 2 * n, 2 do resume[ARGV[i]] = tonumber(ARGV[i + 1]) end
-        local held = redis.call('HGETALL', KEYS[3])
-        for i = 1, #held, 2 do
-          local to = resume[held[i]]
-          if not to then redis.call('HDEL', KEYS[3], held[i])
-          elseif to < tonumber(held[i + 1]) then redis.call('HSET', KEYS[3], held[i], to) end
-        end
-        local m = tonumber(ARGV[6 + 2 * n])
-        for i = 7 + 2 * n, 6 + 2 * n + 2 * m, 2 do
-          if tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or '0') < tonumber(ARGV[i + 1]) then redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
-        end
-        redis.call('HSET', KEYS[1], 'instance', ARGV[2], 'status', 'building', 'since', ARGV[3])
-        redis.call('HDEL', KEYS[1], 'wholeAt')
-        if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'incomplete', ARGV[4]) end
-        redis.call('DEL', KEYS[2])
-        if #ARGV > 6 + 2 * n + 2 * m then redis.call('HSET', KEYS[2], unpack(ARGV, 7 + 2 * n + 2 * m)) end
-        return 1",
-    );
     // Resuming below a partition's log start (retention passed the offsets the restored data
     // holds) skips events for good: the projection stays `building` and says why, as a start on
     // an empty Redis does, until `rebuild --source mongodb`.
-    let starts: BTreeMap<(String, i32), i64> =
+    let starts: offsets::Checkpoint =
         ends.keys().map(|(t, p)| ((t.clone(), *p), resume.get(&offsets::field(t, *p)).copied().unwrap_or(0))).collect();
     let lost = offsets::missing_history(&ends, &starts, true);
     let incomplete = if lost.is_empty() {
@@ -179,22 +113,26 @@ pub async fn restart_after_rewind(
         tracing::error!(incomplete, "the rewound projection cannot be replayed whole from the topics");
     }
     let new = format!("{:016x}", rand::random::<u64>());
-    let mut call = script.key(keys.state());
-    call.key(keys.state_target()).key(keys.progress(group));
-    call.arg(mine).arg(&new).arg(chrono_free_now_millis()).arg(&incomplete).arg(resume.len());
-    for (field, offset) in resume {
-        call.arg(field).arg(*offset);
-    }
+    let resume: Vec<(String, i64)> = resume.iter().map(|(f, o)| (f.clone(), *o)).collect();
     let floors = offsets::replay_floors(&ends, &starts);
-    call.arg(floors.len());
-    for (field, low) in &floors {
-        call.arg(field).arg(*low);
-    }
-    for ((t, p), (_, end)) in &ends {
-        call.arg(offsets::field(t, *p)).arg(*end);
-    }
-    let done: i64 = call.invoke_async(conn).await?;
+    let ends_fields = end_fields(&ends);
+    let rewind = StateRewind {
+        group,
+        mine,
+        new: &new,
+        now: board_model::time::now_millis(),
+        incomplete: &incomplete,
+        resume: &resume,
+        floors: &floors,
+        ends: &ends_fields,
+    };
+    let done: i64 = fcall(conn, &rewind.cmd(keys)).await?;
     Ok((done == 1).then_some(new))
+}
+
+/// The partitions' ends as progress fields (the target a new instance must reach).
+fn end_fields(ends: &BTreeMap<(String, i32), (i64, i64)>) -> Vec<(String, i64)> {
+    ends.iter().map(|((t, p), (_, end))| (offsets::field(t, *p), *end)).collect()
 }
 
 /// Forgets the projection (its state, target and this group's progress, all in `{meta}`): the

@@ -4,6 +4,12 @@ use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 
 pub type Millis = i64;
 
+/// The wall clock in Unix milliseconds: the one clock of progress stamps, lease and
+/// readiness ages.
+pub fn now_millis() -> Millis {
+    chrono::Utc::now().timestamp_millis()
+}
+
 pub fn parse_rfc3339(s: &str) -> Option<Millis> {
     DateTime::parse_from_rfc3339(s).ok().map(|d| d.with_timezone(&Utc).timestamp_millis())
 }

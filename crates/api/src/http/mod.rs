@@ -19,6 +19,7 @@ use board_model::keys::KeySpace;
 use board_mongo::MongoArgs;
 use board_redis::config::RedisArgs;
 use board_redis::projection;
+use board_redis::rebuild_state::{field, RebuildPhase};
 use board_redis::redis_conn::{ConnectOptions, RedisConn, RedisTarget};
 use health::{Dependency, Health};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -382,12 +383,15 @@ fn spawn_lag_probe(args: &ServeArgs, mut redis: RedisConn, keys: KeySpace, lag: 
             metrics::gauge!("pb_projection_lag_events").set(measured as f64);
             // A rebuild's phase and progress, as the rebuild keeps them in Redis (so the API's
             // scrape shows them too, wherever the rebuild runs).
-            let rebuild: redis::RedisResult<(Option<String>, Option<i64>, Option<i64>)> =
-                redis::cmd("HMGET").arg(keys.rebuild_state()).arg("phase").arg("lag").arg("eventsRead").query_async(&mut redis).await;
+            let rebuild: redis::RedisResult<(Option<String>, Option<i64>, Option<i64>)> = redis::cmd("HMGET")
+                .arg(keys.rebuild_state())
+                .arg(field::PHASE)
+                .arg(field::LAG)
+                .arg(field::EVENTS_READ)
+                .query_async(&mut redis)
+                .await;
             if let Ok((phase, rebuild_lag, read)) = rebuild {
-                for p in ["snapshot", "replay", "switch", "cleanup"] {
-                    metrics::gauge!("pb_rebuild_phase", "phase" => p).set(if phase.as_deref() == Some(p) { 1.0 } else { 0.0 });
-                }
+                RebuildPhase::show(phase.as_deref().and_then(RebuildPhase::parse));
                 metrics::gauge!("pb_rebuild_lag_events").set(rebuild_lag.unwrap_or(0) as f64);
                 metrics::gauge!("pb_rebuild_events_read").set(read.unwrap_or(0) as f64);
             }

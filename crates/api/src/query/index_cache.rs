@@ -62,7 +62,7 @@ impl OrgSlot {
 pub const INDEX_IDLE: Duration = Duration::from_secs(600);
 
 fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
+    board_model::time::now_millis() / 1000
 }
 
 #[derive(Clone)]

@@ -14,6 +14,7 @@ use board_model::model::{CardKind, Pipeline};
 use board_model::order::BoardPlace;
 use board_model::record::CardRecord;
 use board_model::time::Millis;
+use board_redis::functions::union_page::union_page_cmd;
 use board_redis::redis_conn::RedisConn;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -405,7 +406,7 @@ impl ProjectionReader {
             let mut pipe = redis::pipe();
             for (i, keys) in &deep_spanning {
                 let b = &plan.buckets[*i];
-                pipe.cmd("FCALL_RO").arg("pb_union_page").arg(keys.len()).arg(keys).arg(b.offset).arg(b.limit).arg(&min).arg(&max);
+                pipe.add_command(union_page_cmd(keys, b.offset, b.limit, &min, &max));
             }
             let replies = self.query_reads(pipe).await?;
             for ((i, _), reply) in deep_spanning.iter().zip(replies) {
@@ -420,7 +421,7 @@ impl ProjectionReader {
     async fn query_reads(&self, pipe: redis::Pipeline) -> Result<Vec<redis::Value>, ProjectionError> {
         let mut conn = self.conn.clone();
         match pipe.query_async::<Vec<redis::Value>>(&mut conn).await {
-            Err(e) if e.to_string().contains("Function not found") => {
+            Err(e) if board_redis::functions::is_missing(&e) => {
                 board_redis::functions::load_library(&mut conn).await?;
                 Ok(pipe.query_async(&mut conn).await?)
             }

@@ -23,10 +23,11 @@ use anyhow::{bail, Context};
 use board_model::events::{parse_event, Event};
 use board_model::keys::{Generation, KeySpace};
 use board_model::model::CardKind;
-use board_model::offsets::{self, missing_history};
+use board_model::offsets::{self, missing_history, Checkpoint};
 use board_mongo::MongoArgs;
 use board_redis::config::RedisArgs;
-use board_redis::functions::{load_library, switch_cmd, Commit, SwitchOutcome};
+use board_redis::functions::{fcall, lease, load_library, switch_cmd, Commit, SwitchOutcome};
+use board_redis::rebuild_state::{field, OrgField, RebuildPhase};
 use board_redis::redis_conn::RedisConn;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use projector::apply::{Position, RedisApplier, Target};
@@ -93,45 +94,87 @@ pub struct RebuildArgs {
 /// most this long.
 pub const LEASE_MS: u64 = 15_000;
 
+/// Where a rebuild reads from, as its plan records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PlanSource {
+    /// The topics from their beginning.
+    Topics,
+    /// The topics from the first offsets at or after this time (millis).
+    TopicsFrom(i64),
+    /// A MongoDB snapshot, then the topics from the ends taken before it.
+    Mongodb,
+}
+
+impl PlanSource {
+    fn of(source: Source, from: Option<i64>) -> Self {
+        match (source, from) {
+            (Source::Mongodb, _) => PlanSource::Mongodb,
+            (Source::Topics, Some(t)) => PlanSource::TopicsFrom(t),
+            (Source::Topics, None) => PlanSource::Topics,
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "topics" => Some(PlanSource::Topics),
+            "mongodb" => Some(PlanSource::Mongodb),
+            _ => s.strip_prefix("topics-from:")?.parse().ok().map(PlanSource::TopicsFrom),
+        }
+    }
+
+    /// The phase a new rebuild from this source starts in.
+    fn first_phase(self) -> RebuildPhase {
+        match self {
+            PlanSource::Mongodb => RebuildPhase::Snapshot,
+            PlanSource::Topics | PlanSource::TopicsFrom(_) => RebuildPhase::Replay,
+        }
+    }
+}
+
+impl std::fmt::Display for PlanSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlanSource::Topics => f.write_str("topics"),
+            PlanSource::TopicsFrom(t) => write!(f, "topics-from:{t}"),
+            PlanSource::Mongodb => f.write_str("mongodb"),
+        }
+    }
+}
+
 /// What a rebuild is, as kept in Redis (resumed by the next run when it has the same source
 /// and orgs).
 #[derive(Debug, Clone, PartialEq)]
 struct Plan {
     generation: Generation,
-    /// `topics`, `topics-from:<millis>`, or `mongodb`.
-    source: String,
+    source: PlanSource,
     /// Comma-separated, sorted; "" = every org.
     orgs: String,
-    phase: String,
+    phase: RebuildPhase,
     started: i64,
 }
 
 impl Plan {
     fn fields(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("generation", self.generation.name().to_string()),
-            ("source", self.source.clone()),
-            ("orgs", self.orgs.clone()),
-            ("phase", self.phase.clone()),
-            ("started", self.started.to_string()),
+            (field::GENERATION, self.generation.name().to_string()),
+            (field::SOURCE, self.source.to_string()),
+            (field::ORGS, self.orgs.clone()),
+            (field::PHASE, self.phase.name().to_string()),
+            (field::STARTED, self.started.to_string()),
         ]
     }
     fn from_hash(h: &HashMap<String, String>) -> Option<Plan> {
         Some(Plan {
-            generation: Generation::parse(h.get("generation")?)?,
-            source: h.get("source")?.clone(),
-            orgs: h.get("orgs").cloned().unwrap_or_default(),
-            phase: h.get("phase")?.clone(),
-            started: h.get("started").and_then(|s| s.parse().ok()).unwrap_or_default(),
+            generation: Generation::parse(h.get(field::GENERATION)?)?,
+            source: PlanSource::parse(h.get(field::SOURCE)?)?,
+            orgs: h.get(field::ORGS).cloned().unwrap_or_default(),
+            phase: RebuildPhase::parse(h.get(field::PHASE)?)?,
+            started: h.get(field::STARTED).and_then(|s| s.parse().ok()).unwrap_or_default(),
         })
     }
     fn org_filter(&self) -> BTreeSet<String> {
         self.orgs.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
     }
-}
-
-fn now_millis() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 /// What a finished rebuild reports.
@@ -194,11 +237,7 @@ pub async fn run(args: RebuildArgs) -> anyhow::Result<Option<Report>> {
     let mut orgs = args.orgs.clone();
     orgs.sort();
     orgs.dedup();
-    let wanted_source = match (args.source, from) {
-        (Source::Mongodb, _) => "mongodb".to_string(),
-        (Source::Topics, Some(t)) => format!("topics-from:{t}"),
-        (Source::Topics, None) => "topics".to_string(),
-    };
+    let wanted_source = PlanSource::of(args.source, from);
     let previous: HashMap<String, String> = conn.hgetall(keys.rebuild_state()).await?;
     let previous = Plan::from_hash(&previous);
     let holder: Option<String> = conn.get(keys.rebuild_lease()).await?;
@@ -225,16 +264,16 @@ pub async fn run(args: RebuildArgs) -> anyhow::Result<Option<Report>> {
             }
         }
         println!("orgs: {}", if orgs.is_empty() { "all".to_string() } else { orgs.join(", ") });
-        let starts = match (resume, args.source, from) {
-            (Some(p), _, _) => {
+        let starts = match (resume, wanted_source) {
+            (Some(p), _) => {
                 let held: HashMap<String, i64> = conn.hgetall(keys.progress(&progress_group(&p.generation))).await?;
                 marks.keys().map(|(t, p)| held.get(&offsets::field(t, *p)).copied().unwrap_or(0)).collect::<Vec<_>>()
             }
-            (None, Source::Mongodb, _) => marks.values().map(|(_, high)| *high).collect(),
-            (None, Source::Topics, Some(t)) => offsets_for_time(&kafka, &marks, t)?.values().copied().collect(),
-            (None, Source::Topics, None) => marks.values().map(|(low, _)| *low).collect(),
+            (None, PlanSource::Mongodb) => marks.values().map(|(_, high)| *high).collect(),
+            (None, PlanSource::TopicsFrom(t)) => offsets_for_time(&kafka, &marks, t)?.iter().map(|(_, o)| *o).collect(),
+            (None, PlanSource::Topics) => marks.values().map(|(low, _)| *low).collect(),
         };
-        let start_map: BTreeMap<(String, i32), i64> = marks.keys().cloned().zip(starts.iter().copied()).collect();
+        let start_map: Checkpoint = marks.keys().cloned().zip(starts.iter().copied()).collect();
         // A resumed run continues from offsets it applied up to: only records below them matter.
         let missing = missing_history(&marks, &start_map, resume.is_some() || args.source == Source::Mongodb);
         let mut total = 0;
@@ -263,11 +302,11 @@ pub async fn run(args: RebuildArgs) -> anyhow::Result<Option<Report>> {
     }
     let lease_lost = Arc::new(AtomicBool::new(false));
     let renewal = tokio::spawn(renew_lease(conn.clone(), keys.clone(), run_id.clone(), lease_lost.clone()));
-    let result =
-        rebuild(&args, &keys, &kafka, &topics, &mut conn, previous, resume.is_some(), &orgs, &wanted_source, from, &lease_lost).await;
+    let ctx = RunContext { args: &args, keys: &keys, kafka: &kafka, topics: &topics, lease_lost: &lease_lost };
+    let start = Start { resume: resume.is_some(), previous, orgs: &orgs, source: wanted_source };
+    let result = rebuild(&ctx, &mut conn, start).await;
     renewal.abort();
-    let release = redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0");
-    let _: redis::RedisResult<i64> = release.key(keys.rebuild_lease()).arg(&run_id).invoke_async(&mut conn).await;
+    let _: redis::RedisResult<i64> = fcall(&mut conn, &lease::release_cmd(&keys.rebuild_lease(), &run_id)).await;
     result.map(Some)
 }
 
@@ -295,12 +334,11 @@ fn hostname() -> String {
 }
 
 async fn renew_lease(mut conn: RedisConn, keys: KeySpace, run_id: String, lost: Arc<AtomicBool>) {
-    let renew =
-        redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return -1");
+    let renew = lease::renew_cmd(&keys.rebuild_lease(), &run_id, LEASE_MS);
     loop {
         tokio::time::sleep(Duration::from_millis(LEASE_MS / 3)).await;
-        match renew.key(keys.rebuild_lease()).arg(&run_id).arg(LEASE_MS).invoke_async::<i64>(&mut conn).await {
-            Ok(-1) => {
+        match fcall::<i64, _>(&mut conn, &renew).await {
+            Ok(0) => {
                 warn!("the rebuild's lease is gone (redis lost it, or it expired): stopping");
                 lost.store(true, Ordering::Relaxed);
                 return;
@@ -327,179 +365,250 @@ fn progress_group(g: &Generation) -> String {
 }
 
 /// The first offset at or after `time` of every partition (its end when nothing is that late).
-fn offsets_for_time(
-    kafka: &KafkaConnection,
-    marks: &BTreeMap<(String, i32), (i64, i64)>,
-    time: i64,
-) -> anyhow::Result<BTreeMap<(String, i32), i64>> {
+fn offsets_for_time(kafka: &KafkaConnection, marks: &BTreeMap<(String, i32), (i64, i64)>, time: i64) -> anyhow::Result<Checkpoint> {
     let consumer: rdkafka::consumer::BaseConsumer = kafka.client_config(&[("group.id", "pipeline-board-rebuild")]).create()?;
     let mut tpl = TopicPartitionList::new();
     for (t, p) in marks.keys() {
         tpl.add_partition_offset(t, *p, Offset::Offset(time))?;
     }
     let found = consumer.offsets_for_times(tpl, Duration::from_secs(30))?;
-    let mut out = BTreeMap::new();
+    let mut out = Checkpoint::default();
     for e in found.elements() {
         let (low, high) = marks[&(e.topic().to_string(), e.partition())];
         let offset = match e.offset() {
             Offset::Offset(o) => o.max(low),
             _ => high,
         };
-        out.insert((e.topic().to_string(), e.partition()), offset);
+        out.set(e.topic(), e.partition(), offset);
     }
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn rebuild(
-    args: &RebuildArgs,
-    keys: &KeySpace,
-    kafka: &KafkaConnection,
-    topics: &[String],
-    conn: &mut RedisConn,
+/// What every phase of one rebuild run needs.
+struct RunContext<'a> {
+    args: &'a RebuildArgs,
+    keys: &'a KeySpace,
+    kafka: &'a KafkaConnection,
+    topics: &'a [String],
+    lease_lost: &'a AtomicBool,
+}
+
+/// How this run begins: the plan Redis holds (if any), whether it is resumed, what was asked.
+struct Start<'a> {
     previous: Option<Plan>,
     resume: bool,
-    orgs: &[String],
-    source: &str,
-    from: Option<i64>,
-    lease_lost: &AtomicBool,
-) -> anyhow::Result<Report> {
+    orgs: &'a [String],
+    source: PlanSource,
+}
+
+/// The phase machine: each phase runs, then the plan moves to the next one and Redis records
+/// it, so a run killed anywhere resumes in the phase it was in.
+async fn rebuild(ctx: &RunContext<'_>, conn: &mut RedisConn, start: Start<'_>) -> anyhow::Result<Report> {
     let started = Instant::now();
-    if !args.metrics_addr.is_empty() {
-        let addr: std::net::SocketAddr = args.metrics_addr.parse().context("--metrics-addr")?;
+    if !ctx.args.metrics_addr.is_empty() {
+        let addr: std::net::SocketAddr = ctx.args.metrics_addr.parse().context("--metrics-addr")?;
         if let Err(e) = board_api::metrics_setup::prometheus_builder().with_http_listener(addr).install() {
             warn!(error = %e, "rebuild metrics endpoint not started");
         }
     }
-    let marks = progress::fetch_watermarks(kafka, topics).await?;
-    let mut plan = match (resume, previous) {
-        (true, Some(p)) => {
-            // Replayed from the offsets it holds: the topics must still hold what follows them
-            // (a snapshot still in its snapshot phase replays from the ends it took).
-            if p.phase == "replay" || p.phase == "snapshot" {
-                let held: BTreeMap<String, i64> = conn.hgetall(keys.progress(&progress_group(&p.generation))).await?;
-                let starts = marks.keys().map(|(t, q)| ((t.clone(), *q), held.get(&offsets::field(t, *q)).copied().unwrap_or(0))).collect();
-                refuse_missing_history(&missing_history(&marks, &starts, true))?;
-            }
-            info!(generation = %p.generation, phase = %p.phase, "resuming the unfinished rebuild");
-            p
-        }
-        (_, previous) => {
-            // The replay's start, checked against what the topics still hold before anything
-            // is discarded or written.
-            let starts: BTreeMap<(String, i32), i64> = match (args.source, from) {
-                (Source::Mongodb, _) => marks.iter().map(|(k, (_, high))| (k.clone(), *high)).collect(),
-                (Source::Topics, Some(t)) => offsets_for_time(kafka, &marks, t)?,
-                (Source::Topics, None) => marks.iter().map(|(k, (low, _))| (k.clone(), *low)).collect(),
-            };
-            refuse_missing_history(&missing_history(&marks, &starts, args.source == Source::Mongodb))?;
-            if let Some(p) = previous {
-                let removed = discard(conn, keys, &p).await?;
-                info!(generation = %p.generation, removed, "discarded the unfinished rebuild");
-            }
-            let plan = Plan {
-                generation: Generation::numbered(now_millis() as u64),
-                source: source.to_string(),
-                orgs: orgs.join(","),
-                phase: if args.source == Source::Mongodb { "snapshot".into() } else { "replay".into() },
-                started: now_millis(),
-            };
-            // The replay's start: recorded before anything is written, so a rerun knows it.
-            let fields: Vec<(String, i64)> = starts.iter().map(|((t, p), o)| (offsets::field(t, *p), *o)).collect();
-            let mut pipe = redis::pipe();
-            pipe.atomic().del(keys.rebuild_state()).hset_multiple(keys.rebuild_state(), &plan.fields());
-            // Kept for the switch: an org whose events in a partition all precede the start can
-            // never be caught up by this generation.
-            let start_fields: BTreeMap<String, i64> = fields.iter().cloned().collect();
-            pipe.hset(keys.rebuild_state(), "starts", serde_json::to_string(&start_fields)?);
-            pipe.del(keys.progress(&progress_group(&plan.generation)));
-            if !fields.is_empty() {
-                pipe.hset_multiple(keys.progress(&progress_group(&plan.generation)), &fields);
-            }
-            pipe.query_async::<()>(conn).await?;
-            info!(generation = %plan.generation, source, orgs = %plan.orgs, "rebuild started");
-            plan
-        }
+    let resumed = start.resume;
+    let plan = begin(ctx, conn, start).await?;
+    let applier =
+        RedisApplier::connect(&ctx.args.redis.url(), ctx.keys.clone()).await?.with_target(Target::Building(plan.generation.clone()));
+    let mut run = Phases {
+        ctx,
+        filter: plan.org_filter(),
+        report: Report { generation: plan.generation.to_string(), resumed, ..Report::default() },
+        plan,
+        applier,
+        replay: None,
     };
-    let filter = plan.org_filter();
-    let mut report = Report { generation: plan.generation.to_string(), resumed: resume, ..Report::default() };
-    let mut applier = RedisApplier::connect(&args.redis.url(), keys.clone()).await?.with_target(Target::Building(plan.generation.clone()));
-    set_phase_gauge(&plan.phase);
+    loop {
+        RebuildPhase::show(Some(run.plan.phase));
+        let next = match run.plan.phase {
+            RebuildPhase::Snapshot => run.snapshot(conn).await?,
+            RebuildPhase::Replay => run.replay(conn).await?,
+            RebuildPhase::Switch => run.switch(conn).await?,
+            RebuildPhase::Cleanup => run.cleanup(conn).await?,
+            RebuildPhase::Done => break,
+        };
+        run.plan.phase = next;
+    }
+    let mut report = run.report;
+    report.total_seconds = started.elapsed().as_secs_f64();
+    info!(summary = report.summary(), "rebuild finished");
+    Ok(report)
+}
 
-    if plan.phase == "snapshot" {
-        let db = board_mongo::connect(&args.mongo.mongodb_uri, &args.mongo.mongodb_db).await?;
+/// The plan of this run: the resumed one, or a new one recorded with its replay's start (after
+/// checking the topics still hold what the replay needs, and discarding an unfinished earlier
+/// rebuild that is not resumed).
+async fn begin(ctx: &RunContext<'_>, conn: &mut RedisConn, start: Start<'_>) -> anyhow::Result<Plan> {
+    let keys = ctx.keys;
+    let marks = progress::fetch_watermarks(ctx.kafka, ctx.topics).await?;
+    if let (true, Some(p)) = (start.resume, &start.previous) {
+        // Replayed from the offsets it holds: the topics must still hold what follows them
+        // (a snapshot still in its snapshot phase replays from the ends it took).
+        if p.phase <= RebuildPhase::Replay {
+            let held: BTreeMap<String, i64> = conn.hgetall(keys.progress(&progress_group(&p.generation))).await?;
+            let starts = marks.keys().map(|(t, q)| ((t.clone(), *q), held.get(&offsets::field(t, *q)).copied().unwrap_or(0))).collect();
+            refuse_missing_history(&missing_history(&marks, &starts, true))?;
+        }
+        info!(generation = %p.generation, phase = %p.phase, "resuming the unfinished rebuild");
+        return Ok(p.clone());
+    }
+    // The replay's start, checked against what the topics still hold before anything is
+    // discarded or written.
+    let starts: Checkpoint = match start.source {
+        PlanSource::Mongodb => marks.iter().map(|(k, (_, high))| (k.clone(), *high)).collect(),
+        PlanSource::TopicsFrom(t) => offsets_for_time(ctx.kafka, &marks, t)?,
+        PlanSource::Topics => marks.iter().map(|(k, (low, _))| (k.clone(), *low)).collect(),
+    };
+    refuse_missing_history(&missing_history(&marks, &starts, start.source == PlanSource::Mongodb))?;
+    if let Some(p) = &start.previous {
+        let removed = discard(conn, keys, p).await?;
+        info!(generation = %p.generation, removed, "discarded the unfinished rebuild");
+    }
+    let plan = Plan {
+        generation: Generation::numbered(board_model::time::now_millis() as u64),
+        source: start.source,
+        orgs: start.orgs.join(","),
+        phase: start.source.first_phase(),
+        started: board_model::time::now_millis(),
+    };
+    // The replay's start: recorded before anything is written, so a rerun knows it.
+    let fields = starts.fields();
+    let mut pipe = redis::pipe();
+    pipe.atomic().del(keys.rebuild_state()).hset_multiple(keys.rebuild_state(), &plan.fields());
+    // Kept for the switch: an org whose events in a partition all precede the start can never
+    // be caught up by this generation.
+    let start_fields: BTreeMap<String, i64> = fields.iter().cloned().collect();
+    pipe.hset(keys.rebuild_state(), field::STARTS, serde_json::to_string(&start_fields)?);
+    pipe.del(keys.progress(&progress_group(&plan.generation)));
+    if !fields.is_empty() {
+        pipe.hset_multiple(keys.progress(&progress_group(&plan.generation)), &fields);
+    }
+    pipe.query_async::<()>(conn).await?;
+    info!(generation = %plan.generation, source = %plan.source, orgs = %plan.orgs, "rebuild started");
+    Ok(plan)
+}
+
+/// One run's phases and what they share.
+struct Phases<'a> {
+    ctx: &'a RunContext<'a>,
+    plan: Plan,
+    /// The orgs asked for (empty: every org).
+    filter: BTreeSet<String>,
+    report: Report,
+    applier: RedisApplier,
+    /// The replay of the topics, made when a phase first needs it (the replay and the switch,
+    /// which replays more for orgs still behind).
+    replay: Option<Replay>,
+}
+
+impl Phases<'_> {
+    /// Records the phase the run moves to.
+    async fn enter(&self, conn: &mut RedisConn, phase: RebuildPhase) -> anyhow::Result<RebuildPhase> {
+        let _: () = conn.hset(self.ctx.keys.rebuild_state(), field::PHASE, phase.name()).await?;
+        Ok(phase)
+    }
+
+    async fn replay_ready(&mut self, conn: &RedisConn) -> anyhow::Result<&mut Replay> {
+        if self.replay.is_none() {
+            let (ctx, plan) = (self.ctx, &self.plan);
+            let replay =
+                Replay::new(ctx.kafka, ctx.keys, &plan.generation, ctx.topics, conn.clone(), self.filter.clone(), ctx.args.max_batch)
+                    .await?;
+            self.replay = Some(replay);
+        }
+        Ok(self.replay.as_mut().expect("made above"))
+    }
+
+    /// `--source mongodb`: every org's documents applied as upserts.
+    async fn snapshot(&mut self, conn: &mut RedisConn) -> anyhow::Result<RebuildPhase> {
+        let (ctx, keys) = (self.ctx, self.ctx.keys);
+        let db = board_mongo::connect(&ctx.args.mongo.mongodb_uri, &ctx.args.mongo.mongodb_db).await?;
         let snapshot_orgs: Vec<String> =
-            if filter.is_empty() { board_mongo::org_ids(&db).await? } else { filter.iter().cloned().collect() };
-        let held: BTreeMap<String, i64> = conn.hgetall(keys.progress(&progress_group(&plan.generation))).await?;
+            if self.filter.is_empty() { board_mongo::org_ids(&db).await? } else { self.filter.iter().cloned().collect() };
+        let held: BTreeMap<String, i64> = conn.hgetall(keys.progress(&progress_group(&self.plan.generation))).await?;
         let bar = bar(snapshot_orgs.len() as u64, "snapshot: orgs");
         for org in &snapshot_orgs {
-            ensure_not_lost(lease_lost)?;
-            report.snapshot_documents += snapshot_org(&db, &mut applier, keys, &plan.generation, org, &held, args.max_batch).await?;
-            let _: () = conn.sadd(keys.rebuild_orgs(&plan.generation), org).await?;
+            ensure_not_lost(ctx.lease_lost)?;
+            self.report.snapshot_documents +=
+                snapshot_org(&db, &mut self.applier, keys, &self.plan.generation, org, &held, ctx.args.max_batch).await?;
+            let _: () = conn.sadd(keys.rebuild_orgs(&self.plan.generation), org).await?;
             bar.inc(1);
         }
         bar.finish_and_clear();
-        info!(orgs = snapshot_orgs.len(), documents = report.snapshot_documents, "snapshot applied");
-        plan.phase = "replay".into();
-        let _: () = conn.hset(keys.rebuild_state(), "phase", &plan.phase).await?;
-        set_phase_gauge(&plan.phase);
+        info!(orgs = snapshot_orgs.len(), documents = self.report.snapshot_documents, "snapshot applied");
+        self.enter(conn, RebuildPhase::Replay).await
     }
 
-    let replay_started = Instant::now();
-    let mut replay = Replay::new(kafka, keys, &plan.generation, topics, conn.clone(), filter.clone(), args.max_batch).await?;
-    if plan.phase == "replay" {
-        replay.until_caught_up(&mut applier, conn, lease_lost, &mut report).await?;
-        plan.phase = "switch".into();
-        let _: () = conn.hset(keys.rebuild_state(), "phase", &plan.phase).await?;
-        set_phase_gauge(&plan.phase);
+    /// The topics replayed into the new generation up to their ends.
+    async fn replay(&mut self, conn: &mut RedisConn) -> anyhow::Result<RebuildPhase> {
+        let replay_started = Instant::now();
+        self.replay_more(conn).await?;
+        self.report.replay_seconds = replay_started.elapsed().as_secs_f64();
+        self.enter(conn, RebuildPhase::Switch).await
     }
-    report.replay_seconds = replay_started.elapsed().as_secs_f64();
 
-    if plan.phase == "switch" {
+    async fn replay_more(&mut self, conn: &mut RedisConn) -> anyhow::Result<()> {
+        let lease_lost = self.ctx.lease_lost;
+        self.replay_ready(conn).await?;
+        let replay = self.replay.as_mut().expect("made above");
+        replay.until_caught_up(&mut self.applier, conn, lease_lost, &mut self.report).await
+    }
+
+    /// Each org's generation pointer moved, org by org, once the new generation holds every
+    /// event its live one holds (replaying more for orgs still behind).
+    async fn switch(&mut self, conn: &mut RedisConn) -> anyhow::Result<RebuildPhase> {
+        let (ctx, keys) = (self.ctx, self.ctx.keys);
+        let generation = self.plan.generation.clone();
         let switch_started = Instant::now();
-        let built: BTreeSet<String> = conn.smembers(keys.rebuild_orgs(&plan.generation)).await?;
+        let built: BTreeSet<String> = conn.smembers(keys.rebuild_orgs(&generation)).await?;
         // An org asked for by name that the replay met no event of has nothing in the new
         // generation: it keeps its live one, and the run says so.
-        for org in filter.iter().filter(|o| !built.contains(*o)) {
+        for org in self.filter.iter().filter(|o| !built.contains(*o)) {
             warn!(org, "org not switched: the replay met none of its events");
-            report.orgs_refused.push(format!("{org} (no event from the replay's start on)"));
+            self.report.orgs_refused.push(format!("{org} (no event from the replay's start on)"));
         }
-        let mut pending: Vec<String> = built.into_iter().filter(|o| filter.is_empty() || filter.contains(o)).collect();
-        let starts: Option<String> = conn.hget(keys.rebuild_state(), "starts").await?;
+        let mut pending: Vec<String> = built.into_iter().filter(|o| self.filter.is_empty() || self.filter.contains(o)).collect();
+        let starts: Option<String> = conn.hget(keys.rebuild_state(), field::STARTS).await?;
         let starts: BTreeMap<String, i64> = starts.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
         // A replay from a time holds only documents with an event since then: each org's
         // documents are compared with its live generation's before its switch.
-        let from_a_time = plan.source.starts_with("topics-from:");
+        let from_a_time = matches!(self.plan.source, PlanSource::TopicsFrom(_));
+        let not_switched = |org: &str| (OrgField::NotSwitched(org.to_string()).name(), generation.name().to_string());
         for round in 0.. {
-            ensure_not_lost(lease_lost)?;
+            ensure_not_lost(ctx.lease_lost)?;
             let mut behind = Vec::new();
             for org in pending {
                 let current: Option<String> = conn.get(keys.generation_pointer(&org)).await?;
                 let current = Generation::parse(current.as_deref().unwrap_or_default()).unwrap_or_default();
-                if current == plan.generation {
+                if current == generation {
                     continue;
                 }
                 if from_a_time {
-                    match coverage_check(conn, keys, &org, &current, &plan.generation).await? {
+                    match coverage_check(conn, keys, &org, &current, &generation).await? {
                         // Behind: `pb_switch` answers so too (nothing writes the new
                         // generation during a round, and the live one only moves on), and its
                         // answer tells a partition replay can bring from one it cannot.
                         Coverage::Complete | Coverage::Behind => {}
                         Coverage::Lacks(missing) => {
                             warn!(org, %missing, "org not switched: the replay from the time lacks a document its live generation holds");
-                            report.orgs_refused.push(format!(
+                            self.report.orgs_refused.push(format!(
                                 "{org} (its live generation holds {missing}, which had no event since --from: use --source mongodb)"
                             ));
-                            let _: () = conn.hset(keys.rebuild_state(), format!("drop:{org}"), plan.generation.name()).await?;
+                            let _: () = conn.hset(keys.rebuild_state(), not_switched(&org).0, not_switched(&org).1).await?;
                             continue;
                         }
                     }
                 }
-                let reply: String = switch_cmd(keys, &org, &current, &plan.generation).query_async(conn).await?;
+                let reply: String = fcall(conn, &switch_cmd(keys, &org, &current, &generation)).await?;
                 match SwitchOutcome::parse(&reply) {
                     Some(SwitchOutcome::Switched) => {
-                        let _: () = conn.hset(keys.rebuild_state(), format!("old:{org}"), current.name()).await?;
-                        report.orgs_switched += 1;
+                        let _: () = conn.hset(keys.rebuild_state(), OrgField::Left(org.clone()).name(), current.name()).await?;
+                        self.report.orgs_switched += 1;
                     }
                     Some(SwitchOutcome::Behind(field)) => {
                         // Behind on events before the replay's start (`--from`): no replay
@@ -508,9 +617,9 @@ async fn rebuild(
                         match (live, starts.get(&field)) {
                             (Some(live), Some(start)) if live <= *start => {
                                 warn!(org, field, live, start, "org not switched: its events in this partition precede the replay's start");
-                                report.orgs_refused.push(format!("{org} ({field}: events before offset {start})"));
+                                self.report.orgs_refused.push(format!("{org} ({field}: events before offset {start})"));
                                 // Its keys in the new generation go with the cleanup.
-                                let _: () = conn.hset(keys.rebuild_state(), format!("drop:{org}"), plan.generation.name()).await?;
+                                let _: () = conn.hset(keys.rebuild_state(), not_switched(&org).0, not_switched(&org).1).await?;
                             }
                             _ => behind.push(org),
                         }
@@ -526,24 +635,30 @@ async fn rebuild(
                 bail!("{} orgs stay behind their live generation after 30 rounds of replay; run again to resume", behind.len());
             }
             // The live projectors applied events the new generation has not read yet.
-            replay.until_caught_up(&mut applier, conn, lease_lost, &mut report).await?;
+            self.replay_more(conn).await?;
             pending = behind;
         }
-        report.switch_seconds = switch_started.elapsed().as_secs_f64();
+        self.replay = None;
+        self.report.switch_seconds = switch_started.elapsed().as_secs_f64();
         // A snapshot of every org made the projection whole where the topics could not.
-        if source == "mongodb" && filter.is_empty() {
+        if self.plan.source == PlanSource::Mongodb && self.filter.is_empty() {
             let _: () = conn.hdel(keys.state(), "incomplete").await?;
         }
-        let _: () = conn.hset_multiple(keys.rebuild_state(), &[("phase", "cleanup"), ("switchedAt", &now_millis().to_string())]).await?;
-        plan.phase = "cleanup".into();
-        set_phase_gauge(&plan.phase);
-        info!(generation = %plan.generation, orgs = report.orgs_switched, seconds = report.switch_seconds, "switched");
+        let now = board_model::time::now_millis().to_string();
+        let _: () = conn
+            .hset_multiple(keys.rebuild_state(), &[(field::PHASE, RebuildPhase::Cleanup.name()), (field::SWITCHED_AT, now.as_str())])
+            .await?;
+        info!(generation = %generation, orgs = self.report.orgs_switched, seconds = self.report.switch_seconds, "switched");
+        Ok(RebuildPhase::Cleanup)
     }
-    drop(replay);
 
-    if plan.phase == "cleanup" {
-        let switched_at: Option<i64> = conn.hget(keys.rebuild_state(), "switchedAt").await?;
-        let wait = switched_at.map(|t| args.grace_ms as i64 - (now_millis() - t)).unwrap_or(args.grace_ms as i64);
+    /// The old generations' keys removed after the grace period (reads that resolved them
+    /// finish first); then the rebuild's state.
+    async fn cleanup(&mut self, conn: &mut RedisConn) -> anyhow::Result<RebuildPhase> {
+        let (ctx, keys) = (self.ctx, self.ctx.keys);
+        let switched_at: Option<i64> = conn.hget(keys.rebuild_state(), field::SWITCHED_AT).await?;
+        let grace = ctx.args.grace_ms as i64;
+        let wait = switched_at.map(|t| grace - (board_model::time::now_millis() - t)).unwrap_or(grace);
         if wait > 0 {
             info!(ms = wait, "waiting for reads of the old generation to finish");
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
@@ -551,19 +666,18 @@ async fn rebuild(
         let state: HashMap<String, String> = conn.hgetall(keys.rebuild_state()).await?;
         let old: HashMap<String, Generation> = state
             .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix("old:")?.to_string(), Generation::parse(v)?)))
-            .filter(|(_, g)| *g != plan.generation)
-            .chain(state.iter().filter_map(|(k, v)| Some((k.strip_prefix("drop:")?.to_string(), Generation::parse(v)?))))
+            .filter_map(|(k, v)| Some((OrgField::parse(k)?, Generation::parse(v)?)))
+            .filter(|(f, g)| matches!(f, OrgField::NotSwitched(_)) || *g != self.plan.generation)
+            .map(|(f, g)| (f.org().to_string(), g))
             .collect();
-        report.keys_removed = remove_org_generations(conn, keys, &old).await?;
+        self.report.keys_removed = remove_org_generations(conn, keys, &old).await?;
         let mut pipe = redis::pipe();
-        pipe.del(keys.rebuild_orgs(&plan.generation)).del(keys.progress(&progress_group(&plan.generation))).del(keys.rebuild_state());
+        let generation = &self.plan.generation;
+        pipe.del(keys.rebuild_orgs(generation)).del(keys.progress(&progress_group(generation))).del(keys.rebuild_state());
         pipe.query_async::<()>(conn).await?;
-        set_phase_gauge("done");
+        RebuildPhase::show(Some(RebuildPhase::Done));
+        Ok(RebuildPhase::Done)
     }
-    report.total_seconds = started.elapsed().as_secs_f64();
-    info!(summary = report.summary(), "rebuild finished");
-    Ok(report)
 }
 
 /// What the coverage check before a `--from` switch found.
@@ -595,12 +709,6 @@ fn ensure_not_lost(lease_lost: &AtomicBool) -> anyhow::Result<()> {
         bail!("the rebuild's lease was lost (redis lost its data, or this process stalled past {} s): run again", LEASE_MS / 1000);
     }
     Ok(())
-}
-
-fn set_phase_gauge(phase: &str) {
-    for p in ["snapshot", "replay", "switch", "cleanup", "done"] {
-        metrics::gauge!("pb_rebuild_phase", "phase" => p).set(if p == phase { 1.0 } else { 0.0 });
-    }
 }
 
 /// A progress bar on a terminal; on anything else nothing is drawn (the structured logs and
@@ -662,7 +770,7 @@ struct Replay {
     filter: BTreeSet<String>,
     max_batch: usize,
     /// Next offset per partition (what is applied).
-    position: BTreeMap<(String, i32), i64>,
+    position: Checkpoint,
 }
 
 impl Replay {
@@ -683,11 +791,11 @@ impl Replay {
             .client_config(&[("group.id", "pipeline-board-rebuild"), ("enable.auto.commit", "false"), ("auto.offset.reset", "earliest")])
             .create()?;
         let mut tpl = TopicPartitionList::new();
-        let mut position = BTreeMap::new();
+        let mut position = Checkpoint::default();
         for ((t, p), (low, _)) in &marks {
             let at = held.get(&offsets::field(t, *p)).copied().unwrap_or(*low).max(*low);
             tpl.add_partition_offset(t, *p, Offset::Offset(at))?;
-            position.insert((t.clone(), *p), at);
+            position.set(t, *p, at);
         }
         consumer.assign(&tpl)?;
         Ok(Replay {
@@ -704,7 +812,7 @@ impl Replay {
     }
 
     fn lag(&self, ends: &BTreeMap<(String, i32), (i64, i64)>) -> i64 {
-        ends.iter().map(|(k, (_, high))| (high - self.position.get(k).copied().unwrap_or(0)).max(0)).sum()
+        self.position.lag(ends)
     }
 
     /// Applies events until every partition is applied up to the ends measured now (and
@@ -764,11 +872,10 @@ impl Replay {
             report.events_read += batch.len() as u64;
             read_here += batch.len() as u64;
             for m in &batch {
-                let e = self.position.entry((m.topic().to_string(), m.partition())).or_insert(0);
-                *e = (*e).max(m.offset() + 1);
+                self.position.advance(m.topic(), m.partition(), m.offset());
             }
             // Recorded after the data (a rerun re-reads at most this batch, idempotently).
-            let fields: Vec<(String, i64)> = self.position.iter().map(|((t, p), o)| (offsets::field(t, *p), *o)).collect();
+            let fields = self.position.fields();
             let mut pipe = redis::pipe();
             pipe.hset_multiple(&self.progress_key, &fields);
             if !orgs.is_empty() {
@@ -789,9 +896,9 @@ impl Replay {
                     .hset_multiple(
                         self.keys.rebuild_state(),
                         &[
-                            ("lag", lag.to_string()),
-                            ("eventsRead", report.events_read.to_string()),
-                            ("eventsPerSecond", format!("{rate:.0}")),
+                            (field::LAG, lag.to_string()),
+                            (field::EVENTS_READ, report.events_read.to_string()),
+                            (field::EVENTS_PER_SECOND, format!("{rate:.0}")),
                         ],
                     )
                     .await?;
@@ -800,7 +907,7 @@ impl Replay {
             }
         }
         bar.finish_and_clear();
-        let _: () = conn.hset(self.keys.rebuild_state(), "lag", 0).await?;
+        let _: () = conn.hset(self.keys.rebuild_state(), field::LAG, 0).await?;
         metrics::gauge!("pb_rebuild_lag_events").set(0.0);
         Ok(())
     }
@@ -820,7 +927,7 @@ async fn discard(conn: &mut RedisConn, keys: &KeySpace, plan: &Plan) -> anyhow::
         let current: Option<String> = conn.get(keys.generation_pointer(org)).await?;
         if current.as_deref() != Some(plan.generation.name()) {
             remove.insert(org.clone(), plan.generation.clone());
-        } else if let Some(old) = state.get(&format!("old:{org}")).and_then(|g| Generation::parse(g)) {
+        } else if let Some(old) = state.get(&OrgField::Left(org.clone()).name()).and_then(|g| Generation::parse(g)) {
             remove.insert(org.clone(), old);
         }
     }
@@ -865,9 +972,9 @@ mod tests {
     fn plan() -> Plan {
         Plan {
             generation: Generation::parse("g1764547200000").unwrap(),
-            source: "topics-from:1764547200000".into(),
+            source: PlanSource::TopicsFrom(1_764_547_200_000),
             orgs: "64f0a1b2c3d4e5f6a7b8c9d1,64f0a1b2c3d4e5f6a7b8c9d2".into(),
-            phase: "replay".into(),
+            phase: RebuildPhase::Replay,
             started: 1_764_547_200_000,
         }
     }
@@ -882,6 +989,12 @@ mod tests {
         let mut broken = hash.clone();
         broken.insert("generation".into(), "g1:{x}".into());
         assert_eq!(Plan::from_hash(&broken), None, "a generation that is not one is not resumed");
+        for source in [PlanSource::Topics, PlanSource::Mongodb, PlanSource::TopicsFrom(-5)] {
+            assert_eq!(PlanSource::parse(&source.to_string()), Some(source));
+        }
+        let mut unknown = hash.clone();
+        unknown.insert("phase".into(), "rewinding".into());
+        assert_eq!(Plan::from_hash(&unknown), None, "a phase of another build is not resumed");
     }
 
     #[test]
@@ -896,14 +1009,14 @@ mod tests {
     fn a_replay_that_needs_trimmed_records_is_named_and_refused() {
         let marks: BTreeMap<(String, i32), (i64, i64)> =
             [(("c".to_string(), 0), (0, 10)), (("c".to_string(), 1), (4, 10)), (("m".to_string(), 0), (7, 9))].into();
-        let from_low: BTreeMap<(String, i32), i64> = marks.iter().map(|(k, (low, _))| (k.clone(), *low)).collect();
+        let from_low: Checkpoint = marks.iter().map(|(k, (low, _))| (k.clone(), *low)).collect();
         // From the topics' beginning: the trimmed partitions' earlier records are gone.
         assert_eq!(missing_history(&marks, &from_low, false), ["c/1 starts at 4, the replay at 4", "m/0 starts at 7, the replay at 7"]);
         // A snapshot's ends (or a resumed run's offsets) at or above the log start miss nothing.
-        let ends: BTreeMap<(String, i32), i64> = marks.iter().map(|(k, (_, high))| (k.clone(), *high)).collect();
+        let ends: Checkpoint = marks.iter().map(|(k, (_, high))| (k.clone(), *high)).collect();
         assert!(missing_history(&marks, &ends, true).is_empty());
         // ... but a resumed replay whose offsets retention has passed does.
-        let behind: BTreeMap<(String, i32), i64> = [(("c".to_string(), 0), 3), (("c".to_string(), 1), 2), (("m".to_string(), 0), 8)].into();
+        let behind: Checkpoint = [(("c".to_string(), 0), 3), (("c".to_string(), 1), 2), (("m".to_string(), 0), 8)].into_iter().collect();
         assert_eq!(missing_history(&marks, &behind, true), ["c/1 starts at 4, the replay at 2"]);
         assert!(refuse_missing_history(&[]).is_ok());
         assert!(refuse_missing_history(&["c/1".into()]).unwrap_err().to_string().contains("--source mongodb"));

@@ -1,10 +1,8 @@
 //! CONTRACT.md 3: case-insensitive means equal after per-character Unicode simple case folding,
 //! on both paths. Whole-string lower-casing (the final-sigma rule, `İ` → `i̇`) and locale rules
 //! give different answers; this pins the rule with names that show the difference.
-mod common;
-
+use crate::common::{free_port, post_board, token, TestEnv};
 use board_model::model::{CardDoc, Pipeline};
-use common::{free_port, post_board, token, TestEnv};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -73,5 +71,4 @@ async fn search_folds_each_character_on_both_paths() {
         assert_eq!(found(&a), expected, "projection, search {term:?}");
         assert_eq!(found(&b), expected, "mongodb, search {term:?}");
     }
-    env.cleanup().await;
 }

@@ -3,9 +3,7 @@
 //! API's, scrolling loads exactly the next page, a filter and a search, the URL, an event produced
 //! to Kafka appearing on the open board, 404, 503 and expired-token states. Screenshots go to
 //! `$CARGO_TARGET_TMPDIR/browser-screenshots`.
-mod common;
-
-use common::{small_seed, token, TestEnv, JWT_SECRET};
+use crate::common::{small_seed, token, TestEnv, JWT_SECRET};
 use serde_json::json;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -25,8 +23,8 @@ async fn the_board_page_in_chromium() {
     env.wait_caught_up(Duration::from_secs(120)).await;
     let url = env.serve_with(env.serve_args()).await;
     let mut nothing = env.serve_args();
-    nothing.redis.redis_url = format!("redis://127.0.0.1:{}", common::free_port());
-    nothing.mongo.mongodb_uri = format!("mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=500", common::free_port());
+    nothing.redis.redis_url = format!("redis://127.0.0.1:{}", crate::common::free_port());
+    nothing.mongo.mongodb_uri = format!("mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=500", crate::common::free_port());
     let down_url = env.serve_with(nothing).await;
     let org = seeded.org_ids[0].clone();
     let snap = board_mongo::load_org(&env.mongo().await, &org).await.unwrap();
@@ -78,5 +76,4 @@ async fn the_board_page_in_chromium() {
         assert!(std::path::Path::new(&format!("{shots}/{shot}.png")).exists(), "{shot}.png");
     }
     projector.stop().await.unwrap();
-    env.cleanup().await;
 }

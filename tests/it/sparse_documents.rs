@@ -1,10 +1,8 @@
 //! CONTRACT.md 1: any field but `_id` and `orgId` may be missing or null. Documents that carry
 //! only what events must carry (CONTRACT.md 2) are projected, and both paths (and the oracle)
 //! answer the same about them.
-mod common;
-
+use crate::common::{free_port, oracle, post_board, token, TestEnv};
 use bson::{doc, Bson, DateTime, Document};
-use common::{free_port, oracle, post_board, token, TestEnv};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -164,5 +162,4 @@ async fn documents_with_only_the_required_fields_answer_alike_on_both_paths() {
     let body = json!({"pipelineType": "Application"}).to_string();
     assert_eq!(post_board(&projection, Some(&tk), &body).await.0, 404);
     assert_eq!(post_board(&mongodb_only, Some(&tk), &body).await.0, 404);
-    env.cleanup().await;
 }

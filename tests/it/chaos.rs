@@ -11,11 +11,9 @@
 //! it alone (default 10); `CHAOS_REDIS=cluster` (`deploy/chaos.sh [minutes] cluster`) runs it on a
 //! Redis Cluster of 3 primaries + 3 replicas, each Redis fault hitting one shard's primary.
 //! Own Kafka node and own Redis: the faults touch no other test.
-mod common;
-
+use crate::common::{mongodb_answer, small_seed, JWT_SECRET};
+use crate::common::{OwnKafka, OwnRedis, TempDir, TestEnv};
 use board_model::model::CardDoc;
-use common::{mongodb_answer, small_seed, JWT_SECRET};
-use common::{OwnKafka, OwnRedis, TempDir, TestEnv};
 use mongodb::bson::{doc, Document};
 use nix::sys::signal::Signal;
 use rand::seq::IndexedRandom;
@@ -77,7 +75,7 @@ struct Client {
 
 async fn poll_forever(client: Arc<Client>, url: String, stop: Arc<AtomicBool>) {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-    let token = common::token(&client.org, &client.user);
+    let token = crate::common::token(&client.org, &client.user);
     while !stop.load(Ordering::Relaxed) {
         let etag = client.view.lock().unwrap().last_etag.clone();
         let mut req =
@@ -226,7 +224,7 @@ async fn start_api(env: &TestEnv, port: u16) -> std::process::Child {
         cmd.stderr(std::process::Stdio::null());
     }
     let child = cmd.spawn().expect("start serve");
-    common::eventually(Duration::from_secs(30), "the API listens", || async move {
+    crate::common::eventually(Duration::from_secs(30), "the API listens", || async move {
         reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.is_ok()
     })
     .await;
@@ -251,7 +249,7 @@ impl Drop for Reaper {
 }
 
 fn kill(child: &mut std::process::Child) {
-    common::signal(child, Signal::SIGKILL);
+    crate::common::signal(child, Signal::SIGKILL);
     let _ = child.wait();
 }
 
@@ -261,7 +259,7 @@ async fn healed(env: &TestEnv, url: &str) -> bool {
     let ready = r.status().as_u16() == 200;
     let Ok(mut conn) = board_redis::config::redis_connection(&env.redis_url).await else { return false };
     let whole = board_redis::projection::status(&mut conn, &env.keys).await.ok() == Some(board_redis::projection::Status::Whole);
-    let lag = projector::progress::lag(&env.kafka(), &env.topics.inputs(), &mut conn, &env.keys.progress(&env.group)).await;
+    let lag = env.watermarks().lag(&env.topics.inputs(), &mut conn, &env.keys.progress(&env.group)).await;
     ready && whole && lag.is_ok_and(|l| l.total() == 0)
 }
 
@@ -270,15 +268,15 @@ async fn healed(env: &TestEnv, url: &str) -> bool {
 /// every primary).
 enum ChaosRedis {
     Single { port: u16, dir: TempDir, server: Option<OwnRedis> },
-    Cluster(common::OwnCluster),
+    Cluster(crate::common::OwnCluster),
 }
 
 impl ChaosRedis {
     async fn start() -> ChaosRedis {
         if std::env::var("CHAOS_REDIS").is_ok_and(|r| r == "cluster") {
-            return ChaosRedis::Cluster(common::OwnCluster::start());
+            return ChaosRedis::Cluster(crate::common::OwnCluster::start());
         }
-        let (port, dir) = (common::free_port(), TempDir::new("chaos-redis"));
+        let (port, dir) = (crate::common::free_port(), TempDir::new("chaos-redis"));
         let server = OwnRedis::start(port, &dir.0);
         server.wait_ready().await;
         ChaosRedis::Single { port, dir, server: Some(server) }
@@ -383,7 +381,7 @@ async fn chaos_run() {
     let reaper = Reaper::default();
     let mut projector = reaper.watch(env.projector_process(&[], &[]));
     let mut second: Option<std::process::Child> = None;
-    let api_port = common::free_port();
+    let api_port = crate::common::free_port();
     let url = format!("http://127.0.0.1:{api_port}");
     let mut api = reaper.watch(start_api(&env, api_port).await);
     env.wait_caught_up(Duration::from_secs(120)).await;
@@ -500,7 +498,7 @@ async fn chaos_run() {
             }
             Fault::Rebalance => match second.take() {
                 Some(mut p) => {
-                    common::signal(&p, Signal::SIGTERM);
+                    crate::common::signal(&p, Signal::SIGTERM);
                     let _ = p.wait();
                 }
                 None => second = Some(reaper.watch(env.projector_process(&[], &[]))),
@@ -508,7 +506,7 @@ async fn chaos_run() {
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
         producing.store(false, Ordering::Relaxed);
-        common::eventually(Duration::from_secs(120), "the producer is idle", || {
+        crate::common::eventually(Duration::from_secs(120), "the producer is idle", || {
             let idle = idle.clone();
             async move { idle.load(Ordering::Relaxed) }
         })
@@ -530,7 +528,7 @@ async fn chaos_run() {
         heal_times.entry(fault).or_default().push(injected.elapsed().as_secs_f64());
         // Every client polls twice more once healed; its last board must be MongoDB's answer.
         let marks: Vec<u64> = clients.iter().map(|c| c.view.lock().unwrap().polls).collect();
-        common::eventually(Duration::from_secs(120), "every client polled again", || {
+        crate::common::eventually(Duration::from_secs(120), "every client polled again", || {
             let done = clients.iter().zip(&marks).all(|(c, m)| c.view.lock().unwrap().polls >= m + 2);
             async move { done }
         })
@@ -594,7 +592,6 @@ async fn chaos_run() {
         kill(&mut p);
     }
     kill(&mut api);
-    env.cleanup().await;
     if let ChaosRedis::Single { server: Some(server), .. } = redis {
         server.stop();
     }

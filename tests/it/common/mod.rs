@@ -40,6 +40,8 @@ pub struct TestEnv {
     pub topics: Topics,
     pub keys: KeySpace,
     pub group: String,
+    /// One watermarks client for every catch-up wait of this env (made on first use).
+    watermarks: std::sync::OnceLock<progress::Watermarks>,
 }
 
 pub struct RunningProjector {
@@ -76,6 +78,7 @@ impl TestEnv {
             topics: Topics::with_prefix(&format!("{unique}.")),
             keys: KeySpace::new(format!("t:{unique}")),
             group: format!("g-{unique}"),
+            watermarks: std::sync::OnceLock::new(),
         };
         env.create_topics(4).await;
         env
@@ -96,7 +99,7 @@ impl TestEnv {
     /// Deletes the records of every input partition below `to(high watermark)` (what retention
     /// or `DeleteRecords` does): the topics no longer hold their early history.
     pub async fn delete_records_below(&self, to: impl Fn(i64) -> i64) {
-        let marks = progress::watermarks(&self.kafka(), &self.topics.inputs()).unwrap();
+        let marks = self.watermarks().fetch_blocking(&self.topics.inputs()).unwrap();
         let mut tpl = rdkafka::TopicPartitionList::new();
         for ((t, p), (_, high)) in &marks {
             if to(*high) > 0 {
@@ -105,7 +108,7 @@ impl TestEnv {
         }
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
         admin.delete_records(&tpl, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await.unwrap();
-        let marks = progress::watermarks(&self.kafka(), &self.topics.inputs()).unwrap();
+        let marks = self.watermarks().fetch_blocking(&self.topics.inputs()).unwrap();
         assert!(marks.values().any(|(low, _)| *low > 0), "early history deleted");
     }
 
@@ -157,9 +160,13 @@ impl TestEnv {
         board_mongo::connect(&self.mongo_uri, &self.mongo_db).await.expect("mongo")
     }
 
+    pub fn watermarks(&self) -> &progress::Watermarks {
+        self.watermarks.get_or_init(|| progress::Watermarks::new(&self.kafka()).expect("watermarks client"))
+    }
+
     pub async fn lag(&self) -> Lag {
         let mut conn = self.redis().await;
-        progress::lag(&self.kafka(), &self.topics.inputs(), &mut conn, &self.keys.progress(&self.group)).await.expect("lag")
+        self.watermarks().lag(&self.topics.inputs(), &mut conn, &self.keys.progress(&self.group)).await.expect("lag")
     }
 
     /// Awaits the condition "every input partition applied up to its high watermark".
@@ -238,21 +245,71 @@ impl TestEnv {
         cmd
     }
 
-    /// Removes this test's keys, topics and MongoDB database (best effort; all are unique
-    /// anyway, but a broker and a PostgreSQL that keep every test's leftovers start slower).
-    pub async fn cleanup(&self) {
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &self.brokers).create().expect("admin client");
-        let mut names = self.topics.inputs();
-        names.push(self.topics.topic_dlq.clone());
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let _ = admin.delete_topics(&names, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await;
-        let _ = self.mongo().await.drop().await;
-        let mut conn = self.redis().await;
-        let pattern = format!("{}:*", self.keys.prefix());
-        let keys: Vec<String> = conn.scan_match(&pattern).await.unwrap_or_default();
-        for chunk in keys.chunks(500) {
-            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+    /// What `Drop` removes: this env's topics, keys and MongoDB database.
+    fn leftovers(&self) -> Leftovers {
+        let mut topics = self.topics.inputs();
+        topics.push(self.topics.topic_dlq.clone());
+        Leftovers {
+            brokers: self.brokers.clone(),
+            topics,
+            mongo_uri: self.mongo_uri.clone(),
+            mongo_db: self.mongo_db.clone(),
+            redis_url: self.redis_url.clone(),
+            key_pattern: format!("{}:*", self.keys.prefix()),
+        }
+    }
+}
+
+/// Every test's topics, keys and database are unique, so leaving them would be harmless but for
+/// a broker and a PostgreSQL that keep every test's leftovers and start slower: a `TestEnv`
+/// removes them when it drops, whether its test passed or panicked (`KEEP_TEST_DATA=1` keeps
+/// them, to look at after a failure).
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if std::env::var_os("KEEP_TEST_DATA").is_some() {
+            return;
+        }
+        let leftovers = self.leftovers();
+        // Drop cannot await, and may run on any runtime (or during a panic): the removal runs
+        // on a thread of its own with its own small runtime, bounded in time.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), leftovers.remove()).await })
+        })
+        .join();
+    }
+}
+
+struct Leftovers {
+    brokers: String,
+    topics: Vec<String>,
+    mongo_uri: String,
+    mongo_db: String,
+    redis_url: String,
+    key_pattern: String,
+}
+
+impl Leftovers {
+    /// Best effort: a server the test stopped is skipped.
+    async fn remove(self) {
+        if let Ok(admin) = ClientConfig::new().set("bootstrap.servers", &self.brokers).create::<AdminClient<DefaultClientContext>>() {
+            let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+            let _ = admin.delete_topics(&names, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await;
+        }
+        if let Ok(db) = board_mongo::connect(&self.mongo_uri, &self.mongo_db).await {
+            let _ = db.drop().await;
+        }
+        if let Ok(mut conn) = board_redis::config::redis_connection(&self.redis_url).await {
+            let keys: Vec<String> = conn.scan_match(&self.key_pattern).await.unwrap_or_default();
+            for chunk in keys.chunks(500) {
+                let removed: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+                if removed.is_err() {
+                    // A cluster refuses keys of several slots in one DEL.
+                    for key in chunk {
+                        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(key).query_async(&mut conn).await;
+                    }
+                }
+            }
         }
     }
 }

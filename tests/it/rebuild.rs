@@ -1,15 +1,13 @@
 //! Replaying projections (issue 9), against the real Kafka, Redis and FerretDB: `rebuild` while
 //! the board is queried, a rebuild killed and rerun, `--from`, the MongoDB snapshot source over
 //! topics that lost their early history, and a FLUSHALL under a running projector and API.
-mod common;
-
+use crate::common::events::{contact, event, oid, one_stage_pipeline};
+use crate::common::{env_with_own_redis, eventually, post_board, small_seed, token, BoardPollers, TestEnv};
 use board_api::query::mongo_path::MongoReader;
 use board_api::query::projection::ProjectionReader;
 use board_api::query::request::ContactsRequest;
 use board_model::keys::Generation;
 use board_model::model::CardKind;
-use common::events::{contact, event, oid, one_stage_pipeline};
-use common::{env_with_own_redis, eventually, post_board, small_seed, token, BoardPollers, TestEnv};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -148,7 +146,6 @@ async fn rebuild_while_the_board_is_queried_switches_without_a_bad_answer() {
     assert_eq!(found["meta"]["answeredBy"], "projection");
     assert!(found.to_string().contains("Zebulon"), "{found}");
     projector.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 /// No stale 304 after a switch: clients poll index and sorted-set boards with `If-None-Match`
@@ -184,11 +181,10 @@ async fn polls_racing_switches_never_keep_a_stale_board() {
     }
     for last in pollers.last_boards().await {
         assert!(last.polls > 3, "the client polled through the switches");
-        let want = common::mongodb_answer(&db, &org, &user, last.body).await;
+        let want = crate::common::mongodb_answer(&db, &org, &user, last.body).await;
         assert!(last.data == want, "{}: the client's last board (status {}) differs from MongoDB's answer", last.body, last.status);
     }
     projector.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,7 +266,6 @@ async fn a_rebuild_killed_with_sigkill_is_refused_twice_then_resumed() {
         .collect();
     assert!(others.is_empty(), "keys of abandoned generations remain: {:?}", &others[..others.len().min(5)]);
     projector.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,7 +320,6 @@ async fn from_replays_the_topics_from_a_time() {
     let report = env.verify(&[late.org_ids[0].clone(), early.org_ids[0].clone()]).await;
     assert!(report.is_clean(), "{}", report.summary());
     projector.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,7 +354,6 @@ async fn the_mongodb_snapshot_rebuilds_what_the_topics_no_longer_hold() {
     let user = board_mongo::load_org(&env.mongo().await, org).await.unwrap().users[0].id.clone();
     assert_projection_equals_mongodb(&env, org, &user).await;
     projector.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,6 +436,5 @@ async fn flushall_under_a_running_projector_and_api_falls_back_then_heals() {
     assert!(seen_fallback.load(Ordering::Relaxed), "answers from MongoDB (or its documented 503) were seen while the projection healed");
     assert!(saw_not_ready.load(Ordering::Relaxed), "readiness said 503 projection_not_ready while the projection healed");
     projector.stop().await.unwrap();
-    env.cleanup().await;
     own.stop();
 }

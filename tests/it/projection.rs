@@ -1,11 +1,9 @@
 //! Event ingestion into the Redis read model, against the real Redis, Apache Kafka and FerretDB
 //! started by deploy/stack.sh. Kill, restart and rebalance tests are in tests/failures.rs.
-mod common;
-
+use crate::common::events::{contact, event, oid, one_stage_pipeline};
+use crate::common::{env_with_own_redis, eventually, free_port, small_seed, OwnRedis, TestEnv};
 use board_model::model::CardKind;
 use board_model::record::{CardRecord, ContactState};
-use common::events::{contact, event, oid, one_stage_pipeline};
-use common::{env_with_own_redis, eventually, free_port, small_seed, OwnRedis, TestEnv};
 use projector::apply::Position;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -26,7 +24,6 @@ async fn seeded_projection_equals_mongodb() {
     assert_eq!(report.orgs, 2);
     assert_eq!(report.cards as u64, seeded.contacts + seeded.applications);
     assert!(report.index_keys > 100, "a real projection has many index keys: {report:?}");
-    env.cleanup().await;
 }
 
 /// Duplicates, out-of-order versions, tombstones, idempotent messages and index moves.
@@ -107,7 +104,6 @@ async fn versions_duplicates_and_tombstones() {
     let report = env.verify(std::slice::from_ref(&org)).await;
     assert!(report.is_clean(), "drift: {:#?}", report.samples);
     assert_eq!(report.cards, 1);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,7 +160,6 @@ async fn poison_events_go_to_the_dead_letter_topic_and_the_consumer_goes_on() {
     let mut want: Vec<(String, Vec<u8>)> = poison.into_iter().map(|(code, p)| (code.to_string(), p)).collect();
     want.sort();
     assert_eq!(got, want);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,7 +191,6 @@ async fn two_consumers_in_one_group_share_the_partitions() {
     assert!(seen >= seeded.events, "every event seen: {seen} of {}", seeded.events);
     let report = env.verify(&seeded.org_ids).await;
     assert!(report.is_clean(), "drift: {:#?}", report.samples);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,7 +282,6 @@ async fn versions_compare_exactly_as_64_bit_integers() {
     let second = rec(c2.clone()).await;
     assert_eq!((second.version, second.card.unwrap().first_name.unwrap()), (two53 + 1, (two53 + 1).to_string()));
     let _: () = redis::cmd("PING").query_async(&mut r).await.unwrap();
-    env.cleanup().await;
 }
 
 /// `pb_commit` is the one Redis script: it writes only if every guard holds, and it checks every
@@ -331,7 +324,6 @@ async fn the_commit_function_guards_and_validates_before_writing() {
     let err = bad.query_async::<String>(&mut r).await.unwrap_err();
     assert!(err.to_string().contains("PB_BAD_OP"), "{err}");
     assert!(!r.hexists::<_, _, bool>(&h, "x").await.unwrap(), "nothing written before the bad op");
-    env.cleanup().await;
 }
 
 /// A Function that fails for a reason that is not the event's (here a bug in a deployed
@@ -404,7 +396,6 @@ async fn a_refused_dead_letter_is_parked_and_the_partition_goes_on() {
     let url = env.serve_with(env.serve_args()).await;
     let ready: Value = reqwest::get(format!("{url}/readyz")).await.unwrap().json().await.unwrap();
     assert_eq!(ready["deadLettersParked"], json!(1), "{ready}");
-    env.cleanup().await;
 }
 
 /// Parked dead letters are bounded: at `DLQ_PARKED_MAX` nothing more is parked and nothing is
@@ -444,7 +435,6 @@ async fn parked_dead_letters_stop_at_their_cap_without_losing_one() {
     let parked = board_ops::dlq::read_parked(&mut r, &env.keys.parked_dead_letters()).await.unwrap();
     let offsets: std::collections::BTreeSet<(i32, i64)> = parked.iter().map(|d| (d.origin_partition, d.origin_offset)).collect();
     assert_eq!(offsets.len(), 2, "both poison events parked: {parked:?}");
-    env.cleanup().await;
 }
 
 /// `verify` compares every structure the projection keeps: damage to any one of them is found
@@ -508,7 +498,6 @@ async fn verify_finds_damage_in_every_structure() {
         let _: () = redis::cmd("RESTORE").arg(&key).arg(0).arg(saved).arg("REPLACE").query_async(&mut r).await.unwrap();
     }
     assert!(env.verify(std::slice::from_ref(&org)).await.is_clean(), "restored");
-    env.cleanup().await;
 }
 
 /// Two legacy cards whose status and source differ only in where a `:` falls: each is found by
@@ -555,7 +544,6 @@ async fn values_with_separators_stay_apart_on_the_board() {
     assert_eq!(ask(json!({})).await, won(vec![&a], vec![&b]));
     assert_eq!(ask(json!({"source": "y"})).await, won(vec![&a], vec![]));
     assert_eq!(ask(json!({"source": "x:y"})).await, won(vec![], vec![&b]));
-    env.cleanup().await;
 }
 
 /// A dead letter whose cause is fixed (here: an event over the projector's size limit, which
@@ -620,7 +608,6 @@ async fn a_dead_letter_is_replayed_once_its_cause_is_fixed() {
     assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("1 dead letters (1 in the topic, 0 parked in redis)"), "{stdout}");
     assert!(stdout.contains("larger than the limit"), "{stdout}");
-    env.cleanup().await;
 }
 
 /// The Function library with `line` run first in `commit` (a library deployed with a bug).
@@ -685,7 +672,6 @@ async fn union_page_selects_the_same_cards_as_a_full_merge() {
             assert_eq!(got, want, "round {round}: offset {offset} limit {limit} range {min}..{max} over {} cards", expected.len());
         }
     }
-    env.cleanup().await;
 }
 
 /// The generation functions, called directly: a live commit is refused once its org moved; a
@@ -759,5 +745,4 @@ async fn generation_functions_guard_commits_switches_and_progress() {
     let _: () = r.del(env.keys.state()).await.unwrap();
     assert_eq!(record("i1").await, "lost");
     assert_eq!(r.hget::<_, _, i64>(&progress_key, "t/0").await.unwrap(), 42);
-    env.cleanup().await;
 }

@@ -2,12 +2,10 @@
 //! instances). Real clusters of 3 primaries + 3 replicas (deploy/redis-cluster.sh): the stack's
 //! on 7000-7005 for tests that only use it, a cluster of the test's own for tests that kill a
 //! node or move a slot.
-mod common;
-
+use crate::common::{cluster_url, eventually, post_board, primary_of, signal, small_seed, token, TestEnv};
 use board_api::query::board::AnswerMeta;
 use board_api::query::mongo_path::MongoReader;
 use board_api::query::request::ContactsRequest;
-use common::{cluster_url, eventually, post_board, primary_of, signal, small_seed, token, TestEnv};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -65,7 +63,7 @@ async fn assert_api_equals_mongodb(api: &str, db: &mongodb::Database, orgs: &[St
 fn serve_process(env: &TestEnv, extra_env: &[(&str, &str)]) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut cmd = env.cli(&["serve"]);
-    cmd.env("LISTEN_ADDR", "127.0.0.1:0").env("JWT_SECRET", common::JWT_SECRET).stdout(std::process::Stdio::piped());
+    cmd.env("LISTEN_ADDR", "127.0.0.1:0").env("JWT_SECRET", crate::common::JWT_SECRET).stdout(std::process::Stdio::piped());
     if std::env::var("TEST_LOG").is_err() {
         cmd.stderr(std::process::Stdio::null());
     }
@@ -115,7 +113,7 @@ async fn a_cross_slot_pipeline_is_refused_so_the_cluster_tests_would_catch_one()
 /// projection equals MongoDB — nothing lost, nothing counted twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_mid_ingest_loses_nothing_the_projection_acknowledged() {
-    let (env, cluster) = common::env_with_own_cluster("failover").await;
+    let (env, cluster) = crate::common::env_with_own_cluster("failover").await;
     let seeded = env.seed(small_seed(3, 1200, 41)).await;
     let mut node = cluster.node(cluster.base);
     // The shard of the first org's data (and, maybe, the projection's own state).
@@ -137,7 +135,7 @@ async fn a_primary_killed_mid_ingest_loses_nothing_the_projection_acknowledged()
         while owner.0 == victim {
             assert!(killed.elapsed() < Duration::from_secs(60), "no replica promoted within 60 s");
             tokio::task::yield_now().await;
-            owner = common::serving_primary(&mut node, &env.keys.generation_pointer(&seeded.org_ids[0])).unwrap_or(owner);
+            owner = crate::common::serving_primary(&mut node, &env.keys.generation_pointer(&seeded.org_ids[0])).unwrap_or(owner);
         }
         owner
     };
@@ -165,7 +163,6 @@ async fn a_primary_killed_mid_ingest_loses_nothing_the_projection_acknowledged()
     let api = env.serve_with(env.serve_args()).await;
     let compared = assert_api_equals_mongodb(&api, &env.mongo().await, &seeded.org_ids).await;
     assert!(compared > 0);
-    env.cleanup().await;
 }
 
 /// An org's slot moved to another primary (MIGRATE twenty keys at a time, then SETSLOT NODE) while a
@@ -174,7 +171,7 @@ async fn a_primary_killed_mid_ingest_loses_nothing_the_projection_acknowledged()
 /// to MongoDB), and afterwards the projection answers from the new primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_org_slot_migrated_while_boards_are_served_gives_no_failed_answer() {
-    let (env, cluster) = common::env_with_own_cluster("reshard").await;
+    let (env, cluster) = crate::common::env_with_own_cluster("reshard").await;
     let seeded = env.seed_and_project(small_seed(2, 400, 43)).await;
     let org = seeded.org_ids[0].clone();
     let db = env.mongo().await;
@@ -263,7 +260,6 @@ async fn an_org_slot_migrated_while_boards_are_served_gives_no_failed_answer() {
     }
     let report = env.verify(&seeded.org_ids).await;
     assert!(report.is_clean(), "{:#?}", report.samples);
-    env.cleanup().await;
 }
 
 /// Two `project` and two `serve` processes on the cluster; one of each SIGKILLed mid-ingest and
@@ -315,7 +311,6 @@ async fn two_projectors_and_two_apis_one_of_each_killed_and_restarted() {
         let _ = child.wait();
     }
     reaper.0.clear();
-    env.cleanup().await;
 }
 
 /// `REDIS_READ_FROM=replica`: boards are read from the replicas (their read counters move, the
@@ -323,7 +318,7 @@ async fn two_projectors_and_two_apis_one_of_each_killed_and_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_reads_answer_like_mongodb_and_report_their_staleness() {
     // A cluster of its own: the primaries' read counters must move only with this test's reads.
-    let (env, cluster) = common::env_with_own_cluster("replica-reads").await;
+    let (env, cluster) = crate::common::env_with_own_cluster("replica-reads").await;
     let seeded = env.seed_and_project(small_seed(2, 300, 47)).await;
     let mut args = env.serve_args();
     args.redis_read_from = board_api::http::ReadFrom::Replica;
@@ -370,7 +365,7 @@ async fn replica_reads_answer_like_mongodb_and_report_their_staleness() {
     // A second replica for the org's shard (1 primary + 2 replicas): every read of one org goes
     // to one of them, so one answer's token, index position and cards are of one node's moment.
     let port = loop {
-        let p = common::free_port();
+        let p = crate::common::free_port();
         if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
             break p;
         }
@@ -421,7 +416,7 @@ async fn replica_reads_answer_like_mongodb_and_report_their_staleness() {
     let projector = env.spawn_projector();
     let snap = board_mongo::load_org(&db, org).await.unwrap();
     let bodies = [r#"{"size": 100}"#, r#"{"search": "e", "size": 50}"#, r#"{"size": 7}"#];
-    let pollers = common::BoardPollers::start(&api, &bearer, &bodies);
+    let pollers = crate::common::BoardPollers::start(&api, &bearer, &bodies);
     let contacts = db.collection::<bson::Document>("contacts");
     for (round, held) in [replica, port, replica, port].into_iter().enumerate() {
         let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(120_000).arg("WRITE").query(&mut cluster.node(held)).unwrap();
@@ -456,11 +451,10 @@ async fn replica_reads_answer_like_mongodb_and_report_their_staleness() {
     .await;
     for last in pollers.last_boards().await {
         assert!(last.polls > 3, "the client polled while replicas were held back");
-        let want = common::mongodb_answer(&db, org, &user, last.body).await;
+        let want = crate::common::mongodb_answer(&db, org, &user, last.body).await;
         assert!(last.data == want, "{}: the client's last board (status {}) differs from MongoDB's answer", last.body, last.status);
     }
     projector.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 /// `rebuild` and `verify` as commands on the cluster: a rebuild replays into a new generation
@@ -493,7 +487,6 @@ async fn rebuild_and_verify_run_on_the_cluster() {
     assert!(left.is_empty(), "old generation removed: {left:?}");
     let out = env.cli(&["verify"]).output().unwrap();
     assert!(out.status.success(), "verify on the cluster: {}", String::from_utf8_lossy(&out.stdout));
-    env.cleanup().await;
 }
 
 /// A primary SIGKILLed and started again at once, before its replica could be promoted: it
@@ -503,7 +496,7 @@ async fn rebuild_and_verify_run_on_the_cluster() {
 /// from the topics; `verify` then finds it whole and equal to MongoDB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_restarted_empty_is_noticed_and_the_projection_built_again() {
-    let (env, cluster) = common::env_with_own_cluster("shard-loss").await;
+    let (env, cluster) = crate::common::env_with_own_cluster("shard-loss").await;
     // Orgs (random ids) until one lives on another shard than `{meta}`: its loss leaves the
     // projection's state in place.
     let mut node = cluster.node(cluster.base);
@@ -555,7 +548,6 @@ async fn a_primary_restarted_empty_is_noticed_and_the_projection_built_again() {
     assert!(report.is_clean(), "{:#?}", report.samples);
     assert_eq!(report.cards as u64, cards);
     let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
-    env.cleanup().await;
 }
 
 /// The API starts while no node of its cluster answers (the cluster connection is made in the
@@ -566,7 +558,7 @@ async fn the_api_starts_and_answers_from_mongodb_while_the_cluster_is_unreachabl
     let seeded = env.seed(small_seed(1, 30, 53)).await;
     let reachable = std::mem::replace(
         &mut env.redis_url,
-        format!("redis+cluster://127.0.0.1:{},127.0.0.1:{}", common::free_port(), common::free_port()),
+        format!("redis+cluster://127.0.0.1:{},127.0.0.1:{}", crate::common::free_port(), crate::common::free_port()),
     );
     let api = env.serve_with(env.serve_args()).await;
     let org = &seeded.org_ids[0];
@@ -576,7 +568,6 @@ async fn the_api_starts_and_answers_from_mongodb_while_the_cluster_is_unreachabl
     assert_eq!(body["meta"]["answeredBy"], "mongodb");
     assert_eq!(body["meta"]["reason"], "projection_unavailable");
     env.redis_url = reachable;
-    env.cleanup().await;
 }
 
 /// A primary off the `{meta}` shard reloads an older snapshot (`SAVE`, orgs applied to it,
@@ -585,7 +576,7 @@ async fn the_api_starts_and_answers_from_mongodb_while_the_cluster_is_unreachabl
 /// replays forward; `verify` clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_reloaded_from_an_older_snapshot_is_noticed_and_replayed() {
-    let (env, cluster) = common::env_with_own_cluster("shard-rewind").await;
+    let (env, cluster) = crate::common::env_with_own_cluster("shard-rewind").await;
     let mut node = cluster.node(cluster.base);
     let (meta_shard, _) = primary_of(&mut node, &env.keys.state());
     let on_shard = |node: &mut redis::Connection, orgs: &[String], shard: Option<u16>| {
@@ -664,5 +655,4 @@ async fn a_shard_reloaded_from_an_older_snapshot_is_noticed_and_replayed() {
     let report = env.verify(&orgs).await;
     assert!(report.is_clean(), "{}", report.summary());
     projector.stop().await.unwrap();
-    env.cleanup().await;
 }

@@ -2,9 +2,7 @@
 //! ends with `verify` finding the projection identical to MongoDB: nothing lost, nothing counted
 //! twice. Brokers and MongoDB-wire servers that a test stops are its own, so the tests running
 //! beside it keep their stack.
-mod common;
-
-use common::{eventually, post_board, signal, small_seed, token, OwnFerretDb, OwnKafka, TestEnv};
+use crate::common::{eventually, post_board, signal, small_seed, token, OwnFerretDb, OwnKafka, TestEnv};
 use nix::sys::signal::Signal;
 use rand::Rng;
 use serde_json::{json, Value};
@@ -66,7 +64,6 @@ async fn kafka_broker_stopped_mid_ingest_and_started_again() {
 
     let orgs: Vec<String> = first.org_ids.iter().chain(&second.org_ids).cloned().collect();
     assert_identical_to_mongodb(&env, &orgs, first.contacts + first.applications + second.contacts + second.applications).await;
-    env.cleanup().await;
 }
 
 /// SIGKILL at 20 random points of one long ingest, restarted each time (with static group
@@ -102,7 +99,6 @@ async fn projector_killed_at_twenty_random_points_loses_nothing() {
     signal(&child, Signal::SIGTERM);
     assert!(child.wait().unwrap().success(), "SIGTERM exits 0");
     assert_identical_to_mongodb(&env, &seeded.org_ids, seeded.contacts + seeded.applications).await;
-    env.cleanup().await;
 }
 
 /// A second consumer joins while the first has batches in flight, then the first leaves while
@@ -139,7 +135,6 @@ async fn consumers_joining_and_leaving_mid_ingest() {
     b.stop().await.unwrap();
 
     assert_identical_to_mongodb(&env, &seeded.org_ids, seeded.contacts + seeded.applications).await;
-    env.cleanup().await;
 }
 
 /// MongoDB (FerretDB) goes away: every request the projection can answer still gets its
@@ -202,5 +197,4 @@ async fn mongodb_down_projection_keeps_answering() {
     let (status, body) = post_board(&url, Some(&t), &custom).await;
     assert_eq!((status, body["meta"]["answeredBy"].as_str()), (200, Some("mongodb")), "{body}");
     projector.stop().await.unwrap();
-    env.cleanup().await;
 }

@@ -3,10 +3,8 @@
 //! so a concurrent simple board is not delayed behind it), the filtering that must look at many
 //! cards runs in the API's index under a deadline, and a concurrent simple board is answered as
 //! it is alone. Redis work is counted with `INFO commandstats` on a Redis of the test's own.
-mod common;
-
+use crate::common::{env_with_own_redis, post_board, small_seed, token};
 use board_api::query::request::{MAX_PAGES, MAX_SEARCH_CHARS, MAX_STAGES, MAX_USER_IDS};
-use common::{env_with_own_redis, post_board, small_seed, token};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -129,7 +127,6 @@ async fn the_worst_case_request_costs_redis_the_same_on_a_small_and_a_large_org(
     assert_eq!(reader.evict_idle_indexes(std::time::Duration::ZERO), 0);
     let (again, _) = reader.answer(&large, &user, &q, 0).await.unwrap();
     assert_eq!(first, again, "reloaded, same answer");
-    env.cleanup().await;
     own.stop();
 }
 
@@ -145,7 +142,7 @@ async fn post_board_owned(url: String, bearer: String, body: String) -> (u16, Va
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn index_boards_waiting_for_a_walk_leave_health_and_sorted_set_boards_free() {
     use std::time::Duration;
-    let env = common::TestEnv::new("index-locks").await;
+    let env = crate::common::TestEnv::new("index-locks").await;
     let seeded = env.seed(small_seed(1, 120, 43)).await;
     let org = seeded.org_ids[0].clone();
     let projector = env.spawn_projector();
@@ -202,7 +199,6 @@ async fn index_boards_waiting_for_a_walk_leave_health_and_sorted_set_boards_free
         assert!(body.to_string().contains("Aaron-after-the-walk"), "caught up with the change: {body}");
     }
     projector.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 /// Runs `f` on a thread and runtime of its own; its output arrives on the channel.

@@ -1,18 +1,44 @@
-//! The projection's Redis Function library (`functions.lua`: the thin writer `pb_commit` and the
-//! read-only `pb_union_page`) and the typed builder of one commit: guards (what the projector
-//! read, which must still hold) and the writes it computed.
+//! `pb_commit`: the projection's one writer. The typed builder of one commit (guards: what the
+//! projector read, which must still hold; writes: what it computed) and its reply.
 use board_model::keys::{Generation, OrgKeys};
 
-pub const LIBRARY: &str = include_str!("functions.lua");
-
-/// Loads (or replaces) the library. Idempotent; every projector and test calls it at start.
-pub async fn load_library<C: redis::aio::ConnectionLike + Send>(conn: &mut C) -> redis::RedisResult<()> {
-    redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(LIBRARY).query_async::<String>(conn).await.map(|_| ())
-}
+const NAME: &str = "pb_commit";
 
 /// Entries the change stream keeps per org (approximately: `MAXLEN ~`). A reader further
 /// behind than this reloads the org.
 pub const CHANGES_MAXLEN: usize = 1_000;
+
+/// The op codes of `pb_commit`'s argument groups (library.lua documents each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Op {
+    Guard,
+    MinWrites,
+    HSet,
+    HDel,
+    ZAdd,
+    ZRem,
+    SAdd,
+    SRem,
+    XAdd,
+    Offsets,
+}
+
+impl Op {
+    fn code(self) -> &'static str {
+        match self {
+            Op::Guard => "G",
+            Op::MinWrites => "W",
+            Op::HSet => "H",
+            Op::HDel => "h",
+            Op::ZAdd => "Z",
+            Op::ZRem => "z",
+            Op::SAdd => "S",
+            Op::SRem => "s",
+            Op::XAdd => "X",
+            Op::Offsets => "O",
+        }
+    }
+}
 
 /// One write of a commit.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,46 +104,46 @@ impl Commit {
         for g in &self.guards {
             // Absent is the empty string: no stored value is empty (records and states encode
             // to at least one byte, empty states are deleted, versions and team lists are text).
-            groups.add("G", &g.key, &[g.field.as_bytes(), g.expected.as_deref().unwrap_or_default()]);
+            groups.add(Op::Guard, &g.key, &[g.field.as_bytes(), g.expected.as_deref().unwrap_or_default()]);
         }
         let mut stream: Vec<(&str, &str, &[u8])> = Vec::new();
         for (w, score) in self.writes.iter().zip(&scores) {
             match w {
-                Write::HSet { key, field, value } => groups.add("H", key, &[field.as_bytes(), value]),
-                Write::HDel { key, field } => groups.add("h", key, &[field.as_bytes()]),
-                Write::ZAdd { key, member, .. } => groups.add("Z", key, &[score.as_bytes(), member.as_bytes()]),
-                Write::ZRem { key, member } => groups.add("z", key, &[member.as_bytes()]),
-                Write::SAdd { key, member } => groups.add("S", key, &[member.as_bytes()]),
-                Write::SRem { key, member } => groups.add("s", key, &[member.as_bytes()]),
+                Write::HSet { key, field, value } => groups.add(Op::HSet, key, &[field.as_bytes(), value]),
+                Write::HDel { key, field } => groups.add(Op::HDel, key, &[field.as_bytes()]),
+                Write::ZAdd { key, member, .. } => groups.add(Op::ZAdd, key, &[score.as_bytes(), member.as_bytes()]),
+                Write::ZRem { key, member } => groups.add(Op::ZRem, key, &[member.as_bytes()]),
+                Write::SAdd { key, member } => groups.add(Op::SAdd, key, &[member.as_bytes()]),
+                Write::SRem { key, member } => groups.add(Op::SRem, key, &[member.as_bytes()]),
                 Write::XAdd { key, field, value } => stream.push((key, field, value)),
             }
         }
         let offsets_key = self.org.offsets();
         for (field, offset) in &self.offsets {
-            groups.add_owned("O", &offsets_key, field.as_bytes(), offset.to_string().into_bytes());
+            groups.add_owned(Op::Offsets, &offsets_key, field.as_bytes(), offset.to_string().into_bytes());
         }
         let mut cmd = redis::cmd("FCALL");
         match &self.generation {
-            Some((pointer, generation)) => cmd.arg("pb_commit").arg(2).arg(&self.org.base).arg(pointer).arg(generation.name()),
-            None => cmd.arg("pb_commit").arg(1).arg(&self.org.base),
+            Some((pointer, generation)) => cmd.arg(NAME).arg(2).arg(&self.org.base).arg(pointer).arg(generation.name()),
+            None => cmd.arg(NAME).arg(1).arg(&self.org.base),
         };
         if let Some(min) = self.min_writes {
-            cmd.arg("W").arg(self.suffix(&self.org.writes())).arg(1).arg(min);
+            cmd.arg(Op::MinWrites.code()).arg(self.suffix(&self.org.writes())).arg(1).arg(min);
         }
         for (op, key, count, items) in &groups.list {
-            cmd.arg(*op).arg(self.suffix(key)).arg(*count);
+            cmd.arg(op.code()).arg(self.suffix(key)).arg(*count);
             for item in items {
                 cmd.arg(*item);
             }
         }
         for (op, key, count, items) in &groups.owned {
-            cmd.arg(*op).arg(self.suffix(key)).arg(*count);
+            cmd.arg(op.code()).arg(self.suffix(key)).arg(*count);
             for item in items {
                 cmd.arg(item.as_slice());
             }
         }
         for (key, field, value) in stream {
-            cmd.arg("X").arg(self.suffix(key)).arg(1).arg(CHANGES_MAXLEN).arg(field).arg(value);
+            cmd.arg(Op::XAdd.code()).arg(self.suffix(key)).arg(1).arg(CHANGES_MAXLEN).arg(field).arg(value);
         }
         cmd
     }
@@ -126,14 +152,14 @@ impl Commit {
 /// Writes grouped by (op, key), in order of first appearance.
 #[derive(Default)]
 struct Groups<'a> {
-    list: Vec<(&'static str, &'a str, usize, Vec<&'a [u8]>)>,
-    at: std::collections::HashMap<(&'static str, &'a str), usize>,
+    list: Vec<(Op, &'a str, usize, Vec<&'a [u8]>)>,
+    at: std::collections::HashMap<(Op, &'a str), usize>,
     /// Groups whose items are made here (offsets as text): one group per key.
-    owned: Vec<(&'static str, String, usize, Vec<Vec<u8>>)>,
+    owned: Vec<(Op, String, usize, Vec<Vec<u8>>)>,
 }
 
 impl<'a> Groups<'a> {
-    fn add_owned(&mut self, op: &'static str, key: &str, field: &[u8], value: Vec<u8>) {
+    fn add_owned(&mut self, op: Op, key: &str, field: &[u8], value: Vec<u8>) {
         match self.owned.iter_mut().find(|g| g.0 == op && g.1 == key) {
             Some(g) => {
                 g.2 += 1;
@@ -144,7 +170,7 @@ impl<'a> Groups<'a> {
         }
     }
 
-    fn add(&mut self, op: &'static str, key: &'a str, item: &[&'a [u8]]) {
+    fn add(&mut self, op: Op, key: &'a str, item: &[&'a [u8]]) {
         let i = *self.at.entry((op, key)).or_insert_with(|| {
             self.list.push((op, key, 0, Vec::new()));
             self.list.len() - 1
@@ -191,50 +217,4 @@ pub fn commit_writes(reply: &str) -> Option<i64> {
         "ok" => Some(0),
         _ => reply.strip_prefix("ok:")?.parse().ok(),
     }
-}
-
-/// What `pb_switch` answered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SwitchOutcome {
-    Switched,
-    /// The pointer was not the expected generation (another switch came first).
-    Moved(Generation),
-    /// The new generation lacks events of this partition that the current one holds.
-    Behind(String),
-}
-
-impl SwitchOutcome {
-    pub fn parse(s: &str) -> Option<Self> {
-        if s == "ok" {
-            return Some(SwitchOutcome::Switched);
-        }
-        if let Some(p) = s.strip_prefix("behind:") {
-            return Some(SwitchOutcome::Behind(p.to_string()));
-        }
-        s.strip_prefix("moved:").and_then(Generation::parse).map(SwitchOutcome::Moved)
-    }
-}
-
-/// `FCALL pb_switch`: moves `org` from `from` to `to` if `to` holds all it holds.
-pub fn switch_cmd(keys: &board_model::keys::KeySpace, org: &str, from: &Generation, to: &Generation) -> redis::Cmd {
-    let mut cmd = redis::cmd("FCALL");
-    cmd.arg("pb_switch")
-        .arg(3)
-        .arg(keys.generation_pointer(org))
-        .arg(keys.org_in(to, org).offsets())
-        .arg(keys.org_in(from, org).offsets())
-        .arg(to.name())
-        .arg(from.name());
-    cmd
-}
-
-/// `FCALL pb_progress`: records `offsets` in `progress_key` if `instance` is still the
-/// projection Redis holds. Replies 'ok' or 'lost'.
-pub fn progress_cmd(keys: &board_model::keys::KeySpace, progress_key: &str, instance: &str, offsets: &[(String, i64)]) -> redis::Cmd {
-    let mut cmd = redis::cmd("FCALL");
-    cmd.arg("pb_progress").arg(2).arg(keys.state()).arg(progress_key).arg(instance);
-    for (field, offset) in offsets {
-        cmd.arg(field).arg(*offset);
-    }
-    cmd
 }

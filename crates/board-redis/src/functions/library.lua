@@ -28,6 +28,16 @@ local width = { G = 2, W = 1, H = 2, h = 1, Z = 2, z = 1, S = 1, s = 1, X = 3, O
 local command = { H = 'HSET', h = 'HDEL', Z = 'ZADD', z = 'ZREM', S = 'SADD', s = 'SREM' }
 local CHUNK = 500
 
+-- Raises each field of hash `key` to the offset beside it in args[from .. last] (field offset
+-- pairs); never lowers one: offsets of progress only move forward (pb_commit's 'O' groups, the
+-- floors of pb_state_start and pb_state_rewind).
+local function raise_to(key, args, from, last)
+  for j = from, last, 2 do
+    local had = redis.call('HGET', key, args[j])
+    if not had or tonumber(had) < tonumber(args[j + 1]) then redis.call('HSET', key, args[j], args[j + 1]) end
+  end
+end
+
 local function commit(keys, args)
   local K = keys[1]
   local i, n = 1, #args
@@ -77,10 +87,7 @@ local function commit(keys, args)
     if op == 'X' then
       redis.call('XADD', key, 'MAXLEN', '~', args[from], '*', args[from + 1], args[from + 2])
     elseif op == 'O' then
-      for j = from, from + len - 1, 2 do
-        local had = redis.call('HGET', key, args[j])
-        if not had or tonumber(had) < tonumber(args[j + 1]) then redis.call('HSET', key, args[j], args[j + 1]) end
-      end
+      raise_to(key, args, from, from + len - 1)
     elseif op ~= 'G' and op ~= 'W' then
       local step = width[op] * CHUNK
       for c = from, from + len - 1, step do
@@ -196,3 +203,98 @@ local function union_page(keys, args)
 end
 
 redis.register_function{ function_name = 'pb_union_page', callback = union_page, flags = { 'no-writes' } }
+
+-- The projection's state in {meta} (crates/board-redis/src/functions/state.rs). A counted list
+-- is n, then (field value)*n; the last list of a call runs to the end of ARGV.
+
+-- Makes a new `building` projection unless one exists (a first start, or a loss: FLUSHALL, a
+-- Redis restarted without its data). KEYS: state, target, model marker, marks seen, progress.
+-- ARGV: instance, now, incomplete ('' = none), model version, floors (counted), ends (to the
+-- end). Reply: the instance Redis holds (the caller's when this call made it).
+local function state_start(keys, args)
+  if redis.call('HSETNX', keys[1], 'instance', args[1]) == 0 then return redis.call('HGET', keys[1], 'instance') end
+  redis.call('HSET', keys[1], 'status', 'building', 'since', args[2])
+  if args[3] ~= '' then redis.call('HSET', keys[1], 'incomplete', args[3]) end
+  -- The model marker with the state: a later projector start finds the projection claimed. The
+  -- marks seen belong to the projection that was lost: they start over.
+  redis.call('SET', keys[3], args[4])
+  redis.call('DEL', keys[4])
+  local m = tonumber(args[5])
+  raise_to(keys[5], args, 6, 5 + 2 * m)
+  redis.call('DEL', keys[2])
+  if #args > 5 + 2 * m then redis.call('HSET', keys[2], unpack(args, 6 + 2 * m)) end
+  return args[1]
+end
+
+redis.register_function('pb_state_start', state_start)
+
+-- Marks the projection whole if it is still `instance`. KEYS: state. ARGV: instance, now.
+-- Reply: 1, or 0 (another instance: nothing written).
+local function state_whole(keys, args)
+  if redis.call('HGET', keys[1], 'instance') ~= args[1] then return 0 end
+  redis.call('HSET', keys[1], 'status', 'whole', 'wholeAt', args[2])
+  return 1
+end
+
+redis.register_function('pb_state_whole', state_whole)
+
+-- After Redis went back in time: if the projection is still `mine`, lowers the progress to
+-- `resume` (a field absent from it is deleted: that partition restarts from its beginning),
+-- raises it to the floors, and makes `new` a `building` instance with the ends as its target.
+-- KEYS: state, target, progress. ARGV: mine, new, now, incomplete ('' = none), resume
+-- (counted), floors (counted), ends (to the end). Reply: 1, or 0 (nothing written).
+local function state_rewind(keys, args)
+  if redis.call('HGET', keys[1], 'instance') ~= args[1] then return 0 end
+  local n = tonumber(args[5])
+  local resume = {}
+  for i = 6, 5 + 2 * n, 2 do resume[args[i]] = tonumber(args[i + 1]) end
+  local held = redis.call('HGETALL', keys[3])
+  for i = 1, #held, 2 do
+    local to = resume[held[i]]
+    if not to then redis.call('HDEL', keys[3], held[i])
+    elseif to < tonumber(held[i + 1]) then redis.call('HSET', keys[3], held[i], to) end
+  end
+  local floors_at = 6 + 2 * n
+  local m = tonumber(args[floors_at])
+  raise_to(keys[3], args, floors_at + 1, floors_at + 2 * m)
+  redis.call('HSET', keys[1], 'instance', args[2], 'status', 'building', 'since', args[3])
+  redis.call('HDEL', keys[1], 'wholeAt')
+  if args[4] ~= '' then redis.call('HSET', keys[1], 'incomplete', args[4]) end
+  redis.call('DEL', keys[2])
+  if #args > floors_at + 2 * m then redis.call('HSET', keys[2], unpack(args, floors_at + 2 * m + 1)) end
+  return 1
+end
+
+redis.register_function('pb_state_rewind', state_rewind)
+
+-- A primary's write mark (consumers/src/rewind.rs): raised past the highest seq the caller saw,
+-- with the progress to keep beside it. KEYS: the mark. ARGV: seen, progress (JSON).
+-- Reply: {'ok', new seq, ''}, or {'rewound', held seq, progress kept with it or ''} (the mark
+-- holds less than was seen: this shard went back in time; nothing written).
+local function mark_raise(keys, args)
+  local seq = tonumber(redis.call('HGET', keys[1], 'seq') or '0')
+  if seq < tonumber(args[1]) then
+    return { 'rewound', seq, redis.call('HGET', keys[1], 'progress') or '' }
+  end
+  seq = seq + 1
+  redis.call('HSET', keys[1], 'seq', seq, 'progress', args[2])
+  return { 'ok', seq, '' }
+end
+
+redis.register_function('pb_mark_raise', mark_raise)
+
+-- The rebuild's lease: renewed and released only by its holder. KEYS: the lease.
+-- pb_lease_renew ARGV: holder, ttl ms. pb_lease_release ARGV: holder. Reply: 1, or 0 (another
+-- holder, or none: nothing changed).
+local function lease_renew(keys, args)
+  if redis.call('GET', keys[1]) ~= args[1] then return 0 end
+  return redis.call('PEXPIRE', keys[1], args[2])
+end
+
+local function lease_release(keys, args)
+  if redis.call('GET', keys[1]) ~= args[1] then return 0 end
+  return redis.call('DEL', keys[1])
+end
+
+redis.register_function('pb_lease_renew', lease_renew)
+redis.register_function('pb_lease_release', lease_release)

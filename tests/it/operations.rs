@@ -2,9 +2,7 @@
 //! fault the projection is either right or says it is not. A projector starts again on a healed
 //! projection, readiness notices a projection nobody advances, and a Redis that went back to an
 //! older snapshot is noticed and replayed forward.
-mod common;
-
-use common::{env_with_own_redis, eventually, small_seed, OwnRedis, TestEnv};
+use crate::common::{env_with_own_redis, eventually, small_seed, OwnRedis, TestEnv};
 use redis::AsyncCommands;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -42,7 +40,6 @@ async fn a_projector_starts_on_a_projection_healed_after_a_flushall() {
     assert!(out.status.success(), "a projector starts on a healed projection: {}", String::from_utf8_lossy(&out.stderr));
     let report = env.verify(&[seeded.org_ids[0].clone(), more.org_ids[0].clone()]).await;
     assert!(report.is_clean(), "{}", report.summary());
-    env.cleanup().await;
     own.stop();
 }
 
@@ -78,7 +75,6 @@ async fn readiness_turns_503_when_nobody_advances_the_projection() {
     })
     .await;
     projector.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 async fn progress_of(env: &TestEnv) -> BTreeMap<String, i64> {
@@ -154,7 +150,6 @@ async fn a_redis_reloaded_from_an_older_snapshot_is_noticed_and_replayed() {
     let report = env.verify(&all).await;
     assert!(report.is_clean(), "after a restart: {}", report.summary());
     projector.stop().await.unwrap();
-    env.cleanup().await;
     own.stop();
 }
 
@@ -202,6 +197,5 @@ async fn a_rewind_past_the_topics_retention_is_reported_not_replayed_with_holes(
     let report = env.verify(&[first.org_ids[0].clone(), later.org_ids[0].clone()]).await;
     assert!(report.is_clean(), "{}", report.summary());
     projector.stop().await.unwrap();
-    env.cleanup().await;
     own.stop();
 }

@@ -1,8 +1,6 @@
 //! The board page (issue 10) over HTTP against the real stack: the page and its assets, ETags and
 //! `304 Not Modified` for polling boards, the demo sign-in (off unless enabled).
-mod common;
-
-use common::{eventually, post_board, post_with_etag, small_seed, token, TestEnv};
+use crate::common::{eventually, post_board, post_with_etag, small_seed, token, TestEnv};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -112,5 +110,4 @@ async fn the_page_polls_cheaply_and_signs_demo_users_in_only_when_enabled() {
     args.demo_signin_anywhere = true;
     assert!(board_api::http::Application::build(&args).await.is_ok());
     projector.stop().await.unwrap();
-    env.cleanup().await;
 }

@@ -1,8 +1,6 @@
 //! Black-box HTTP tests of `POST /api/contacts` and the service endpoints, against the real stack.
-mod common;
-
+use crate::common::{eventually, free_port, post_board, small_seed, token, TestEnv, JWT_SECRET};
 use board_mongo::OrgSnapshot;
-use common::{eventually, free_port, post_board, small_seed, token, TestEnv, JWT_SECRET};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -1,15 +1,13 @@
 //! The projection path and the MongoDB path give identical answers (CONTRACT.md 3), on a seeded
 //! data set and hundreds of randomized requests covering every field and their combinations.
-mod common;
-
+use crate::common::oracle::{self, OracleBucket};
+use crate::common::{cluster_url, small_seed, TestEnv};
 use board_api::query::board::BoardAnswer;
 use board_api::query::mongo_path::MongoReader;
 use board_api::query::projection::ProjectionReader;
 use board_api::query::request::ContactsRequest;
 use board_model::model::CardDoc;
 use board_mongo::OrgSnapshot;
-use common::oracle::{self, OracleBucket};
-use common::{cluster_url, small_seed, TestEnv};
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -392,7 +390,6 @@ async fn projection_and_mongodb_answer_identically() {
         snaps.push((org.clone(), board_mongo::load_org(&db, org).await.unwrap()));
     }
     round.run("after pipeline changes", &snaps, requests / 3, &mut rng).await;
-    env.cleanup().await;
 }
 
 /// The same comparison on the stack's Redis Cluster (3 primaries + 3 replicas) with orgs on
@@ -412,7 +409,7 @@ async fn on_a_redis_cluster_with_orgs_on_every_shard_both_paths_answer_identical
         org_ids.extend(env.seed(small_seed(3, 60, 700 + round)).await.org_ids);
         shards.clear();
         for org in &org_ids {
-            *shards.entry(common::primary_of(&mut node, &env.keys.generation_pointer(org)).0).or_default() += 1;
+            *shards.entry(crate::common::primary_of(&mut node, &env.keys.generation_pointer(org)).0).or_default() += 1;
         }
         if shards.len() == 3 {
             break;
@@ -438,5 +435,4 @@ async fn on_a_redis_cluster_with_orgs_on_every_shard_both_paths_answer_identical
     let mut rng = ChaCha8Rng::seed_from_u64(2027);
     let round = Round { projection: &projection, mongo: &mongo_reader, base_now: chrono::Utc::now().timestamp_millis() };
     round.run(&format!("cluster, orgs per shard {shards:?}"), &snaps, requests, &mut rng).await;
-    env.cleanup().await;
 }
