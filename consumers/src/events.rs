@@ -67,14 +67,15 @@ impl BatchApplied {
     }
 }
 
-/// From an applied event's `occurredAt` to its batch's acknowledgment.
-pub struct Freshness {
-    pub seconds: f64,
-}
+/// From each applied event's `occurredAt` to its batch's acknowledgment, in seconds.
+pub struct Freshness<I: Iterator<Item = f64>>(pub I);
 
-impl Freshness {
+impl<I: Iterator<Item = f64>> Freshness<I> {
     pub fn emit(self) {
-        metrics::histogram!("pb_projection_freshness_seconds").record(self.seconds);
+        let histogram = metrics::histogram!("pb_projection_freshness_seconds");
+        for seconds in self.0 {
+            histogram.record(seconds);
+        }
     }
 }
 
@@ -174,7 +175,8 @@ impl ProjectionWhole {
     }
 }
 
-/// A cluster primary restarted empty: its orgs are lost and the projection is built again.
+/// A cluster primary restarted empty: its orgs are lost and the projection is built again
+/// (reported each check until handled).
 pub struct ShardLost<'a> {
     pub node: &'a str,
 }
@@ -182,6 +184,15 @@ pub struct ShardLost<'a> {
 impl ShardLost<'_> {
     pub fn emit(self) {
         warn!(node = self.node, "a redis cluster primary restarted empty: its orgs are lost; building the projection again");
+    }
+}
+
+/// A lost shard was handled: the projection was forgotten, to be built again (counted once a
+/// loss).
+pub struct ShardLossHandled;
+
+impl ShardLossHandled {
+    pub fn emit(self) {
         metrics::counter!("pb_shard_losses_total").increment(1);
     }
 }

@@ -61,6 +61,32 @@ impl From<&String> for KafkaConnection {
     }
 }
 
+/// Fills `batch` up to `max` messages, waiting at most `linger` for more: how every reader of the
+/// topics (the projector's group consumer, the rebuild's replay) gathers one batch to apply. A
+/// poll error ends the batch (the client reconnects by itself); `read` turns each message into
+/// what the batch holds.
+pub async fn fill_batch<C, T>(
+    consumer: &rdkafka::consumer::StreamConsumer<C>,
+    batch: &mut Vec<T>,
+    max: usize,
+    linger: std::time::Duration,
+    mut read: impl FnMut(rdkafka::message::OwnedMessage) -> T,
+) where
+    C: rdkafka::consumer::ConsumerContext + 'static,
+{
+    let deadline = tokio::time::Instant::now() + linger;
+    while batch.len() < max {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => batch.push(read(m.detach())),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "kafka poll error");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -330,17 +330,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
             }
         }
         let _ = counters.first_batch_at.compare_exchange(0, board_model::time::now_millis(), Ordering::Relaxed, Ordering::Relaxed);
-        let deadline = Instant::now() + settings.linger;
-        while batch.len() < settings.max_batch {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(parse(m.detach())),
-                Ok(Err(e)) => {
-                    warn!(error = %e, "kafka poll error");
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
+        crate::kafka::fill_batch(&consumer, &mut batch, settings.max_batch, settings.linger, &parse).await;
 
         // Apply with retries. Shutdown during a Redis outage gives the batch up unstored: it is
         // read again on the next start, so nothing is lost. A batch that met keys gone back in
@@ -510,6 +500,7 @@ fn watch_state_every_second(
                     events::ShardLost { node: &node }.emit();
                     match state::forget(&mut conn, &keys, &group).await {
                         Ok(()) => {
+                            events::ShardLossHandled.emit();
                             shards.handled();
                         }
                         Err(e) => warn!(error = %e, "projection state not forgotten; the next check retries"),
@@ -629,11 +620,8 @@ async fn restart_after_rewind(
 /// Freshness: from each applied event's `occurredAt` to now (its batch acknowledged).
 fn record_freshness(batch: &[Parsed]) {
     let now = board_model::time::now_millis();
-    for (_, p) in batch {
-        if let Ok((_, Some(at))) = p {
-            events::Freshness { seconds: ((now - at).max(0)) as f64 / 1000.0 }.emit();
-        }
-    }
+    let seconds = batch.iter().filter_map(|(_, p)| p.as_ref().ok()?.1).map(|at| (now - at).max(0) as f64 / 1000.0);
+    events::Freshness(seconds).emit();
 }
 
 /// Claims the prefix for this build's read model, or refuses to start if another model's

@@ -74,11 +74,11 @@ pub async fn check_whole(conn: &mut RedisConn, keys: &KeySpace, instance: &str, 
     if !reached {
         return Ok(Status::Building);
     }
-    let done: i64 = fcall(conn, &state_whole_cmd(keys, instance, board_model::time::now_millis())).await?;
-    if done == 1 {
+    let done: bool = fcall(conn, &state_whole_cmd(keys, instance, board_model::time::now_millis())).await?;
+    if done {
         tracing::info!(instance, "projection is whole");
     }
-    Ok(if done == 1 { Status::Whole } else { Status::Missing })
+    Ok(if done { Status::Whole } else { Status::Missing })
 }
 
 /// After Redis went back in time (`rewind.rs`): lowers the group's progress to `resume` (a
@@ -126,8 +126,8 @@ pub async fn restart_after_rewind(
         floors: &floors,
         ends: &ends_fields,
     };
-    let done: i64 = fcall(conn, &rewind.cmd(keys)).await?;
-    Ok((done == 1).then_some(new))
+    let done: bool = fcall(conn, &rewind.cmd(keys)).await?;
+    Ok(done.then_some(new))
 }
 
 /// The partitions' ends as progress fields (the target a new instance must reach).

@@ -1,5 +1,5 @@
 // The board page in headless Chromium (Debian's, through playwright-core), against the running
-// stack the Rust test (tests/browser.rs) set up. Talks to that test over stdin/stdout: it prints
+// stack the Rust test (tests/it/browser.rs) set up. Talks to that test over stdin/stdout: it prints
 // `READY_FOR_EVENT <cardId>`, the test produces a change of that card to Kafka and answers
 // `EVENT_SENT`. Any failed check throws: the process exits non-zero and the test fails.
 import { chromium } from "playwright-core";

@@ -105,6 +105,19 @@ async fn save(own: &OwnRedis) {
     redis::cmd("SAVE").query_async::<()>(&mut c).await.unwrap();
 }
 
+/// A projection of 30 contacts caught up and `SAVE`d, then 50 more applied after the snapshot:
+/// what both rewind tests start from. Returns the running projector and the two seeds' orgs.
+async fn saved_then_fifty_more(env: &TestEnv, own: &OwnRedis, seeds: (u64, u64)) -> (crate::common::RunningProjector, String, String) {
+    let first = env.seed(small_seed(1, 30, seeds.0)).await;
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    mark_holds_the_progress(env).await;
+    save(own).await;
+    let fifty = env.seed(small_seed(1, 50, seeds.1)).await;
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    (projector, first.org_ids[0].clone(), fifty.org_ids[0].clone())
+}
+
 /// `SAVE`, 50 contacts applied, `DEBUG RELOAD NOSAVE` (Redis back at the snapshot, data and
 /// progress), one more event: the running projector notices, replays from what Redis holds, and
 /// the 50 are on the board again — `verify` clean. Then the same with the projector stopped over
@@ -112,15 +125,9 @@ async fn save(own: &OwnRedis) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_reloaded_from_an_older_snapshot_is_noticed_and_replayed() {
     let (env, own, _dir) = env_with_own_redis("ops-rewind").await;
-    let first = env.seed(small_seed(1, 30, 175)).await;
-    let projector = env.spawn_projector();
-    env.wait_caught_up(Duration::from_secs(120)).await;
-    mark_holds_the_progress(&env).await;
-    save(&own).await;
-    let fifty = env.seed(small_seed(1, 50, 176)).await;
-    env.wait_caught_up(Duration::from_secs(120)).await;
+    let (projector, first, fifty) = saved_then_fifty_more(&env, &own, (175, 176)).await;
     let before = progress_of(&env).await;
-    let pre = env.verify(&[first.org_ids[0].clone(), fifty.org_ids[0].clone()]).await;
+    let pre = env.verify(&[first.clone(), fifty.clone()]).await;
     assert!(pre.is_clean(), "before the reload: {} {:#?}", pre.summary(), &pre.samples[..pre.samples.len().min(4)]);
     debug_reload_nosave(&own).await;
     let after = progress_of(&env).await;
@@ -129,7 +136,7 @@ async fn a_redis_reloaded_from_an_older_snapshot_is_noticed_and_replayed() {
     let one_more = env.seed(small_seed(1, 1, 177)).await;
     env.wait_caught_up(Duration::from_secs(120)).await;
     eprintln!("reload to an older snapshot -> whole and caught up again after {:?}", noticed.elapsed());
-    let orgs = [first.org_ids[0].clone(), fifty.org_ids[0].clone(), one_more.org_ids[0].clone()];
+    let orgs = [first, fifty, one_more.org_ids[0].clone()];
     let report = env.verify(&orgs).await;
     assert!(report.is_clean(), "the same projector process: {} {:#?}", report.summary(), &report.samples[..report.samples.len().min(8)]);
     let rewinds = env.redis().await.hget::<_, _, Option<String>>(env.keys.state(), "status").await.unwrap();
@@ -160,13 +167,7 @@ async fn a_redis_reloaded_from_an_older_snapshot_is_noticed_and_replayed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewind_past_the_topics_retention_is_reported_not_replayed_with_holes() {
     let (env, own, _dir) = env_with_own_redis("ops-rewind-trimmed").await;
-    let first = env.seed(small_seed(1, 30, 181)).await;
-    let projector = env.spawn_projector();
-    env.wait_caught_up(Duration::from_secs(120)).await;
-    mark_holds_the_progress(&env).await;
-    save(&own).await;
-    let later = env.seed(small_seed(1, 50, 182)).await;
-    env.wait_caught_up(Duration::from_secs(120)).await;
+    let (projector, first, later) = saved_then_fifty_more(&env, &own, (181, 182)).await;
     // Retention passes everything applied: the events after the snapshot are gone from Kafka.
     env.delete_records_below(|high| high).await;
     let url = env.serve_with(env.serve_args()).await;
@@ -194,7 +195,7 @@ async fn a_rewind_past_the_topics_retention_is_reported_not_replayed_with_holes(
         status.as_deref() == Some("whole")
     })
     .await;
-    let report = env.verify(&[first.org_ids[0].clone(), later.org_ids[0].clone()]).await;
+    let report = env.verify(&[first, later]).await;
     assert!(report.is_clean(), "{}", report.summary());
     projector.stop().await.unwrap();
     own.stop();

@@ -2,7 +2,8 @@
 //! descending, cards without one last, ties by id descending. The API's in-memory index, the
 //! sorted-set path (`ZRANGE ... REV` over `record::created_score`: the same order, since a
 //! missing `createdAt` scores -inf and Redis breaks score ties by member descending in REV), and
-//! the MongoDB path (`MONGO_SORT`) all order by this rule.
+//! the MongoDB path (`MONGO_SORT`) all order by this rule; so does `pb_union_page` in the
+//! Function library, which merges several sets' `ZRANGE ... REV` (score, then member, descending).
 use crate::time::Millis;
 use std::cmp::{Ordering, Reverse};
 

@@ -43,8 +43,8 @@ impl Derived {
     pub fn last_message_at(&self) -> Option<Millis> {
         self.message_times.last().copied()
     }
-    /// `messageStatus: answered`: the contact has at least one message (any direction, any
-    /// time); `unanswered` is its negation. The sorted-set path keeps the unanswered cards in
+    /// `messageStatus: answered`: the contact has at least one message with a `createdAt` (any
+    /// direction; a message event without one is not applied); `unanswered` is its negation. The sorted-set path keeps the unanswered cards in
     /// their own sets (`index_entries`); the MongoDB path asks `messages` for the contacts.
     pub fn answered(&self) -> bool {
         !self.message_times.is_empty()
@@ -78,7 +78,7 @@ pub struct CardRecord {
 
 impl CardRecord {
     pub fn live(doc: &CardDoc, derived: Derived) -> Self {
-        CardRecord { version: doc.version.unwrap_or_default(), card: Some(StoredCard::from_doc(doc)), derived }
+        CardRecord { version: crate::version::version_of(doc.version), card: Some(StoredCard::from_doc(doc)), derived }
     }
     pub fn tombstone(version: i64) -> Self {
         CardRecord { version, card: None, derived: Derived::default() }

@@ -271,10 +271,10 @@ impl Drop for TestEnv {
         }
         let leftovers = self.leftovers();
         // Drop cannot await, and may run on any runtime (or during a panic): the removal runs
-        // on a thread of its own with its own small runtime, bounded in time.
+        // on a thread of its own with its own small runtime.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-            rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), leftovers.remove()).await })
+            rt.block_on(leftovers.remove())
         })
         .join();
     }
@@ -290,15 +290,28 @@ struct Leftovers {
 }
 
 impl Leftovers {
-    /// Best effort: a server the test stopped is skipped.
+    /// Best effort, each server in its own time bound: one the test stopped (its own Redis,
+    /// Kafka node or FerretDB, dropped before the env) costs that bound, not the others' turn.
     async fn remove(self) {
+        let bound = Duration::from_secs(10);
+        let _ = tokio::time::timeout(bound, self.remove_topics()).await;
+        let _ = tokio::time::timeout(bound, async {
+            if let Ok(db) = board_mongo::connect(&self.mongo_uri, &self.mongo_db).await {
+                let _ = db.drop().await;
+            }
+        })
+        .await;
+        let _ = tokio::time::timeout(bound, self.remove_keys()).await;
+    }
+
+    async fn remove_topics(&self) {
         if let Ok(admin) = ClientConfig::new().set("bootstrap.servers", &self.brokers).create::<AdminClient<DefaultClientContext>>() {
             let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
             let _ = admin.delete_topics(&names, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await;
         }
-        if let Ok(db) = board_mongo::connect(&self.mongo_uri, &self.mongo_db).await {
-            let _ = db.drop().await;
-        }
+    }
+
+    async fn remove_keys(&self) {
         if let Ok(mut conn) = board_redis::config::redis_connection(&self.redis_url).await {
             let keys: Vec<String> = conn.scan_match(&self.key_pattern).await.unwrap_or_default();
             for chunk in keys.chunks(500) {

@@ -61,7 +61,7 @@ pub async fn contacts(
             }
         }
     }
-    let now = chrono::Utc::now().timestamp_millis();
+    let now = board_model::time::now_millis();
     let (answer, meta, token) = tokio::time::timeout(s.request_timeout, answer(&s, &caller.org_id, &caller.user_id, &query, now))
         .await
         .map_err(|_| ApiError::Timeout)??;
@@ -158,7 +158,7 @@ pub async fn answer(
         }
     };
     if !s.health.is_up(Dependency::Mongodb) {
-        return Err(ApiError::DependencyDown(Dependency::Mongodb.name()));
+        return Err(ApiError::DependencyDown(Dependency::Mongodb));
     }
     match s.mongo.answer(org, user, q, now).await {
         Ok(a) => Ok((

@@ -8,21 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dependency {
-    Redis,
-    Mongodb,
-}
-
-impl Dependency {
-    pub fn name(self) -> &'static str {
-        match self {
-            Dependency::Redis => "redis",
-            Dependency::Mongodb => "mongodb",
-        }
-    }
-}
+pub use crate::query::error::Dependency;
 
 #[derive(Debug)]
 struct State {
@@ -152,7 +138,7 @@ impl Health {
                     }
                 }
                 health.record(Dependency::Mongodb, matches!(m, Ok(Ok(_))));
-                let now = chrono::Utc::now().timestamp_millis();
+                let now = board_model::time::now_millis();
                 health.0.checked_at.store(now, Ordering::Relaxed);
                 tokio::time::sleep(every).await;
             }

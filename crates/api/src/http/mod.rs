@@ -377,7 +377,7 @@ fn spawn_lag_probe(args: &ServeArgs, mut redis: RedisConn, keys: KeySpace, lag: 
                 _ => (-1, None),
             };
             lag.store(measured, Ordering::Relaxed);
-            let age = published_at.map(|at| (chrono::Utc::now().timestamp_millis() - at).max(0)).unwrap_or(-1);
+            let age = published_at.map(|at| (board_model::time::now_millis() - at).max(0)).unwrap_or(-1);
             ends_age_ms.store(age, Ordering::Relaxed);
             metrics::gauge!("pb_projection_ends_age_seconds").set(age as f64 / 1000.0);
             metrics::gauge!("pb_projection_lag_events").set(measured as f64);

@@ -103,5 +103,5 @@ async fn clock_key(
 }
 
 fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    board_model::time::now_millis()
 }

@@ -5,6 +5,29 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+/// A server the API depends on (named in `/readyz` and in 503 codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dependency {
+    Redis,
+    Mongodb,
+}
+
+impl Dependency {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dependency::Redis => "redis",
+            Dependency::Mongodb => "mongodb",
+        }
+    }
+}
+
+impl std::fmt::Display for Dependency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{message}")]
@@ -19,7 +42,7 @@ pub enum ApiError {
     Unavailable(String),
     /// The request needs a dependency that the health probe found down: answered at once.
     #[error("{0} is down and this request needs it")]
-    DependencyDown(&'static str),
+    DependencyDown(Dependency),
     #[error("the request took too long")]
     Timeout,
     /// Only MongoDB could answer, and the filter is too broad for it at this org's size.
@@ -50,8 +73,8 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unavailable(_) => "unavailable",
-            ApiError::DependencyDown("mongodb") => "mongodb_unavailable",
-            ApiError::DependencyDown(_) => "dependency_unavailable",
+            ApiError::DependencyDown(Dependency::Mongodb) => "mongodb_unavailable",
+            ApiError::DependencyDown(Dependency::Redis) => "redis_unavailable",
             ApiError::Timeout => "timeout",
             ApiError::TooBroadForMongodb(_) => "mongodb_filter_too_broad",
             ApiError::Internal(_) => "internal",

@@ -1,6 +1,8 @@
 #!lua name=pipeline_board
--- The projection's one writer Function: commits the writes the projector computed in Rust for
--- one org and one Kafka batch, atomically, if what the projector read is still what Redis holds.
+-- Every server-side script of pipeline-board, as one library of Functions (one Rust module per
+-- Function: crates/board-redis/src/functions/). First the projection's writer, pb_commit: it
+-- commits the writes the projector computed in Rust for one org and one Kafka batch,
+-- atomically, if what the projector read is still what Redis holds.
 -- Every rule (versions, buckets, derived fields) lives in Rust (crates/board-model/src/record.rs and
 -- consumers/src/batch.rs); this only compares and writes.
 --
@@ -296,5 +298,7 @@ local function lease_release(keys, args)
   return redis.call('DEL', keys[1])
 end
 
-redis.register_function('pb_lease_renew', lease_renew)
-redis.register_function('pb_lease_release', lease_release)
+-- PEXPIRE and DEL free memory or add none: like the scripts they replace, they run when Redis
+-- is out of memory (a Function without flags is refused then).
+redis.register_function{ function_name = 'pb_lease_renew', callback = lease_renew, flags = { 'allow-oom' } }
+redis.register_function{ function_name = 'pb_lease_release', callback = lease_release, flags = { 'allow-oom' } }
