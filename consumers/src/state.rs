@@ -64,7 +64,7 @@ pub async fn check_whole(conn: &mut RedisConn, keys: &KeySpace, instance: &str, 
     if current != Status::Building {
         return Ok(current);
     }
-    let incomplete: Option<String> = conn.hget(keys.state(), "incomplete").await?;
+    let incomplete: Option<String> = conn.hget(keys.state(), board_redis::projection::field::INCOMPLETE).await?;
     if incomplete.is_some() {
         return Ok(Status::Building);
     }

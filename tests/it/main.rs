@@ -3,8 +3,9 @@
 //! cluster, FerretDB). Helpers live in `common`; each test's topics, keys and database are its
 //! own and are removed when its `TestEnv` drops, pass or fail.
 //!
-//! Run one module: `cargo test --test it projection::`. The stack-free tier is
-//! `cargo test --workspace --lib` (pure logic, seconds, no server).
+//! Run one module: `cargo test --test it projection::`. `deploy/test.sh` runs the modules one
+//! after another (each module's tests in parallel), so the heavy ones never overlap. The
+//! stack-free tier is `cargo test --workspace --lib` (pure logic, seconds, no server).
 
 mod common;
 

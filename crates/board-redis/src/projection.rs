@@ -8,6 +8,17 @@ use board_model::offsets::{parse_field, Lag, PUBLISHED_AT};
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
 
+/// The state hash's fields (`KeySpace::state`; the Functions in `functions/library.lua` write
+/// them).
+pub mod field {
+    /// Which projection Redis holds (a random id made by the projector that started it).
+    pub const INSTANCE: &str = "instance";
+    /// `building` or `whole` (`Status`).
+    pub const STATUS: &str = "status";
+    /// Why it cannot be made whole from the topics alone (set only then).
+    pub const INCOMPLETE: &str = "incomplete";
+}
+
 /// What the state hash says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -19,6 +30,15 @@ pub enum Status {
 }
 
 impl Status {
+    /// From the state hash's `instance` and `status`.
+    pub fn of(instance: Option<&str>, status: Option<&str>) -> Self {
+        match (instance, status) {
+            (None, _) => Status::Missing,
+            (Some(_), Some("whole")) => Status::Whole,
+            (Some(_), _) => Status::Building,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Status::Missing => "missing",
@@ -30,16 +50,12 @@ impl Status {
 
 pub async fn status(conn: &mut RedisConn, keys: &KeySpace) -> redis::RedisResult<Status> {
     let (instance, status): (Option<String>, Option<String>) =
-        redis::cmd("HMGET").arg(keys.state()).arg("instance").arg("status").query_async(conn).await?;
-    Ok(match (instance, status.as_deref()) {
-        (None, _) => Status::Missing,
-        (Some(_), Some("whole")) => Status::Whole,
-        (Some(_), _) => Status::Building,
-    })
+        redis::cmd("HMGET").arg(keys.state()).arg(field::INSTANCE).arg(field::STATUS).query_async(conn).await?;
+    Ok(Status::of(instance.as_deref(), status.as_deref()))
 }
 
 pub async fn instance(conn: &mut RedisConn, keys: &KeySpace) -> redis::RedisResult<Option<String>> {
-    conn.hget(keys.state(), "instance").await
+    conn.hget(keys.state(), field::INSTANCE).await
 }
 
 /// The lag from what Redis holds: the applied offsets and the ends the projectors published

@@ -50,6 +50,25 @@ impl std::fmt::Display for RebuildPhase {
     }
 }
 
+/// How far a rebuild's replay is: `pb_rebuild_lag_events`, `pb_rebuild_events_read` and
+/// `pb_rebuild_events_per_second` (the rebuild shows them; the API's scrape shows the first two
+/// from the rebuild state, wherever the rebuild runs).
+pub struct RebuildProgress {
+    pub lag: i64,
+    pub events_read: i64,
+    pub events_per_second: Option<f64>,
+}
+
+impl RebuildProgress {
+    pub fn show(self) {
+        metrics::gauge!("pb_rebuild_lag_events").set(self.lag as f64);
+        metrics::gauge!("pb_rebuild_events_read").set(self.events_read as f64);
+        if let Some(rate) = self.events_per_second {
+            metrics::gauge!("pb_rebuild_events_per_second").set(rate);
+        }
+    }
+}
+
 /// The hash's fields.
 pub mod field {
     pub const GENERATION: &str = "generation";

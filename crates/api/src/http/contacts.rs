@@ -56,7 +56,7 @@ pub async fn contacts(
         if let Ok(Some(token)) = s.projection.change_token(&caller.org_id).await {
             let etag = change_etag(token, &caller, &body);
             if if_none_match.is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
-                metrics::counter!("pb_board_not_modified_total", "check" => "change_token").increment(1);
+                crate::events::BoardNotModified { check: "change_token" }.emit();
                 return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
             }
         }
@@ -65,7 +65,7 @@ pub async fn contacts(
     let (answer, meta, token) = tokio::time::timeout(s.request_timeout, answer(&s, &caller.org_id, &caller.user_id, &query, now))
         .await
         .map_err(|_| ApiError::Timeout)??;
-    metrics::counter!("pb_board_answers_total", "path" => meta.answered_by).increment(1);
+    crate::events::BoardAnswered { path: meta.answered_by }.emit();
     // The change token read with the answer (before its cards: a change in between makes the
     // next poll a 200, never a stale 304) names it; the projection gives none for an answer an
     // index of another generation computed (a switched org's new index still loading): that
@@ -75,7 +75,7 @@ pub async fn contacts(
         _ => answer_etag(&answer, &meta),
     };
     if if_none_match.is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
-        metrics::counter!("pb_board_not_modified_total", "check" => "answer").increment(1);
+        crate::events::BoardNotModified { check: "answer" }.emit();
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     Ok(([(header::CONTENT_TYPE, "application/json".to_string()), (header::ETAG, etag)], answer.to_json_bytes(&meta)).into_response())
@@ -183,8 +183,6 @@ pub async fn record_metrics(req: Request, next: Next) -> Response {
     let path = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let started = Instant::now();
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("pb_http_requests_total", "path" => path.clone(), "status" => status).increment(1);
-    metrics::histogram!("pb_http_request_seconds", "path" => path).record(started.elapsed().as_secs_f64());
+    crate::events::HttpRequest { path: &path, status: response.status().as_u16(), seconds: started.elapsed().as_secs_f64() }.emit();
     response
 }

@@ -71,14 +71,8 @@ impl Health {
             Dependency::Redis => &self.0.redis_up,
             Dependency::Mongodb => &self.0.mongodb_up,
         };
-        if flag.swap(up, Ordering::Relaxed) != up {
-            if up {
-                tracing::info!(dependency = d.name(), "dependency is up again");
-            } else {
-                tracing::warn!(dependency = d.name(), "dependency is down");
-            }
-        }
-        metrics::gauge!("pb_dependency_up", "dependency" => d.name()).set(if up { 1.0 } else { 0.0 });
+        let changed = flag.swap(up, Ordering::Relaxed) != up;
+        crate::events::DependencyProbed { dependency: d.name(), up, changed }.emit();
     }
 
     pub fn projection_status(&self) -> &'static str {
@@ -92,10 +86,8 @@ impl Health {
 
     pub fn record_projection(&self, status: Status) {
         let code = status_code(status);
-        if self.0.projection.swap(code, Ordering::Relaxed) != code {
-            tracing::info!(projection = status.name(), "projection state changed");
-        }
-        metrics::gauge!("pb_projection_whole").set(if status == Status::Whole { 1.0 } else { 0.0 });
+        let changed = self.0.projection.swap(code, Ordering::Relaxed) != code;
+        crate::events::ProjectionProbed { status, changed }.emit();
     }
 
     pub fn report(&self) -> HealthReport {

@@ -19,7 +19,7 @@ use board_model::keys::KeySpace;
 use board_mongo::MongoArgs;
 use board_redis::config::RedisArgs;
 use board_redis::projection;
-use board_redis::rebuild_state::{field, RebuildPhase};
+use board_redis::rebuild_state::{field, RebuildPhase, RebuildProgress};
 use board_redis::redis_conn::{ConnectOptions, RedisConn, RedisTarget};
 use health::{Dependency, Health};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -379,8 +379,7 @@ fn spawn_lag_probe(args: &ServeArgs, mut redis: RedisConn, keys: KeySpace, lag: 
             lag.store(measured, Ordering::Relaxed);
             let age = published_at.map(|at| (board_model::time::now_millis() - at).max(0)).unwrap_or(-1);
             ends_age_ms.store(age, Ordering::Relaxed);
-            metrics::gauge!("pb_projection_ends_age_seconds").set(age as f64 / 1000.0);
-            metrics::gauge!("pb_projection_lag_events").set(measured as f64);
+            crate::events::ProjectionLag { events: measured, ends_age_ms: age }.emit();
             // A rebuild's phase and progress, as the rebuild keeps them in Redis (so the API's
             // scrape shows them too, wherever the rebuild runs).
             let rebuild: redis::RedisResult<(Option<String>, Option<i64>, Option<i64>)> = redis::cmd("HMGET")
@@ -392,8 +391,7 @@ fn spawn_lag_probe(args: &ServeArgs, mut redis: RedisConn, keys: KeySpace, lag: 
                 .await;
             if let Ok((phase, rebuild_lag, read)) = rebuild {
                 RebuildPhase::show(phase.as_deref().and_then(RebuildPhase::parse));
-                metrics::gauge!("pb_rebuild_lag_events").set(rebuild_lag.unwrap_or(0) as f64);
-                metrics::gauge!("pb_rebuild_events_read").set(read.unwrap_or(0) as f64);
+                RebuildProgress { lag: rebuild_lag.unwrap_or(0), events_read: read.unwrap_or(0), events_per_second: None }.show();
             }
             tokio::time::sleep(every).await;
         }

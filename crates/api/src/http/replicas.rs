@@ -73,7 +73,7 @@ async fn measure(conn: &mut RedisConn, keys: &KeySpace, tags: &mut BTreeMap<Stri
                 stale = stale.max(held.map(|h| now_ms() - h).unwrap_or(i64::MAX / 2));
             }
         }
-        metrics::gauge!("pb_replica_staleness_seconds", "shard" => format!("{}:{}", primary.host, primary.port)).set(stale as f64 / 1000.0);
+        crate::events::ReplicaStaleness { shard: &format!("{}:{}", primary.host, primary.port), ms: stale }.emit();
         worst = Some(worst.map_or(stale, |w| w.max(stale)));
     }
     Ok(worst)

@@ -150,8 +150,7 @@ impl IndexCache {
                 orgs.clear();
                 n
             };
-            metrics::counter!("pb_index_instance_changes_total").increment(1);
-            info!(instance, dropped, "the projection's instance changed; in-memory indexes dropped");
+            crate::events::IndexInstanceChanged { instance, dropped }.emit();
         }
     }
 
@@ -174,8 +173,7 @@ impl IndexCache {
         let before = orgs.len();
         orgs.retain(|_, slot| slot.last_used.load(Ordering::Relaxed) > cutoff);
         let cards: usize = orgs.values().map(|s| s.cards.load(Ordering::Relaxed)).sum();
-        metrics::gauge!("pb_index_orgs").set(orgs.len() as f64);
-        metrics::gauge!("pb_index_cards").set(cards as f64);
+        crate::events::IndexSize { orgs: orgs.len(), cards }.emit();
         before - orgs.len()
     }
 

@@ -15,6 +15,7 @@ use board_model::order::BoardPlace;
 use board_model::record::CardRecord;
 use board_model::time::Millis;
 use board_redis::functions::union_page::union_page_cmd;
+use board_redis::projection::{field as state_field, Status};
 use board_redis::redis_conn::RedisConn;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -159,15 +160,15 @@ impl ProjectionReader {
             .clone()
             .query_by_slot(vec![
                 (pointer_key.clone(), redis::cmd("GET").arg(&pointer_key).clone()),
-                (state_key.clone(), redis::cmd("HMGET").arg(&state_key).arg("instance").arg("status").clone()),
+                (state_key.clone(), redis::cmd("HMGET").arg(&state_key).arg(state_field::INSTANCE).arg(state_field::STATUS).clone()),
             ])
             .await?;
         let (pointer, (instance, status)): (Option<String>, (Option<String>, Option<String>)) =
             redis::from_redis_value(redis::Value::Array(replies)).map_err(redis::RedisError::from)?;
-        match (instance, status.as_deref()) {
-            (None, _) => return Err(ProjectionError::NotWhole("projection_missing")),
-            (Some(instance), Some("whole")) => self.index.observe_instance(&instance),
-            (Some(_), _) => return Err(ProjectionError::NotWhole("projection_rebuilding")),
+        match Status::of(instance.as_deref(), status.as_deref()) {
+            Status::Missing => return Err(ProjectionError::NotWhole("projection_missing")),
+            Status::Whole => self.index.observe_instance(instance.as_deref().unwrap_or_default()),
+            Status::Building => return Err(ProjectionError::NotWhole("projection_rebuilding")),
         }
         let generation = Generation::parse(pointer.as_deref().unwrap_or_default()).ok_or_else(|| bad("generation pointer"))?;
         Ok(self.keys.org_in(&generation, org))

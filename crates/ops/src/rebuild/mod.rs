@@ -30,7 +30,7 @@ use board_model::offsets::{self, missing_history, Checkpoint};
 use board_mongo::MongoArgs;
 use board_redis::config::RedisArgs;
 use board_redis::functions::{fcall, lease, load_library, switch_cmd, Commit, SwitchOutcome};
-use board_redis::rebuild_state::{field, OrgField, RebuildPhase};
+use board_redis::rebuild_state::{field, OrgField, RebuildPhase, RebuildProgress};
 use board_redis::redis_conn::RedisConn;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use phases::{rebuild, RunContext, Start};

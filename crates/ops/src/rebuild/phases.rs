@@ -263,7 +263,7 @@ impl Phases<'_> {
         self.report.switch_seconds = switch_started.elapsed().as_secs_f64();
         // A snapshot of every org made the projection whole where the topics could not.
         if self.plan.source == PlanSource::Mongodb && self.filter.is_empty() {
-            let _: () = conn.hdel(keys.state(), "incomplete").await?;
+            let _: () = conn.hdel(keys.state(), board_redis::projection::field::INCOMPLETE).await?;
         }
         let now = board_model::time::now_millis().to_string();
         let _: () = conn

@@ -122,9 +122,7 @@ impl Replay {
                 let rate = read_here as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 bar.set_length(bar.position() + lag as u64);
                 bar.set_message(format!("lag {lag}"));
-                metrics::gauge!("pb_rebuild_lag_events").set(lag as f64);
-                metrics::gauge!("pb_rebuild_events_read").set(report.events_read as f64);
-                metrics::gauge!("pb_rebuild_events_per_second").set(rate);
+                RebuildProgress { lag, events_read: report.events_read as i64, events_per_second: Some(rate) }.show();
                 let _: () = conn
                     .hset_multiple(
                         self.keys.rebuild_state(),
@@ -141,7 +139,7 @@ impl Replay {
         }
         bar.finish_and_clear();
         let _: () = conn.hset(self.keys.rebuild_state(), field::LAG, 0).await?;
-        metrics::gauge!("pb_rebuild_lag_events").set(0.0);
+        RebuildProgress { lag: 0, events_read: report.events_read as i64, events_per_second: None }.show();
         Ok(())
     }
 

@@ -1,0 +1,127 @@
+//! What the API reports, vector `internal_events` style: each event a struct whose `emit()` logs
+//! and counts it. Every metric name of the API lives here (the rebuild's, which the API's scrape
+//! also shows, live with the rebuild's state in `board_redis::rebuild_state`).
+use board_redis::projection::Status;
+use tracing::{info, warn};
+
+/// One HTTP request answered: its route, status and time.
+pub struct HttpRequest<'a> {
+    pub path: &'a str,
+    pub status: u16,
+    pub seconds: f64,
+}
+
+impl HttpRequest<'_> {
+    pub fn emit(self) {
+        metrics::counter!("pb_http_requests_total", "path" => self.path.to_string(), "status" => self.status.to_string()).increment(1);
+        metrics::histogram!("pb_http_request_seconds", "path" => self.path.to_string()).record(self.seconds);
+    }
+}
+
+/// A board answered, by the projection or by MongoDB.
+pub struct BoardAnswered {
+    pub path: &'static str,
+}
+
+impl BoardAnswered {
+    pub fn emit(self) {
+        metrics::counter!("pb_board_answers_total", "path" => self.path).increment(1);
+    }
+}
+
+/// A board the caller already holds (its ETag matched): 304, by the change token before any
+/// work, or by the answer's own hash.
+pub struct BoardNotModified {
+    pub check: &'static str,
+}
+
+impl BoardNotModified {
+    pub fn emit(self) {
+        metrics::counter!("pb_board_not_modified_total", "check" => self.check).increment(1);
+    }
+}
+
+/// What the health probe found of a dependency; `changed` when it differs from the last probe.
+pub struct DependencyProbed {
+    pub dependency: &'static str,
+    pub up: bool,
+    pub changed: bool,
+}
+
+impl DependencyProbed {
+    pub fn emit(self) {
+        match (self.changed, self.up) {
+            (true, true) => info!(dependency = self.dependency, "dependency is up again"),
+            (true, false) => warn!(dependency = self.dependency, "dependency is down"),
+            _ => {}
+        }
+        metrics::gauge!("pb_dependency_up", "dependency" => self.dependency).set(if self.up { 1.0 } else { 0.0 });
+    }
+}
+
+/// The projection's state as the health probe read it; `changed` when it differs from the last.
+pub struct ProjectionProbed {
+    pub status: Status,
+    pub changed: bool,
+}
+
+impl ProjectionProbed {
+    pub fn emit(self) {
+        if self.changed {
+            info!(projection = self.status.name(), "projection state changed");
+        }
+        metrics::gauge!("pb_projection_whole").set(if self.status == Status::Whole { 1.0 } else { 0.0 });
+    }
+}
+
+/// The projection's lag from Redis alone, and how old the partitions' ends it is measured
+/// against are (-1: unknown).
+pub struct ProjectionLag {
+    pub events: i64,
+    pub ends_age_ms: i64,
+}
+
+impl ProjectionLag {
+    pub fn emit(self) {
+        metrics::gauge!("pb_projection_ends_age_seconds").set(self.ends_age_ms as f64 / 1000.0);
+        metrics::gauge!("pb_projection_lag_events").set(self.events as f64);
+    }
+}
+
+/// How far a shard's replicas are behind its primary (the staleness of replica reads).
+pub struct ReplicaStaleness<'a> {
+    pub shard: &'a str,
+    pub ms: i64,
+}
+
+impl ReplicaStaleness<'_> {
+    pub fn emit(self) {
+        metrics::gauge!("pb_replica_staleness_seconds", "shard" => self.shard.to_string()).set(self.ms as f64 / 1000.0);
+    }
+}
+
+/// The projection's instance changed (a heal or a rewind): every in-memory index was dropped.
+pub struct IndexInstanceChanged<'a> {
+    pub instance: &'a str,
+    pub dropped: usize,
+}
+
+impl IndexInstanceChanged<'_> {
+    pub fn emit(self) {
+        metrics::counter!("pb_index_instance_changes_total").increment(1);
+        info!(instance = self.instance, dropped = self.dropped, "the projection's instance changed; in-memory indexes dropped");
+    }
+}
+
+/// What the in-memory indexes hold now.
+pub struct IndexSize {
+    pub orgs: usize,
+    pub cards: usize,
+}
+
+impl IndexSize {
+    pub fn emit(self) {
+        metrics::gauge!("pb_index_orgs").set(self.orgs as f64);
+        metrics::gauge!("pb_index_cards").set(self.cards as f64);
+    }
+}
