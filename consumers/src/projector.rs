@@ -265,9 +265,24 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         }
     };
     check_model(&mut applier.connection(), &settings.keys, &settings.group_id).await?;
-    let instance = Arc::new(std::sync::Mutex::new(
-        state::ensure(&mut applier.connection(), &settings.keys, &settings.group_id, &settings.kafka, &settings.topics.inputs()).await?,
-    ));
+    // Retried like the connection above: the partitions' ends it reads are not there yet when a
+    // projector starts beside topics being created, or while a loaded broker elects their
+    // leaders, and a projector must not exit for that (it used to, silently in-process).
+    let inputs = settings.topics.inputs();
+    let instance = loop {
+        let mut conn = applier.connection();
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = state::ensure(&mut conn, &settings.keys, &settings.group_id, &settings.kafka, &inputs) => match r {
+                Ok(i) => break i,
+                Err(e) => {
+                    warn!(error = %e, "projection state not read or made yet (the topics' ends are not known); retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    };
+    let instance = Arc::new(std::sync::Mutex::new(instance));
     // Raised when Redis lost the projection (by the watch below or by a refused progress write).
     let lost = Arc::new(LostSignal::default());
     let dead_letters = DeadLetters::new(&settings.kafka, &settings.topics.topic_dlq)?;

@@ -177,6 +177,7 @@ async fn two_consumers_in_one_group_share_the_partitions() {
         if x > 0 && y > 0 && x + y == 24 {
             break;
         }
+        assert!(!a.ended() && !b.ended(), "a projector ended before holding partitions (ended: {}, {})", a.ended(), b.ended());
         assert!(std::time::Instant::now() < deadline, "both consumers should hold partitions, 24 in all; they hold {x} and {y}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

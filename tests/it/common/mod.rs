@@ -51,6 +51,12 @@ pub struct RunningProjector {
 }
 
 impl RunningProjector {
+    /// The projector's task ended (it returned an error, or stopped): a wait for it can fail
+    /// at once instead of at its deadline.
+    pub fn ended(&self) -> bool {
+        self.handle.is_finished()
+    }
+
     /// Graceful stop: the in-flight batch finishes, offsets are committed.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(s) = self.stop.take() {
