@@ -5,7 +5,7 @@
 //! the MongoDB path (`MONGO_SORT`) all order by this rule; so does `pb_union_page` in the
 //! Function library, which merges several sets' `ZRANGE ... REV` (score, then member, descending).
 use crate::time::Millis;
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
 
 /// A card's place in its column: the smaller place comes first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -24,11 +24,6 @@ impl<'a> BoardPlace<'a> {
     }
 }
 
-/// Orders two (created, id) pairs by board order.
-pub fn by_board_order(a: (Option<Millis>, &str), b: (Option<Millis>, &str)) -> Ordering {
-    BoardPlace::new(a.0, a.1).cmp(&BoardPlace::new(b.0, b.1))
-}
-
 /// The MongoDB path's sort document, as (field, direction) pairs: MongoDB sorts a missing
 /// `createdAt` (null) below every date, so descending puts it last, as `BoardPlace` does.
 pub const MONGO_SORT: [(&str, i32); 2] = [("createdAt", -1), ("_id", -1)];
@@ -41,7 +36,7 @@ mod tests {
     #[test]
     fn newest_first_then_greater_id_then_cards_without_a_time() {
         let mut cards = vec![(Some(5), "a"), (None, "z"), (Some(9), "b"), (Some(5), "c"), (None, "y")];
-        cards.sort_by(|x, y| by_board_order(*x, *y));
+        cards.sort_by_key(|(created, id)| BoardPlace::new(*created, id));
         assert_eq!(cards, [(Some(9), "b"), (Some(5), "c"), (Some(5), "a"), (None, "z"), (None, "y")]);
     }
 

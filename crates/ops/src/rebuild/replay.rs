@@ -4,7 +4,8 @@ use super::*;
 /// The replay of the topics into the generation being built, from the progress it holds.
 pub(super) struct Replay {
     consumer: StreamConsumer,
-    kafka: KafkaConnection,
+    /// One client for every look at the ends while replaying (it looks every 2 s).
+    watermarks: progress::Watermarks,
     topics: Vec<String>,
     keys: KeySpace,
     generation: Generation,
@@ -29,7 +30,8 @@ impl Replay {
         let held: HashMap<String, i64> = conn.hgetall(&progress_key).await?;
         let held = Checkpoint::from_fields(&held);
         // Taken again: a snapshot may have lasted long enough for retention to move the lows.
-        let marks = progress::fetch_watermarks(kafka, topics).await?;
+        let watermarks = progress::Watermarks::new(kafka)?;
+        let marks = watermarks.fetch(topics).await?;
         let consumer: StreamConsumer = kafka
             .client_config(&[("group.id", "pipeline-board-rebuild"), ("enable.auto.commit", "false"), ("auto.offset.reset", "earliest")])
             .create()?;
@@ -43,7 +45,7 @@ impl Replay {
         consumer.assign(&tpl)?;
         Ok(Replay {
             consumer,
-            kafka: kafka.clone(),
+            watermarks,
             topics: topics.to_vec(),
             keys: keys.clone(),
             generation: generation.clone(),
@@ -67,7 +69,7 @@ impl Replay {
         lease_lost: &AtomicBool,
         report: &mut Report,
     ) -> anyhow::Result<()> {
-        let mut ends = progress::fetch_watermarks(&self.kafka, &self.topics).await?;
+        let mut ends = self.watermarks.fetch(&self.topics).await?;
         let initial_lag = self.lag(&ends);
         let bar = bar(initial_lag as u64, "replay: events");
         let mut last_report = Instant::now();
@@ -117,7 +119,7 @@ impl Replay {
             pipe.query_async::<()>(conn).await?;
             bar.set_position(initial_lag.saturating_sub(self.lag(&ends)).max(0) as u64);
             if last_report.elapsed() > Duration::from_secs(2) {
-                ends = progress::fetch_watermarks(&self.kafka, &self.topics).await?;
+                ends = self.watermarks.fetch(&self.topics).await?;
                 let lag = self.lag(&ends);
                 let rate = read_here as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 bar.set_length(bar.position() + lag as u64);
