@@ -113,7 +113,7 @@ for p in "$RUN-c" "$RUN-c2"; do
   done
   for port in 7000 7001 7002 7003 7004 7005; do
     redis-cli -p "$port" role | head -1 | grep -q master || continue
-    redis-cli -p "$port" --scan --pattern "$p:*" | xargs -r -d '\n' -n 1 redis-cli -p "$port" unlink >/dev/null
+    redis-cli -p "$port" --scan --pattern "$("$BIN" keys --redis-prefix "$p" pattern)" | xargs -r -d '\n' -n 1 redis-cli -p "$port" unlink >/dev/null
   done
 done
 } 2>&1 | tee "$OUT"

@@ -15,9 +15,10 @@ P="${REDIS_PREFIX:-pb}"
 # The marker's name comes from the key model; read model 2 kept it outside {meta} before.
 model=$(redis-cli get "$("$BIN" keys model)")
 [ -n "$model" ] || model=$(redis-cli get "$("$BIN" keys legacy-model)")
-if [ "$model" != "2" ] && [ -n "$(redis-cli --scan --pattern "$P:*" | head -1)" ]; then
+all_keys=$("$BIN" keys pattern)
+if [ "$model" != "2" ] && [ -n "$(redis-cli --scan --pattern "$all_keys" | head -1)" ]; then
   echo "removing a projection of an older read model under the prefix $P (the topics are projected again)"
-  redis-cli --scan --pattern "$P:*" | xargs -r -n 1000 redis-cli unlink >/dev/null
+  redis-cli --scan --pattern "$all_keys" | xargs -r -n 1000 redis-cli unlink >/dev/null
 fi
 # MongoDB (the source of truth) decides whether the demo data set exists: Redis runs without
 # persistence here, so an empty projection is rebuilt from the topics, never seeded twice.

@@ -82,6 +82,11 @@ struct ProjectArgs {
     /// Kafka group session timeout in milliseconds (short: fast failover and joins).
     #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 6000)]
     session_timeout_ms: u64,
+    /// Milliseconds this projector may hold no partition while events wait and nobody applies
+    /// them before it makes a new consumer (librdkafka can leave a consumer out of its group
+    /// after the coordinator restarts).
+    #[arg(long, env = "KAFKA_GROUP_STALL_MS", default_value_t = projector::group_watch::DEFAULT_STALL_AFTER.as_millis() as u64)]
+    group_stall_ms: u64,
     /// Stop once every input partition is applied up to its high watermark (benchmarks, backfills).
     #[arg(long)]
     exit_when_caught_up: bool,
@@ -128,6 +133,7 @@ async fn project(args: ProjectArgs) -> anyhow::Result<ExitCode> {
     settings.linger = Duration::from_millis(args.linger_ms);
     settings.session_timeout = Duration::from_millis(args.session_timeout_ms);
     settings.exit_when_caught_up = args.exit_when_caught_up;
+    settings.group_stall_after = Duration::from_millis(args.group_stall_ms.max(1000));
     settings.parked_max = args.parked_max;
     let counters = Arc::new(RunCounters::default());
     let started = Instant::now();

@@ -206,3 +206,30 @@ impl RedisRewound {
         metrics::counter!("pb_redis_rewinds_total").increment(1);
     }
 }
+
+/// A watermarks look failed or ran out of time: its client is dropped and the next look makes a
+/// new one (`progress::Watermarks`).
+pub struct WatermarksClientDropped<'a> {
+    pub why: &'a str,
+}
+
+impl WatermarksClientDropped<'_> {
+    pub fn emit(self) {
+        warn!(why = self.why, "watermarks client dropped; the next look makes a new one");
+        metrics::counter!("pb_watermarks_clients_dropped_total").increment(1);
+    }
+}
+
+/// This projector held no partition for `after` while events waited and nobody applied them:
+/// its consumer is made anew to join the group afresh (`group_watch`).
+pub struct GroupStalled {
+    pub lag: i64,
+    pub after: Duration,
+}
+
+impl GroupStalled {
+    pub fn emit(self) {
+        warn!(lag = self.lag, after_s = self.after.as_secs(), "the consumer group left this projector out; making a new consumer");
+        metrics::counter!("pb_group_stalls_total").increment(1);
+    }
+}

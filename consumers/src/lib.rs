@@ -6,10 +6,13 @@ pub mod batch;
 pub mod config;
 pub mod dead_letter;
 pub mod events;
+pub mod group_watch;
 pub mod kafka;
+pub mod pipeline;
 pub mod progress;
 pub mod projector;
 pub mod rewind;
+pub mod signal;
 pub mod state;
 
 pub use kafka::KafkaConnection;

@@ -7,21 +7,54 @@ use board_redis::redis_conn::RedisConn;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// A client that asks the brokers for partitions' watermarks, made once and reused: a librdkafka
-/// client is a thread and a connection per broker, too dear to make for every look (the
+/// Asks the brokers for partitions' watermarks through one librdkafka client kept between looks:
+/// a client is a thread and a connection per broker, too dear to make for every look (the
 /// projector looks every second, a test awaiting catch-up every 100 ms).
+///
+/// A kept client can go bad where a new one would not: after a broker restart librdkafka's
+/// watermark query may keep answering `UnknownPartition` from stale metadata, or block past its
+/// timeout (confluentinc/librdkafka#2588, confluent-kafka-python#413). So every look is bounded
+/// (`LOOK_BOUND`) and a look that failed or ran out of time drops the client: the next look
+/// makes a new one. A query blocked for good keeps its thread, not the look.
 #[derive(Clone)]
 pub struct Watermarks {
-    client: Arc<BaseConsumer>,
+    kafka: KafkaConnection,
+    client: Arc<Mutex<Option<Arc<BaseConsumer>>>>,
 }
 
+/// The most one look (every partition of the topics asked) may take.
+pub const LOOK_BOUND: Duration = Duration::from_secs(15);
+
+type Marks = BTreeMap<(String, i32), (i64, i64)>;
+
 impl Watermarks {
-    pub fn new(kafka: &KafkaConnection) -> anyhow::Result<Self> {
-        let client = kafka.client_config(&[("group.id", "pipeline-board-watermarks"), ("enable.auto.commit", "false")]).create()?;
-        Ok(Watermarks { client: Arc::new(client) })
+    /// No client is made until the first look.
+    pub fn new(kafka: &KafkaConnection) -> Self {
+        Watermarks { kafka: kafka.clone(), client: Arc::new(Mutex::new(None)) }
+    }
+
+    fn client(&self) -> anyhow::Result<Arc<BaseConsumer>> {
+        let mut held = self.client.lock().expect("not poisoned");
+        if let Some(c) = held.as_ref() {
+            return Ok(c.clone());
+        }
+        let made: BaseConsumer =
+            self.kafka.client_config(&[("group.id", "pipeline-board-watermarks"), ("enable.auto.commit", "false")]).create()?;
+        let made = Arc::new(made);
+        *held = Some(made.clone());
+        Ok(made)
+    }
+
+    /// Drops `failed` if it is still the kept client (a look beside it may have replaced it).
+    fn drop_client(&self, failed: &Arc<BaseConsumer>, why: &str) {
+        let mut held = self.client.lock().expect("not poisoned");
+        if held.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
+            *held = None;
+            crate::events::WatermarksClientDropped { why }.emit();
+        }
     }
 
     /// (low, end) per partition, where `end` is the high watermark: the offset after the last
@@ -30,25 +63,34 @@ impl Watermarks {
     /// Apache Kafka's high watermark is exact for the topics we read (plain, non-transactional
     /// producers: no control records after the last event), so no tail needs reading. A
     /// projector that has applied offset `end - 1` has `end` stored as its next offset.
-    pub fn fetch_blocking(&self, topics: &[String]) -> anyhow::Result<BTreeMap<(String, i32), (i64, i64)>> {
-        let timeout = Duration::from_secs(10);
-        let mut out = BTreeMap::new();
-        for topic in topics {
-            let md = self.client.fetch_metadata(Some(topic), timeout)?;
-            for t in md.topics() {
-                for p in t.partitions() {
-                    out.insert((topic.clone(), p.id()), self.client.fetch_watermarks(topic, p.id(), timeout)?);
-                }
-            }
+    pub fn fetch_blocking(&self, topics: &[String]) -> anyhow::Result<Marks> {
+        let client = self.client()?;
+        let looked = look(&client, topics, std::time::Instant::now() + LOOK_BOUND);
+        if let Err(e) = &looked {
+            self.drop_client(&client, &e.to_string());
         }
-        Ok(out)
+        looked
     }
 
     /// `fetch_blocking` from async code (the broker requests block: they run off the async
-    /// workers).
-    pub async fn fetch(&self, topics: &[String]) -> anyhow::Result<BTreeMap<(String, i32), (i64, i64)>> {
-        let (this, topics) = (self.clone(), topics.to_vec());
-        tokio::task::spawn_blocking(move || this.fetch_blocking(&topics)).await?
+    /// workers), bounded even where librdkafka's own timeout is not kept.
+    pub async fn fetch(&self, topics: &[String]) -> anyhow::Result<Marks> {
+        let client = self.client()?;
+        let (this, topics, asked) = (self.clone(), topics.to_vec(), client.clone());
+        let looking = tokio::task::spawn_blocking(move || {
+            let looked = look(&asked, &topics, std::time::Instant::now() + LOOK_BOUND);
+            if let Err(e) = &looked {
+                this.drop_client(&asked, &e.to_string());
+            }
+            looked
+        });
+        match tokio::time::timeout(LOOK_BOUND + Duration::from_secs(5), looking).await {
+            Ok(joined) => joined?,
+            Err(_) => {
+                self.drop_client(&client, "no answer within the bound");
+                anyhow::bail!("the brokers gave no watermarks within {:?}", LOOK_BOUND + Duration::from_secs(5))
+            }
+        }
     }
 
     /// The projection's lag: what Redis holds as applied (`progress_key`) against the ends.
@@ -77,17 +119,38 @@ impl Watermarks {
     }
 }
 
+/// Every partition of `topics` asked once, each request given what is left until `deadline`.
+fn look(client: &BaseConsumer, topics: &[String], deadline: std::time::Instant) -> anyhow::Result<Marks> {
+    let left = || {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            anyhow::bail!("the brokers gave no watermarks within {LOOK_BOUND:?}");
+        }
+        Ok(left)
+    };
+    let mut out = BTreeMap::new();
+    for topic in topics {
+        let md = client.fetch_metadata(Some(topic), left()?)?;
+        for t in md.topics() {
+            for p in t.partitions() {
+                out.insert((topic.clone(), p.id()), client.fetch_watermarks(topic, p.id(), left()?)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// One look at the watermarks (a client made for it): for commands that look once.
-pub fn watermarks(kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<BTreeMap<(String, i32), (i64, i64)>> {
-    Watermarks::new(kafka)?.fetch_blocking(topics)
+pub fn watermarks(kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<Marks> {
+    Watermarks::new(kafka).fetch_blocking(topics)
 }
 
 /// `watermarks` from async code.
-pub async fn fetch_watermarks(kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<BTreeMap<(String, i32), (i64, i64)>> {
-    Watermarks::new(kafka)?.fetch(topics).await
+pub async fn fetch_watermarks(kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<Marks> {
+    Watermarks::new(kafka).fetch(topics).await
 }
 
 /// One look at the lag (a client made for it).
 pub async fn lag(kafka: &KafkaConnection, topics: &[String], redis: &mut RedisConn, progress_key: &str) -> anyhow::Result<Lag> {
-    Watermarks::new(kafka)?.lag(topics, redis, progress_key).await
+    Watermarks::new(kafka).lag(topics, redis, progress_key).await
 }

@@ -15,6 +15,7 @@ use crate::events;
 use crate::kafka::KafkaConnection;
 use crate::progress;
 use crate::rewind;
+use crate::signal::Signal;
 use crate::state;
 use board_model::events::{parse_event_timed, Event, PoisonReason};
 use board_model::keys::KeySpace;
@@ -28,7 +29,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use redis::AsyncCommands;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -55,6 +56,9 @@ pub struct ProjectorSettings {
     pub exit_when_caught_up: bool,
     /// Most dead letters parked in Redis (see `dead_letter::park`).
     pub parked_max: u64,
+    /// How long this projector may hold no partition while events wait unapplied before it
+    /// makes a new consumer (`group_watch`).
+    pub group_stall_after: Duration,
 }
 
 impl ProjectorSettings {
@@ -71,6 +75,7 @@ impl ProjectorSettings {
             session_timeout: Duration::from_secs(6),
             exit_when_caught_up: false,
             parked_max: crate::dead_letter::DEFAULT_PARKED_MAX,
+            group_stall_after: crate::group_watch::DEFAULT_STALL_AFTER,
         }
     }
 }
@@ -88,6 +93,8 @@ pub struct RunCounters {
     pub redis_retries: AtomicU64,
     /// Partitions this instance holds now.
     pub assigned_partitions: AtomicI64,
+    /// New consumers made because the group left this one out (`group_watch`).
+    pub group_stalls: AtomicU64,
     /// Unix millis when the first batch arrived and when the last one was stored: the steady
     /// ingest rate excludes group joins and idle time.
     pub first_batch_at: AtomicI64,
@@ -269,11 +276,14 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     // projector starts beside topics being created, or while a loaded broker elects their
     // leaders, and a projector must not exit for that (it used to, silently in-process).
     let inputs = settings.topics.inputs();
+    // The one watermarks client of this projector: the state's target, the published ends, the
+    // caught-up watch and the rewind restarts all look through it.
+    let watermarks = progress::Watermarks::new(&settings.kafka);
     let instance = loop {
         let mut conn = applier.connection();
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            r = state::ensure(&mut conn, &settings.keys, &settings.group_id, &settings.kafka, &inputs) => match r {
+            r = state::ensure(&mut conn, &settings.keys, &settings.group_id, &watermarks, &inputs) => match r {
                 Ok(i) => break i,
                 Err(e) => {
                     warn!(error = %e, "projection state not read or made yet (the topics' ends are not known); retrying");
@@ -284,24 +294,36 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     };
     let instance = Arc::new(std::sync::Mutex::new(instance));
     // Raised when Redis lost the projection (by the watch below or by a refused progress write).
-    let lost = Arc::new(LostSignal::default());
+    let lost = Arc::new(Signal::default());
     let dead_letters = DeadLetters::new(&settings.kafka, &settings.topics.topic_dlq)?;
     let parked_stream = settings.keys.parked_dead_letters();
-    let consumer = build_consumer(&settings, counters.clone())?;
+    let mut consumer = build_consumer(&settings, counters.clone())?;
     let progress_key = settings.keys.progress(&settings.group_id);
+    // Raised when the group left this projector out (see `group_watch`): a new consumer.
+    let stalled = Arc::new(Signal::default());
+    let _group_watch = AbortOnDrop(crate::group_watch::spawn(
+        watermarks.clone(),
+        applier.connection(),
+        inputs.clone(),
+        progress_key.clone(),
+        counters.clone(),
+        settings.group_stall_after,
+        stalled.clone(),
+    ));
     let mut progress_conn = applier.connection();
     // With exit_when_caught_up, a separate task watches the lag (a round of broker requests) and
     // resolves this future; the loop never waits for it between batches.
-    let caught_up = caught_up_watch(&settings, applier.connection(), progress_key.clone());
+    let caught_up = caught_up_watch(&settings, applier.connection(), progress_key.clone(), watermarks.clone());
     tokio::pin!(caught_up);
     // Stops with this function, however it returns.
-    let _ends_publisher = AbortOnDrop(publish_ends_every_second(&settings, applier.connection()));
+    let _ends_publisher = AbortOnDrop(publish_ends_every_second(&settings, applier.connection(), watermarks.clone()));
     let _state_watch = AbortOnDrop(watch_state_every_second(
         &settings,
         applier.connection(),
         instance.clone(),
         lost.clone(),
         applier.write_counters.clone(),
+        watermarks.clone(),
     ));
     info!(group = %settings.group_id, topics = ?settings.topics.inputs(), "projector started");
 
@@ -314,10 +336,19 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
         (m, event)
     };
     loop {
+        if stalled.take() {
+            // What was received is read again by whoever gets its partitions (from Redis).
+            carry.clear();
+            consumer = match renew_consumer(&settings, &counters, consumer).await {
+                Ok(fresh) => fresh,
+                Err(e) => return Err(e.context("a new consumer for a stalled group")),
+            };
+            continue;
+        }
         if lost.take() {
             // What was received belongs to positions Redis no longer holds.
             carry.clear();
-            if !start_again_from_redis(&settings, &consumer, &mut applier, &instance).await {
+            if !start_again_from_redis(&settings, &watermarks, &consumer, &mut applier, &instance).await {
                 // Redis is unreachable: try again on the next turn (shutdown is heard meanwhile).
                 lost.raise();
                 tokio::select! {
@@ -334,6 +365,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
                 _ = &mut shutdown => break,
                 _ = &mut caught_up => break,
                 _ = lost.notify.notified() => continue,
+                _ = stalled.notify.notified() => continue,
                 m = consumer.recv() => m,
             };
             match first {
@@ -402,7 +434,9 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
             // whose progress lives elsewhere, skip the events they lost.
             let mine = instance.lock().expect("not poisoned").clone();
             let mut backoff = Duration::from_millis(200);
-            while let Err(e) = restart_if_counters_went_back(&mut progress_conn, &settings, &applier.write_counters, &mine).await {
+            while let Err(e) =
+                restart_if_counters_went_back(&mut progress_conn, &settings, &watermarks, &applier.write_counters, &mine).await
+            {
                 warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "restart after a rewind not made yet; retrying");
                 tokio::select! {
                     _ = &mut shutdown => {
@@ -440,12 +474,13 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
 /// written (the caller tries again).
 async fn start_again_from_redis(
     settings: &ProjectorSettings,
+    watermarks: &progress::Watermarks,
     consumer: &StreamConsumer<ProjectorContext>,
     applier: &mut RedisApplier,
     instance: &std::sync::Mutex<String>,
 ) -> bool {
     applier.forget_generations();
-    match state::ensure(&mut applier.connection(), &settings.keys, &settings.group_id, &settings.kafka, &settings.topics.inputs()).await {
+    match state::ensure(&mut applier.connection(), &settings.keys, &settings.group_id, watermarks, &settings.topics.inputs()).await {
         Ok(i) => *instance.lock().expect("not poisoned") = i,
         Err(e) => {
             warn!(error = %e, "projection state not written; retrying");
@@ -472,25 +507,19 @@ async fn start_again_from_redis(
     true
 }
 
-/// "Redis lost the projection": a flag for the loop's next turn, and a wake-up for a loop that
-/// waits for messages on idle partitions.
-#[derive(Default)]
-struct LostSignal {
-    flag: AtomicBool,
-    notify: tokio::sync::Notify,
-}
-
-impl LostSignal {
-    fn raise(&self) {
-        self.flag.store(true, Ordering::Relaxed);
-        self.notify.notify_one();
+/// The old consumer closed (leaving the group; bounded: closing one whose coordinator is gone
+/// may block, and it is then left to finish on its own thread), then a new one subscribed.
+async fn renew_consumer(
+    settings: &ProjectorSettings,
+    counters: &Arc<RunCounters>,
+    old: StreamConsumer<ProjectorContext>,
+) -> anyhow::Result<StreamConsumer<ProjectorContext>> {
+    let closing = tokio::task::spawn_blocking(move || drop(old));
+    if tokio::time::timeout(Duration::from_secs(10), closing).await.is_err() {
+        warn!("the stalled consumer did not close within 10 s; leaving it to close on its own");
     }
-    fn take(&self) -> bool {
-        self.flag.swap(false, Ordering::Relaxed)
-    }
-    fn is_raised(&self) -> bool {
-        self.flag.load(Ordering::Relaxed)
-    }
+    counters.assigned_partitions.store(0, Ordering::Relaxed);
+    build_consumer(settings, counters.clone())
 }
 
 /// Every second: is the instance this projector writes for still the one Redis holds (else
@@ -499,8 +528,9 @@ fn watch_state_every_second(
     settings: &ProjectorSettings,
     mut conn: board_redis::redis_conn::RedisConn,
     instance: Arc<std::sync::Mutex<String>>,
-    lost: Arc<LostSignal>,
+    lost: Arc<Signal>,
     counters: crate::apply::WriteCounters,
+    watermarks: progress::Watermarks,
 ) -> tokio::task::JoinHandle<()> {
     let (keys, progress_key, group) = (settings.keys.clone(), settings.keys.progress(&settings.group_id), settings.group_id.clone());
     let settings = settings.clone();
@@ -542,7 +572,7 @@ fn watch_state_every_second(
                 marks.reset();
                 marks_instance = Some(mine.clone());
             }
-            match check_rewind(&mut conn, &settings, &mut marks, &counters, &mine).await {
+            match check_rewind(&mut conn, &settings, &watermarks, &mut marks, &counters, &mine).await {
                 Ok(true) => {
                     lost.raise();
                     continue;
@@ -565,12 +595,13 @@ fn watch_state_every_second(
 async fn check_rewind(
     conn: &mut board_redis::redis_conn::RedisConn,
     settings: &ProjectorSettings,
+    watermarks: &progress::Watermarks,
     marks: &mut rewind::WriteMarks,
     counters: &crate::apply::WriteCounters,
     mine: &str,
 ) -> anyhow::Result<bool> {
     // The counters first: a mark raised after a rewind would carry progress past lost events.
-    if restart_if_counters_went_back(conn, settings, counters, mine).await? {
+    if restart_if_counters_went_back(conn, settings, watermarks, counters, mine).await? {
         return Ok(true);
     }
     let keys = &settings.keys;
@@ -579,7 +610,7 @@ async fn check_rewind(
     // Read again: the mark was checked after the first read.
     let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
     let resume = rewind::replay_from(&progress, r.progress.as_ref());
-    restart_after_rewind(conn, settings, mine, &r.to_string(), &resume).await?;
+    restart_after_rewind(conn, settings, watermarks, mine, &r.to_string(), &resume).await?;
     marks.handled(conn, keys, &r).await?;
     Ok(true)
 }
@@ -590,6 +621,7 @@ async fn check_rewind(
 async fn restart_if_counters_went_back(
     conn: &mut board_redis::redis_conn::RedisConn,
     settings: &ProjectorSettings,
+    watermarks: &progress::Watermarks,
     counters: &crate::apply::WriteCounters,
     mine: &str,
 ) -> anyhow::Result<bool> {
@@ -605,7 +637,7 @@ async fn restart_if_counters_went_back(
         let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
         let resume = rewind::replay_from_orgs(&progress, &orgs);
         let what = format!("the write counter of {first} went back ({} orgs)", back.len());
-        restart_after_rewind(conn, settings, mine, &what, &resume).await
+        restart_after_rewind(conn, settings, watermarks, mine, &what, &resume).await
     }
     .await;
     if restarted.is_err() {
@@ -618,14 +650,14 @@ async fn restart_if_counters_went_back(
 async fn restart_after_rewind(
     conn: &mut board_redis::redis_conn::RedisConn,
     settings: &ProjectorSettings,
+    watermarks: &progress::Watermarks,
     mine: &str,
     what: &str,
     resume: &rewind::Progress,
 ) -> anyhow::Result<()> {
     warn!(rewound = %what, resume = ?resume, "redis went back to an earlier state: replaying from what its data holds");
     let restarted =
-        state::restart_after_rewind(conn, &settings.keys, &settings.group_id, mine, resume, &settings.kafka, &settings.topics.inputs())
-            .await?;
+        state::restart_after_rewind(conn, &settings.keys, &settings.group_id, mine, resume, watermarks, &settings.topics.inputs()).await?;
     if restarted.is_some() {
         events::RedisRewound.emit();
     }
@@ -678,16 +710,15 @@ impl Drop for AbortOnDrop {
 
 /// Keeps the partitions' ends in Redis, every second while the projector runs, so the API reads
 /// the projection's lag without a Kafka client.
-fn publish_ends_every_second(settings: &ProjectorSettings, mut conn: board_redis::redis_conn::RedisConn) -> tokio::task::JoinHandle<()> {
-    let (kafka, topics, key) = (settings.kafka.clone(), settings.topics.inputs(), settings.keys.partition_ends(&settings.group_id));
+fn publish_ends_every_second(
+    settings: &ProjectorSettings,
+    mut conn: board_redis::redis_conn::RedisConn,
+    watermarks: progress::Watermarks,
+) -> tokio::task::JoinHandle<()> {
+    let (topics, key) = (settings.topics.inputs(), settings.keys.partition_ends(&settings.group_id));
     tokio::spawn(async move {
-        let mut client = None;
         loop {
-            let published = match watermarks_client(&mut client, &kafka) {
-                Ok(c) => c.publish_ends(&topics, &mut conn, &key).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = published {
+            if let Err(e) = watermarks.publish_ends(&topics, &mut conn, &key).await {
                 debug!(error = %e, "partition ends not published");
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -695,32 +726,21 @@ fn publish_ends_every_second(settings: &ProjectorSettings, mut conn: board_redis
     })
 }
 
-/// The loop's one watermarks client, made on first use (and again after a failed make).
-fn watermarks_client<'a>(
-    client: &'a mut Option<progress::Watermarks>,
-    kafka: &KafkaConnection,
-) -> anyhow::Result<&'a progress::Watermarks> {
-    if client.is_none() {
-        *client = Some(progress::Watermarks::new(kafka)?);
-    }
-    Ok(client.as_ref().expect("made above"))
-}
-
 /// Resolves once every input partition is applied to its end; never, unless asked for.
-async fn caught_up_watch(settings: &ProjectorSettings, mut conn: board_redis::redis_conn::RedisConn, progress_key: String) {
+async fn caught_up_watch(
+    settings: &ProjectorSettings,
+    mut conn: board_redis::redis_conn::RedisConn,
+    progress_key: String,
+    watermarks: progress::Watermarks,
+) {
     if !settings.exit_when_caught_up {
         return std::future::pending().await;
     }
-    let (kafka, topics) = (settings.kafka.clone(), settings.topics.inputs());
+    let topics = settings.topics.inputs();
     let task = tokio::spawn(async move {
-        let mut client = None;
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let lag = match watermarks_client(&mut client, &kafka) {
-                Ok(c) => c.lag(&topics, &mut conn, &progress_key).await,
-                Err(e) => Err(e),
-            };
-            match lag {
+            match watermarks.lag(&topics, &mut conn, &progress_key).await {
                 Ok(lag) if lag.total() == 0 => {
                     info!(applied = lag.applied(), "caught up; stopping");
                     return;

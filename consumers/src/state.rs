@@ -7,7 +7,6 @@
 //! refused once it is gone, and each projector checks it every second, so the loss is seen
 //! within a second, the projectors start again from what Redis holds (nothing: the partitions'
 //! beginnings) and the API answers from MongoDB until the projection is whole again.
-use crate::kafka::KafkaConnection;
 use crate::progress;
 use board_model::keys::KeySpace;
 use board_model::offsets;
@@ -25,13 +24,13 @@ pub async fn ensure(
     conn: &mut RedisConn,
     keys: &KeySpace,
     group: &str,
-    kafka: &KafkaConnection,
+    watermarks: &progress::Watermarks,
     topics: &[String],
 ) -> anyhow::Result<String> {
     if let Some(i) = instance(conn, keys).await? {
         return Ok(i);
     }
-    let ends = progress::fetch_watermarks(kafka, topics).await?;
+    let ends = watermarks.fetch(topics).await?;
     let mine = format!("{:016x}", rand::random::<u64>());
     let now = board_model::time::now_millis();
     // Partitions whose early records are gone (retention): replaying them cannot make the
@@ -94,10 +93,10 @@ pub async fn restart_after_rewind(
     group: &str,
     mine: &str,
     resume: &BTreeMap<String, i64>,
-    kafka: &KafkaConnection,
+    watermarks: &progress::Watermarks,
     topics: &[String],
 ) -> anyhow::Result<Option<String>> {
-    let ends = progress::fetch_watermarks(kafka, topics).await?;
+    let ends = watermarks.fetch(topics).await?;
     // Resuming below a partition's log start (retention passed the offsets the restored data
     // holds) skips events for good: the projection stays `building` and says why, as a start on
     // an empty Redis does, until `rebuild --source mongodb`.

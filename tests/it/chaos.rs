@@ -253,14 +253,23 @@ fn kill(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
-/// Whole, caught up, attended and ready: what "healed" means.
-async fn healed(env: &TestEnv, url: &str) -> bool {
-    let Ok(r) = reqwest::get(format!("{url}/readyz")).await else { return false };
-    let ready = r.status().as_u16() == 200;
-    let Ok(mut conn) = board_redis::config::redis_connection(&env.redis_url).await else { return false };
-    let whole = board_redis::projection::status(&mut conn, &env.keys).await.ok() == Some(board_redis::projection::Status::Whole);
-    let lag = env.watermarks().lag(&env.topics.inputs(), &mut conn, &env.keys.progress(&env.group)).await;
-    ready && whole && lag.is_ok_and(|l| l.total() == 0)
+/// Whole, caught up, attended and ready: what "healed" means. `Err` says what is still missing,
+/// for the failure message of a run that does not heal.
+async fn healed(env: &TestEnv, url: &str) -> Result<(), String> {
+    let (ready, readyz) = match reqwest::get(format!("{url}/readyz")).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => return Err(format!("readyz unreachable: {e}")),
+    };
+    let mut conn = board_redis::config::redis_connection(&env.redis_url).await.map_err(|e| format!("redis: {e}"))?;
+    let status = board_redis::projection::status(&mut conn, &env.keys).await.map_err(|e| format!("state: {e}"))?;
+    let lag =
+        env.watermarks().lag(&env.topics.inputs(), &mut conn, &env.keys.progress(&env.group)).await.map_err(|e| format!("lag: {e}"))?;
+    if ready == 200 && status == board_redis::projection::Status::Whole && lag.total() == 0 {
+        return Ok(());
+    }
+    let behind: Vec<String> =
+        lag.partitions.iter().filter(|(_, (applied, high))| applied < high).map(|((t, p), (a, h))| format!("{t}/{p} {a}<{h}")).collect();
+    Err(format!("readyz {ready} {readyz}, state {status:?}, behind {behind:?}"))
 }
 
 /// The Redis the run breaks: a server of its own, or (`CHAOS_REDIS=cluster`) a Redis Cluster of
@@ -513,16 +522,13 @@ async fn chaos_run() {
         .await;
         // Healed: whole, caught up, ready.
         let heal_deadline = Instant::now() + Duration::from_secs(180);
-        let mut ok = false;
-        while Instant::now() < heal_deadline {
-            if healed(&env, &url).await {
-                ok = true;
-                break;
-            }
+        let mut missing = healed(&env, &url).await;
+        while missing.is_err() && Instant::now() < heal_deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
+            missing = healed(&env, &url).await;
         }
-        if !ok {
-            not_healed.push(format!("round {round}: {fault:?}"));
+        if let Err(missing) = missing {
+            not_healed.push(format!("round {round}: {fault:?} ({missing})"));
             break;
         }
         heal_times.entry(fault).or_default().push(injected.elapsed().as_secs_f64());

@@ -198,3 +198,59 @@ async fn mongodb_down_projection_keeps_answering() {
     assert_eq!((status, body["meta"]["answeredBy"].as_str()), (200, Some("mongodb")), "{body}");
     projector.stop().await.unwrap();
 }
+
+/// A group that leaves the projector out (here: a member of the group whose assignment protocol
+/// the projector's consumer does not speak holds every partition and applies nothing; in the
+/// chaos run: librdkafka after the coordinator restarts) is noticed by the group watch, which
+/// makes a new consumer every `group_stall_after`; once the group lets it in, it catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_leaves_the_projector_out_is_noticed_and_rejoined() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let env = TestEnv::new("group-stall").await;
+    let seeded = env.seed(small_seed(1, 40, 5)).await;
+    let squatter: BaseConsumer = env
+        .kafka()
+        .client_config(&[
+            ("group.id", &env.group),
+            ("partition.assignment.strategy", "cooperative-sticky"),
+            ("enable.auto.commit", "false"),
+        ])
+        .create()
+        .unwrap();
+    let inputs = env.topics.inputs();
+    squatter.subscribe(&inputs.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while squatter.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the squatter joined the group");
+        let _ = squatter.poll(Duration::from_millis(100));
+    }
+    let squatting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let held = {
+        let squatting = squatting.clone();
+        // Polls (stays in the group, holds every partition) and applies nothing.
+        std::thread::spawn(move || {
+            while squatting.load(Ordering::Relaxed) {
+                let _ = squatter.poll(Duration::from_millis(100));
+            }
+            squatter
+        })
+    };
+
+    let mut settings = env.settings();
+    settings.group_stall_after = Duration::from_secs(3);
+    let projector = env.spawn_projector_with(settings);
+    eventually(Duration::from_secs(90), "the group watch makes a new consumer", || {
+        let stalls = projector.counters.group_stalls.load(Ordering::Relaxed);
+        async move { stalls >= 1 }
+    })
+    .await;
+    assert_eq!(projector.counters.assigned_partitions.load(Ordering::Relaxed), 0, "the squatter still holds everything");
+    assert_eq!(env.applied_offsets().await, 0, "nothing applied while left out");
+
+    squatting.store(false, Ordering::Relaxed);
+    drop(held.join().expect("squatter thread")); // leaves the group
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    assert!(!projector.ended(), "the projector kept running");
+    projector.stop().await.expect("projector ran cleanly");
+    assert_identical_to_mongodb(&env, &seeded.org_ids, seeded.contacts + seeded.applications).await;
+}

@@ -747,3 +747,70 @@ async fn generation_functions_guard_commits_switches_and_progress() {
     assert_eq!(record("i1").await, "lost");
     assert_eq!(r.hget::<_, _, i64>(&progress_key, "t/0").await.unwrap(), 42);
 }
+
+/// The pipeline takes any `Source`: a source of the test's own drains into the projection, each
+/// batch retried as a whole, and its `applied` hook runs only once the batch's data is in Redis
+/// (what lets the topic replay record its checkpoint there, after the data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_source_drains_through_the_pipeline_and_records_after_the_data() {
+    use board_model::events::Event;
+    use projector::apply::RedisApplier;
+    use projector::batch::Outcome;
+    use projector::pipeline::{drain, Drained, Origin, Source, SourceBatch};
+
+    struct Contacts {
+        left: std::collections::VecDeque<Event>,
+        conn: board_redis::redis_conn::RedisConn,
+        cards_key: String,
+        /// Per applied batch: its size, and whether every one of its cards was in Redis then.
+        seen: Vec<(usize, bool)>,
+    }
+    impl Source for Contacts {
+        async fn next_batch(&mut self, max: usize) -> anyhow::Result<Option<SourceBatch>> {
+            let mut batch = SourceBatch::default();
+            while batch.events.len() < max {
+                let Some(e) = self.left.pop_front() else { break };
+                let offset = 100 - self.left.len() as i64;
+                batch.push(e, Some(Origin { topic: "own".into(), partition: 0, offset }));
+            }
+            batch.read = batch.events.len() as u64;
+            Ok((!batch.events.is_empty()).then_some(batch))
+        }
+        async fn applied(&mut self, batch: &SourceBatch, outcomes: &[Outcome]) -> anyhow::Result<()> {
+            assert_eq!(outcomes.len(), batch.events.len(), "one outcome per event");
+            let mut all_there = true;
+            for e in &batch.events {
+                let Event::CardUpserted(_, card) = e else { unreachable!() };
+                all_there &= self.conn.hexists::<_, _, bool>(&self.cards_key, &card.id).await?;
+            }
+            self.seen.push((batch.events.len(), all_there));
+            Ok(())
+        }
+    }
+
+    let env = TestEnv::new("pipeline-source").await;
+    let mut applier = RedisApplier::connect(&env.redis_url, env.keys.clone()).await.unwrap();
+    let (org, p, s, u) = (oid(1), oid(2), oid(3), oid(20));
+    let cards: Vec<Event> = (0..25)
+        .map(|i| {
+            let doc = serde_json::from_value(contact(&org, &oid(100 + i), 1, &p, &s, &u, &format!("c{i}"))).unwrap();
+            Event::CardUpserted(CardKind::Contact, Box::new(doc))
+        })
+        .collect();
+    let mut source = Contacts {
+        left: cards.iter().cloned().chain(cards.iter().take(5).cloned()).collect(),
+        conn: env.redis().await,
+        cards_key: env.keys.org(&org).cards(CardKind::Contact),
+        seen: Vec::new(),
+    };
+    let drained = drain(&mut source, &mut applier, 10, &|| Ok(())).await.unwrap();
+    assert_eq!(drained, Drained { read: 30, applied: 25, stale: 5 }, "the 5 repeated cards are stale the second time");
+    assert_eq!(source.seen, [(10, true), (10, true), (10, true)], "every batch's data was in Redis before its hook ran");
+
+    // A source stopped from outside: `keep_going` is asked before each batch.
+    let mut more =
+        Contacts { left: cards.into_iter().collect(), conn: env.redis().await, cards_key: source.cards_key.clone(), seen: vec![] };
+    let stopped = drain(&mut more, &mut applier, 10, &|| anyhow::bail!("lease lost")).await;
+    assert!(stopped.is_err_and(|e| e.to_string() == "lease lost"));
+    assert!(more.seen.is_empty(), "nothing applied once told to stop");
+}

@@ -24,8 +24,7 @@ async fn generation_of(env: &TestEnv, org: &str) -> Generation {
 
 /// Every key under the prefix, sorted.
 async fn all_keys(env: &TestEnv) -> Vec<String> {
-    let mut keys: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{}:*", env.keys.prefix())).query_async(&mut env.redis().await).await.unwrap();
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg(env.keys.pattern()).query_async(&mut env.redis().await).await.unwrap();
     keys.sort();
     keys
 }

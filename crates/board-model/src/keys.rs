@@ -85,6 +85,10 @@ impl KeySpace {
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
+    /// Every key of this key space, every org and generation (for a SCAN MATCH).
+    pub fn pattern(&self) -> String {
+        format!("{}:*", self.prefix)
+    }
     /// The org's keys in the base generation (`<prefix>:{<orgId>}`), where an org lives until a
     /// rebuild moves it. `org_id` must already be a validated ObjectId (no braces can reach the
     /// hash tag).
@@ -248,6 +252,10 @@ impl OrgKeys {
     /// (cards and conversations keep theirs in their records).
     pub fn versions(&self) -> String {
         self.k(&["ver"])
+    }
+    /// Every key of the org in this generation (for a SCAN MATCH).
+    pub fn pattern(&self) -> String {
+        self.k(&["*"])
     }
     /// Every sorted set of the org (for a SCAN MATCH): the `z`, `zn`, `zp` and `zpn` families.
     pub fn index_pattern(&self) -> String {

@@ -48,6 +48,8 @@ pub enum KeyName {
         #[arg(long, default_value = "")]
         generation: String,
     },
+    /// A SCAN pattern of every key under the prefix.
+    Pattern,
     /// A SCAN pattern of every key of the org in one generation.
     OrgPattern {
         org: String,
@@ -83,7 +85,8 @@ pub fn name(args: &KeysArgs) -> anyhow::Result<String> {
         }),
         KeyName::Users { org: o, generation } => org(o, generation)?.users(),
         KeyName::Pipelines { org: o, generation } => org(o, generation)?.pipelines(),
-        KeyName::OrgPattern { org: o, generation } => format!("{}:*", org(o, generation)?.base),
+        KeyName::Pattern => ks.pattern(),
+        KeyName::OrgPattern { org: o, generation } => org(o, generation)?.pattern(),
     })
 }
 
@@ -117,6 +120,7 @@ mod tests {
         assert_eq!(key(&["--redis-prefix", "run7", "model"]).unwrap(), ks.model());
         assert_eq!(key(&["--redis-prefix", "run7", "generation", org]).unwrap(), ks.generation_pointer(org));
         assert_eq!(key(&["--redis-prefix", "run7", "org-pattern", "*"]).unwrap(), "run7:{*}:*");
+        assert_eq!(key(&["--redis-prefix", "run7", "pattern"]).unwrap(), "run7:*");
         assert!(key(&["users", org, "--generation", "x"]).is_err(), "not a generation");
     }
 }

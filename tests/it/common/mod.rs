@@ -167,7 +167,7 @@ impl TestEnv {
     }
 
     pub fn watermarks(&self) -> &progress::Watermarks {
-        self.watermarks.get_or_init(|| progress::Watermarks::new(&self.kafka()).expect("watermarks client"))
+        self.watermarks.get_or_init(|| progress::Watermarks::new(&self.kafka()))
     }
 
     pub async fn lag(&self) -> Lag {
@@ -261,7 +261,7 @@ impl TestEnv {
             mongo_uri: self.mongo_uri.clone(),
             mongo_db: self.mongo_db.clone(),
             redis_url: self.redis_url.clone(),
-            key_pattern: format!("{}:*", self.keys.prefix()),
+            key_pattern: self.keys.pattern(),
         }
     }
 }

@@ -21,6 +21,7 @@ mod coverage;
 mod phases;
 mod plan;
 mod replay;
+mod snapshot;
 
 use anyhow::{bail, Context};
 use board_model::events::{parse_event, Event};
@@ -35,8 +36,9 @@ use board_redis::redis_conn::RedisConn;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use phases::{rebuild, RunContext, Start};
 use plan::{Plan, PlanSource};
-use projector::apply::{Position, RedisApplier, Target};
+use projector::apply::{RedisApplier, Target};
 use projector::config::KafkaArgs;
+use projector::pipeline::{self, Origin, SourceBatch};
 use projector::{progress, KafkaConnection};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -367,7 +369,7 @@ pub async fn remove_org_generations(conn: &mut RedisConn, keys: &KeySpace, remov
         .collect();
     let pointers: BTreeSet<String> = orgs.iter().map(|o| keys.generation_pointer(o)).collect();
     // SCAN walks one node: `scan_match` asks every primary of a cluster.
-    let names = conn.scan_match(&format!("{}:*", keys.prefix())).await?;
+    let names = conn.scan_match(&keys.pattern()).await?;
     let doomed: Vec<&String> = names.iter().filter(|k| !pointers.contains(*k) && prefixes.iter().any(|p| k.starts_with(p))).collect();
     for chunk in doomed.chunks(1000) {
         // A cluster client splits a multi-key UNLINK by slot.

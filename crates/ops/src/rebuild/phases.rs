@@ -156,7 +156,7 @@ impl Phases<'_> {
         for org in &snapshot_orgs {
             ensure_not_lost(ctx.lease_lost)?;
             self.report.snapshot_documents +=
-                snapshot_org(&db, &mut self.applier, keys, &self.plan.generation, org, &held, ctx.args.max_batch).await?;
+                snapshot::snapshot_org(ctx, &mut self.applier, &self.plan.generation, &db, org, &held).await?;
             let _: () = conn.sadd(keys.rebuild_orgs(&self.plan.generation), org).await?;
             bar.inc(1);
         }
@@ -325,38 +325,4 @@ async fn coverage_check(conn: &mut RedisConn, keys: &KeySpace, org: &str, live: 
     let new_offsets: HashMap<String, i64> = conn.hgetall(new_keys.offsets()).await?;
     let caught_up = live_offsets.iter().all(|(field, o)| new_offsets.get(field).is_some_and(|n| n >= o));
     Ok(if caught_up { Coverage::Lacks(missing) } else { Coverage::Behind })
-}
-
-/// Applies one org's MongoDB documents into the generation as upserts, then sets the org's
-/// applied offsets to `held` (the ends taken before the snapshot began: every event below
-/// them is reflected in the documents). Returns the number of documents.
-pub(super) async fn snapshot_org(
-    db: &mongodb::Database,
-    applier: &mut RedisApplier,
-    keys: &KeySpace,
-    generation: &Generation,
-    org: &str,
-    held: &BTreeMap<String, i64>,
-    max_batch: usize,
-) -> anyhow::Result<u64> {
-    let snap = board_mongo::load_org(db, org).await?;
-    let mut events: Vec<Event> = Vec::new();
-    events.extend(snap.pipelines.into_iter().map(Event::PipelineUpserted));
-    events.extend(snap.users.into_iter().map(Event::UserUpserted));
-    events.extend(snap.contacts.into_iter().map(|c| Event::CardUpserted(CardKind::Contact, Box::new(c))));
-    events.extend(snap.applications.into_iter().map(|c| Event::CardUpserted(CardKind::Application, Box::new(c))));
-    events.extend(snap.conversations.into_iter().map(Event::ConversationUpserted));
-    events.extend(snap.messages.into_iter().map(Event::MessageCreated));
-    for chunk in events.chunks(max_batch.max(1)) {
-        let refs: Vec<&Event> = chunk.iter().collect();
-        // Snapshot documents have no offsets; the org's offsets are set once, below.
-        let positions = vec![Position { topic: "", partition: -1, offset: -1 }; refs.len()];
-        applier.apply(&refs, &positions).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    let mut conn = applier.connection();
-    let org_keys = keys.org_in(generation, org);
-    let offsets: Vec<(String, i64)> = held.iter().map(|(f, o)| (f.clone(), *o)).collect();
-    let commit = Commit { org: org_keys, guards: Vec::new(), writes: Vec::new(), generation: None, offsets, min_writes: None };
-    let _: String = commit.to_cmd().query_async(&mut conn).await?;
-    Ok(events.len() as u64)
 }

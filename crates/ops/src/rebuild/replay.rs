@@ -30,7 +30,7 @@ impl Replay {
         let held: HashMap<String, i64> = conn.hgetall(&progress_key).await?;
         let held = Checkpoint::from_fields(&held);
         // Taken again: a snapshot may have lasted long enough for retention to move the lows.
-        let watermarks = progress::Watermarks::new(kafka)?;
+        let watermarks = progress::Watermarks::new(kafka);
         let marks = watermarks.fetch(topics).await?;
         let consumer: StreamConsumer = kafka
             .client_config(&[("group.id", "pipeline-board-rebuild"), ("enable.auto.commit", "false"), ("auto.offset.reset", "earliest")])
@@ -61,7 +61,7 @@ impl Replay {
     }
 
     /// Applies events until every partition is applied up to the ends measured now (and
-    /// re-measured while it runs).
+    /// re-measured while it runs): the replay is the pipeline's source.
     pub(super) async fn until_caught_up(
         &mut self,
         applier: &mut RedisApplier,
@@ -69,83 +69,103 @@ impl Replay {
         lease_lost: &AtomicBool,
         report: &mut Report,
     ) -> anyhow::Result<()> {
-        let mut ends = self.watermarks.fetch(&self.topics).await?;
+        let ends = self.watermarks.fetch(&self.topics).await?;
         let initial_lag = self.lag(&ends);
-        let bar = bar(initial_lag as u64, "replay: events");
-        let mut last_report = Instant::now();
-        let started = Instant::now();
-        let mut read_here = 0u64;
-        while self.lag(&ends) > 0 {
-            ensure_not_lost(lease_lost)?;
-            let mut batch = Vec::new();
-            projector::kafka::fill_batch(&self.consumer, &mut batch, self.max_batch, Duration::from_millis(200), |m| m).await;
-            let parsed: Vec<Option<Event>> =
-                batch.iter().map(|m| m.payload().and_then(|p| parse_event(p).ok()).filter(|e| self.keep(e))).collect();
-            let mut events = Vec::new();
-            let mut positions = Vec::new();
-            let mut orgs = BTreeSet::new();
-            for (m, e) in batch.iter().zip(&parsed) {
-                if let Some(e) = e {
-                    orgs.insert(e.org_id().to_string());
-                    events.push(e);
-                    positions.push(Position { topic: m.topic(), partition: m.partition(), offset: m.offset() });
-                }
-            }
-            let mut backoff = Duration::from_millis(100);
-            let outcomes = loop {
-                match applier.apply(&events, &positions).await {
-                    Ok(o) => break o,
-                    Err(e) => {
-                        warn!(error = %e, "batch not applied; retrying");
-                        ensure_not_lost(lease_lost)?;
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            };
-            report.events_applied += outcomes.iter().filter(|o| **o == projector::batch::Outcome::Applied).count() as u64;
-            report.events_read += batch.len() as u64;
-            read_here += batch.len() as u64;
-            for m in &batch {
-                self.position.advance(m.topic(), m.partition(), m.offset());
-            }
-            // Recorded after the data (a rerun re-reads at most this batch, idempotently).
-            let fields = self.position.fields();
-            let mut pipe = redis::pipe();
-            pipe.hset_multiple(&self.progress_key, &fields);
-            if !orgs.is_empty() {
-                pipe.sadd(self.keys.rebuild_orgs(&self.generation), orgs.iter().collect::<Vec<_>>());
-            }
-            pipe.query_async::<()>(conn).await?;
-            bar.set_position(initial_lag.saturating_sub(self.lag(&ends)).max(0) as u64);
-            if last_report.elapsed() > Duration::from_secs(2) {
-                ends = self.watermarks.fetch(&self.topics).await?;
-                let lag = self.lag(&ends);
-                let rate = read_here as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                bar.set_length(bar.position() + lag as u64);
-                bar.set_message(format!("lag {lag}"));
-                RebuildProgress { lag, events_read: report.events_read as i64, events_per_second: Some(rate) }.show();
-                let _: () = conn
-                    .hset_multiple(
-                        self.keys.rebuild_state(),
-                        &[
-                            (field::LAG, lag.to_string()),
-                            (field::EVENTS_READ, report.events_read.to_string()),
-                            (field::EVENTS_PER_SECOND, format!("{rate:.0}")),
-                        ],
-                    )
-                    .await?;
-                info!(generation = %self.generation, lag, events_read = report.events_read, events_per_second = rate as u64, "rebuild replay");
-                last_report = Instant::now();
-            }
-        }
-        bar.finish_and_clear();
-        let _: () = conn.hset(self.keys.rebuild_state(), field::LAG, 0).await?;
+        let max_batch = self.max_batch;
+        let mut run = ReplayRun {
+            bar: bar(initial_lag as u64, "replay: events"),
+            initial_lag,
+            ends,
+            replay: self,
+            conn,
+            last_report: Instant::now(),
+            started: Instant::now(),
+            read_here: 0,
+            read_before: report.events_read,
+        };
+        let drained = pipeline::drain(&mut run, applier, max_batch, &|| ensure_not_lost(lease_lost)).await?;
+        report.events_read += drained.read;
+        report.events_applied += drained.applied;
+        run.bar.finish_and_clear();
+        let _: () = run.conn.hset(run.replay.keys.rebuild_state(), field::LAG, 0).await?;
         RebuildProgress { lag: 0, events_read: report.events_read as i64, events_per_second: None }.show();
         Ok(())
     }
 
     fn keep(&self, e: &Event) -> bool {
         self.filter.is_empty() || self.filter.contains(e.org_id())
+    }
+}
+
+/// One `until_caught_up`: the replay as the pipeline's source, up to the ends it measures.
+struct ReplayRun<'a> {
+    replay: &'a mut Replay,
+    conn: &'a mut RedisConn,
+    /// The partitions' ends, measured again every 2 s while replaying.
+    ends: BTreeMap<(String, i32), (i64, i64)>,
+    initial_lag: i64,
+    bar: ProgressBar,
+    last_report: Instant,
+    started: Instant,
+    /// Records read by this run, and by the rebuild before it.
+    read_here: u64,
+    read_before: u64,
+}
+
+impl pipeline::Source for ReplayRun<'_> {
+    async fn next_batch(&mut self, max: usize) -> anyhow::Result<Option<SourceBatch>> {
+        if self.replay.lag(&self.ends) <= 0 {
+            return Ok(None);
+        }
+        let mut records = Vec::new();
+        projector::kafka::fill_batch(&self.replay.consumer, &mut records, max, Duration::from_millis(200), |m| m).await;
+        let mut batch = SourceBatch { read: records.len() as u64, ..SourceBatch::default() };
+        for m in &records {
+            // Unparsable records were dead-lettered by the live projectors: skipped here.
+            let event = m.payload().and_then(|p| parse_event(p).ok()).filter(|e| self.replay.keep(e));
+            if let Some(event) = event {
+                batch.push(event, Some(Origin { topic: m.topic().to_string(), partition: m.partition(), offset: m.offset() }));
+            }
+            self.replay.position.advance(m.topic(), m.partition(), m.offset());
+        }
+        Ok(Some(batch))
+    }
+
+    /// The replay's checkpoint (every record read, kept or skipped) and the orgs it wrote,
+    /// recorded after their data; then, every 2 s, its progress.
+    async fn applied(&mut self, batch: &SourceBatch, _outcomes: &[projector::batch::Outcome]) -> anyhow::Result<()> {
+        let replay = &*self.replay;
+        let orgs: BTreeSet<&str> = batch.events.iter().map(Event::org_id).collect();
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(&replay.progress_key, &replay.position.fields());
+        if !orgs.is_empty() {
+            pipe.sadd(replay.keys.rebuild_orgs(&replay.generation), orgs.iter().collect::<Vec<_>>());
+        }
+        pipe.query_async::<()>(self.conn).await?;
+        self.read_here += batch.read;
+        let read_total = self.read_before + self.read_here;
+        self.bar.set_position(self.initial_lag.saturating_sub(replay.lag(&self.ends)).max(0) as u64);
+        if self.last_report.elapsed() > Duration::from_secs(2) {
+            self.ends = replay.watermarks.fetch(&replay.topics).await?;
+            let lag = replay.lag(&self.ends);
+            let rate = self.read_here as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+            self.bar.set_length(self.bar.position() + lag as u64);
+            self.bar.set_message(format!("lag {lag}"));
+            RebuildProgress { lag, events_read: read_total as i64, events_per_second: Some(rate) }.show();
+            let _: () = self
+                .conn
+                .hset_multiple(
+                    replay.keys.rebuild_state(),
+                    &[
+                        (field::LAG, lag.to_string()),
+                        (field::EVENTS_READ, read_total.to_string()),
+                        (field::EVENTS_PER_SECOND, format!("{rate:.0}")),
+                    ],
+                )
+                .await?;
+            info!(generation = %replay.generation, lag, events_read = read_total, events_per_second = rate as u64, "rebuild replay");
+            self.last_report = Instant::now();
+        }
+        Ok(())
     }
 }
