@@ -84,7 +84,8 @@ struct ProjectArgs {
     session_timeout_ms: u64,
     /// Milliseconds this projector may hold no partition while events wait and nobody applies
     /// them before it makes a new consumer (librdkafka can leave a consumer out of its group
-    /// after the coordinator restarts).
+    /// after the coordinator restarts). Never less than twice `max.poll.interval.ms` (5 session
+    /// timeouts): a rebalance may take that long. Doubles with each stall in a row. 0: no watch.
     #[arg(long, env = "KAFKA_GROUP_STALL_MS", default_value_t = projector::group_watch::DEFAULT_STALL_AFTER.as_millis() as u64)]
     group_stall_ms: u64,
     /// Stop once every input partition is applied up to its high watermark (benchmarks, backfills).
@@ -133,7 +134,7 @@ async fn project(args: ProjectArgs) -> anyhow::Result<ExitCode> {
     settings.linger = Duration::from_millis(args.linger_ms);
     settings.session_timeout = Duration::from_millis(args.session_timeout_ms);
     settings.exit_when_caught_up = args.exit_when_caught_up;
-    settings.group_stall_after = Duration::from_millis(args.group_stall_ms.max(1000));
+    settings.group_stall_after = Duration::from_millis(args.group_stall_ms);
     settings.parked_max = args.parked_max;
     let counters = Arc::new(RunCounters::default());
     let started = Instant::now();

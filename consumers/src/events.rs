@@ -233,3 +233,16 @@ impl GroupStalled {
         metrics::counter!("pb_group_stalls_total").increment(1);
     }
 }
+
+/// librdkafka put the consumer in a fatal state (it never consumes again): a new one is made.
+pub struct ConsumerFatal<'a> {
+    pub code: &'a str,
+    pub reason: &'a str,
+}
+
+impl ConsumerFatal<'_> {
+    pub fn emit(self) {
+        warn!(code = self.code, reason = self.reason, "the kafka consumer failed for good; making a new consumer");
+        metrics::counter!("pb_consumer_fatal_errors_total").increment(1);
+    }
+}

@@ -26,16 +26,27 @@ const LOOK_EVERY: Duration = Duration::from_secs(5);
 /// The group is stalled for this member when, for `after`, it held no partition while the
 /// projection lagged and its applied total did not move (no other member applied anything
 /// either: a group that merely has more members than partitions keeps moving).
+///
+/// The same holds when the members that do hold partitions are stuck themselves (Redis
+/// refusing writes): a new consumer then costs the group a rebalance and changes nothing, so
+/// each stall in a row doubles the bound (up to 16 times `after`) until something moves.
 #[derive(Debug)]
 pub struct StallWatch {
     after: Duration,
     /// Since when nothing moved, and the applied total then.
     idle: Option<(Instant, i64)>,
+    /// Stalls called since something last moved.
+    in_a_row: u32,
 }
 
 impl StallWatch {
     pub fn new(after: Duration) -> Self {
-        StallWatch { after, idle: None }
+        StallWatch { after, idle: None, in_a_row: 0 }
+    }
+
+    /// The bound for the next stall.
+    pub fn bound(&self) -> Duration {
+        self.after * 2u32.pow(self.in_a_row.min(4))
     }
 
     /// One look: partitions this member holds, the group's applied total and its lag.
@@ -43,18 +54,26 @@ impl StallWatch {
     pub fn look(&mut self, now: Instant, assigned: i64, applied: i64, lag: i64) -> bool {
         if assigned > 0 || lag <= 0 {
             self.idle = None;
+            self.in_a_row = 0;
             return false;
         }
         match self.idle {
             Some((since, then)) if then == applied => {
-                if now.duration_since(since) >= self.after {
-                    self.idle = None;
+                if now.duration_since(since) >= self.bound() {
+                    self.idle = Some((now, applied));
+                    self.in_a_row += 1;
                     return true;
                 }
                 false
             }
-            // First idle look, or someone applied events meanwhile: the clock starts now.
-            _ => {
+            // Someone applied events meanwhile: the group moves, the clock starts again.
+            Some(_) => {
+                self.idle = Some((now, applied));
+                self.in_a_row = 0;
+                false
+            }
+            // First idle look: the clock starts now.
+            None => {
                 self.idle = Some((now, applied));
                 false
             }
@@ -87,7 +106,6 @@ pub fn spawn(
             };
             let held = counters.assigned_partitions.load(Ordering::Relaxed);
             if watch.look(Instant::now(), held, lag.applied(), lag.total()) {
-                counters.group_stalls.fetch_add(1, Ordering::Relaxed);
                 crate::events::GroupStalled { lag: lag.total(), after }.emit();
                 stalled.raise();
             }
@@ -110,10 +128,20 @@ mod tests {
         assert!(!w.look(t, 0, 100, 5));
         assert!(!w.look(at(t, 59), 0, 100, 5));
         assert!(w.look(at(t, 60), 0, 100, 5));
-        // It starts over: the new consumer gets its own bound.
+        // Still nothing moves after the new consumer: the next bound is twice as long, and so on
+        // up to 16 times.
         assert!(!w.look(at(t, 61), 0, 100, 5));
-        assert!(!w.look(at(t, 120), 0, 100, 5));
-        assert!(w.look(at(t, 121), 0, 100, 5));
+        assert!(!w.look(at(t, 179), 0, 100, 5));
+        assert!(w.look(at(t, 180), 0, 100, 5));
+        assert!(w.look(at(t, 420), 0, 100, 5));
+        assert!(w.look(at(t, 900), 0, 100, 5));
+        assert!(w.look(at(t, 1860), 0, 100, 5));
+        assert_eq!(w.bound(), Duration::from_secs(960));
+        assert!(!w.look(at(t, 2819), 0, 100, 5));
+        assert!(w.look(at(t, 2820), 0, 100, 5));
+        // Something moves: the bound is `after` again.
+        assert!(!w.look(at(t, 2830), 0, 101, 5));
+        assert_eq!(w.bound(), Duration::from_secs(60));
     }
 
     #[test]

@@ -33,6 +33,12 @@ impl KafkaConnection {
         Ok(KafkaConnection { brokers: args.kafka_brokers.clone(), options })
     }
 
+    /// With one more pass-through option (as `--kafka-option KEY=VALUE`).
+    pub fn with_option(mut self, key: &str, value: &str) -> Self {
+        self.options.push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// A client configuration with the bootstrap servers and the pass-through options; the
     /// caller adds its role's own settings with `overrides` (they are applied first, so an
     /// operator option with the same name still wins).

@@ -1,7 +1,9 @@
 //! One ingestion pipeline over pluggable sources (quickwit's `Source` shape): a `Source` gives
 //! batches of events with where each was read; the pipeline applies each batch to the Redis
-//! target, retrying while Redis is unreachable, and only then lets the source record how far it
-//! is — after the data, so a rerun reads at most the last batch again, idempotently.
+//! target, retrying while the applier answers a transient error (Redis unreachable, a Function
+//! failing), and only then lets the source record how far it is — after the data, so a rerun
+//! reads at most the last batch again, idempotently. Redis gone back in time is not retried:
+//! the run stops and says so (a rerun resumes from what Redis holds).
 //!
 //! `rebuild`'s sources are its topic replay (`ops::rebuild::replay`, from a typed
 //! `Checkpoint`) and its MongoDB snapshot (`ops::rebuild::snapshot`). `project`'s consumer
@@ -89,7 +91,8 @@ pub async fn drain<S: Source>(
     }
 }
 
-/// The batch applied, retried with a growing pause (100 ms to 5 s) while Redis refuses it.
+/// The batch applied, retried with a growing pause (100 ms to 5 s) while Redis refuses it; an
+/// error once Redis went back in time (every retry would meet the same keys).
 pub async fn apply_with_retry(
     applier: &mut RedisApplier,
     batch: &SourceBatch,
@@ -104,6 +107,9 @@ pub async fn apply_with_retry(
     loop {
         match applier.apply(&events, &positions).await {
             Ok(outcomes) => return Ok(outcomes),
+            Err(e) if applier.write_counters.any_went_back() => {
+                anyhow::bail!("redis went back to an earlier state while applying ({e}): run again, it resumes from what redis holds")
+            }
             Err(e) => {
                 crate::events::ApplyRetried { error: &e, retry_in: backoff }.emit();
                 keep_going()?;

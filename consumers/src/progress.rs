@@ -18,12 +18,18 @@ use std::time::Duration;
 /// watermark query may keep answering `UnknownPartition` from stale metadata, or block past its
 /// timeout (confluentinc/librdkafka#2588, confluent-kafka-python#413). So every look is bounded
 /// (`LOOK_BOUND`) and a look that failed or ran out of time drops the client: the next look
-/// makes a new one. A query blocked for good keeps its thread, not the look.
+/// makes a new one. A query blocked for good keeps its thread, not the look; at most
+/// `MAX_LOOKS_IN_FLIGHT` looks run at once, so blocked ones cannot pile up threads and clients.
+/// Clients are destroyed off the async workers (destroying one waits for its threads).
 #[derive(Clone)]
 pub struct Watermarks {
     kafka: KafkaConnection,
     client: Arc<Mutex<Option<Arc<BaseConsumer>>>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Looks running at once (the projector's tasks look concurrently; blocked looks count too).
+const MAX_LOOKS_IN_FLIGHT: usize = 4;
 
 /// The most one look (every partition of the topics asked) may take.
 pub const LOOK_BOUND: Duration = Duration::from_secs(15);
@@ -33,7 +39,11 @@ type Marks = BTreeMap<(String, i32), (i64, i64)>;
 impl Watermarks {
     /// No client is made until the first look.
     pub fn new(kafka: &KafkaConnection) -> Self {
-        Watermarks { kafka: kafka.clone(), client: Arc::new(Mutex::new(None)) }
+        Watermarks {
+            kafka: kafka.clone(),
+            client: Arc::new(Mutex::new(None)),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_LOOKS_IN_FLIGHT)),
+        }
     }
 
     fn client(&self) -> anyhow::Result<Arc<BaseConsumer>> {
@@ -48,11 +58,18 @@ impl Watermarks {
         Ok(made)
     }
 
-    /// Drops `failed` if it is still the kept client (a look beside it may have replaced it).
+    /// Forgets `failed` if it is still the kept client (a look beside it may have replaced it).
+    /// The caller holds a reference: the client is destroyed where the caller drops it.
     fn drop_client(&self, failed: &Arc<BaseConsumer>, why: &str) {
-        let mut held = self.client.lock().expect("not poisoned");
-        if held.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
-            *held = None;
+        let forgotten = {
+            let mut held = self.client.lock().expect("not poisoned");
+            if held.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
+                held.take()
+            } else {
+                None
+            }
+        };
+        if forgotten.is_some() {
             crate::events::WatermarksClientDropped { why }.emit();
         }
     }
@@ -75,19 +92,32 @@ impl Watermarks {
     /// `fetch_blocking` from async code (the broker requests block: they run off the async
     /// workers), bounded even where librdkafka's own timeout is not kept.
     pub async fn fetch(&self, topics: &[String]) -> anyhow::Result<Marks> {
-        let client = self.client()?;
-        let (this, topics, asked) = (self.clone(), topics.to_vec(), client.clone());
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            anyhow::bail!("{MAX_LOOKS_IN_FLIGHT} watermarks looks are still running (blocked in librdkafka): not starting another");
+        };
+        // Made on a blocking thread too: only the blocking pool ever makes or destroys a client.
+        let (this, topics) = (self.clone(), topics.to_vec());
+        let late = Arc::new(Mutex::new(None::<Arc<BaseConsumer>>));
+        let asked = late.clone();
         let looking = tokio::task::spawn_blocking(move || {
-            let looked = look(&asked, &topics, std::time::Instant::now() + LOOK_BOUND);
+            let _permit = permit;
+            let client = this.client()?;
+            *asked.lock().expect("not poisoned") = Some(client.clone());
+            let looked = look(&client, &topics, std::time::Instant::now() + LOOK_BOUND);
             if let Err(e) = &looked {
-                this.drop_client(&asked, &e.to_string());
+                this.drop_client(&client, &e.to_string());
             }
+            asked.lock().expect("not poisoned").take();
             looked
         });
         match tokio::time::timeout(LOOK_BOUND + Duration::from_secs(5), looking).await {
             Ok(joined) => joined?,
             Err(_) => {
-                self.drop_client(&client, "no answer within the bound");
+                // Still blocked: forgotten here, destroyed by its own thread if it ever returns.
+                if let Some(client) = late.lock().expect("not poisoned").take() {
+                    self.drop_client(&client, "no answer within the bound");
+                    std::thread::spawn(move || drop(client));
+                }
                 anyhow::bail!("the brokers gave no watermarks within {:?}", LOOK_BOUND + Duration::from_secs(5))
             }
         }
@@ -145,9 +175,10 @@ pub fn watermarks(kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<
     Watermarks::new(kafka).fetch_blocking(topics)
 }
 
-/// `watermarks` from async code.
+/// `watermarks` from async code (the client made and destroyed off the async workers).
 pub async fn fetch_watermarks(kafka: &KafkaConnection, topics: &[String]) -> anyhow::Result<Marks> {
-    Watermarks::new(kafka).fetch(topics).await
+    let (kafka, topics) = (kafka.clone(), topics.to_vec());
+    tokio::task::spawn_blocking(move || watermarks(&kafka, &topics)).await?
 }
 
 /// One look at the lag (a client made for it).

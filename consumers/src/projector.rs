@@ -93,8 +93,11 @@ pub struct RunCounters {
     pub redis_retries: AtomicU64,
     /// Partitions this instance holds now.
     pub assigned_partitions: AtomicI64,
-    /// New consumers made because the group left this one out (`group_watch`).
-    pub group_stalls: AtomicU64,
+    /// New consumers made because the group left the previous one out (`group_watch`) or
+    /// librdkafka put it in a fatal state.
+    pub consumers_renewed: AtomicU64,
+    /// Which consumer of this run holds the gauges (see `ProjectorContext::epoch`).
+    pub consumer_epoch: AtomicU64,
     /// Unix millis when the first batch arrived and when the last one was stored: the steady
     /// ingest rate excludes group joins and idle time.
     pub first_batch_at: AtomicI64,
@@ -118,6 +121,9 @@ impl RunCounters {
 
 struct ProjectorContext {
     counters: Arc<RunCounters>,
+    /// Which consumer of this run this is (`RunCounters::consumer_epoch`): one being closed
+    /// after a renewal must not write the gauges of the one that replaced it.
+    epoch: u64,
     /// Where assigned partitions start: the progress Redis holds (read synchronously inside the
     /// rebalance callback, so the assignment itself carries the offsets).
     positions: Positions,
@@ -172,6 +178,9 @@ impl ProjectorContext {
     /// The gauge is set from what the consumer holds after the change, not added up from the
     /// changes: an error path that drops the assignment cannot leave it counting stale partitions.
     fn count_assignment(&self, consumer: &BaseConsumer<Self>) {
+        if self.counters.consumer_epoch.load(Ordering::Relaxed) != self.epoch {
+            return;
+        }
         let held = consumer.assignment().map(|tpl| tpl.count()).unwrap_or(0);
         self.counters.assigned_partitions.store(held as i64, Ordering::Relaxed);
     }
@@ -230,10 +239,19 @@ impl ConsumerContext for ProjectorContext {
     }
 }
 
+/// librdkafka's `max.poll.interval.ms` for this projector: also how long a rebalance may wait
+/// for the group's members, so the group watch never calls a group stalled sooner than twice it.
+fn max_poll_interval(s: &ProjectorSettings) -> Duration {
+    Duration::from_millis((s.session_timeout.as_millis().max(6000) as u64 * 5).max(10_000))
+}
+
+/// A consumer subscribed to the inputs; it takes the gauges over from any earlier one.
 fn build_consumer(s: &ProjectorSettings, counters: Arc<RunCounters>) -> anyhow::Result<StreamConsumer<ProjectorContext>> {
     let positions = Positions { target: RedisTarget::parse(&s.redis_url, false), progress_key: s.keys.progress(&s.group_id) };
     let session_ms = s.session_timeout.as_millis().max(6000);
-    let (session, heartbeat, max_poll) = (session_ms.to_string(), (session_ms / 3).to_string(), (session_ms * 5).max(10_000).to_string());
+    let (session, heartbeat, max_poll) =
+        (session_ms.to_string(), (session_ms / 3).to_string(), max_poll_interval(s).as_millis().to_string());
+    let epoch = counters.consumer_epoch.load(Ordering::Relaxed) + 1;
     let consumer: StreamConsumer<ProjectorContext> = s
         .kafka
         .client_config(&[
@@ -248,10 +266,13 @@ fn build_consumer(s: &ProjectorSettings, counters: Arc<RunCounters>) -> anyhow::
             ("topic.metadata.refresh.interval.ms", "5000"),
             ("statistics.interval.ms", "5000"),
         ])
-        .create_with_context(ProjectorContext { counters, positions })?;
+        .create_with_context(ProjectorContext { counters: counters.clone(), positions, epoch })?;
     let topics = s.topics.inputs();
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
+    // Its callbacks run only inside its polls, none of which has happened yet.
+    counters.consumer_epoch.store(epoch, Ordering::Relaxed);
+    counters.assigned_partitions.store(0, Ordering::Relaxed);
     Ok(consumer)
 }
 
@@ -301,15 +322,21 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     let progress_key = settings.keys.progress(&settings.group_id);
     // Raised when the group left this projector out (see `group_watch`): a new consumer.
     let stalled = Arc::new(Signal::default());
-    let _group_watch = AbortOnDrop(crate::group_watch::spawn(
-        watermarks.clone(),
-        applier.connection(),
-        inputs.clone(),
-        progress_key.clone(),
-        counters.clone(),
-        settings.group_stall_after,
-        stalled.clone(),
-    ));
+    // Never sooner than a rebalance may take (0: no watch).
+    let stall_after = (!settings.group_stall_after.is_zero()).then(|| settings.group_stall_after.max(2 * max_poll_interval(&settings)));
+    let _group_watch = stall_after.map(|after| {
+        AbortOnDrop(crate::group_watch::spawn(
+            watermarks.clone(),
+            applier.connection(),
+            inputs.clone(),
+            progress_key.clone(),
+            counters.clone(),
+            after,
+            stalled.clone(),
+        ))
+    });
+    // The consumer a renewal replaced, closing on a blocking thread (one at a time).
+    let mut closing: Option<tokio::task::JoinHandle<()>> = None;
     let mut progress_conn = applier.connection();
     // With exit_when_caught_up, a separate task watches the lag (a round of broker requests) and
     // resolves this future; the loop never waits for it between batches.
@@ -337,12 +364,24 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     };
     loop {
         if stalled.take() {
-            // What was received is read again by whoever gets its partitions (from Redis).
-            carry.clear();
-            consumer = match renew_consumer(&settings, &counters, consumer).await {
-                Ok(fresh) => fresh,
-                Err(e) => return Err(e.context("a new consumer for a stalled group")),
-            };
+            if closing.as_ref().is_some_and(|c| !c.is_finished()) {
+                warn!("the consumer replaced earlier is still closing: no new consumer yet");
+            } else {
+                match build_consumer(&settings, counters.clone()) {
+                    Ok(fresh) => {
+                        // What was received is read again by whoever gets its partitions (from
+                        // the progress in Redis).
+                        carry.clear();
+                        let old = std::mem::replace(&mut consumer, fresh);
+                        // Closing leaves the group; it may block (a coordinator gone): off the
+                        // async workers, and never waited for.
+                        closing = Some(tokio::task::spawn_blocking(move || drop(old)));
+                        counters.consumers_renewed.fetch_add(1, Ordering::Relaxed);
+                        info!("new consumer subscribed");
+                    }
+                    Err(e) => warn!(error = %e, "new consumer not made; the next stall or fatal error tries again"),
+                }
+            }
             continue;
         }
         if lost.take() {
@@ -371,7 +410,14 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
             match first {
                 Ok(m) => batch.push(parse(m.detach())),
                 Err(e) => {
-                    warn!(error = %e, "kafka poll error; the client reconnects by itself");
+                    // A fatal error (a static member fenced by a newer one with its
+                    // `group.instance.id`, ...) ends the consumer for good: a new one is made.
+                    if let Some((code, reason)) = consumer.client().fatal_error() {
+                        events::ConsumerFatal { code: &code.to_string(), reason: &reason }.emit();
+                        stalled.raise();
+                    } else {
+                        warn!(error = %e, "kafka poll error; the client reconnects by itself");
+                    }
                     continue;
                 }
             }
@@ -505,21 +551,6 @@ async fn start_again_from_redis(
         warn!(error = %e, "function library not loaded");
     }
     true
-}
-
-/// The old consumer closed (leaving the group; bounded: closing one whose coordinator is gone
-/// may block, and it is then left to finish on its own thread), then a new one subscribed.
-async fn renew_consumer(
-    settings: &ProjectorSettings,
-    counters: &Arc<RunCounters>,
-    old: StreamConsumer<ProjectorContext>,
-) -> anyhow::Result<StreamConsumer<ProjectorContext>> {
-    let closing = tokio::task::spawn_blocking(move || drop(old));
-    if tokio::time::timeout(Duration::from_secs(10), closing).await.is_err() {
-        warn!("the stalled consumer did not close within 10 s; leaving it to close on its own");
-    }
-    counters.assigned_partitions.store(0, Ordering::Relaxed);
-    build_consumer(settings, counters.clone())
 }
 
 /// Every second: is the instance this projector writes for still the one Redis holds (else

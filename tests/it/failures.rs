@@ -199,58 +199,100 @@ async fn mongodb_down_projection_keeps_answering() {
     projector.stop().await.unwrap();
 }
 
-/// A group that leaves the projector out (here: a member of the group whose assignment protocol
-/// the projector's consumer does not speak holds every partition and applies nothing; in the
-/// chaos run: librdkafka after the coordinator restarts) is noticed by the group watch, which
-/// makes a new consumer every `group_stall_after`; once the group lets it in, it catches up.
+/// A consumer of the test's that polls (stays in its group, holds what it is given) and applies
+/// nothing; stopped when dropped, pass or fail.
+struct Squatter {
+    polling: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Squatter {
+    /// Joins `env`'s group with `options` and returns once it holds a partition.
+    fn join(env: &TestEnv, options: &[(&str, &str)]) -> Squatter {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let mut config = vec![("group.id", env.group.as_str()), ("enable.auto.commit", "false")];
+        config.extend_from_slice(options);
+        let consumer: BaseConsumer = env.kafka().client_config(&config).create().unwrap();
+        let inputs = env.topics.inputs();
+        consumer.subscribe(&inputs.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the squatter joined the group");
+            let _ = consumer.poll(Duration::from_millis(100));
+        }
+        let polling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let keep = polling.clone();
+        let thread = std::thread::spawn(move || {
+            while keep.load(Ordering::Relaxed) {
+                let _ = consumer.poll(Duration::from_millis(100));
+            }
+        });
+        Squatter { polling, thread: Some(thread) }
+    }
+}
+
+impl Drop for Squatter {
+    /// Stops polling and closes the consumer (a dynamic member leaves the group).
+    fn drop(&mut self) {
+        self.polling.store(false, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A group that leaves the projector out (here: a member speaking an assignment protocol the
+/// projector's consumer does not holds every partition and applies nothing; in the chaos run:
+/// librdkafka after the coordinator restarted) is noticed by the group watch, which makes new
+/// consumers; once the group lets one in, it catches up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_that_leaves_the_projector_out_is_noticed_and_rejoined() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     let env = TestEnv::new("group-stall").await;
     let seeded = env.seed(small_seed(1, 40, 5)).await;
-    let squatter: BaseConsumer = env
-        .kafka()
-        .client_config(&[
-            ("group.id", &env.group),
-            ("partition.assignment.strategy", "cooperative-sticky"),
-            ("enable.auto.commit", "false"),
-        ])
-        .create()
-        .unwrap();
-    let inputs = env.topics.inputs();
-    squatter.subscribe(&inputs.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while squatter.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
-        assert!(std::time::Instant::now() < deadline, "the squatter joined the group");
-        let _ = squatter.poll(Duration::from_millis(100));
-    }
-    let squatting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let held = {
-        let squatting = squatting.clone();
-        // Polls (stays in the group, holds every partition) and applies nothing.
-        std::thread::spawn(move || {
-            while squatting.load(Ordering::Relaxed) {
-                let _ = squatter.poll(Duration::from_millis(100));
-            }
-            squatter
-        })
-    };
-
+    let squatter = Squatter::join(&env, &[("partition.assignment.strategy", "cooperative-sticky")]);
     let mut settings = env.settings();
-    settings.group_stall_after = Duration::from_secs(3);
+    // Raised to twice max.poll.interval.ms (30 s with the tests' 6 s sessions).
+    settings.group_stall_after = Duration::from_secs(1);
     let projector = env.spawn_projector_with(settings);
-    eventually(Duration::from_secs(90), "the group watch makes a new consumer", || {
-        let stalls = projector.counters.group_stalls.load(Ordering::Relaxed);
-        async move { stalls >= 1 }
+    eventually(Duration::from_secs(120), "the group watch makes a new consumer", || {
+        let renewed = projector.counters.consumers_renewed.load(Ordering::Relaxed);
+        async move { renewed >= 1 }
     })
     .await;
     assert_eq!(projector.counters.assigned_partitions.load(Ordering::Relaxed), 0, "the squatter still holds everything");
     assert_eq!(env.applied_offsets().await, 0, "nothing applied while left out");
 
-    squatting.store(false, Ordering::Relaxed);
-    drop(held.join().expect("squatter thread")); // leaves the group
+    drop(squatter); // leaves the group
     env.wait_caught_up(Duration::from_secs(120)).await;
     assert!(!projector.ended(), "the projector kept running");
     projector.stop().await.expect("projector ran cleanly");
     assert_identical_to_mongodb(&env, &seeded.org_ids, seeded.contacts + seeded.applications).await;
+}
+
+/// A consumer librdkafka fails for good never consumes again. Here a static member fenced by a
+/// newer one with its `group.instance.id` (a deployment that started a second projector with the
+/// same id, say): the projector makes a new consumer, which takes the id back, and catches up —
+/// without it the projection would wait for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_failed_for_good_is_replaced() {
+    let env = TestEnv::new("consumer-fatal").await;
+    let instance_id = format!("{}-static", env.group);
+    let mut settings = env.settings();
+    settings.kafka = settings.kafka.with_option("group.instance.id", &instance_id);
+    let projector = env.spawn_projector_with(settings);
+    let seeded = env.seed(small_seed(1, 20, 3)).await;
+    env.wait_caught_up(Duration::from_secs(120)).await;
+
+    let _squatter = Squatter::join(&env, &[("group.instance.id", &instance_id)]);
+    let more = env.seed(small_seed(1, 20, 4)).await;
+    eventually(Duration::from_secs(60), "a new consumer replaces the fenced one", || {
+        let renewed = projector.counters.consumers_renewed.load(Ordering::Relaxed);
+        async move { renewed >= 1 }
+    })
+    .await;
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    assert!(!projector.ended(), "the projector kept running");
+    projector.stop().await.expect("projector ran cleanly");
+    let orgs: Vec<String> = seeded.org_ids.iter().chain(&more.org_ids).cloned().collect();
+    assert_identical_to_mongodb(&env, &orgs, seeded.contacts + seeded.applications + more.contacts + more.applications).await;
 }

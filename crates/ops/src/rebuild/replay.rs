@@ -12,7 +12,8 @@ pub(super) struct Replay {
     progress_key: String,
     filter: BTreeSet<String>,
     max_batch: usize,
-    /// Next offset per partition (what is applied).
+    /// Next offset per partition read; recorded in Redis only once the batch holding it is
+    /// applied (the pipeline asks for a batch only after the previous one is).
     position: Checkpoint,
 }
 
