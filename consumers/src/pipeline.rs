@@ -120,7 +120,9 @@ pub async fn apply_with_retry(
     }
 }
 
-fn next_backoff(now: Duration) -> Duration {
+/// The next pause of a retry: twice the last, at most 5 s (the projector's loop grows its pauses
+/// the same way).
+pub fn next_backoff(now: Duration) -> Duration {
     (now * 2).min(Duration::from_secs(5))
 }
 

@@ -81,10 +81,14 @@ impl Watermarks {
     /// producers: no control records after the last event), so no tail needs reading. A
     /// projector that has applied offset `end - 1` has `end` stored as its next offset.
     pub fn fetch_blocking(&self, topics: &[String]) -> anyhow::Result<Marks> {
-        let client = self.client()?;
-        let looked = look(&client, topics, std::time::Instant::now() + LOOK_BOUND);
+        self.look_through(&self.client()?, topics)
+    }
+
+    /// One bounded look through `client`, which is forgotten if the look fails.
+    fn look_through(&self, client: &Arc<BaseConsumer>, topics: &[String]) -> anyhow::Result<Marks> {
+        let looked = look(client, topics, std::time::Instant::now() + LOOK_BOUND);
         if let Err(e) = &looked {
-            self.drop_client(&client, &e.to_string());
+            self.drop_client(client, &e.to_string());
         }
         looked
     }
@@ -103,10 +107,7 @@ impl Watermarks {
             let _permit = permit;
             let client = this.client()?;
             *asked.lock().expect("not poisoned") = Some(client.clone());
-            let looked = look(&client, &topics, std::time::Instant::now() + LOOK_BOUND);
-            if let Err(e) = &looked {
-                this.drop_client(&client, &e.to_string());
-            }
+            let looked = this.look_through(&client, &topics);
             asked.lock().expect("not poisoned").take();
             looked
         });

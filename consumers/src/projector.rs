@@ -470,7 +470,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
                         }
                         _ = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = crate::pipeline::next_backoff(backoff);
                 }
             }
         }
@@ -491,7 +491,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
                     }
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = crate::pipeline::next_backoff(backoff);
             }
             lost.raise();
             continue;
