@@ -57,6 +57,23 @@ pub struct RedisApplier {
     without_replica: HashMap<Route, Instant>,
     /// The write counter each org's commit last answered (shared with the projector's watch).
     pub write_counters: WriteCounters,
+    /// Set by another task (a source that found the projection lost): the generations are
+    /// forgotten before the next batch.
+    forget: ForgetGenerations,
+}
+
+/// Asks an applier, from another task, to forget its orgs' generations before its next batch
+/// (after Redis lost the projection: the pointers it read may name generations gone).
+#[derive(Debug, Clone, Default)]
+pub struct ForgetGenerations(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl ForgetGenerations {
+    pub fn ask(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn take(&self) -> bool {
+        self.0.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Per org key base (`OrgKeys::base`): the highest write counter its commits answered to this
@@ -142,6 +159,7 @@ impl RedisApplier {
             replica_acks,
             without_replica: HashMap::new(),
             write_counters: WriteCounters::default(),
+            forget: ForgetGenerations::default(),
         })
     }
 
@@ -157,6 +175,11 @@ impl RedisApplier {
     pub fn forget_generations(&mut self) {
         self.generations.clear();
         self.write_counters.clear();
+    }
+
+    /// The handle another task asks `forget_generations` through.
+    pub fn forget_handle(&self) -> ForgetGenerations {
+        self.forget.clone()
     }
 
     /// Reads the generation pointers of orgs not seen yet, in one round trip.
@@ -202,6 +225,9 @@ impl RedisApplier {
     /// finds their events stale).
     pub async fn apply(&mut self, events: &[&Event], positions: &[Position<'_>]) -> Result<Vec<Outcome>, Transient> {
         debug_assert_eq!(events.len(), positions.len());
+        if self.forget.take() {
+            self.generations.clear();
+        }
         let mut by_org: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, e) in events.iter().enumerate() {
             by_org.entry(e.org_id()).or_default().push(i);

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod config;
 pub mod dead_letter;
 pub mod events;
+pub mod group_source;
 pub mod group_watch;
 pub mod kafka;
 pub mod pipeline;

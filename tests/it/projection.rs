@@ -756,7 +756,8 @@ async fn any_source_drains_through_the_pipeline_and_records_after_the_data() {
     use board_model::events::Event;
     use projector::apply::RedisApplier;
     use projector::batch::Outcome;
-    use projector::pipeline::{drain, Drained, Origin, Source, SourceBatch};
+    use projector::pipeline::{drain, Drained, Origin, Sink, Source, SourceBatch};
+    use projector::RunCounters;
 
     struct Contacts {
         left: std::collections::VecDeque<Event>,
@@ -803,14 +804,16 @@ async fn any_source_drains_through_the_pipeline_and_records_after_the_data() {
         cards_key: env.keys.org(&org).cards(CardKind::Contact),
         seen: Vec::new(),
     };
-    let drained = drain(&mut source, &mut applier, 10, &|| Ok(())).await.unwrap();
-    assert_eq!(drained, Drained { read: 30, applied: 25, stale: 5 }, "the 5 repeated cards are stale the second time");
+    let counters = RunCounters::default();
+    let drained = drain(&mut source, &mut Sink::new(&mut applier, &counters, 10), std::future::pending()).await.unwrap();
+    assert_eq!(drained, Drained { read: 30, applied: 25, stale: 5, cancelled: false }, "the 5 repeated cards are stale the second time");
+    assert_eq!((counters.get(&counters.applied), counters.get(&counters.stale), counters.get(&counters.batches)), (25, 5, 3));
     assert_eq!(source.seen, [(10, true), (10, true), (10, true)], "every batch's data was in Redis before its hook ran");
 
-    // A source stopped from outside: `keep_going` is asked before each batch.
+    // A source stopped from outside: the cancellation is heard before each batch.
     let mut more =
         Contacts { left: cards.into_iter().collect(), conn: env.redis().await, cards_key: source.cards_key.clone(), seen: vec![] };
-    let stopped = drain(&mut more, &mut applier, 10, &|| anyhow::bail!("lease lost")).await;
-    assert!(stopped.is_err_and(|e| e.to_string() == "lease lost"));
+    let stopped = drain(&mut more, &mut Sink::new(&mut applier, &counters, 10), std::future::ready(())).await.unwrap();
+    assert_eq!(stopped, Drained { cancelled: true, ..Drained::default() });
     assert!(more.seen.is_empty(), "nothing applied once told to stop");
 }

@@ -38,7 +38,8 @@ use phases::{rebuild, RunContext, Start};
 use plan::{Plan, PlanSource};
 use projector::apply::{RedisApplier, Target};
 use projector::config::KafkaArgs;
-use projector::pipeline::{self, Origin, SourceBatch};
+use projector::pipeline::{self, Origin, Sink, SourceBatch};
+use projector::RunCounters;
 use projector::{progress, KafkaConnection};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -47,9 +48,8 @@ use redis::AsyncCommands;
 use replay::Replay;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -226,7 +226,7 @@ pub async fn run(args: RebuildArgs) -> anyhow::Result<Option<Report>> {
         let h: Option<String> = conn.get(keys.rebuild_lease()).await?;
         bail!("{}", running_message(h.as_deref().unwrap_or("?"), previous.as_ref()));
     }
-    let lease_lost = Arc::new(AtomicBool::new(false));
+    let lease_lost = CancellationToken::new();
     let renewal = tokio::spawn(renew_lease(conn.clone(), keys.clone(), run_id.clone(), lease_lost.clone()));
     let ctx = RunContext { args: &args, keys: &keys, kafka: &kafka, topics: &topics, lease_lost: &lease_lost };
     let start = Start { resume: resume.is_some(), previous, unfinished, orgs: &orgs, source: wanted_source };
@@ -259,14 +259,14 @@ fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
 }
 
-async fn renew_lease(mut conn: RedisConn, keys: KeySpace, run_id: String, lost: Arc<AtomicBool>) {
+async fn renew_lease(mut conn: RedisConn, keys: KeySpace, run_id: String, lost: CancellationToken) {
     let renew = lease::renew_cmd(&keys.rebuild_lease(), &run_id, LEASE_MS);
     loop {
         tokio::time::sleep(Duration::from_millis(LEASE_MS / 3)).await;
         match fcall::<bool, _>(&mut conn, &renew).await {
             Ok(false) => {
                 warn!("the rebuild's lease is gone (redis lost it, or it expired): stopping");
-                lost.store(true, Ordering::Relaxed);
+                lost.cancel();
                 return;
             }
             Ok(_) => {}
@@ -310,8 +310,8 @@ fn offsets_for_time(kafka: &KafkaConnection, marks: &BTreeMap<(String, i32), (i6
     Ok(out)
 }
 
-fn ensure_not_lost(lease_lost: &AtomicBool) -> anyhow::Result<()> {
-    if lease_lost.load(Ordering::Relaxed) {
+fn ensure_not_lost(lease_lost: &CancellationToken) -> anyhow::Result<()> {
+    if lease_lost.is_cancelled() {
         bail!("the rebuild's lease was lost (redis lost its data, or this process stalled past {} s): run again", LEASE_MS / 1000);
     }
     Ok(())

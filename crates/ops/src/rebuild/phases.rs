@@ -8,7 +8,7 @@ pub(super) struct RunContext<'a> {
     pub(super) keys: &'a KeySpace,
     pub(super) kafka: &'a KafkaConnection,
     pub(super) topics: &'a [String],
-    pub(super) lease_lost: &'a AtomicBool,
+    pub(super) lease_lost: &'a CancellationToken,
 }
 
 /// How this run begins: the plan Redis holds (if any), whether it is resumed, what was asked.

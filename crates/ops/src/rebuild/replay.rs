@@ -12,8 +12,8 @@ pub(super) struct Replay {
     progress_key: String,
     filter: BTreeSet<String>,
     max_batch: usize,
-    /// Next offset per partition read; recorded in Redis only once the batch holding it is
-    /// applied (the pipeline asks for a batch only after the previous one is).
+    /// Next offset per partition read; each batch carries it as its checkpoint, recorded in
+    /// Redis once the batch is applied.
     position: Checkpoint,
 }
 
@@ -67,7 +67,7 @@ impl Replay {
         &mut self,
         applier: &mut RedisApplier,
         conn: &mut RedisConn,
-        lease_lost: &AtomicBool,
+        lease_lost: &CancellationToken,
         report: &mut Report,
     ) -> anyhow::Result<()> {
         let ends = self.watermarks.fetch(&self.topics).await?;
@@ -84,7 +84,9 @@ impl Replay {
             read_here: 0,
             read_before: report.events_read,
         };
-        let drained = pipeline::drain(&mut run, applier, max_batch, &|| ensure_not_lost(lease_lost)).await?;
+        let counters = RunCounters::default();
+        let drained = pipeline::drain(&mut run, &mut Sink::new(applier, &counters, max_batch), lease_lost.cancelled()).await?;
+        ensure_not_lost(lease_lost)?;
         report.events_read += drained.read;
         report.events_applied += drained.applied;
         run.bar.finish_and_clear();
@@ -129,6 +131,7 @@ impl pipeline::Source for ReplayRun<'_> {
             }
             self.replay.position.advance(m.topic(), m.partition(), m.offset());
         }
+        batch.checkpoint = Some(self.replay.position.clone());
         Ok(Some(batch))
     }
 
@@ -138,7 +141,8 @@ impl pipeline::Source for ReplayRun<'_> {
         let replay = &*self.replay;
         let orgs: BTreeSet<&str> = batch.events.iter().map(Event::org_id).collect();
         let mut pipe = redis::pipe();
-        pipe.hset_multiple(&replay.progress_key, &replay.position.fields());
+        let checkpoint = batch.checkpoint.as_ref().expect("a replay's batches carry their checkpoint");
+        pipe.hset_multiple(&replay.progress_key, &checkpoint.fields());
         if !orgs.is_empty() {
             pipe.sadd(replay.keys.rebuild_orgs(&replay.generation), orgs.iter().collect::<Vec<_>>());
         }

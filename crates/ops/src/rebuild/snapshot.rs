@@ -53,7 +53,9 @@ pub(super) async fn snapshot_org(
 ) -> anyhow::Result<u64> {
     let keys = ctx.keys;
     let (mut source, documents) = MongoSnapshot::load(db, org).await?;
-    pipeline::drain(&mut source, applier, ctx.args.max_batch, &|| ensure_not_lost(ctx.lease_lost)).await?;
+    let counters = RunCounters::default();
+    pipeline::drain(&mut source, &mut Sink::new(applier, &counters, ctx.args.max_batch), ctx.lease_lost.cancelled()).await?;
+    ensure_not_lost(ctx.lease_lost)?;
     let mut conn = applier.connection();
     let org_keys = keys.org_in(generation, org);
     let offsets: Vec<(String, i64)> = held.iter().map(|(f, o)| (f.clone(), *o)).collect();
