@@ -10,6 +10,7 @@
 mod common;
 
 mod api;
+mod benchmarks;
 mod board_page;
 mod bounded_work;
 mod browser;

@@ -9,5 +9,6 @@ pub mod cli;
 pub mod dlq;
 pub mod keys;
 pub mod rebuild;
+pub mod sandbox;
 pub mod seed;
 pub mod verify;

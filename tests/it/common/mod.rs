@@ -4,14 +4,13 @@
 #![allow(dead_code)]
 pub mod events;
 pub mod oracle;
-use board_model::keys::KeySpace;
 use board_model::offsets::Lag;
+use board_ops::sandbox::{Sandbox, Stack};
 use board_ops::seed::{SeedArgs, SeedReport};
 use board_ops::verify::DriftReport;
-use projector::config::Topics;
 use projector::progress;
 use projector::{KafkaConnection, ProjectorSettings, RunCounters};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -31,15 +30,10 @@ pub fn init_logs() {
     }
 }
 
+/// A test's sandbox (`board_ops::sandbox`: its own topics, keys, group and database, all read
+/// through `Deref`) and the helpers tests share.
 pub struct TestEnv {
-    pub name: String,
-    pub brokers: String,
-    pub redis_url: String,
-    pub mongo_uri: String,
-    pub mongo_db: String,
-    pub topics: Topics,
-    pub keys: KeySpace,
-    pub group: String,
+    sandbox: Sandbox,
     /// One watermarks client for every catch-up wait of this env (made on first use).
     watermarks: std::sync::OnceLock<progress::Watermarks>,
 }
@@ -74,32 +68,10 @@ impl TestEnv {
     /// A test environment whose topics live on the given brokers (a test's own Kafka node).
     pub async fn on_brokers(name: &str, brokers: &str) -> TestEnv {
         init_logs();
-        let unique = format!("{name}-{}-{}", std::process::id(), rand::random::<u32>());
-        let env = TestEnv {
-            name: unique.clone(),
-            brokers: brokers.to_string(),
-            redis_url: env_or("REDIS_URL", "redis://127.0.0.1:6379"),
-            mongo_uri: env_or("MONGODB_URI", "mongodb://127.0.0.1:27017"),
-            mongo_db: format!("t{}", unique.replace(['-', '.'], "_")),
-            topics: Topics::with_prefix(&format!("{unique}.")),
-            keys: KeySpace::new(format!("t:{unique}")),
-            group: format!("g-{unique}"),
-            watermarks: std::sync::OnceLock::new(),
-        };
-        env.create_topics(4).await;
+        let stack = Stack { brokers: brokers.to_string(), ..Stack::from_env() };
+        let env = TestEnv { sandbox: Sandbox::new(name, "t", &stack), watermarks: std::sync::OnceLock::new() };
+        env.create_topics(4).await.expect("topics created");
         env
-    }
-
-    pub async fn create_topics(&self, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &self.brokers).create().expect("admin client");
-        let mut names = self.topics.inputs();
-        names.push(self.topics.topic_dlq.clone());
-        let new: Vec<NewTopic> = names.iter().map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1))).collect();
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        for r in admin.create_topics(&new, &opts).await.expect("create topics") {
-            r.expect("topic created");
-        }
     }
 
     /// Deletes the records of every input partition below `to(high watermark)` (what retention
@@ -232,37 +204,20 @@ impl TestEnv {
 
     /// A `pipeline-board` command configured for this env (brokers, topics, Redis, MongoDB).
     pub fn cli(&self, args: &[&str]) -> std::process::Command {
-        let t = &self.topics;
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline-board"));
-        cmd.args(args)
-            .env("MONGODB_URI", &self.mongo_uri)
-            .env("MONGODB_DB", &self.mongo_db)
-            .env("KAFKA_BROKERS", &self.brokers)
-            .env("REDIS_URL", &self.redis_url)
-            .env("REDIS_PREFIX", self.keys.prefix())
-            .env("KAFKA_GROUP_ID", &self.group)
-            .env("TOPIC_CONTACTS", &t.topic_contacts)
-            .env("TOPIC_APPLICATIONS", &t.topic_applications)
-            .env("TOPIC_CONVERSATIONS", &t.topic_conversations)
-            .env("TOPIC_MESSAGES", &t.topic_messages)
-            .env("TOPIC_PIPELINES", &t.topic_pipelines)
-            .env("TOPIC_USERS", &t.topic_users)
-            .env("TOPIC_DLQ", &t.topic_dlq);
-        cmd
+        self.sandbox.command(std::path::Path::new(env!("CARGO_BIN_EXE_pipeline-board")), args)
     }
+}
 
-    /// What `Drop` removes: this env's topics, keys and MongoDB database.
-    fn leftovers(&self) -> Leftovers {
-        let mut topics = self.topics.inputs();
-        topics.push(self.topics.topic_dlq.clone());
-        Leftovers {
-            brokers: self.brokers.clone(),
-            topics,
-            mongo_uri: self.mongo_uri.clone(),
-            mongo_db: self.mongo_db.clone(),
-            redis_url: self.redis_url.clone(),
-            key_pattern: self.keys.pattern(),
-        }
+impl std::ops::Deref for TestEnv {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        &self.sandbox
+    }
+}
+
+impl std::ops::DerefMut for TestEnv {
+    fn deref_mut(&mut self) -> &mut Sandbox {
+        &mut self.sandbox
     }
 }
 
@@ -275,61 +230,14 @@ impl Drop for TestEnv {
         if std::env::var_os("KEEP_TEST_DATA").is_some() {
             return;
         }
-        let leftovers = self.leftovers();
+        let (sandbox, urls) = (self.sandbox.clone(), vec![self.redis_url.clone()]);
         // Drop cannot await, and may run on any runtime (or during a panic): the removal runs
         // on a thread of its own with its own small runtime.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-            rt.block_on(leftovers.remove())
+            rt.block_on(sandbox.remove(&urls))
         })
         .join();
-    }
-}
-
-struct Leftovers {
-    brokers: String,
-    topics: Vec<String>,
-    mongo_uri: String,
-    mongo_db: String,
-    redis_url: String,
-    key_pattern: String,
-}
-
-impl Leftovers {
-    /// Best effort, each server in its own time bound: one the test stopped (its own Redis,
-    /// Kafka node or FerretDB, dropped before the env) costs that bound, not the others' turn.
-    async fn remove(self) {
-        let bound = Duration::from_secs(10);
-        let _ = tokio::time::timeout(bound, self.remove_topics()).await;
-        let _ = tokio::time::timeout(bound, async {
-            if let Ok(db) = board_mongo::connect(&self.mongo_uri, &self.mongo_db).await {
-                let _ = db.drop().await;
-            }
-        })
-        .await;
-        let _ = tokio::time::timeout(bound, self.remove_keys()).await;
-    }
-
-    async fn remove_topics(&self) {
-        if let Ok(admin) = ClientConfig::new().set("bootstrap.servers", &self.brokers).create::<AdminClient<DefaultClientContext>>() {
-            let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-            let _ = admin.delete_topics(&names, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await;
-        }
-    }
-
-    async fn remove_keys(&self) {
-        if let Ok(mut conn) = board_redis::config::redis_connection(&self.redis_url).await {
-            let keys: Vec<String> = conn.scan_match(&self.key_pattern).await.unwrap_or_default();
-            for chunk in keys.chunks(500) {
-                let removed: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
-                if removed.is_err() {
-                    // A cluster refuses keys of several slots in one DEL.
-                    for key in chunk {
-                        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(key).query_async(&mut conn).await;
-                    }
-                }
-            }
-        }
     }
 }
 

@@ -1,6 +1,14 @@
 //! `pipeline-board bench ...`: the raw costs our numbers are compared against, measured with the
-//! same clients on the same data, and the end-to-end measurements that need a program rather
-//! than `wrk` (see deploy/bench.sh, which runs them all in one go).
+//! same clients on the same data, the end-to-end measurements that need a program rather than
+//! `wrk`, and `bench run <scenario>`, the orchestration of a whole benchmark run in its own
+//! sandbox on the stack (`harness.rs`; one module per scenario; `deploy/*bench.sh` start the
+//! stack, build the release binary and call it).
+mod cluster;
+mod harness;
+mod page;
+mod rebuild;
+mod scale;
+mod wrk;
 use board_api::query::index::IndexBucket;
 use board_api::query::mongo_path::MongoReader;
 use board_api::query::projection::ProjectionReader;
@@ -21,6 +29,13 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
+    /// A whole benchmark run in a sandbox of its own on the stack (its topics, keys, consumer
+    /// groups and database, removed at the end): printed as it goes and written into
+    /// `--doc` (docs/benchmarks.md). Run the release build (deploy/bench.sh and its siblings).
+    Run(RunArgs),
+    /// Removes what interrupted runs left on the stack: keys under `bench:`, databases named
+    /// `bench...`, topics of sandboxes named after a scenario.
+    Clean,
     /// Read every input topic from the start without processing: the raw Kafka read rate.
     KafkaRead {
         #[command(flatten)]
@@ -111,8 +126,161 @@ pub enum BenchCommand {
     },
 }
 
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(subcommand)]
+    pub scenario: Scenario,
+    /// Where the run's output is written (its section replaced).
+    #[arg(long, default_value = "docs/benchmarks.md", global = true)]
+    pub doc: std::path::PathBuf,
+    /// Print only; leave the doc as it is.
+    #[arg(long, global = true)]
+    pub no_doc: bool,
+    /// Keep the run's topics, keys and database (to look at afterwards).
+    #[arg(long, global = true)]
+    pub keep: bool,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Scenario {
+    /// One org of `--contacts` plus 3 of 5,000: ingest against the raw Kafka and Redis rates,
+    /// bytes per card, boards (a)-(h) against the same Redis work, the simplest board and a canned
+    /// response, freshness under load, the MongoDB path (section "Latest run").
+    Scale {
+        #[arg(long, default_value_t = 1_000_000)]
+        contacts: usize,
+        /// Seconds of wrk per table row.
+        #[arg(long, env = "BENCH_SECONDS", default_value_t = 8)]
+        seconds: u64,
+        /// Seconds of each raw Redis board (`bench board`) beside a row.
+        #[arg(long, default_value_t = 3)]
+        raw_seconds: u64,
+        /// Seconds of the freshness measurement.
+        #[arg(long, default_value_t = 20)]
+        freshness_seconds: u64,
+        /// Contacts of each of the 3 small orgs (in MongoDB too).
+        #[arg(long, default_value_t = 5000)]
+        small_contacts: usize,
+    },
+    /// A rebuild under a live projector, API and client, then FLUSHALL and the heal (section
+    /// "Rebuild and heal"). FLUSHALL empties the whole Redis.
+    Rebuild {
+        #[arg(long, default_value_t = 1_000_000)]
+        contacts: usize,
+    },
+    /// The board page in headless Chromium and the cost of its polls (section "The board page").
+    Page {
+        #[arg(long, default_value_t = 1_000_000)]
+        contacts: usize,
+        #[arg(long, default_value_t = 60)]
+        idle_seconds: u64,
+    },
+    /// One Redis against the stack's Redis Cluster: ingest and boards (section "Redis Cluster").
+    Cluster {
+        /// Contacts per org (6 orgs).
+        #[arg(long, default_value_t = 50_000)]
+        contacts: usize,
+        #[arg(long, env = "BENCH_SECONDS", default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, env = "REDIS_CLUSTER_URL", default_value = "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002")]
+        cluster_url: String,
+    },
+}
+
+impl Scenario {
+    /// The doc section it writes: marker and title.
+    fn section(&self) -> (&'static str, &'static str) {
+        match self {
+            Scenario::Scale { .. } => ("latest-run", "Latest run"),
+            Scenario::Rebuild { .. } => ("rebuild-run", "Rebuild and heal"),
+            Scenario::Page { .. } => ("board-run", "The board page"),
+            Scenario::Cluster { .. } => ("cluster-run", "Redis Cluster"),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Scenario::Scale { .. } => "scale",
+            Scenario::Rebuild { .. } => "rebuild",
+            Scenario::Page { .. } => "page",
+            Scenario::Cluster { .. } => "cluster",
+        }
+    }
+}
+
+/// `bench run`: the scenario in its own sandbox; the sandbox removed however the run ends.
+async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
+    let mut run = harness::BenchRun::start(args.scenario.name(), args.keep).await?;
+    let command = format!("pipeline-board bench run {}", std::env::args().skip_while(|a| a != "run").skip(1).collect::<Vec<_>>().join(" "));
+    run.report.line(harness::machine_line(&mut run.redis().await?).await);
+    run.report.line(format!("== command: {command}"));
+    // Not in the report: names of a run are not results.
+    eprintln!("sandbox: {}", run.sandbox.name);
+    let result = match args.scenario.clone() {
+        Scenario::Scale { contacts, seconds, raw_seconds, freshness_seconds, small_contacts } => {
+            scale::run(
+                &mut run,
+                (contacts, small_contacts),
+                scale::Durations { wrk: seconds, raw: raw_seconds, freshness: freshness_seconds },
+            )
+            .await
+        }
+        Scenario::Rebuild { contacts } => rebuild::run(&mut run, contacts).await,
+        Scenario::Page { contacts, idle_seconds } => page::run(&mut run, contacts, idle_seconds).await,
+        Scenario::Cluster { contacts, seconds, cluster_url } => cluster::run(&mut run, contacts, seconds, &cluster_url).await,
+    };
+    let written = match (&result, args.no_doc) {
+        (Ok(()), false) => {
+            let (marker, title) = args.scenario.section();
+            run.report.write_into(&args.doc, marker, title, &command)
+        }
+        _ => Ok(()),
+    };
+    run.finish().await;
+    result.and(written)
+}
+
+/// Whether a topic belongs to a `bench run` sandbox (`<scenario>-<pid>-<random>.crm.<name>`).
+fn is_bench_topic(topic: &str) -> bool {
+    let Some((sandbox, _)) = topic.split_once(".crm.") else { return false };
+    let mut parts = sandbox.split('-');
+    let scenario = parts.next().unwrap_or_default();
+    let numbers: Vec<&str> = parts.collect();
+    ["scale", "rebuild", "page", "cluster"].contains(&scenario)
+        && numbers.len() == 2
+        && numbers.iter().all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+async fn clean() -> anyhow::Result<()> {
+    let stack = crate::sandbox::Stack::from_env();
+    let keys = crate::sandbox::remove_keys(&stack.redis_url, "bench:*").await?;
+    let client = mongodb::Client::with_uri_str(&stack.mongo_uri).await?;
+    let mut databases = 0;
+    for name in client.list_database_names().await?.into_iter().filter(|n| n.starts_with("bench")) {
+        client.database(&name).drop().await?;
+        databases += 1;
+    }
+    let brokers = stack.brokers.clone();
+    let topics: Vec<String> = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+        let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create()?;
+        let md = c.fetch_metadata(None, Duration::from_secs(10))?;
+        Ok(md.topics().iter().map(|t| t.name().to_string()).filter(|t| is_bench_topic(t)).collect())
+    })
+    .await??;
+    if !topics.is_empty() {
+        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", &stack.brokers).create()?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        admin.delete_topics(&names, &rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await?;
+    }
+    println!("removed {keys} keys, {databases} databases, {} topics", topics.len());
+    Ok(())
+}
+
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Run(args) => run_scenario(args).await?,
+        BenchCommand::Clean => clean().await?,
         BenchCommand::KafkaRead { kafka } => {
             let (messages, bytes, secs) = tokio::task::spawn_blocking(move || kafka_read(&kafka)).await??;
             println!(
@@ -483,4 +651,17 @@ fn kafka_read(kafka: &KafkaArgs) -> anyhow::Result<(u64, u64, f64)> {
         }
     }
     Ok((messages, bytes, started.elapsed().as_secs_f64()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_bench_sandboxes_topics_are_cleaned() {
+        assert!(super::is_bench_topic("scale-123-456.crm.contacts"));
+        assert!(super::is_bench_topic("cluster-1-2.crm.dlq"));
+        assert!(!super::is_bench_topic("crm.contacts"));
+        assert!(!super::is_bench_topic("pipeline-source-1-2.crm.contacts"), "a test's sandbox");
+        assert!(!super::is_bench_topic("scale-x-2.crm.contacts"));
+        assert!(!super::is_bench_topic("scale-1-2.other"));
+    }
 }

@@ -1,0 +1,57 @@
+//! `pipeline-board bench run`, the benchmarks' orchestration, at a tiny size: every section of
+//! the scale run comes out with its rows, and the run's sandbox (topics, keys, database) is gone
+//! afterwards. The figures themselves are not checked here (benchmarks, not tests).
+use crate::common::*;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_run_reports_every_section_and_leaves_nothing_behind() {
+    let out = tokio::task::spawn_blocking(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pipeline-board"))
+            .args(["bench", "run", "--no-doc", "scale", "--contacts", "300", "--small-contacts", "60"])
+            .args(["--seconds", "1", "--raw-seconds", "1", "--freshness-seconds", "2"])
+            .output()
+            .expect("bench run")
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "bench run failed:\n{stdout}\n{stderr}");
+    for section in [
+        "== machine:",
+        "== ingest",
+        "projector process:",
+        "redis-server:",
+        "bytes per card",
+        "kafka read:",
+        "== boards on the big org",
+        "simplest board  conns 32",
+        "== a canned axum response",
+        "== freshness",
+        "== the MongoDB path",
+        "== redis after the run",
+    ] {
+        assert!(stdout.contains(section), "{section:?} missing from:\n{stdout}");
+    }
+    for board in ["a-none", "b-my", "c-owner+created", "d-team", "e-my+unanswered+quiet", "f-search-name", "g-search-phone", "h-page-200"] {
+        let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with(board) && l.contains('|')).collect();
+        assert_eq!(rows.len(), 2, "{board}: one row per connection count in:\n{stdout}");
+        assert!(rows.iter().all(|r| !r.contains("non-2xx") && r.contains("ms")), "{board}: {rows:?}");
+    }
+
+    // Nothing of the run is left on the stack.
+    let name = stderr.lines().find_map(|l| l.strip_prefix("sandbox: ")).expect("the run names its sandbox").to_string();
+    let mut redis = board_redis::config::redis_connection(&env_or("REDIS_URL", "redis://127.0.0.1:6379")).await.unwrap();
+    let keys = redis.scan_match(&format!("bench:{name}:*")).await.unwrap();
+    assert!(keys.is_empty(), "keys left: {:?}", &keys[..keys.len().min(5)]);
+    let brokers = env_or("KAFKA_BROKERS", "127.0.0.1:9092");
+    let topics = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::Consumer;
+        let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+        let md = c.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+        md.topics().iter().map(|t| t.name().to_string()).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(!topics.iter().any(|t| t.starts_with(&format!("{name}."))), "topics left: {topics:?}");
+}
