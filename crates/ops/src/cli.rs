@@ -62,15 +62,7 @@ pub async fn run(cmd: OpsCommand) -> anyhow::Result<ExitCode> {
                 &args.mongo.mongodb_db,
             )
             .await?;
-            println!(
-                "seeded {} orgs: {} contacts, {} applications, {} messages; {} events in {:.1} s",
-                r.org_ids.len(),
-                r.contacts,
-                r.applications,
-                r.messages,
-                r.events,
-                started.elapsed().as_secs_f64()
-            );
+            println!("{}", r.summary(started.elapsed()));
             for org in &r.org_ids {
                 println!("org {org}");
             }

@@ -100,7 +100,7 @@ impl Sandbox {
     }
 
     /// A `pipeline-board` command (the binary at `bin`) working in this sandbox.
-    pub fn command(&self, bin: &std::path::Path, args: &[&str]) -> std::process::Command {
+    pub fn command<S: AsRef<std::ffi::OsStr>>(&self, bin: &std::path::Path, args: &[S]) -> std::process::Command {
         let mut cmd = std::process::Command::new(bin);
         cmd.args(args).envs(self.env());
         cmd

@@ -85,6 +85,21 @@ pub struct SeedReport {
     pub messages: u64,
 }
 
+impl SeedReport {
+    /// The line `seed` prints.
+    pub fn summary(&self, took: std::time::Duration) -> String {
+        format!(
+            "seeded {} orgs: {} contacts, {} applications, {} messages; {} events in {:.1} s",
+            self.org_ids.len(),
+            self.contacts,
+            self.applications,
+            self.messages,
+            self.events,
+            took.as_secs_f64()
+        )
+    }
+}
+
 const FIRST: &[&str] = &[
     "Jane",
     "John",

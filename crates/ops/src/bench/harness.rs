@@ -43,14 +43,14 @@ impl BenchRun {
     }
 
     /// A `pipeline-board` command in the run's sandbox (quiet logs, the run's token secret).
-    pub fn command(&self, args: &[&str]) -> Command {
+    pub fn command<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
         let mut cmd = self.sandbox.command(&self.bin, args);
         cmd.env("JWT_SECRET", JWT_SECRET).env("LOG_FORMAT", "text").env("RUST_LOG", "warn").stdin(Stdio::null());
         cmd
     }
 
     /// Runs a command to its end: its stdout, or an error with its stderr.
-    pub fn output(&self, args: &[&str]) -> anyhow::Result<String> {
+    pub fn output<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> anyhow::Result<String> {
         output_of(self.command(args))
     }
 
@@ -82,15 +82,7 @@ impl BenchRun {
         let s = &self.sandbox;
         let started = Instant::now();
         let r = crate::seed::run(&args, &projector::KafkaConnection::new(&s.brokers), &s.topics, &s.mongo_uri, &s.mongo_db).await?;
-        self.report.line(format!(
-            "seeded {} orgs: {} contacts, {} applications, {} messages; {} events in {:.1} s",
-            r.org_ids.len(),
-            r.contacts,
-            r.applications,
-            r.messages,
-            r.events,
-            started.elapsed().as_secs_f64()
-        ));
+        self.report.line(r.summary(started.elapsed()));
         Ok(r)
     }
 

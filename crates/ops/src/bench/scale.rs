@@ -3,7 +3,7 @@
 //! boards (a)-(h) over HTTP with wrk at 1 and 32 connections beside the same Redis work issued
 //! directly, the simplest possible board and a canned axum response of the same size;
 //! freshness under load; the MongoDB path against the projection.
-use super::harness::{board_summary, free_port, redis_cpu, redis_used_memory, BenchRun};
+use super::harness::{board_summary, free_port, redis_cpu, redis_used_memory, Api, BenchRun};
 use super::wrk::{ms, Script, Wrk, WrkResult};
 use crate::seed::SeedArgs;
 use std::time::{Duration, Instant};
@@ -15,70 +15,116 @@ pub struct Durations {
     pub freshness: u64,
 }
 
+/// The run's data set: the big org and the three small ones.
+struct DataSet {
+    big_org: String,
+    /// The freshness probe writes into it (through Kafka only).
+    probe_org: String,
+    /// Compared with MongoDB: nothing but the seed writes it.
+    mongo_org: String,
+    small_contacts: usize,
+    orgs: Vec<String>,
+}
+
+/// A user of the big org with teams (so that `team` means something) and the running API.
+struct Caller {
+    user: String,
+    token: String,
+    api: Api,
+}
+
 pub async fn run(r: &mut BenchRun, (contacts, small_contacts): (usize, usize), secs: Durations) -> anyhow::Result<()> {
-    let rep = &r.report;
-    rep.line(format!(
+    let data = seed(r, contacts, small_contacts).await?;
+    let cards = ingest(r, &data).await?;
+    raw_rates(r, &data, cards).await?;
+    let user = r.user_of(&data.big_org).await?;
+    let caller = Caller { token: r.token(&data.big_org, &user), user, api: r.start_projector_and_api().await? };
+    load_index(r, &caller).await?;
+    boards(r, &data, &caller, &secs).await?;
+    canned(r, &caller, Duration::from_secs(secs.wrk)).await?;
+    freshness(r, &data, &caller, secs.freshness).await?;
+    mongo_path(r, &data).await?;
+    r.report.line(format!(
+        "== redis after the run: {} MiB used; the API process: {:.0} MiB RSS",
+        redis_used_memory(&mut r.redis().await?).await? >> 20,
+        caller.api.rss_mib()
+    ));
+    Ok(())
+}
+
+async fn seed(r: &BenchRun, contacts: usize, small_contacts: usize) -> anyhow::Result<DataSet> {
+    r.report.line(format!(
         "== seed: 1 org of {contacts} contacts, ~3 messages each (events only), and 3 orgs of {small_contacts} (MongoDB and events)"
     ));
     let big = r.seed(SeedArgs { orgs: 1, contacts, messages: 3.0, no_mongo: true, quiet: true, ..SeedArgs::default() }).await?;
     let small = r.seed(SeedArgs { orgs: 3, contacts: small_contacts, seed: 7, quiet: true, ..SeedArgs::default() }).await?;
-    let big_org = big.org_ids[0].clone();
-    // The freshness probe writes into the first small org (through Kafka only); MongoDB is
-    // compared on the second, which nothing but the seed writes.
-    let (probe_org, mongo_org) = (small.org_ids[0].clone(), small.org_ids[1].clone());
+    Ok(DataSet {
+        big_org: big.org_ids[0].clone(),
+        probe_org: small.org_ids[0].clone(),
+        mongo_org: small.org_ids[1].clone(),
+        small_contacts,
+        orgs: big.org_ids.iter().chain(&small.org_ids).cloned().collect(),
+    })
+}
 
+/// The projector until caught up: its CPU, Redis' CPU and bytes per card. Returns the cards.
+async fn ingest(r: &BenchRun, data: &DataSet) -> anyhow::Result<u64> {
     r.report.line("== ingest: pipeline-board project --exit-when-caught-up");
     let mut redis = r.redis().await?;
     let (memory0, cpu0) = (redis_used_memory(&mut redis).await?, redis_cpu(&mut redis).await?);
     let usage = r.project_until_caught_up(&[])?;
-    let rep = &r.report;
-    rep.line(format!("projector process: {:.1} s user + {:.1} s system CPU in {:.1} s", usage.user, usage.system, usage.wall));
-    rep.line(format!("redis-server: {:.1} s CPU during the ingest", redis_cpu(&mut redis).await? - cpu0));
+    r.report.line(format!("projector process: {:.1} s user + {:.1} s system CPU in {:.1} s", usage.user, usage.system, usage.wall));
+    r.report.line(format!("redis-server: {:.1} s CPU during the ingest", redis_cpu(&mut redis).await? - cpu0));
     let grown = redis_used_memory(&mut redis).await?.saturating_sub(memory0);
-    let mut total_cards = 0;
-    for org in big.org_ids.iter().chain(&small.org_ids) {
-        total_cards += r.cards_of(org).await?;
+    let mut cards = 0;
+    for org in &data.orgs {
+        cards += r.cards_of(org).await?;
     }
-    let big_cards = r.cards_of(&big_org).await?;
     r.report.line(format!(
-        "redis used_memory grew by {} MiB for {total_cards} cards (big org: {big_cards}) with their conversations and messages: {} bytes per card",
+        "redis used_memory grew by {} MiB for {cards} cards (big org: {}) with their conversations and messages: {} bytes per card",
         grown >> 20,
-        grown / total_cards.max(1)
+        r.cards_of(&data.big_org).await?,
+        grown / cards.max(1)
     ));
+    Ok(cards)
+}
 
+/// The raw Kafka read of the same topics and the raw Redis rate of the same write mix.
+async fn raw_rates(r: &BenchRun, data: &DataSet, cards: u64) -> anyhow::Result<()> {
     r.report.line("== raw kafka read of the same topics");
-    let out = r.output(&["bench", "kafka-read"])?;
-    r.report.lines(&out);
+    r.report.lines(&r.output(&["bench", "kafka-read"])?);
     r.report.line("== raw redis rate of the same write mix (final writes of 200,000 cards as plain pipelined HSET/ZADD)");
     let progress: std::collections::HashMap<String, i64> =
-        redis::AsyncCommands::hgetall(&mut redis, r.keys().progress(&r.sandbox.group)).await?;
-    let all_events: i64 = progress.values().sum();
-    let per_card = format!("{:.2}", all_events as f64 / total_cards.max(1) as f64);
-    let out = r.output(&["bench", "redis-writes", "--org", &big_org, "--cards", "200000", "--events-per-card", &per_card])?;
-    r.report.lines(&out);
+        redis::AsyncCommands::hgetall(&mut r.redis().await?, r.keys().progress(&r.sandbox.group)).await?;
+    let per_card = format!("{:.2}", progress.values().sum::<i64>() as f64 / cards.max(1) as f64);
+    r.report.lines(&r.output(&["bench", "redis-writes", "--org", &data.big_org, "--cards", "200000", "--events-per-card", &per_card])?);
+    Ok(())
+}
 
-    // The caller: a user with teams (so that `team` means something).
-    let user = r.user_of(&big_org).await?;
-    let token = r.token(&big_org, &user);
-    let probe_user = r.user_of(&probe_org).await?;
-    let probe_token = r.token(&probe_org, &probe_user);
-    let api = r.start_projector_and_api().await?;
-    let first = api.board_json(&token, r#"{"size":1}"#).await?;
-    let first_stage =
-        first["data"].as_object().and_then(|d| d.keys().next().cloned()).ok_or_else(|| anyhow::anyhow!("no stage: {first}"))?;
-    // The in-memory index loads on the first board that needs it: loaded before measuring.
+/// The in-memory index loads on the first board that needs it: loaded before measuring.
+async fn load_index(r: &BenchRun, c: &Caller) -> anyhow::Result<()> {
     let started = Instant::now();
     for _ in 0..60 {
-        if api.board(&token, r#"{"size":1,"search":"jane"}"#).await?.0 == 200 {
+        if c.api.board(&c.token, r#"{"size":1,"search":"jane"}"#).await?.0 == 200 {
             break;
         }
     }
     r.report.line(format!(
         "in-memory index of the big org loaded on the first index board in {:.1} s (the API process: {:.0} MiB RSS)",
         started.elapsed().as_secs_f64(),
-        api.rss_mib()
+        c.api.rss_mib()
     ));
+    Ok(())
+}
+
+/// Boards (a)-(h) over HTTP at 1 and 32 connections, each beside the same Redis work issued
+/// directly; then the simplest possible board.
+async fn boards(r: &BenchRun, data: &DataSet, c: &Caller, secs: &Durations) -> anyhow::Result<()> {
+    let first = c.api.board_json(&c.token, r#"{"size":1}"#).await?;
+    let first_stage =
+        first["data"].as_object().and_then(|d| d.keys().next().cloned()).ok_or_else(|| anyhow::anyhow!("no stage: {first}"))?;
     let since = (chrono::Utc::now() - chrono::Duration::days(180)).format("%Y-%m-%dT%H:%M:%S.000Z").to_string();
+    let user = &c.user;
     let boards = [
         ("a-none", r#"{"size":25}"#.to_string()),
         ("b-my", r#"{"size":25,"ownerFilter":"my"}"#.to_string()),
@@ -100,106 +146,77 @@ pub async fn run(r: &mut BenchRun, (contacts, small_contacts): (usize, usize), s
         "{:<24} {:>5} | {:>9} {:>9} {:>9} {:>9} | redis work",
         "board", "conns", "http p50", "http p99", "http max", "http rps"
     ));
-    let url = api.contacts_url();
+    let url = c.api.contacts_url();
     for (name, body) in &boards {
-        let v = api.board_json(&token, body).await?;
+        let v = c.api.board_json(&c.token, body).await?;
         for conns in [1, 32] {
-            let w = Wrk { url: &url, conns, duration, script: Script::Post, env: vec![("BODY", body.clone()), ("TOKEN", token.clone())] }
-                .run()?;
-            let raw = r.output(&[
-                "bench",
-                "board",
-                "--org",
-                &big_org,
-                "--user",
-                &user,
-                "--body",
-                body,
-                "--conns",
-                &conns.to_string(),
-                "--seconds",
-                &raw_seconds,
-            ])?;
+            let env = vec![("BODY", body.clone()), ("TOKEN", c.token.clone())];
+            let w = Wrk { url: &url, conns, duration, script: Script::Post, env }.run()?;
+            let raw = r.output(&raw_board(&data.big_org, user, &["--body", body], conns, &raw_seconds))?;
             r.report.line(format!("{} | {}", row(name, conns, &w), raw.trim()));
         }
         r.report.line(format!("   ({name}: {}, route {}; body {body})", board_summary(&v), v["meta"]["route"].as_str().unwrap_or("?")));
     }
     r.report.line("== the simplest possible board on the same Redis (per stage ZRANGE 0 24 REV + ZCARD, one HMGET of the page's records)");
     for conns in [1, 32] {
-        let raw = r.output(&[
-            "bench",
-            "board",
-            "--org",
-            &big_org,
-            "--user",
-            &user,
-            "--simplest",
-            "--conns",
-            &conns.to_string(),
-            "--seconds",
-            &raw_seconds,
-        ])?;
+        let raw = r.output(&raw_board(&data.big_org, user, &["--simplest"], conns, &raw_seconds))?;
         r.report.line(format!("simplest board  conns {conns} | {}", raw.trim()));
     }
-    let bytes = api.board(&token, r#"{"size":25}"#).await?.2.len();
+    Ok(())
+}
+
+/// A canned axum response of board (a)'s size: what this box serves at all.
+async fn canned(r: &mut BenchRun, c: &Caller, duration: Duration) -> anyhow::Result<()> {
+    let bytes = c.api.board(&c.token, r#"{"size":25}"#).await?.2.len();
     r.report.line(format!("== a canned axum response of the same size ({bytes} bytes)"));
-    let canned_addr = format!("127.0.0.1:{}", free_port()?);
-    let canned = r.spawn(r.command(&["bench", "canned", "--listen", &canned_addr, "--bytes", &bytes.to_string()]))?;
-    let canned_url = format!("http://{canned_addr}/api/contacts");
-    wait_for_post(&canned_url).await?;
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let canned = r.spawn(r.command(&["bench", "canned", "--listen", &addr, "--bytes", &bytes.to_string()]))?;
+    let url = format!("http://{addr}/api/contacts");
+    wait_for_post(&url).await?;
     for conns in [1, 32] {
-        let w = Wrk { url: &canned_url, conns, duration, script: Script::Post, env: vec![("BODY", "{}".into()), ("TOKEN", "-".into())] }
-            .run()?;
+        let env = vec![("BODY", "{}".into()), ("TOKEN", "-".into())];
+        let w = Wrk { url: &url, conns, duration, script: Script::Post, env }.run()?;
         r.report.line(row("canned", conns, &w));
     }
     r.stop(canned);
-    r.report.line("== freshness: produce -> visible in an API answer, under 5,000 events/s and 500 boards/s");
-    let out = r.output(&[
-        "bench",
-        "freshness",
-        "--api",
-        &api.base,
-        "--org",
-        &big_org,
-        "--token",
-        &token,
-        "--probe-org",
-        &probe_org,
-        "--probe-token",
-        &probe_token,
-        "--seconds",
-        &secs.freshness.to_string(),
-    ])?;
-    r.report.lines(&out);
-    r.report.line(format!(
-        "== the MongoDB path against the projection on a {small_contacts}-contact org (same process, no HTTP; identical answers checked)"
-    ));
-    let mongo_user = r.user_of(&mongo_org).await?;
-    let out = r.output(&[
-        "bench",
-        "mongo-vs-projection",
-        "--org",
-        &mongo_org,
-        "--user",
-        &mongo_user,
-        "--n",
-        "10",
-        "--body",
-        r#"{"size":25}"#,
-        "--body",
-        r#"{"size":25,"ownerFilter":"my"}"#,
-        "--body",
-        r#"{"size":25,"search":"jan"}"#,
-        "--body",
-        r#"{"size":25,"ownerFilter":"team","messageStatus":"unanswered"}"#,
-    ])?;
-    r.report.lines(&out);
-    r.report.line(format!(
-        "== redis after the run: {} MiB used; the API process: {:.0} MiB RSS",
-        redis_used_memory(&mut redis).await? >> 20,
-        api.rss_mib()
-    ));
     Ok(())
+}
+
+async fn freshness(r: &BenchRun, data: &DataSet, c: &Caller, seconds: u64) -> anyhow::Result<()> {
+    r.report.line("== freshness: produce -> visible in an API answer, under 5,000 events/s and 500 boards/s");
+    let probe_token = r.token(&data.probe_org, &r.user_of(&data.probe_org).await?);
+    let seconds = seconds.to_string();
+    let args = ["bench", "freshness", "--api", &c.api.base, "--org", &data.big_org, "--token", &c.token];
+    let probe = ["--probe-org", &data.probe_org, "--probe-token", &probe_token, "--seconds", &seconds];
+    r.report.lines(&r.output(&[&args[..], &probe[..]].concat())?);
+    Ok(())
+}
+
+async fn mongo_path(r: &BenchRun, data: &DataSet) -> anyhow::Result<()> {
+    r.report.line(format!(
+        "== the MongoDB path against the projection on a {}-contact org (same process, no HTTP; identical answers checked)",
+        data.small_contacts
+    ));
+    let user = r.user_of(&data.mongo_org).await?;
+    let mut args = vec!["bench", "mongo-vs-projection", "--org", &data.mongo_org, "--user", &user, "--n", "10"];
+    for body in [
+        r#"{"size":25}"#,
+        r#"{"size":25,"ownerFilter":"my"}"#,
+        r#"{"size":25,"search":"jan"}"#,
+        r#"{"size":25,"ownerFilter":"team","messageStatus":"unanswered"}"#,
+    ] {
+        args.extend(["--body", body]);
+    }
+    r.report.lines(&r.output(&args)?);
+    Ok(())
+}
+
+/// `bench board` on the big org: the same Redis work as a row's board, issued directly.
+fn raw_board<'a>(org: &'a str, user: &'a str, what: &[&'a str], conns: usize, seconds: &'a str) -> Vec<String> {
+    let mut args: Vec<String> = ["bench", "board", "--org", org, "--user", user].iter().map(|s| s.to_string()).collect();
+    args.extend(what.iter().map(|s| s.to_string()));
+    args.extend(["--conns".to_string(), conns.to_string(), "--seconds".to_string(), seconds.to_string()]);
+    args
 }
 
 /// One table row: label, connections, p50, p99, max, requests/s, errors.
