@@ -14,4 +14,4 @@ if [ "${1:-}" = "--clean" ]; then
   cargo build --release --locked -q
   exec "$CARGO_TARGET_DIR/release/pipeline-board" bench clean
 fi
-bench_run scale --contacts "${1:-1000000}" "${@:2}"
+bench_run scale 1000000 "$@"

@@ -8,4 +8,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/bench-run.sh
-bench_run page --contacts "${1:-1000000}" "${@:2}"
+bench_run page 1000000 "$@"

@@ -9,4 +9,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/bench-run.sh
-bench_run cluster --contacts "${1:-50000}" "${@:2}"
+bench_run cluster 50000 "$@"

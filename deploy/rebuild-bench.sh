@@ -9,4 +9,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/bench-run.sh
-bench_run rebuild --contacts "${1:-1000000}" "${@:2}"
+bench_run rebuild 1000000 "$@"

@@ -170,14 +170,7 @@ impl RedisApplier {
         self
     }
 
-    /// Forgets the orgs' generations and write counters (after Redis lost its data or went
-    /// back in time).
-    pub fn forget_generations(&mut self) {
-        self.generations.clear();
-        self.write_counters.clear();
-    }
-
-    /// The handle another task asks `forget_generations` through.
+    /// The handle through which another task asks this applier to forget its generations.
     pub fn forget_handle(&self) -> ForgetGenerations {
         self.forget.clone()
     }

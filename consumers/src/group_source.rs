@@ -257,8 +257,7 @@ impl KafkaGroupSource {
     }
 
     fn parse(&self, m: OwnedMessage) -> Parsed {
-        let event = parse_message(&m, self.settings.max_event_bytes);
-        (m, event)
+        parsed(m, self.settings.max_event_bytes)
     }
 
     /// A new consumer in place of one the group left out (or librdkafka failed for good); what
@@ -422,11 +421,7 @@ impl Source for KafkaGroupSource {
                 }
             }
             let max_event_bytes = self.settings.max_event_bytes;
-            crate::kafka::fill_batch(&self.consumer, &mut self.carry, max, self.settings.linger, |m| {
-                let event = parse_message(&m, max_event_bytes);
-                (m, event)
-            })
-            .await;
+            crate::kafka::fill_batch(&self.consumer, &mut self.carry, max, self.settings.linger, |m| parsed(m, max_event_bytes)).await;
             return Ok(Some(self.take_batch()));
         }
     }
@@ -506,6 +501,12 @@ fn batch_of(received: Vec<Parsed>, occurred: &mut Vec<i64>) -> SourceBatch {
 
 /// A message and what parsing made of it (the event and when it occurred).
 type Parsed = (OwnedMessage, Result<(Event, Option<i64>), PoisonReason>);
+
+/// A message with what parsing made of it.
+fn parsed(m: OwnedMessage, max_event_bytes: usize) -> Parsed {
+    let event = parse_message(&m, max_event_bytes);
+    (m, event)
+}
 
 /// An event larger than `max_event_bytes` is refused unparsed (bounded work per event).
 fn parse_message(m: &OwnedMessage, max_event_bytes: usize) -> Result<(Event, Option<i64>), PoisonReason> {

@@ -52,9 +52,10 @@ pub struct SourceBatch {
     pub poison: Vec<Poison>,
     /// Records read to make this batch, the ones skipped included (unparsable, other orgs').
     pub read: u64,
-    /// Where the source stands once this batch is applied: the next offset of each partition
-    /// the batch read from. `None`: a snapshot's documents (their checkpoint is recorded once the
-    /// whole snapshot is applied).
+    /// Where the source stands once this batch is applied (the next offset per partition: the
+    /// group source's covers the partitions the batch read from, the replay's its whole
+    /// position). `None`: a snapshot's documents (their checkpoint is recorded once the whole
+    /// snapshot is applied).
     pub checkpoint: Option<Checkpoint>,
 }
 
@@ -114,12 +115,15 @@ pub struct Sink<'a> {
     pub counters: &'a RunCounters,
     /// Most events per batch.
     pub max_batch: usize,
+    /// Whether batches count in the projector's metrics (`pb_events_applied_total`, ...): a
+    /// rebuild's do not (it reports its own progress gauges).
+    pub projector_metrics: bool,
 }
 
 impl<'a> Sink<'a> {
     /// A sink without dead letters and with counters of its own (the rebuild's sources).
     pub fn new(applier: &'a mut RedisApplier, counters: &'a RunCounters, max_batch: usize) -> Self {
-        Sink { applier, dead_letters: None, counters, max_batch }
+        Sink { applier, dead_letters: None, counters, max_batch, projector_metrics: false }
     }
 
     /// One attempt: the events applied, then the poison records sent to the dead letters.
@@ -179,9 +183,14 @@ pub async fn drain<S: Source>(source: &mut S, sink: &mut Sink<'_>, cancel: impl 
                 drained.applied += applied;
                 drained.stale += outcomes.len() as u64 - applied;
                 source.applied(&batch, &outcomes).await?;
-                counters.batches.fetch_add(1, Ordering::Relaxed);
-                counters.last_batch_at.store(board_model::time::now_millis(), Ordering::Relaxed);
+                // A checkpoint the target refused (the projection moved) counts no batch.
+                if !source.target_moved() {
+                    counters.batches.fetch_add(1, Ordering::Relaxed);
+                    counters.last_batch_at.store(board_model::time::now_millis(), Ordering::Relaxed);
+                }
             }
+            // Cancelled while the source starts again: the run ends, and with it whatever the
+            // source knew in memory (a rewind is found again by the next run's write marks).
             Step::GivenUp(why) => tokio::select! {
                 biased;
                 _ = &mut cancel => return Ok(Drained { cancelled: true, ..drained }),
@@ -202,13 +211,13 @@ async fn apply_step<S: Source>(
     batch: &SourceBatch,
     mut cancel: Pin<&mut impl Future<Output = ()>>,
 ) -> Step {
-    let started = Instant::now();
     let events: Vec<&Event> = batch.events.iter().collect();
     let positions = batch.positions();
     let mut backoff = Duration::from_millis(100);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
+        let started = Instant::now();
         let result = {
             let applying = sink.apply_once(&events, &positions, batch, attempt);
             tokio::pin!(applying);
@@ -230,7 +239,9 @@ async fn apply_step<S: Source>(
                 if sink.dead_letters.is_some() {
                     counters.dead_lettered.fetch_add(poison, Ordering::Relaxed);
                 }
-                crate::events::BatchApplied { applied, stale, took: started.elapsed() }.emit();
+                if sink.projector_metrics {
+                    crate::events::BatchApplied { applied, stale, took: started.elapsed() }.emit();
+                }
                 return Step::Applied(outcomes);
             }
             Err(e) if sink.applier.write_counters.any_went_back() => {

@@ -202,7 +202,13 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
             _ = caught_up => {}
         }
     };
-    let mut sink = Sink { applier: &mut applier, dead_letters: Some(&dead_letters), counters: &counters, max_batch: settings.max_batch };
+    let mut sink = Sink {
+        applier: &mut applier,
+        dead_letters: Some(&dead_letters),
+        counters: &counters,
+        max_batch: settings.max_batch,
+        projector_metrics: true,
+    };
     let drained = crate::pipeline::drain(&mut source, &mut sink, stop).await;
     source.finish().await;
     drained.map(|_| ())

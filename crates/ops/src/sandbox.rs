@@ -106,16 +106,19 @@ impl Sandbox {
         cmd
     }
 
-    /// Removes the sandbox's topics, MongoDB database and keys (on `redis_urls`: the servers
-    /// the run wrote to), best effort, each server in its own time bound: one a test stopped
-    /// costs that bound, not the others' turn.
-    pub async fn remove(&self, redis_urls: &[String]) {
+    /// Removes the sandbox's topics, consumer group, MongoDB database and keys (on
+    /// `redis_urls`: the servers the run wrote to), best effort, each server in its own time
+    /// bound (`keys_within` for the keys: a test's few or a benchmark's millions): one a test
+    /// stopped costs that bound, not the others' turn.
+    pub async fn remove(&self, redis_urls: &[String], keys_within: Duration) {
         let bound = Duration::from_secs(10);
         let _ = tokio::time::timeout(bound, async {
             if let Ok(admin) = self.admin() {
                 let names = self.topic_names();
                 let names: Vec<&str> = names.iter().map(String::as_str).collect();
-                let _ = admin.delete_topics(&names, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await;
+                let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+                let _ = admin.delete_topics(&names, &opts).await;
+                let _ = admin.delete_groups(&[self.group.as_str()], &opts).await;
             }
         })
         .await;
@@ -126,9 +129,21 @@ impl Sandbox {
         })
         .await;
         for url in redis_urls {
-            // Keys are many (a 1M org holds millions): a longer bound.
-            let _ = tokio::time::timeout(Duration::from_secs(300), remove_keys(url, &self.keys.pattern())).await;
+            let _ = tokio::time::timeout(keys_within, remove_keys(url, &self.keys.pattern())).await;
         }
+    }
+}
+
+impl Sandbox {
+    /// Removes consumer groups (those a run used beside the sandbox's own), best effort.
+    pub async fn remove_groups(&self, groups: &[String]) {
+        if groups.is_empty() {
+            return;
+        }
+        let Ok(admin) = self.admin() else { return };
+        let names: Vec<&str> = groups.iter().map(String::as_str).collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let _ = tokio::time::timeout(Duration::from_secs(15), admin.delete_groups(&names, &opts)).await;
     }
 }
 

@@ -235,7 +235,7 @@ impl Drop for TestEnv {
         // on a thread of its own with its own small runtime.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-            rt.block_on(sandbox.remove(&urls))
+            rt.block_on(sandbox.remove(&urls, Duration::from_secs(10)))
         })
         .join();
     }

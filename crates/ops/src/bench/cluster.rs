@@ -9,42 +9,14 @@ use super::harness::{process_cpu, redis_cpu_of, BenchRun};
 use super::wrk::{ms, Script, Wrk};
 use crate::seed::SeedArgs;
 use board_model::keys::KeySpace;
+use board_redis::redis_conn::ClusterNode;
 use std::time::{Duration, Instant};
 
 const ORGS: usize = 6;
 
-/// One node of `CLUSTER NODES`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Node {
-    pub addr: String,
-    pub primary: bool,
-    pub slots: Vec<(u16, u16)>,
-}
-
-/// The nodes `CLUSTER NODES` lists (`<id> <ip:port@bus> <flags> <primary> ... <slot ranges>`).
-pub fn parse_nodes(text: &str) -> Vec<Node> {
-    text.lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let addr = f.get(1)?.split('@').next()?.to_string();
-            let primary = f.get(2)?.split(',').any(|flag| flag == "master");
-            let slots = f
-                .iter()
-                .skip(8)
-                .filter(|s| !s.starts_with('['))
-                .filter_map(|s| match s.split_once('-') {
-                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-                    None => s.parse().ok().map(|one| (one, one)),
-                })
-                .collect();
-            Some(Node { addr, primary, slots })
-        })
-        .collect()
-}
-
-/// The primary serving `slot`.
-pub fn primary_of(nodes: &[Node], slot: u16) -> Option<&str> {
-    nodes.iter().find(|n| n.primary && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))).map(|n| n.addr.as_str())
+/// The primary serving `slot` (`RedisConn::cluster_nodes`: CLUSTER SHARDS).
+pub fn primary_of(nodes: &[ClusterNode], slot: u16) -> Option<String> {
+    nodes.iter().find(|n| n.primary && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))).map(|n| format!("{}:{}", n.host, n.port))
 }
 
 struct Deployment<'a> {
@@ -58,15 +30,14 @@ struct Deployment<'a> {
 pub async fn run(r: &mut BenchRun, contacts: usize, seconds: u64, cluster_url: &str) -> anyhow::Result<()> {
     let single_url = r.sandbox.redis_url.clone();
     let mut cluster = board_redis::config::redis_connection(cluster_url).await?;
-    let nodes_text: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut cluster).await?;
-    let nodes = parse_nodes(&nodes_text);
-    let cluster_servers: Vec<String> = nodes.iter().map(|n| format!("redis://{}", n.addr)).collect();
+    let nodes = cluster.cluster_nodes().await?;
+    let cluster_servers: Vec<String> = nodes.iter().map(|n| format!("redis://{}:{}", n.host, n.port)).collect();
     let single_servers = vec![single_url.clone()];
     let seeded = r.seed(SeedArgs { orgs: ORGS, contacts, messages: 3.0, no_mongo: true, quiet: true, ..SeedArgs::default() }).await?;
     let mut per_shard: std::collections::BTreeMap<String, usize> = Default::default();
     for org in &seeded.org_ids {
         let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(format!("{{{org}}}")).query_async(&mut cluster).await?;
-        *per_shard.entry(primary_of(&nodes, slot).unwrap_or("?").to_string()).or_default() += 1;
+        *per_shard.entry(primary_of(&nodes, slot).unwrap_or_else(|| "?".into())).or_default() += 1;
     }
     r.report.line(format!("orgs per shard (primary: orgs): {per_shard:?}"));
 
@@ -76,6 +47,7 @@ pub async fn run(r: &mut BenchRun, contacts: usize, seconds: u64, cluster_url: &
     r.extra_keys.push((single_url.clone(), single_keys.pattern()));
     r.extra_keys.push((cluster_url.to_string(), cluster_keys.pattern()));
     r.extra_keys.push((cluster_url.to_string(), cluster2_keys.pattern()));
+    r.extra_groups.extend([&single_keys, &cluster_keys, &cluster2_keys].map(|k| k.prefix().to_string()));
     r.report.line(format!("== ingest of {} events (pipeline-board project --exit-when-caught-up, 4 partitions per topic)", seeded.events));
     let ingests = [
         (Deployment { label: "single redis, 1 projector", url: &single_url, servers: &single_servers, keys: &single_keys }, 1),
@@ -85,15 +57,18 @@ pub async fn run(r: &mut BenchRun, contacts: usize, seconds: u64, cluster_url: &
     for (d, projectors) in &ingests {
         let cpu0 = redis_cpu_of(d.servers).await?;
         let started = Instant::now();
-        let children: Vec<std::process::Child> = (0..*projectors)
+        // All at once, each waited for on a thread of its own (a failed one is reported after
+        // the others end; a killed run stops them all: `stopped_with_parent`).
+        let group = d.keys.prefix().to_string();
+        let waits: Vec<_> = (0..*projectors)
             .map(|_| {
                 let mut cmd = r.command(&["project", "--exit-when-caught-up", "--metrics-addr", ""]);
-                cmd.env("REDIS_URL", d.url).env("REDIS_PREFIX", d.keys.prefix()).env("KAFKA_GROUP_ID", d.keys.prefix());
-                cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn()
+                cmd.env("REDIS_URL", d.url).env("REDIS_PREFIX", &group).env("KAFKA_GROUP_ID", &group);
+                tokio::task::spawn_blocking(move || super::harness::run_measured(cmd))
             })
-            .collect::<Result<_, _>>()?;
-        for mut c in children {
-            anyhow::ensure!(c.wait()?.success(), "a projector of {} failed", d.label);
+            .collect();
+        for w in waits {
+            w.await?.map_err(|e| anyhow::anyhow!("a projector of {} failed: {e}", d.label))?;
         }
         let secs = started.elapsed().as_secs_f64();
         let redis_s = redis_cpu_of(d.servers).await? - cpu0;
@@ -126,7 +101,12 @@ pub async fn run(r: &mut BenchRun, contacts: usize, seconds: u64, cluster_url: &
         ("cluster-replica", &cluster_url.to_string(), &cluster_keys, "replica", &cluster_servers),
     ];
     for (mode, url, keys, read_from, servers) in modes {
-        let env = [("REDIS_URL", url.clone()), ("REDIS_PREFIX", keys.prefix().to_string()), ("REDIS_READ_FROM", read_from.to_string())];
+        let env = [
+            ("REDIS_URL", url.clone()),
+            ("REDIS_PREFIX", keys.prefix().to_string()),
+            ("KAFKA_GROUP_ID", keys.prefix().to_string()),
+            ("REDIS_READ_FROM", read_from.to_string()),
+        ];
         let api = r.start_api(&env).await?;
         let contacts_url = api.contacts_url();
         for (name, body) in boards {
@@ -136,6 +116,7 @@ pub async fn run(r: &mut BenchRun, contacts: usize, seconds: u64, cluster_url: &
                 duration: Duration::from_secs(secs),
                 script: Script::PostRoundRobin,
                 env: vec![("BODY", body.to_string()), ("TOKENS", tokens.clone())],
+                timeout: None,
             };
             // Warm up (the in-memory indexes of the orgs load on their first index board).
             wrk(8, 3).run()?;
@@ -158,7 +139,7 @@ pub async fn run(r: &mut BenchRun, contacts: usize, seconds: u64, cluster_url: &
             let v = api.board_json(first, r#"{"size":1}"#).await?;
             r.report.line(format!("   (replica staleness in meta: {} ms)", v["meta"]["replicaStalenessMs"]));
         }
-        r.stop(api.pid);
+        r.stop(api.pid).await;
     }
     Ok(())
 }
@@ -167,21 +148,24 @@ pub async fn run(r: &mut BenchRun, contacts: usize, seconds: u64, cluster_url: &
 mod tests {
     use super::*;
 
-    const NODES: &str = "\
-a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
-b2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922 [10923->-c3]
-c3 127.0.0.1:7002@17002 master - 0 1 3 connected 10923-16383
-d4 127.0.0.1:7003@17003 slave a1 0 1 1 connected
-";
+    fn node(port: u16, primary: bool, slots: &[(u16, u16)]) -> ClusterNode {
+        ClusterNode {
+            id: port.to_string(),
+            host: "127.0.0.1".into(),
+            port,
+            primary,
+            healthy: true,
+            replication_offset: 0,
+            slots: slots.to_vec(),
+        }
+    }
 
     #[test]
-    fn the_primary_of_a_slot_is_read_from_cluster_nodes() {
-        let nodes = parse_nodes(NODES);
-        assert_eq!(nodes.len(), 4);
-        assert_eq!(nodes[3], Node { addr: "127.0.0.1:7003".into(), primary: false, slots: vec![] });
-        assert_eq!(nodes[1].slots, [(5461, 10922)], "a migrating slot's marker is not a range");
-        assert_eq!(primary_of(&nodes, 0), Some("127.0.0.1:7000"));
-        assert_eq!(primary_of(&nodes, 5461), Some("127.0.0.1:7001"));
-        assert_eq!(primary_of(&nodes, 16383), Some("127.0.0.1:7002"));
+    fn the_primary_of_a_slot_serves_it() {
+        let nodes = [node(7003, false, &[(0, 5460)]), node(7000, true, &[(0, 5460)]), node(7001, true, &[(5461, 16383)])];
+        assert_eq!(primary_of(&nodes, 0).as_deref(), Some("127.0.0.1:7000"), "not its replica");
+        assert_eq!(primary_of(&nodes, 5461).as_deref(), Some("127.0.0.1:7001"));
+        assert_eq!(primary_of(&nodes, 16383).as_deref(), Some("127.0.0.1:7001"));
+        assert_eq!(primary_of(&nodes[..2], 9000), None);
     }
 }

@@ -24,6 +24,8 @@ pub struct BenchRun {
     children: Vec<Child>,
     /// Keys the run wrote outside its sandbox's key space: (Redis URL, pattern), removed at the end.
     pub extra_keys: Vec<(String, String)>,
+    /// Consumer groups the run used beside its sandbox's, removed at the end.
+    pub extra_groups: Vec<String>,
     keep: bool,
 }
 
@@ -38,14 +40,17 @@ impl BenchRun {
             report: Report::default(),
             children: Vec::new(),
             extra_keys: Vec::new(),
+            extra_groups: Vec::new(),
             keep,
         })
     }
 
-    /// A `pipeline-board` command in the run's sandbox (quiet logs, the run's token secret).
+    /// A `pipeline-board` command in the run's sandbox (quiet logs, the run's token secret),
+    /// stopped with the run even when the run itself is killed.
     pub fn command<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
         let mut cmd = self.sandbox.command(&self.bin, args);
         cmd.env("JWT_SECRET", JWT_SECRET).env("LOG_FORMAT", "text").env("RUST_LOG", "warn").stdin(Stdio::null());
+        stopped_with_parent(&mut cmd);
         cmd
     }
 
@@ -64,11 +69,11 @@ impl BenchRun {
     }
 
     /// Stops one background process (SIGTERM: a graceful stop) and waits for it.
-    pub fn stop(&mut self, pid: u32) {
+    pub async fn stop(&mut self, pid: u32) {
         if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
             let mut c = self.children.remove(i);
             terminate(pid);
-            let _ = c.wait();
+            let _ = tokio::task::spawn_blocking(move || c.wait()).await;
         }
     }
 
@@ -96,10 +101,10 @@ impl BenchRun {
 
     /// `pipeline-board project --exit-when-caught-up` to its end; prints its summary and
     /// returns its CPU.
-    pub fn project_until_caught_up(&self, extra_env: &[(&str, String)]) -> anyhow::Result<Usage> {
+    pub async fn project_until_caught_up(&self, extra_env: &[(&str, String)]) -> anyhow::Result<Usage> {
         let mut cmd = self.command(&["project", "--exit-when-caught-up", "--metrics-addr", ""]);
         cmd.envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())));
-        let (out, usage) = run_measured(cmd)?;
+        let (out, usage) = measured(cmd).await?;
         for line in out.lines().filter(|l| l.starts_with("applied")) {
             self.report.line(line);
         }
@@ -156,10 +161,12 @@ impl BenchRun {
             eprintln!("kept: topics {}.*, keys {}, database {}", self.sandbox.name, self.sandbox.keys.pattern(), self.sandbox.mongo_db);
             return;
         }
-        self.sandbox.remove(&[self.sandbox.redis_url.clone()]).await;
+        // Keys are many (a 1M org holds millions): a long bound.
+        self.sandbox.remove(&[self.sandbox.redis_url.clone()], Duration::from_secs(600)).await;
         for (url, pattern) in &self.extra_keys {
             let _ = crate::sandbox::remove_keys(url, pattern).await;
         }
+        self.sandbox.remove_groups(&self.extra_groups).await;
     }
 }
 
@@ -374,6 +381,11 @@ impl std::fmt::Display for Usage {
     }
 }
 
+/// `run_measured` off the async workers (it waits for as long as the command runs).
+pub async fn measured(cmd: Command) -> anyhow::Result<(String, Usage)> {
+    tokio::task::spawn_blocking(move || run_measured(cmd)).await?
+}
+
 /// Runs `cmd` to its end: its stdout and what it used (wait4's accounting of that child).
 pub fn run_measured(mut cmd: Command) -> anyhow::Result<(String, Usage)> {
     let started = Instant::now();
@@ -384,8 +396,20 @@ pub fn run_measured(mut cmd: Command) -> anyhow::Result<(String, Usage)> {
     let mut status = 0;
     // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let waited = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    anyhow::ensure!(waited > 0, "wait4 failed: {}", std::io::Error::last_os_error());
+    let waited = loop {
+        // SAFETY: waits for our own child, writing into the two locals.
+        let w = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+        if w < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        break w;
+    };
+    if waited <= 0 {
+        let error = std::io::Error::last_os_error();
+        let _ = child.kill();
+        let _ = child.wait();
+        anyhow::bail!("wait4 failed: {error}");
+    }
     let (out, err) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     anyhow::ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{cmd:?} failed: {out}{err}");
@@ -408,6 +432,20 @@ pub fn output_of(mut cmd: Command) -> anyhow::Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The child gets SIGTERM when the thread that started it ends (this process killed, or the
+/// blocking thread that waits for it gone): a killed benchmark leaves no projector, API or wrk
+/// behind.
+pub fn stopped_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches only the child being made.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
 }
 
 /// SIGINT (wrk prints its summary on it).

@@ -208,26 +208,18 @@ impl Scenario {
     }
 }
 
-/// `bench run`: the scenario in its own sandbox; the sandbox removed however the run ends.
+/// `bench run`: the scenario in its own sandbox; the sandbox removed however the run ends (an
+/// error, Ctrl-C or SIGTERM included).
 async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
     let mut run = harness::BenchRun::start(args.scenario.name(), args.keep).await?;
     let command = format!("pipeline-board bench run {}", std::env::args().skip_while(|a| a != "run").skip(1).collect::<Vec<_>>().join(" "));
-    run.report.line(harness::machine_line(&mut run.redis().await?).await);
-    run.report.line(format!("== command: {command}"));
     // Not in the report: names of a run are not results.
     eprintln!("sandbox: {}", run.sandbox.name);
-    let result = match args.scenario.clone() {
-        Scenario::Scale { contacts, seconds, raw_seconds, freshness_seconds, small_contacts } => {
-            scale::run(
-                &mut run,
-                (contacts, small_contacts),
-                scale::Durations { wrk: seconds, raw: raw_seconds, freshness: freshness_seconds },
-            )
-            .await
-        }
-        Scenario::Rebuild { contacts } => rebuild::run(&mut run, contacts).await,
-        Scenario::Page { contacts, idle_seconds } => page::run(&mut run, contacts, idle_seconds).await,
-        Scenario::Cluster { contacts, seconds, cluster_url } => cluster::run(&mut run, contacts, seconds, &cluster_url).await,
+    let mut terminated = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
+        r = run_in(&mut run, &args.scenario, &command) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = terminated.recv() => Err(anyhow::anyhow!("terminated")),
     };
     let written = match (&result, args.no_doc) {
         (Ok(()), false) => {
@@ -240,10 +232,25 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
     result.and(written)
 }
 
-/// Whether a topic belongs to a `bench run` sandbox (`<scenario>-<pid>-<random>.crm.<name>`).
-fn is_bench_topic(topic: &str) -> bool {
-    let Some((sandbox, _)) = topic.split_once(".crm.") else { return false };
-    let mut parts = sandbox.split('-');
+async fn run_in(run: &mut harness::BenchRun, scenario: &Scenario, command: &str) -> anyhow::Result<()> {
+    run.report.line(harness::machine_line(&mut run.redis().await?).await);
+    run.report.line(format!("== command: {command}"));
+    match scenario.clone() {
+        Scenario::Scale { contacts, seconds, raw_seconds, freshness_seconds, small_contacts } => {
+            let durations = scale::Durations { wrk: seconds, raw: raw_seconds, freshness: freshness_seconds };
+            scale::run(run, (contacts, small_contacts), durations).await
+        }
+        Scenario::Rebuild { contacts } => rebuild::run(run, contacts).await,
+        Scenario::Page { contacts, idle_seconds } => page::run(run, contacts, idle_seconds).await,
+        Scenario::Cluster { contacts, seconds, cluster_url } => cluster::run(run, contacts, seconds, &cluster_url).await,
+    }
+}
+
+/// Whether `name` is a `bench run` sandbox's (`<scenario>-<pid>-<random>`), or one of the key
+/// spaces a run adds to it (`-s`, `-c`, `-c2`: the cluster run's; `-rawwrites`).
+fn is_sandbox_name(name: &str) -> bool {
+    let name = ["-rawwrites", "-c2", "-s", "-c"].iter().find_map(|suffix| name.strip_suffix(suffix)).unwrap_or(name);
+    let mut parts = name.split('-');
     let scenario = parts.next().unwrap_or_default();
     let numbers: Vec<&str> = parts.collect();
     ["scale", "rebuild", "page", "cluster"].contains(&scenario)
@@ -251,12 +258,40 @@ fn is_bench_topic(topic: &str) -> bool {
         && numbers.iter().all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// Whether a topic belongs to a `bench run` sandbox (`<sandbox>.crm.<name>`).
+fn is_bench_topic(topic: &str) -> bool {
+    topic.split_once(".crm.").is_some_and(|(sandbox, _)| is_sandbox_name(sandbox))
+}
+
+/// Whether a key belongs to a `bench run` sandbox (`bench:<sandbox>:...`).
+fn is_bench_key(key: &str) -> bool {
+    key.strip_prefix("bench:").and_then(|k| k.split(':').next()).is_some_and(is_sandbox_name)
+}
+
+/// Whether a MongoDB database belongs to a `bench run` sandbox (`bench<sandbox with _>`).
+fn is_bench_database(db: &str) -> bool {
+    db.strip_prefix("bench").is_some_and(|rest| !rest.contains('-') && is_sandbox_name(&rest.replace('_', "-")))
+}
+
+/// What interrupted runs left: keys (on the Redis and, if it answers, the cluster), databases,
+/// topics. Run it while no benchmark runs (a running one's sandbox looks the same).
 async fn clean() -> anyhow::Result<()> {
     let stack = crate::sandbox::Stack::from_env();
-    let keys = crate::sandbox::remove_keys(&stack.redis_url, "bench:*").await?;
+    let cluster =
+        std::env::var("REDIS_CLUSTER_URL").unwrap_or_else(|_| "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002".into());
+    let mut keys = 0;
+    for url in [stack.redis_url.as_str(), cluster.as_str()] {
+        let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(10), board_redis::config::redis_connection(url)).await else {
+            continue;
+        };
+        for key in conn.scan_match("bench:*").await?.into_iter().filter(|k| is_bench_key(k)) {
+            let _: () = redis::cmd("UNLINK").arg(&key).query_async(&mut conn).await?;
+            keys += 1;
+        }
+    }
     let client = mongodb::Client::with_uri_str(&stack.mongo_uri).await?;
     let mut databases = 0;
-    for name in client.list_database_names().await?.into_iter().filter(|n| n.starts_with("bench")) {
+    for name in client.list_database_names().await?.into_iter().filter(|n| is_bench_database(n)) {
         client.database(&name).drop().await?;
         databases += 1;
     }
@@ -656,12 +691,21 @@ fn kafka_read(kafka: &KafkaArgs) -> anyhow::Result<(u64, u64, f64)> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn only_bench_sandboxes_topics_are_cleaned() {
-        assert!(super::is_bench_topic("scale-123-456.crm.contacts"));
-        assert!(super::is_bench_topic("cluster-1-2.crm.dlq"));
-        assert!(!super::is_bench_topic("crm.contacts"));
-        assert!(!super::is_bench_topic("pipeline-source-1-2.crm.contacts"), "a test's sandbox");
-        assert!(!super::is_bench_topic("scale-x-2.crm.contacts"));
-        assert!(!super::is_bench_topic("scale-1-2.other"));
+    fn only_bench_sandboxes_are_cleaned() {
+        use super::{is_bench_database, is_bench_key, is_bench_topic};
+        assert!(is_bench_topic("scale-123-456.crm.contacts"));
+        assert!(is_bench_topic("cluster-1-2.crm.dlq"));
+        assert!(!is_bench_topic("crm.contacts"));
+        assert!(!is_bench_topic("pipeline-source-1-2.crm.contacts"), "a test's sandbox");
+        assert!(!is_bench_topic("scale-x-2.crm.contacts"));
+        assert!(!is_bench_topic("scale-1-2.other"));
+        assert!(is_bench_key("bench:scale-1-2:{64f0a1b2c3d4e5f6a7b8c9d1}:cards:contact"));
+        assert!(is_bench_key("bench:cluster-1-2-c2:state"));
+        assert!(is_bench_key("bench:scale-1-2-rawwrites:{o}:cards:contact"));
+        assert!(!is_bench_key("bench:mine:state"), "a user's own prefix named bench");
+        assert!(!is_bench_key("t:scale-1-2:state"));
+        assert!(is_bench_database("benchscale_12_34"));
+        assert!(!is_bench_database("benchmarks"));
+        assert!(!is_bench_database("tscale_12_34"));
     }
 }

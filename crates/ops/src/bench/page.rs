@@ -14,13 +14,17 @@ pub async fn seed_and_project_one_org(r: &mut BenchRun, contacts: usize) -> anyh
     let seeded = r.seed(SeedArgs { orgs: 1, contacts, messages: 3.0, no_mongo: true, quiet: true, ..SeedArgs::default() }).await?;
     let org = seeded.org_ids[0].clone();
     r.report.line("== the projection: pipeline-board project --exit-when-caught-up");
-    r.project_until_caught_up(&[])?;
+    r.project_until_caught_up(&[]).await?;
     let user = r.user_of(&org).await?;
     let token = r.token(&org, &user);
     Ok((org, token))
 }
 
 pub async fn run(r: &mut BenchRun, contacts: usize, idle_seconds: u64) -> anyhow::Result<()> {
+    let mut version = std::process::Command::new("chromium");
+    version.arg("--version");
+    let chromium = super::harness::output_of(version).unwrap_or_default();
+    r.report.line(format!("== browser: {}", chromium.trim()));
     let (_, token) = seed_and_project_one_org(r, contacts).await?;
     let api = r.start_projector_and_api().await?;
     r.report
@@ -62,6 +66,7 @@ pub async fn run(r: &mut BenchRun, contacts: usize, idle_seconds: u64) -> anyhow
                 duration: Duration::from_secs(10),
                 script: Script::Post,
                 env: vec![("BODY", body.clone()), ("TOKEN", token.clone()), ("ETAG", etag.to_string())],
+                timeout: None,
             }
             .run()?;
             let (api_s, redis_s) = (process_cpu(api.pid) - api0, redis_cpu(&mut redis).await? - redis0);

@@ -6,7 +6,7 @@
 //! 3. FLUSHALL under the running projector and API: the time until the projection is whole again.
 //!
 //! FLUSHALL empties the whole Redis: run it where nothing else uses that Redis.
-use super::harness::{board_summary, run_measured, BenchRun};
+use super::harness::{board_summary, measured, BenchRun};
 use super::wrk::{ms, Script, Wrk};
 use board_redis::projection::Status;
 use std::time::{Duration, Instant};
@@ -24,9 +24,10 @@ pub async fn run(r: &mut BenchRun, contacts: usize) -> anyhow::Result<()> {
         duration: Duration::from_secs(3600),
         script: Script::Post,
         env: vec![("BODY", body.into()), ("TOKEN", token.clone())],
+        timeout: Some(Duration::from_secs(10)),
     }
     .start()?;
-    let (out, usage) = run_measured(r.command(&["rebuild", "--metrics-addr", ""]))?;
+    let (out, usage) = measured(r.command(&["rebuild", "--metrics-addr", ""])).await?;
     out.lines().filter(|l| l.starts_with("rebuilt")).for_each(|l| r.report.line(l));
     r.report.line(format!("rebuild process: {usage}"));
     let w = client.stop()?;

@@ -34,6 +34,10 @@ struct Caller {
 }
 
 pub async fn run(r: &mut BenchRun, (contacts, small_contacts): (usize, usize), secs: Durations) -> anyhow::Result<()> {
+    r.report.line(format!("== durations: wrk {} s per row, raw Redis boards {} s, freshness {} s", secs.wrk, secs.raw, secs.freshness));
+    // `bench redis-writes` writes a scratch key space of its own.
+    let scratch = board_model::keys::KeySpace::new(format!("{}-rawwrites", r.keys().prefix()));
+    r.extra_keys.push((r.sandbox.redis_url.clone(), scratch.pattern()));
     let data = seed(r, contacts, small_contacts).await?;
     let cards = ingest(r, &data).await?;
     raw_rates(r, &data, cards).await?;
@@ -72,7 +76,7 @@ async fn ingest(r: &BenchRun, data: &DataSet) -> anyhow::Result<u64> {
     r.report.line("== ingest: pipeline-board project --exit-when-caught-up");
     let mut redis = r.redis().await?;
     let (memory0, cpu0) = (redis_used_memory(&mut redis).await?, redis_cpu(&mut redis).await?);
-    let usage = r.project_until_caught_up(&[])?;
+    let usage = r.project_until_caught_up(&[]).await?;
     r.report.line(format!("projector process: {:.1} s user + {:.1} s system CPU in {:.1} s", usage.user, usage.system, usage.wall));
     r.report.line(format!("redis-server: {:.1} s CPU during the ingest", redis_cpu(&mut redis).await? - cpu0));
     let grown = redis_used_memory(&mut redis).await?.saturating_sub(memory0);
@@ -151,7 +155,7 @@ async fn boards(r: &BenchRun, data: &DataSet, c: &Caller, secs: &Durations) -> a
         let v = c.api.board_json(&c.token, body).await?;
         for conns in [1, 32] {
             let env = vec![("BODY", body.clone()), ("TOKEN", c.token.clone())];
-            let w = Wrk { url: &url, conns, duration, script: Script::Post, env }.run()?;
+            let w = Wrk { url: &url, conns, duration, script: Script::Post, env, timeout: None }.run()?;
             let raw = r.output(&raw_board(&data.big_org, user, &["--body", body], conns, &raw_seconds))?;
             r.report.line(format!("{} | {}", row(name, conns, &w), raw.trim()));
         }
@@ -175,15 +179,19 @@ async fn canned(r: &mut BenchRun, c: &Caller, duration: Duration) -> anyhow::Res
     wait_for_post(&url).await?;
     for conns in [1, 32] {
         let env = vec![("BODY", "{}".into()), ("TOKEN", "-".into())];
-        let w = Wrk { url: &url, conns, duration, script: Script::Post, env }.run()?;
+        let w = Wrk { url: &url, conns, duration, script: Script::Post, env, timeout: None }.run()?;
         r.report.line(row("canned", conns, &w));
     }
-    r.stop(canned);
+    r.stop(canned).await;
     Ok(())
 }
 
 async fn freshness(r: &BenchRun, data: &DataSet, c: &Caller, seconds: u64) -> anyhow::Result<()> {
     r.report.line("== freshness: produce -> visible in an API answer, under 5,000 events/s and 500 boards/s");
+    if seconds == 0 {
+        r.report.line("skipped (--freshness-seconds 0)");
+        return Ok(());
+    }
     let probe_token = r.token(&data.probe_org, &r.user_of(&data.probe_org).await?);
     let seconds = seconds.to_string();
     let args = ["bench", "freshness", "--api", &c.api.base, "--org", &data.big_org, "--token", &c.token];

@@ -101,6 +101,8 @@ pub struct Wrk<'a> {
     pub duration: Duration,
     pub script: Script,
     pub env: Vec<(&'a str, String)>,
+    /// A request slower than this counts as a timeout (wrk's own default, 2 s, when `None`).
+    pub timeout: Option<Duration>,
 }
 
 impl Wrk<'_> {
@@ -109,12 +111,14 @@ impl Wrk<'_> {
         cmd.args(["-t", if self.conns > 1 { "2" } else { "1" }])
             .args(["-c", &self.conns.to_string()])
             .args(["-d", &format!("{}s", self.duration.as_secs().max(1))])
-            .args(["--timeout", "10s", "-s"])
+            .args(self.timeout.map(|t| format!("--timeout={}s", t.as_secs().max(1))))
+            .arg("-s")
             .arg(script)
             .arg(self.url)
             .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        super::harness::stopped_with_parent(&mut cmd);
         cmd
     }
 
