@@ -14,12 +14,11 @@
 //! projection state, partitions re-positioned at what Redis holds), Redis went back in time (a
 //! batch given up: restarted from what the data holds), the group left this member out or
 //! librdkafka failed it for good (`stalled`: a new consumer).
-use crate::apply::{ForgetGenerations, WriteCounters};
+use crate::apply::ForgetGenerations;
 use crate::batch::Outcome;
 use crate::events;
 use crate::pipeline::{Origin, Poison, Source, SourceBatch};
-use crate::progress;
-use crate::projector::{restart_if_counters_went_back, ProjectorSettings, RunCounters};
+use crate::projector::{restart_if_counters_went_back, Projector, ProjectorSettings, RunCounters};
 use crate::signal::Signal;
 use crate::state;
 use board_model::events::{parse_event_timed, Event, PoisonReason};
@@ -31,7 +30,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
@@ -194,20 +193,18 @@ fn build_consumer(s: &ProjectorSettings, counters: Arc<RunCounters>) -> anyhow::
 
 /// The consumer group as the pipeline's source.
 pub struct KafkaGroupSource {
+    /// The projector this source feeds (settings, watermarks, write counters, instance).
+    projector: Projector,
     settings: ProjectorSettings,
     counters: Arc<RunCounters>,
     consumer: StreamConsumer<ProjectorContext>,
     /// The consumer a renewal replaced, closing on a blocking thread (one at a time).
     closing: Option<tokio::task::JoinHandle<()>>,
-    watermarks: progress::Watermarks,
-    /// The projection instance this projector writes for (shared with the state watch).
-    instance: Arc<Mutex<String>>,
     /// Raised when Redis lost the projection (by the state watch or by a refused checkpoint).
     lost: Arc<Signal>,
     /// Raised when the group left this projector out (`group_watch`) or the consumer failed
     /// for good: a new consumer.
     stalled: Arc<Signal>,
-    write_counters: WriteCounters,
     forget_generations: ForgetGenerations,
     conn: RedisConn,
     progress_key: String,
@@ -218,42 +215,39 @@ pub struct KafkaGroupSource {
     occurred: Vec<i64>,
 }
 
-/// What a source needs from the projector around it.
+/// What a source needs beside the projector: its signals, the applier's forget handle and a
+/// Redis connection of its own.
 pub struct GroupSourceParts {
-    pub watermarks: progress::Watermarks,
-    pub instance: Arc<Mutex<String>>,
     pub lost: Arc<Signal>,
     pub stalled: Arc<Signal>,
-    pub write_counters: WriteCounters,
     pub forget_generations: ForgetGenerations,
     pub conn: RedisConn,
 }
 
 impl KafkaGroupSource {
     /// Subscribes a consumer to the inputs.
-    pub fn subscribe(settings: &ProjectorSettings, counters: Arc<RunCounters>, parts: GroupSourceParts) -> anyhow::Result<Self> {
-        let consumer = build_consumer(settings, counters.clone())?;
+    pub(crate) fn subscribe(projector: Projector, counters: Arc<RunCounters>, parts: GroupSourceParts) -> anyhow::Result<Self> {
+        let settings = projector.settings.clone();
+        let consumer = build_consumer(&settings, counters.clone())?;
         Ok(KafkaGroupSource {
-            settings: settings.clone(),
+            progress_key: projector.progress_key(),
+            max_batch: settings.max_batch.max(1),
+            settings,
+            projector,
             counters,
             consumer,
             closing: None,
-            watermarks: parts.watermarks,
-            instance: parts.instance,
             lost: parts.lost,
             stalled: parts.stalled,
-            write_counters: parts.write_counters,
             forget_generations: parts.forget_generations,
             conn: parts.conn,
-            progress_key: settings.keys.progress(&settings.group_id),
             carry: Vec::new(),
-            max_batch: settings.max_batch.max(1),
             occurred: Vec::new(),
         })
     }
 
     fn instance(&self) -> String {
-        self.instance.lock().expect("not poisoned").clone()
+        self.projector.instance()
     }
 
     fn parse(&self, m: OwnedMessage) -> Parsed {
@@ -288,10 +282,10 @@ impl KafkaGroupSource {
         // What was received belongs to positions Redis no longer holds.
         self.carry.clear();
         self.forget_generations.ask();
-        self.write_counters.clear();
+        self.projector.write_counters.clear();
         let s = &self.settings;
-        match state::ensure(&mut self.conn, &s.keys, &s.group_id, &self.watermarks, &s.topics.inputs()).await {
-            Ok(i) => *self.instance.lock().expect("not poisoned") = i,
+        match state::ensure(&mut self.conn, &s.keys, &s.group_id, &self.projector.watermarks, &s.topics.inputs()).await {
+            Ok(i) => *self.projector.instance.lock().expect("not poisoned") = i,
             Err(e) => {
                 warn!(error = %e, "projection state not written; retrying");
                 return false;
@@ -463,9 +457,7 @@ impl Source for KafkaGroupSource {
         info!(reason = %why, "batch given up; starting again from what redis holds");
         let mine = self.instance();
         let mut backoff = Duration::from_millis(200);
-        while let Err(e) =
-            restart_if_counters_went_back(&mut self.conn, &self.settings, &self.watermarks, &self.write_counters, &mine).await
-        {
+        while let Err(e) = restart_if_counters_went_back(&mut self.conn, &self.projector, &mine).await {
             warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "restart after a rewind not made yet; retrying");
             tokio::time::sleep(backoff).await;
             backoff = crate::pipeline::next_backoff(backoff);

@@ -106,6 +106,28 @@ impl RunCounters {
     }
 }
 
+/// What a projector's parts share (the group source and the watches): its settings, its one
+/// watermarks client (the state's target, the published ends, the caught-up watch, the group
+/// watch and the rewind restarts all look through it), the write counters its commits answered
+/// and the projection instance it writes for. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Projector {
+    pub settings: ProjectorSettings,
+    pub watermarks: progress::Watermarks,
+    pub write_counters: crate::apply::WriteCounters,
+    pub instance: Arc<std::sync::Mutex<String>>,
+}
+
+impl Projector {
+    /// The instance this projector writes for now.
+    pub fn instance(&self) -> String {
+        self.instance.lock().expect("not poisoned").clone()
+    }
+    pub fn progress_key(&self) -> String {
+        self.settings.keys.progress(&self.settings.group_id)
+    }
+}
+
 /// Runs until `shutdown` resolves (or, with `exit_when_caught_up`, until caught up). The batch
 /// in flight when shutdown comes is finished, its offsets stored and committed; then Ok.
 pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -127,8 +149,7 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     // projector starts beside topics being created, or while a loaded broker elects their
     // leaders, and a projector must not exit for that (it used to, silently in-process).
     let inputs = settings.topics.inputs();
-    // The one watermarks client of this projector: the state's target, the published ends, the
-    // caught-up watch and the rewind restarts all look through it.
+    // The one watermarks client of this projector (see `Projector`).
     let watermarks = progress::Watermarks::new(&settings.kafka);
     let instance = loop {
         let mut conn = applier.connection();
@@ -143,7 +164,12 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
             }
         }
     };
-    let instance = Arc::new(std::sync::Mutex::new(instance));
+    let projector = Projector {
+        settings: settings.clone(),
+        watermarks: watermarks.clone(),
+        write_counters: applier.write_counters.clone(),
+        instance: Arc::new(std::sync::Mutex::new(instance)),
+    };
     // Raised when Redis lost the projection (by the watch below or by a refused checkpoint).
     let lost = Arc::new(Signal::default());
     let dead_letters = DeadLetterSink {
@@ -155,14 +181,11 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     // Raised when the group left this projector out (see `group_watch`): a new consumer.
     let stalled = Arc::new(Signal::default());
     let mut source = KafkaGroupSource::subscribe(
-        &settings,
+        projector.clone(),
         counters.clone(),
         GroupSourceParts {
-            watermarks: watermarks.clone(),
-            instance: instance.clone(),
             lost: lost.clone(),
             stalled: stalled.clone(),
-            write_counters: applier.write_counters.clone(),
             forget_generations: applier.forget_handle(),
             conn: applier.connection(),
         },
@@ -182,17 +205,10 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
     });
     // With exit_when_caught_up, a separate task watches the lag (a round of broker requests) and
     // resolves this future; the pipeline never waits for it between batches.
-    let caught_up = caught_up_watch(&settings, applier.connection(), progress_key.clone(), watermarks.clone());
+    let caught_up = caught_up_watch(&projector, applier.connection());
     // Stops with this function, however it returns.
-    let _ends_publisher = AbortOnDrop(publish_ends_every_second(&settings, applier.connection(), watermarks.clone()));
-    let _state_watch = AbortOnDrop(watch_state_every_second(
-        &settings,
-        applier.connection(),
-        instance.clone(),
-        lost.clone(),
-        applier.write_counters.clone(),
-        watermarks.clone(),
-    ));
+    let _ends_publisher = AbortOnDrop(publish_ends_every_second(&projector, applier.connection()));
+    let _state_watch = AbortOnDrop(watch_state_every_second(projector.clone(), applier.connection(), lost.clone()));
     info!(group = %settings.group_id, topics = ?settings.topics.inputs(), "projector started");
     // Shutdown during a Redis outage gives the batch in flight up unstored: it is read again on
     // the next start, so nothing is lost.
@@ -217,15 +233,11 @@ pub async fn run(settings: ProjectorSettings, counters: Arc<RunCounters>, shutdo
 /// Every second: is the instance this projector writes for still the one Redis holds (else
 /// Redis lost the projection: `lost`), and is a building projection whole now?
 fn watch_state_every_second(
-    settings: &ProjectorSettings,
+    projector: Projector,
     mut conn: board_redis::redis_conn::RedisConn,
-    instance: Arc<std::sync::Mutex<String>>,
     lost: Arc<Signal>,
-    counters: crate::apply::WriteCounters,
-    watermarks: progress::Watermarks,
 ) -> tokio::task::JoinHandle<()> {
-    let (keys, progress_key, group) = (settings.keys.clone(), settings.keys.progress(&settings.group_id), settings.group_id.clone());
-    let settings = settings.clone();
+    let (keys, progress_key, group) = (projector.settings.keys.clone(), projector.progress_key(), projector.settings.group_id.clone());
     tokio::spawn(async move {
         let mut shards = state::ShardWatch::default();
         let mut marks = rewind::WriteMarks::default();
@@ -246,7 +258,7 @@ fn watch_state_every_second(
                 Ok(None) => {}
                 Err(e) => debug!(error = %e, "cluster primaries not checked"),
             }
-            let mine = instance.lock().expect("not poisoned").clone();
+            let mine = projector.instance();
             match board_redis::projection::instance(&mut conn, &keys).await {
                 Ok(held) if held.as_deref() != Some(mine.as_str()) => {
                     warn!(held = ?held, mine, "redis no longer holds the projection this projector wrote: starting again");
@@ -264,7 +276,7 @@ fn watch_state_every_second(
                 marks.reset();
                 marks_instance = Some(mine.clone());
             }
-            match check_rewind(&mut conn, &settings, &watermarks, &mut marks, &counters, &mine).await {
+            match check_rewind(&mut conn, &projector, &mut marks, &mine).await {
                 Ok(true) => {
                     lost.raise();
                     continue;
@@ -286,23 +298,22 @@ fn watch_state_every_second(
 /// restarted (the caller re-seeks to what Redis holds).
 async fn check_rewind(
     conn: &mut board_redis::redis_conn::RedisConn,
-    settings: &ProjectorSettings,
-    watermarks: &progress::Watermarks,
+    projector: &Projector,
     marks: &mut rewind::WriteMarks,
-    counters: &crate::apply::WriteCounters,
     mine: &str,
 ) -> anyhow::Result<bool> {
     // The counters first: a mark raised after a rewind would carry progress past lost events.
-    if restart_if_counters_went_back(conn, settings, watermarks, counters, mine).await? {
+    if restart_if_counters_went_back(conn, projector, mine).await? {
         return Ok(true);
     }
+    let settings = &projector.settings;
     let keys = &settings.keys;
     let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
     let Some(r) = marks.raise(conn, keys, &progress).await? else { return Ok(false) };
     // Read again: the mark was checked after the first read.
     let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
     let resume = rewind::replay_from(&progress, r.progress.as_ref());
-    restart_after_rewind(conn, settings, watermarks, mine, &r.to_string(), &resume).await?;
+    restart_after_rewind(conn, projector, mine, &r.to_string(), &resume).await?;
     marks.handled(conn, keys, &r).await?;
     Ok(true)
 }
@@ -312,11 +323,10 @@ async fn check_rewind(
 /// `min_writes` guard refuses it) and a new building instance. true: restarted.
 pub(crate) async fn restart_if_counters_went_back(
     conn: &mut board_redis::redis_conn::RedisConn,
-    settings: &ProjectorSettings,
-    watermarks: &progress::Watermarks,
-    counters: &crate::apply::WriteCounters,
+    projector: &Projector,
     mine: &str,
 ) -> anyhow::Result<bool> {
+    let (settings, counters) = (&projector.settings, &projector.write_counters);
     let keys = &settings.keys;
     let back = rewind::counters_went_back(conn, keys, counters).await?;
     let Some(first) = back.first() else { return Ok(false) };
@@ -329,7 +339,7 @@ pub(crate) async fn restart_if_counters_went_back(
         let progress: rewind::Progress = conn.hgetall(keys.progress(&settings.group_id)).await?;
         let resume = rewind::replay_from_orgs(&progress, &orgs);
         let what = format!("the write counter of {first} went back ({} orgs)", back.len());
-        restart_after_rewind(conn, settings, watermarks, mine, &what, &resume).await
+        restart_after_rewind(conn, projector, mine, &what, &resume).await
     }
     .await;
     if restarted.is_err() {
@@ -341,15 +351,15 @@ pub(crate) async fn restart_if_counters_went_back(
 
 async fn restart_after_rewind(
     conn: &mut board_redis::redis_conn::RedisConn,
-    settings: &ProjectorSettings,
-    watermarks: &progress::Watermarks,
+    projector: &Projector,
     mine: &str,
     what: &str,
     resume: &rewind::Progress,
 ) -> anyhow::Result<()> {
     warn!(rewound = %what, resume = ?resume, "redis went back to an earlier state: replaying from what its data holds");
+    let s = &projector.settings;
     let restarted =
-        state::restart_after_rewind(conn, &settings.keys, &settings.group_id, mine, resume, watermarks, &settings.topics.inputs()).await?;
+        state::restart_after_rewind(conn, &s.keys, &s.group_id, mine, resume, &projector.watermarks, &s.topics.inputs()).await?;
     if restarted.is_some() {
         events::RedisRewound.emit();
     }
@@ -395,12 +405,10 @@ impl Drop for AbortOnDrop {
 
 /// Keeps the partitions' ends in Redis, every second while the projector runs, so the API reads
 /// the projection's lag without a Kafka client.
-fn publish_ends_every_second(
-    settings: &ProjectorSettings,
-    mut conn: board_redis::redis_conn::RedisConn,
-    watermarks: progress::Watermarks,
-) -> tokio::task::JoinHandle<()> {
-    let (topics, key) = (settings.topics.inputs(), settings.keys.partition_ends(&settings.group_id));
+fn publish_ends_every_second(projector: &Projector, mut conn: board_redis::redis_conn::RedisConn) -> tokio::task::JoinHandle<()> {
+    let settings = &projector.settings;
+    let (topics, key, watermarks) =
+        (settings.topics.inputs(), settings.keys.partition_ends(&settings.group_id), projector.watermarks.clone());
     tokio::spawn(async move {
         loop {
             if let Err(e) = watermarks.publish_ends(&topics, &mut conn, &key).await {
@@ -412,16 +420,11 @@ fn publish_ends_every_second(
 }
 
 /// Resolves once every input partition is applied to its end; never, unless asked for.
-async fn caught_up_watch(
-    settings: &ProjectorSettings,
-    mut conn: board_redis::redis_conn::RedisConn,
-    progress_key: String,
-    watermarks: progress::Watermarks,
-) {
-    if !settings.exit_when_caught_up {
+async fn caught_up_watch(projector: &Projector, mut conn: board_redis::redis_conn::RedisConn) {
+    if !projector.settings.exit_when_caught_up {
         return std::future::pending().await;
     }
-    let topics = settings.topics.inputs();
+    let (topics, progress_key, watermarks) = (projector.settings.topics.inputs(), projector.progress_key(), projector.watermarks.clone());
     let task = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
