@@ -49,7 +49,9 @@ case "$cmd" in
     if ! redis-cli -p "${PORTS[0]}" cluster info | grep -q '^cluster_slots_assigned:16384'; then
       hosts=()
       for p in "${PORTS[@]}"; do hosts+=("127.0.0.1:$p"); done
-      redis-cli --cluster create "${hosts[@]}" --cluster-replicas 1 --cluster-yes >"$DIR/create.log" 2>&1 ||
+      # Bounded: a create whose nodes never meet on the cluster bus waits for them forever (a
+      # test's cluster then starts again on other ports).
+      timeout 120 redis-cli --cluster create "${hosts[@]}" --cluster-replicas 1 --cluster-yes >"$DIR/create.log" 2>&1 ||
         { cat "$DIR/create.log" >&2; exit 1; }
     fi
     for ((i = 0; i < 300; i++)); do cluster_ok && break; sleep 0.1; done

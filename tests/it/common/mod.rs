@@ -565,7 +565,10 @@ impl OwnCluster {
             let dir = TempDir::new("cluster");
             // Six ports and their cluster bus ports (+10000) all free.
             let base = loop {
-                let base = 20_000 + rand::random::<u16>() % 20_000;
+                // Node ports and their bus ports (+10000) below the ephemeral range (32768 up):
+                // a client connection of another test cannot take one between the check and
+                // the bind (a create waited 20 minutes here on nodes 25007-25012, bus ports 35007-35012).
+                let base = 10_000 + rand::random::<u16>() % 12_000;
                 let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
                 if (base..base + 6).all(|p| free(p) && free(p + 10_000)) {
                     break base;
