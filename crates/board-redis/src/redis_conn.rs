@@ -244,6 +244,14 @@ impl RedisConn {
         found.dedup();
         Ok(found)
     }
+
+    /// Removes `keys`, 1,000 a round trip (a cluster client splits a multi-key UNLINK by slot).
+    pub async fn unlink<K: redis::ToRedisArgs + Sync>(&mut self, keys: &[K]) -> RedisResult<()> {
+        for chunk in keys.chunks(1000) {
+            redis::cmd("UNLINK").arg(chunk).query_async::<()>(self).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs one command on a plain blocking connection, made for it: for code that must decide

@@ -147,19 +147,11 @@ impl Sandbox {
     }
 }
 
-/// Every key matching `pattern`, deleted 500 at a time (key by key on a cluster, which refuses
-/// a DEL of several slots).
+/// Every key matching `pattern` on every primary, removed.
 pub async fn remove_keys(redis_url: &str, pattern: &str) -> anyhow::Result<u64> {
     let mut conn = board_redis::config::redis_connection(redis_url).await?;
     let keys: Vec<String> = conn.scan_match(pattern).await?;
-    for chunk in keys.chunks(500) {
-        let removed: redis::RedisResult<()> = redis::cmd("UNLINK").arg(chunk).query_async(&mut conn).await;
-        if removed.is_err() {
-            for key in chunk {
-                let _: redis::RedisResult<()> = redis::cmd("UNLINK").arg(key).query_async(&mut conn).await;
-            }
-        }
-    }
+    conn.unlink(&keys).await?;
     Ok(keys.len() as u64)
 }
 

@@ -192,16 +192,7 @@ impl Api {
     }
 
     async fn wait(&self, within: Duration, path: &str) -> anyhow::Result<()> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(r) = self.http.get(format!("{}{path}", self.base)).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
-            }
-            anyhow::ensure!(Instant::now() < deadline, "the API did not answer {path} within {within:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_answering(|| self.http.get(format!("{}{path}", self.base)), within).await
     }
 
     /// POST /api/contacts: the status, the ETag and the body.
@@ -233,6 +224,20 @@ impl Api {
     /// Resident memory of the API process.
     pub fn rss_mib(&self) -> f64 {
         rss_kib(self.pid) as f64 / 1024.0
+    }
+}
+
+/// Waits until `request` (made anew for each try) answers with a success: a server just started.
+pub async fn wait_answering(request: impl Fn() -> reqwest::RequestBuilder, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let asked = request();
+        let what = asked.try_clone().and_then(|r| r.build().ok()).map(|r| format!("{} {}", r.method(), r.url())).unwrap_or_default();
+        if asked.send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{what} did not answer within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

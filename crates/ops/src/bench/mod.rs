@@ -284,10 +284,9 @@ async fn clean() -> anyhow::Result<()> {
         let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(10), board_redis::config::redis_connection(url)).await else {
             continue;
         };
-        for key in conn.scan_match("bench:*").await?.into_iter().filter(|k| is_bench_key(k)) {
-            let _: () = redis::cmd("UNLINK").arg(&key).query_async(&mut conn).await?;
-            keys += 1;
-        }
+        let left: Vec<String> = conn.scan_match("bench:*").await?.into_iter().filter(|k| is_bench_key(k)).collect();
+        conn.unlink(&left).await?;
+        keys += left.len();
     }
     let client = mongodb::Client::with_uri_str(&stack.mongo_uri).await?;
     let mut databases = 0;
@@ -490,9 +489,7 @@ async fn redis_writes(redis: &RedisArgs, org: &str, cards: usize, events_per_car
         records.len() as f64 * events_per_card / secs
     );
     let names = conn.scan_match(&format!("{}-rawwrites:*", redis.redis_prefix)).await?;
-    for chunk in names.chunks(1000) {
-        redis::cmd("UNLINK").arg(chunk).query_async::<()>(&mut conn).await?;
-    }
+    conn.unlink(&names).await?;
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! boards (a)-(h) over HTTP with wrk at 1 and 32 connections beside the same Redis work issued
 //! directly, the simplest possible board and a canned axum response of the same size;
 //! freshness under load; the MongoDB path against the projection.
-use super::harness::{board_summary, free_port, redis_cpu, redis_used_memory, Api, BenchRun};
+use super::harness::{board_summary, free_port, redis_cpu, redis_used_memory, wait_answering, Api, BenchRun};
 use super::wrk::{ms, Script, Wrk, WrkResult};
 use crate::seed::SeedArgs;
 use std::time::{Duration, Instant};
@@ -176,7 +176,8 @@ async fn canned(r: &mut BenchRun, c: &Caller, duration: Duration) -> anyhow::Res
     let addr = format!("127.0.0.1:{}", free_port()?);
     let canned = r.spawn(r.command(&["bench", "canned", "--listen", &addr, "--bytes", &bytes.to_string()]))?;
     let url = format!("http://{addr}/api/contacts");
-    wait_for_post(&url).await?;
+    let http = reqwest::Client::new();
+    wait_answering(|| http.post(&url), Duration::from_secs(10)).await?;
     for conns in [1, 32] {
         let env = vec![("BODY", "{}".into()), ("TOKEN", "-".into())];
         let w = Wrk { url: &url, conns, duration, script: Script::Post, env, timeout: None }.run()?;
@@ -230,16 +231,4 @@ fn raw_board<'a>(org: &'a str, user: &'a str, what: &[&'a str], conns: usize, se
 /// One table row: label, connections, p50, p99, max, requests/s, errors.
 pub fn row(label: &str, conns: usize, w: &WrkResult) -> String {
     format!("{label:<24} {conns:>5} | {:>9} {:>9} {:>9} {:>9.0} {}", ms(w.p50), ms(w.p99), ms(w.max), w.rps(), w.trouble())
-}
-
-/// Waits until a POST to `url` answers (a server just started).
-async fn wait_for_post(url: &str) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    for _ in 0..100 {
-        if http.post(url).send().await.is_ok_and(|r| r.status().is_success()) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("{url} did not answer")
 }

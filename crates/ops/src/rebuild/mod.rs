@@ -371,10 +371,7 @@ pub async fn remove_org_generations(conn: &mut RedisConn, keys: &KeySpace, remov
     // SCAN walks one node: `scan_match` asks every primary of a cluster.
     let names = conn.scan_match(&keys.pattern()).await?;
     let doomed: Vec<&String> = names.iter().filter(|k| !pointers.contains(*k) && prefixes.iter().any(|p| k.starts_with(p))).collect();
-    for chunk in doomed.chunks(1000) {
-        // A cluster client splits a multi-key UNLINK by slot.
-        let _: () = redis::cmd("UNLINK").arg(chunk).query_async(conn).await?;
-    }
+    conn.unlink(&doomed).await?;
     let removed = doomed.len();
     Ok(removed)
 }
