@@ -19,6 +19,7 @@ use nix::sys::signal::Signal;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -120,6 +121,7 @@ async fn poll_forever(client: Arc<Client>, url: String, stop: Arc<AtomicBool>) {
 /// Changes contacts the way a CRM does, in MongoDB (the source of truth) and as events.
 struct Producer {
     db: mongodb::Database,
+    brokers: String,
     kafka: FutureProducer,
     topics: projector::config::Topics,
     /// Per org: its users and its contacts' ids (deleted ones removed).
@@ -129,6 +131,10 @@ struct Producer {
     produced: u64,
 }
 
+fn chaos_producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new().set("bootstrap.servers", brokers).set("message.timeout.ms", "10000").create().expect("producer")
+}
+
 fn object_id(rng: &mut impl Rng) -> String {
     format!("{:024x}", rng.random::<u128>() >> 32)
 }
@@ -136,14 +142,17 @@ fn object_id(rng: &mut impl Rng) -> String {
 impl Producer {
     async fn send(&mut self, topic: &str, key: &str, value: Value) {
         let payload = serde_json::to_vec(&value).unwrap();
-        // Delivered before the next change: a broker that is down is waited for (the producer
-        // retries within its message timeout), so MongoDB never runs ahead of the topics for long.
+        // Delivered before the next change: a broker that is down is waited for, so MongoDB never
+        // runs ahead of the topics for long. A librdkafka producer can keep a message queued until
+        // its timeout after its broker restarted (confluentinc/librdkafka#1432, #3009; once the CI
+        // waited 120 s for one): the timeout is short, and a failed send retries on a new producer.
         loop {
-            match self.kafka.send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(60)).await {
+            match self.kafka.send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(10)).await {
                 Ok(_) => break,
                 Err((e, _)) => {
-                    eprintln!("chaos producer: {e}; retrying");
+                    eprintln!("chaos producer: {e}; retrying on a new producer");
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                    self.kafka = chaos_producer(&self.brokers);
                 }
             }
         }
@@ -436,7 +445,8 @@ async fn chaos_run() {
     let producer_task = {
         let mut p = Producer {
             db: db.clone(),
-            kafka: env.producer(),
+            kafka: chaos_producer(&env.brokers),
+            brokers: env.brokers.clone(),
             topics: env.topics.clone(),
             orgs: producer_orgs,
             stages,
@@ -475,6 +485,7 @@ async fn chaos_run() {
         }
         let fault = order[round % order.len()];
         round += 1;
+        eprintln!("chaos round {round}: {fault:?}");
         if fault == Fault::OlderRdbReloaded {
             redis.save();
         }
