@@ -210,3 +210,55 @@ fn on_own_runtime<T: Send + 'static>(f: impl std::future::Future<Output = T> + S
     });
     rx
 }
+
+/// The in-memory indexes stay under their byte budget (`INDEX_MEMORY_LIMIT`): boards of more
+/// orgs than fit are answered, each as with no budget, while the least recently used orgs'
+/// indexes are dropped; an org alone over the budget answers and is not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_indexes_stay_under_their_memory_budget() {
+    use board_api::query::projection::ProjectionReader;
+    use std::time::Duration;
+    let env = crate::common::TestEnv::new("index-budget").await;
+    let seeded = env.seed_and_project(small_seed(6, 300, 19)).await;
+    let db = env.mongo().await;
+    let q = board_api::query::request::ContactsRequest::parse(br#"{"ownerFilter": "team", "search": "an"}"#).unwrap().into_query().unwrap();
+    let mut users = Vec::new();
+    for org in &seeded.org_ids {
+        users.push(board_mongo::load_org(&db, org).await.unwrap().users[0].id.clone());
+    }
+
+    // Without a budget to speak of: every org's answer and index size.
+    let unbounded = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_memory_limit(usize::MAX);
+    let (mut answers, mut largest) = (Vec::new(), 0);
+    for (org, user) in seeded.org_ids.iter().zip(&users) {
+        let before = unbounded.index_bytes();
+        let (answer, route) = unbounded.answer(org, user, &q, 0).await.unwrap();
+        assert_eq!(route.name(), "index");
+        largest = largest.max(unbounded.index_bytes() - before);
+        answers.push(answer);
+    }
+    assert!(largest > 0, "an index accounts its bytes");
+
+    // A budget for two and a half orgs: every answer the same, the bytes always under it.
+    let budget = largest * 5 / 2;
+    let bounded = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_memory_limit(budget);
+    for round in 0..2 {
+        for ((org, user), want) in seeded.org_ids.iter().zip(&users).zip(&answers) {
+            let (answer, _) = bounded.answer(org, user, &q, 0).await.unwrap();
+            assert_eq!(&answer, want, "round {round}, org {org}: another answer under the budget");
+            let held = bounded.index_bytes();
+            assert!(held <= budget, "round {round}, org {org}: {held} bytes held, budget {budget}");
+        }
+    }
+    let kept = seeded.org_ids.iter().filter(|o| bounded.loaded_index(o).is_some()).count();
+    assert!((1..=2).contains(&kept), "{kept} of 6 indexes kept under a budget for 2.5");
+    let last = seeded.org_ids.last().unwrap();
+    assert!(bounded.loaded_index(last).is_some(), "the most recently used org is kept");
+
+    // An org alone over the budget is answered from the index it loaded, which is not kept.
+    let tiny = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_memory_limit(1);
+    let (answer, _) = tiny.answer(&seeded.org_ids[0], &users[0], &q, 0).await.unwrap();
+    assert_eq!(answer, answers[0]);
+    assert_eq!(tiny.index_bytes(), 0);
+    assert!(tiny.loaded_index(&seeded.org_ids[0]).is_none());
+}

@@ -117,11 +117,61 @@ impl IndexInstanceChanged<'_> {
 pub struct IndexSize {
     pub orgs: usize,
     pub cards: usize,
+    pub bytes: usize,
 }
 
 impl IndexSize {
     pub fn emit(self) {
         metrics::gauge!("pb_index_orgs").set(self.orgs as f64);
         metrics::gauge!("pb_index_cards").set(self.cards as f64);
+        metrics::gauge!("pb_index_bytes").set(self.bytes as f64);
+    }
+}
+
+/// An org's index was loaded: its size by part and how long the load took.
+pub struct IndexLoaded<'a> {
+    /// The org's key base (org and generation).
+    pub org: &'a str,
+    pub cards: usize,
+    pub parts: [(&'static str, usize); 7],
+    pub seconds: f64,
+}
+
+impl IndexLoaded<'_> {
+    pub fn emit(self) {
+        let bytes: usize = self.parts.iter().map(|(_, b)| b).sum();
+        let parts: Vec<String> = self.parts.iter().map(|(part, b)| format!("{part}={b}")).collect();
+        metrics::histogram!("pb_index_load_seconds").record(self.seconds);
+        info!(org = self.org, cards = self.cards, bytes, parts = %parts.join(" "), seconds = self.seconds, "in-memory index loaded");
+    }
+}
+
+/// Indexes dropped: `budget` (least recently used, to stay under `INDEX_MEMORY_LIMIT`) or
+/// `idle` (no board for `INDEX_IDLE`).
+pub struct IndexesEvicted {
+    pub reason: &'static str,
+    pub count: usize,
+}
+
+impl IndexesEvicted {
+    pub fn emit(self) {
+        if self.count > 0 {
+            metrics::counter!("pb_index_evictions_total", "reason" => self.reason).increment(self.count as u64);
+        }
+    }
+}
+
+/// One org's index alone is larger than the whole budget: it answers the boards in flight and is
+/// not kept (each of its index boards loads it again: raise `INDEX_MEMORY_LIMIT`).
+pub struct IndexOverBudget<'a> {
+    pub org: &'a str,
+    pub bytes: usize,
+    pub limit: usize,
+}
+
+impl IndexOverBudget<'_> {
+    pub fn emit(self) {
+        metrics::counter!("pb_index_over_budget_total").increment(1);
+        warn!(org = self.org, bytes = self.bytes, limit = self.limit, "an org's index alone exceeds INDEX_MEMORY_LIMIT; not kept");
     }
 }

@@ -58,6 +58,11 @@ pub struct ServeArgs {
     /// filters the sorted sets do not answer) before the request is answered 503 `timeout`.
     #[arg(long, env = "INDEX_DEADLINE_MS", default_value_t = 2_000)]
     pub index_deadline_ms: u64,
+    /// The in-memory indexes' byte budget (e.g. `640MiB`, `2GiB`, bytes): beyond it the least
+    /// recently used orgs' indexes are dropped (`pb_index_bytes`, `pb_index_evictions_total`).
+    /// The default suits a 1 GiB pod; see the README's scaling section.
+    #[arg(long, env = "INDEX_MEMORY_LIMIT", default_value_t = bytesize::ByteSize(crate::query::index_cache::DEFAULT_INDEX_MEMORY_LIMIT as u64))]
+    pub index_memory_limit: bytesize::ByteSize,
     /// Most contact ids the MongoDB path collects for one filter (conversations, messages);
     /// a broader filter is answered 503 `mongodb_filter_too_broad` instead of an unbounded query.
     #[arg(long, env = "MONGODB_PATH_MAX_IDS", default_value_t = crate::query::mongo_path::DEFAULT_MAX_IDS)]
@@ -294,7 +299,8 @@ impl Application {
         let health = Health::default();
         health.spawn_probe(redis.clone(), mongo_db.clone(), Duration::from_millis(args.health_interval_ms.max(100)), keys.clone());
         let state = AppState {
-            projection: ProjectionReader::new(redis.clone(), keys.clone(), Duration::from_millis(args.index_deadline_ms)),
+            projection: ProjectionReader::new(redis.clone(), keys.clone(), Duration::from_millis(args.index_deadline_ms))
+                .with_index_memory_limit(args.index_memory_limit.as_u64() as usize),
             mongo: MongoReader::new(mongo_db.clone(), args.mongodb_path_max_ids),
             redis,
             mongo_db,

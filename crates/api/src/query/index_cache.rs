@@ -5,6 +5,11 @@
 //! position, before or while it catches up), that finds the stream behind its position (Redis
 //! went back in time, or the stream was made again) or that sees the projection's instance
 //! change (a heal after Redis lost it) reloads the org.
+//!
+//! Memory is bounded: the indexes' bytes (`OrgIndex::bytes`) are kept under a budget
+//! (`INDEX_MEMORY_LIMIT`) by dropping the least recently used orgs' indexes; a load streams the
+//! org's records into the index chunk by chunk, and at most `LOADS_AT_ONCE` loads run at once,
+//! so what a load holds besides the index is bounded too.
 use super::index::OrgIndex;
 use arc_swap::ArcSwap;
 use board_model::keys::{Changed, OrgKeys};
@@ -28,9 +33,12 @@ use tracing::info;
 pub struct OrgSlot {
     sync: tokio::sync::Mutex<bool>,
     index: ArcSwap<RwLock<OrgIndex>>,
-    /// Cards in the index (the sweeper's metrics read this, never the index's lock).
+    /// Cards in the index and the bytes it holds (the budget and the metrics read these, never
+    /// the index's lock).
     cards: AtomicUsize,
-    /// Unix seconds of the last board that used it (idle indexes are dropped).
+    bytes: AtomicUsize,
+    /// Unix milliseconds of the last board that used it: the least recently used orgs are
+    /// dropped when the budget is exceeded, idle ones every minute.
     last_used: AtomicI64,
     /// A load of the org's new generation (after a rebuild's switch) is under way.
     switching: AtomicBool,
@@ -43,8 +51,9 @@ impl OrgSlot {
     }
 
     /// Puts a newly loaded index in place: boards that started on the old one finish on it.
-    fn replace(&self, index: OrgIndex) {
+    fn replace(&self, mut index: OrgIndex) {
         self.cards.store(index.len(), Ordering::Relaxed);
+        self.bytes.store(index.account(), Ordering::Relaxed);
         self.index.store(Arc::new(RwLock::new(index)));
     }
 
@@ -61,13 +70,27 @@ impl OrgSlot {
 /// the orgs being worked on, and a dropped org is loaded again on its next index board.
 pub const INDEX_IDLE: Duration = Duration::from_secs(600);
 
-fn unix_now() -> i64 {
-    board_model::time::now_millis() / 1000
+/// The default index budget: sized for a 1 GiB pod (the API's own ~50 MiB, a load's chunks and
+/// the answers in flight besides).
+pub const DEFAULT_INDEX_MEMORY_LIMIT: usize = 640 << 20;
+
+/// Loads that run at once (each holds a chunk of records besides its growing index).
+const LOADS_AT_ONCE: usize = 2;
+
+/// Once over the budget, orgs are dropped until the indexes fit in this share of it (not one
+/// org per load when the budget is full).
+const EVICT_TO: f64 = 0.9;
+
+fn now_millis() -> i64 {
+    board_model::time::now_millis()
 }
 
 #[derive(Clone)]
 pub struct IndexCache {
     conn: RedisConn,
+    /// The indexes' byte budget.
+    limit: usize,
+    loads: Arc<tokio::sync::Semaphore>,
     orgs: Arc<Mutex<HashMap<String, Arc<OrgSlot>>>>,
     sweeper: Arc<Mutex<bool>>,
     /// The projection instance the indexes were loaded under (`observe_instance`).
@@ -131,8 +154,57 @@ async fn stream_state(conn: &mut RedisConn, key: &str) -> Result<(String, String
 }
 
 impl IndexCache {
-    pub fn new(conn: RedisConn) -> Self {
-        IndexCache { conn, orgs: Arc::default(), sweeper: Arc::default(), instance: Arc::default() }
+    pub fn new(conn: RedisConn, limit: usize) -> Self {
+        IndexCache {
+            conn,
+            limit,
+            loads: Arc::new(tokio::sync::Semaphore::new(LOADS_AT_ONCE)),
+            orgs: Arc::default(),
+            sweeper: Arc::default(),
+            instance: Arc::default(),
+        }
+    }
+
+    /// Bytes the indexes hold now.
+    pub fn bytes(&self) -> usize {
+        self.orgs.lock().expect("not poisoned").values().map(|s| s.bytes.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Drops least recently used indexes (never `keep`'s unless it alone is over the budget)
+    /// until the indexes fit in `EVICT_TO` of the budget; reports what stays.
+    fn enforce_budget(&self, keep: &str) {
+        let mut orgs = self.orgs.lock().expect("not poisoned");
+        let mut total: usize = orgs.values().map(|s| s.bytes.load(Ordering::Relaxed)).sum();
+        if total > self.limit {
+            let target = (self.limit as f64 * EVICT_TO) as usize;
+            let mut by_use: Vec<(i64, String, usize)> = orgs
+                .iter()
+                .filter(|(org, _)| org.as_str() != keep)
+                .map(|(org, s)| (s.last_used.load(Ordering::Relaxed), org.clone(), s.bytes.load(Ordering::Relaxed)))
+                .collect();
+            by_use.sort_unstable();
+            let mut evicted = 0;
+            for (_, org, bytes) in by_use {
+                if total <= target {
+                    break;
+                }
+                orgs.remove(&org);
+                total -= bytes;
+                evicted += 1;
+            }
+            crate::events::IndexesEvicted { reason: "budget", count: evicted }.emit();
+            if total > self.limit {
+                // The org alone is over the budget: this board is answered from it, and it is
+                // dropped once the walks in flight are done (its next board loads it again).
+                if let Some(slot) = orgs.remove(keep) {
+                    let bytes = slot.bytes.load(Ordering::Relaxed);
+                    total -= bytes;
+                    crate::events::IndexOverBudget { org: keep, bytes, limit: self.limit }.emit();
+                }
+            }
+        }
+        let cards: usize = orgs.values().map(|s| s.cards.load(Ordering::Relaxed)).sum();
+        crate::events::IndexSize { orgs: orgs.len(), cards, bytes: total }.emit();
     }
 
     /// Every request reads the projection's instance before its index: when it changes (Redis
@@ -167,13 +239,15 @@ impl IndexCache {
 
     /// Drops the indexes of orgs idle for longer than `idle`; reports what stays as metrics.
     pub fn evict_idle(&self, idle: Duration) -> usize {
-        let cutoff = unix_now() - idle.as_secs() as i64;
+        let cutoff = now_millis() - idle.as_millis() as i64;
         // Under the map's lock only atomics are read: never a slot's lock (a walk may hold it).
         let mut orgs = self.orgs.lock().expect("not poisoned");
         let before = orgs.len();
         orgs.retain(|_, slot| slot.last_used.load(Ordering::Relaxed) > cutoff);
         let cards: usize = orgs.values().map(|s| s.cards.load(Ordering::Relaxed)).sum();
-        crate::events::IndexSize { orgs: orgs.len(), cards }.emit();
+        let bytes: usize = orgs.values().map(|s| s.bytes.load(Ordering::Relaxed)).sum();
+        crate::events::IndexSize { orgs: orgs.len(), cards, bytes }.emit();
+        crate::events::IndexesEvicted { reason: "idle", count: before - orgs.len() }.emit();
         before - orgs.len()
     }
 
@@ -211,7 +285,7 @@ impl IndexCache {
     async fn current_here(&self, org: &str, keys: &OrgKeys) -> Result<Arc<OrgSlot>, RedisError> {
         self.start_sweeper();
         let slot = self.orgs.lock().expect("not poisoned").entry(org.to_string()).or_default().clone();
-        slot.last_used.store(unix_now(), Ordering::Relaxed);
+        slot.last_used.store(now_millis(), Ordering::Relaxed);
         let mut loaded = slot.sync.lock().await;
         let mut conn = self.conn.clone();
         let (last, max_deleted) = stream_state(&mut conn, &keys.changes()).await?;
@@ -229,6 +303,8 @@ impl IndexCache {
                             let _guard = slot.sync.lock().await;
                             info!(org, cards = index.len(), generation_keys = %keys.base, "in-memory index loaded for the new generation");
                             slot.replace(index);
+                            drop(_guard);
+                            cache.enforce_budget(&org);
                         }
                         Err(e) => tracing::warn!(org, error = %e, "index of the new generation not loaded; the next board tries again"),
                     }
@@ -243,46 +319,69 @@ impl IndexCache {
             if action == Freshen::Load {
                 let mut index = self.load(keys, last).await?;
                 index.base = keys.base.clone();
-                info!(org, cards = index.len(), "in-memory index loaded");
                 slot.replace(index);
                 *loaded = true;
+            }
+            if action != Freshen::Nothing {
+                drop(loaded);
+                self.enforce_budget(org);
+                return Ok(slot);
             }
         }
         drop(loaded);
         Ok(slot)
     }
 
+    /// Loads the org's index: its records are scanned in chunks, each decoded into the index on
+    /// a blocking thread while the next is read (never the whole org's records at once).
     async fn load(&self, keys: &OrgKeys, stream_id: String) -> Result<OrgIndex, RedisError> {
+        let _permit = self.loads.acquire().await.expect("the semaphore is never closed");
+        let started = std::time::Instant::now();
         let mut conn = self.conn.clone();
-        let mut raw: Vec<(CardKind, RecordChunk)> = Vec::new();
-        for kind in [CardKind::Contact, CardKind::Application] {
-            let mut cursor = 0u64;
-            loop {
-                let (next, chunk): (u64, Vec<(String, Vec<u8>)>) =
-                    redis::cmd("HSCAN").arg(keys.cards(kind)).arg(cursor).arg("COUNT").arg(2000).query_async(&mut conn).await?;
-                raw.push((kind, chunk));
-                cursor = next;
-                if cursor == 0 {
-                    break;
-                }
-            }
-        }
         let users: Vec<(String, String)> = redis::cmd("HGETALL").arg(keys.users()).query_async(&mut conn).await?;
-        // Decoding a large org is CPU work: keep it off the async workers.
-        let built = tokio::task::spawn_blocking(move || {
+        let (chunks, mut arriving) = tokio::sync::mpsc::channel::<(CardKind, RecordChunk)>(2);
+        // Decoding a large org is CPU work: off the async workers.
+        let builder = tokio::task::spawn_blocking(move || {
             let mut index = OrgIndex::new(stream_id);
             index.start_load();
             index.set_users(users.into_iter().map(|(u, t)| (u, serde_json::from_str(&t).unwrap_or_default())));
-            for (kind, chunk) in raw {
+            while let Some((kind, chunk)) = arriving.blocking_recv() {
                 for (id, bytes) in chunk {
                     index.put(kind, &id, CardRecord::decode(&bytes).ok().as_ref());
                 }
             }
             index.finish_load();
             index
-        })
+        });
+        let scanned = async {
+            for kind in [CardKind::Contact, CardKind::Application] {
+                let mut cursor = 0u64;
+                loop {
+                    let (next, chunk): (u64, RecordChunk) =
+                        redis::cmd("HSCAN").arg(keys.cards(kind)).arg(cursor).arg("COUNT").arg(2000).query_async(&mut conn).await?;
+                    if chunks.send((kind, chunk)).await.is_err() {
+                        return Err(RedisError::from(std::io::Error::other("index load: the builder stopped")));
+                    }
+                    cursor = next;
+                    if cursor == 0 {
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        }
         .await;
-        built.map_err(|e| RedisError::from(std::io::Error::other(format!("index load: {e}"))))
+        drop(chunks);
+        let index = builder.await.map_err(|e| RedisError::from(std::io::Error::other(format!("index load: {e}"))))?;
+        scanned?;
+        crate::events::IndexLoaded {
+            org: &keys.base,
+            cards: index.len(),
+            parts: index.bytes_by_part(),
+            seconds: started.elapsed().as_secs_f64(),
+        }
+        .emit();
+        Ok(index)
     }
 
     /// Applies the stream's entries after `from` up to `to`; false (nothing applied) when the
@@ -356,11 +455,12 @@ impl IndexCache {
                 }
             }
             index.stream_id = at;
-            index.len()
+            (index.len(), index.account())
         })
         .await
         .map_err(|e| RedisError::from(std::io::Error::other(format!("index catch-up: {e}"))))?;
-        slot.cards.store(cards, Ordering::Relaxed);
+        slot.cards.store(cards.0, Ordering::Relaxed);
+        slot.bytes.store(cards.1, Ordering::Relaxed);
         Ok(true)
     }
 }

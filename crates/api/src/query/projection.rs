@@ -131,7 +131,25 @@ impl ProjectionRoute {
 
 impl ProjectionReader {
     pub fn new(conn: RedisConn, keys: KeySpace, index_deadline: Duration) -> Self {
-        ProjectionReader { index: IndexCache::new(conn.clone()), conn, keys, index_deadline, deep_page_offset: DEEP_PAGE_OFFSET }
+        ProjectionReader {
+            index: IndexCache::new(conn.clone(), super::index_cache::DEFAULT_INDEX_MEMORY_LIMIT),
+            conn,
+            keys,
+            index_deadline,
+            deep_page_offset: DEEP_PAGE_OFFSET,
+        }
+    }
+
+    /// Keeps the in-memory indexes under `bytes` (`INDEX_MEMORY_LIMIT`), least recently used
+    /// orgs dropped first.
+    pub fn with_index_memory_limit(mut self, bytes: usize) -> Self {
+        self.index = IndexCache::new(self.conn.clone(), bytes);
+        self
+    }
+
+    /// Bytes the in-memory indexes hold now.
+    pub fn index_bytes(&self) -> usize {
+        self.index.bytes()
     }
 
     /// Drops the in-memory indexes of orgs without an index board for `idle` (a background task

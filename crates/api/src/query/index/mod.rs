@@ -1,0 +1,732 @@
+//! The API's in-memory index of one org: answers, off Redis' thread, every board the Redis sorted
+//! sets do not answer directly (search, team, several owners, assignees, unassigned, source, bulk,
+//! answered, the last-message windows, and their combinations).
+//!
+//! Rows are card records (`record::CardRecord`) reduced to what filters look at, in compact form
+//! (`compact`: packed ids, interned names, search texts in one arena: ~200 bytes a card);
+//! membership filters are Roaring bitmaps over row numbers, so a filter is a few bitmap
+//! operations whatever its selectivity, and search terms of 3+ characters start from trigram
+//! postings (kept only for orgs of `GRAM_MIN_ROWS` cards or more: a small org's search reads its
+//! few candidates' texts, and trigram postings would cost it more than its rows). What remains
+//! per candidate (time ranges, the literal search check) runs over the candidates only, under a
+//! deadline. Pure: `index_cache.rs` loads and follows the org's change stream.
+mod compact;
+
+use super::board::BoardPlan;
+use super::request::{BoardQuery, MessageStatus, OwnerScope};
+use board_model::card::{search_fields, trigrams, Trigram};
+use board_model::keys::raw_stage_key;
+use board_model::model::CardKind;
+use board_model::record::{has_message_between, quiet_since, CardRecord};
+use board_model::time::Millis;
+use compact::{decode_texts, distinct_texts, encode_texts, Arena, CardId, Names, Span};
+use hashbrown::HashTable;
+use roaring::RoaringBitmap;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, RandomState};
+use std::mem::size_of;
+use std::time::Instant;
+
+/// `created` of a card without `createdAt` (below every time, as `None` is below `Some`).
+const NO_TIME: Millis = Millis::MIN;
+/// A name number that names nothing (no stage, no source).
+const NO_NAME: u32 = u32::MAX;
+
+const BULK: u8 = 1;
+const UNASSIGNED: u8 = 2;
+const ANSWERED: u8 = 4;
+
+/// Orgs with fewer cards keep no trigram postings (see the module's comment).
+pub const GRAM_MIN_ROWS: usize = 2_000;
+
+#[derive(Debug, Clone)]
+struct Row {
+    id: CardId,
+    created: Millis,
+    /// In `OrgIndex::times`: the distinct message times, ascending.
+    message_times: Span,
+    /// In `OrgIndex::people`: how many people, the people's name numbers (sorted), then the
+    /// assignees'; kept to take the row out of the bitmaps again.
+    people: Span,
+    /// In `OrgIndex::texts`: case-folded names and phone numbers (`encode_texts`).
+    text: Span,
+    stage: u32,
+    source: u32,
+    kind: CardKind,
+    flags: u8,
+}
+
+impl Row {
+    fn place(&self) -> Place<'_> {
+        Place(Reverse((self.created, &self.id)))
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.id.heap_bytes()
+    }
+}
+
+/// A row's place in its column (`board_model::order::BoardPlace`, on compact fields: `created`
+/// descending with `NO_TIME` last, then id descending): the smaller place comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Place<'a>(Reverse<(Millis, &'a CardId)>);
+
+/// Why the index did not answer.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum IndexError {
+    #[error("the board's filters took longer than the index deadline")]
+    Deadline,
+}
+
+#[derive(Debug, Default)]
+pub struct OrgIndex {
+    /// The last change-stream entry applied (`0-0`: none).
+    pub stream_id: String,
+    /// The key base (org and generation) it was loaded from.
+    pub base: String,
+    /// Row numbers, found by their card's (kind, id).
+    slots: HashTable<u32>,
+    hasher: RandomState,
+    rows: Vec<Option<Row>>,
+    live: usize,
+    free: Vec<u32>,
+    names: Names,
+    texts: Arena<u8>,
+    times: Arena<Millis>,
+    people: Arena<u32>,
+    /// (kind, stage name number) -> rows
+    by_stage: HashMap<(CardKind, u32), RoaringBitmap>,
+    /// The rows of each raw stage in board order (createdAt descending, then id descending): a
+    /// page is read by walking it and testing the filters' bitmap, so a broad filter (team)
+    /// costs about the page, not the matches.
+    order: HashMap<(CardKind, u32), Vec<u32>>,
+    /// While loading, `order` is appended to and sorted once at the end.
+    loading: bool,
+    by_person: HashMap<u32, RoaringBitmap>,
+    by_assignee: HashMap<u32, RoaringBitmap>,
+    by_source: HashMap<u32, RoaringBitmap>,
+    /// Trigram postings, kept once the org has `gram_min_rows` cards (None: not kept).
+    by_gram: Option<HashMap<Trigram, RoaringBitmap>>,
+    gram_min_rows: usize,
+    bulk: RoaringBitmap,
+    unassigned: RoaringBitmap,
+    answered: RoaringBitmap,
+    /// user -> teams, from the projection's users
+    teams_of: HashMap<String, Vec<String>>,
+    /// `bytes()` when last counted, the cards then, and the cards put since (`account`).
+    counted: (usize, usize),
+    puts_since_count: usize,
+}
+
+/// One bucket's answer: the exact total and the ids of the page, in board order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexBucket {
+    pub total: u64,
+    pub ids: Vec<String>,
+}
+
+/// At most this many trigrams of a term are intersected (any subset finds every match; the
+/// literal check removes the rest).
+const MAX_GRAMS: usize = 8;
+
+/// Puts `row` into (or takes it out of) the bitmap of `key`; an emptied bitmap goes.
+fn set<K: std::hash::Hash + Eq>(map: &mut HashMap<K, RoaringBitmap>, key: K, row: u32, on: bool) {
+    if on {
+        map.entry(key).or_default().insert(row);
+    } else if let Some(b) = map.get_mut(&key) {
+        b.remove(row);
+        if b.is_empty() {
+            map.remove(&key);
+        }
+    }
+}
+
+/// Bytes a bitmap holds: its containers, their arrays (u16s, at capacity, which
+/// `compact_bitmaps` makes their length after a load) and bitsets (8 KiB). `statistics()` counts
+/// an array's capacity as u32s and a bitset as its 65,536 bits: not used for the sizes.
+fn bitmap_bytes(b: &RoaringBitmap) -> usize {
+    let s = b.statistics();
+    let arrays = s.n_bytes_array_containers as usize / 2;
+    size_of::<RoaringBitmap>() + s.n_containers as usize * 32 + arrays + s.n_bitset_containers as usize * 8192
+}
+
+/// Bytes of a map of bitmaps: its table and the bitmaps.
+fn bitmaps_bytes<K>(map: &HashMap<K, RoaringBitmap>) -> usize {
+    map.capacity() * (size_of::<K>() + size_of::<RoaringBitmap>() + 1) + map.values().map(bitmap_bytes).sum::<usize>()
+}
+
+/// Re-allocates each bitmap's containers at their length (a clone is exact; growth by doubling
+/// left up to half of every array container unused).
+fn compact_bitmaps<K: std::hash::Hash + Eq>(map: &mut HashMap<K, RoaringBitmap>) {
+    for b in map.values_mut() {
+        *b = b.clone();
+    }
+    map.shrink_to_fit();
+}
+
+impl OrgIndex {
+    pub fn new(stream_id: String) -> Self {
+        OrgIndex { stream_id, gram_min_rows: GRAM_MIN_ROWS, ..Default::default() }
+    }
+
+    /// Keeps trigram postings from `rows` cards on (tests compare both ways of searching).
+    pub fn with_gram_min_rows(mut self, rows: usize) -> Self {
+        self.gram_min_rows = rows;
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    pub fn set_users(&mut self, users: impl IntoIterator<Item = (String, Vec<String>)>) {
+        self.teams_of = users.into_iter().collect();
+    }
+
+    pub fn set_user(&mut self, user: String, teams: Option<Vec<String>>) {
+        match teams {
+            Some(t) => self.teams_of.insert(user, t),
+            None => self.teams_of.remove(&user),
+        };
+    }
+
+    /// Whether the org keeps trigram postings.
+    pub fn has_grams(&self) -> bool {
+        self.by_gram.is_some()
+    }
+
+    fn texts_of(&self, r: &Row) -> impl Iterator<Item = &str> {
+        decode_texts(self.texts.get(r.text))
+    }
+
+    /// (people, assignees) of a row, as name numbers.
+    fn people_of(&self, r: &Row) -> (&[u32], &[u32]) {
+        match self.people.get(r.people).split_first() {
+            Some((n, rest)) => rest.split_at((*n as usize).min(rest.len())),
+            None => (&[], &[]),
+        }
+    }
+
+    fn row(&self, row: u32) -> &Row {
+        self.rows[row as usize].as_ref().expect("bitmaps and orders hold live rows")
+    }
+
+    fn hash(&self, kind: CardKind, id: &CardId) -> u64 {
+        self.hasher.hash_one((kind, id))
+    }
+
+    /// Takes the card's row out of the slot table; its number.
+    fn take_slot(&mut self, kind: CardKind, id: &CardId) -> Option<u32> {
+        let hash = self.hash(kind, id);
+        let rows = &self.rows;
+        let found = self.slots.find_entry(hash, |r| rows[*r as usize].as_ref().is_some_and(|x| x.kind == kind && x.id == *id));
+        found.ok().map(|e| e.remove().0)
+    }
+
+    fn insert_slot(&mut self, row: u32) {
+        let r = self.row(row);
+        let hash = self.hash(r.kind, &r.id);
+        let (rows, hasher) = (&self.rows, &self.hasher);
+        self.slots.insert_unique(hash, row, |x| {
+            let r = rows[*x as usize].as_ref().expect("slots point at live rows");
+            hasher.hash_one((r.kind, &r.id))
+        });
+    }
+
+    /// `bytes()`, counted again once a sixteenth of the cards changed since the last count, and
+    /// estimated from it before (a count visits every bitmap: too slow for every catch-up).
+    pub fn account(&mut self) -> usize {
+        let (bytes, cards) = self.counted;
+        if cards == 0 || self.puts_since_count > cards / 16 {
+            self.counted = (self.bytes(), self.live);
+            self.puts_since_count = 0;
+            return self.counted.0;
+        }
+        (bytes as f64 * self.live as f64 / cards as f64) as usize
+    }
+
+    /// Puts a card's current record in (None or a tombstone: takes it out).
+    pub fn put(&mut self, kind: CardKind, id: &str, rec: Option<&CardRecord>) {
+        self.puts_since_count += 1;
+        let card_id = CardId::new(id);
+        let old = self.take_slot(kind, &card_id).map(|row| {
+            let old = self.rows[row as usize].take().expect("a slot points at a row");
+            self.unlink(row, &old);
+            self.texts.release(old.text);
+            self.times.release(old.message_times);
+            self.people.release(old.people);
+            self.free.push(row);
+            self.live -= 1;
+            (row, old)
+        });
+        let Some((rec, card)) = rec.and_then(|rec| Some((rec, rec.card.as_ref()?))) else {
+            if let Some((row, o)) = old {
+                self.order_remove(row, &o);
+            }
+            self.maybe_compact_arenas();
+            return;
+        };
+        let texts = distinct_texts(search_fields(&card.to_doc()));
+        let mut people: Vec<u32> = rec.people().into_iter().map(|p| self.names.intern(p)).collect();
+        people.sort_unstable();
+        let assignees: Vec<u32> = rec.derived.assignees.iter().map(|a| self.names.intern(a)).collect();
+        let people = std::iter::once(people.len() as u32).chain(people).chain(assignees);
+        let stage = raw_stage_key(card.pipeline_id.as_deref(), card.pipeline_stage.as_deref(), card.status.as_deref());
+        let r = Row {
+            id: card_id,
+            created: card.created_at.unwrap_or(NO_TIME),
+            message_times: self.times.push(rec.derived.message_times.iter().copied()),
+            people: self.people.push(people),
+            text: self.texts.push(encode_texts(texts.iter().map(String::as_str))),
+            stage: stage.map_or(NO_NAME, |s| self.names.intern(&s)),
+            // `source` filters only the Contact board (CONTRACT.md 3).
+            source: match (&card.source, kind) {
+                (Some(s), CardKind::Contact) => self.names.intern(s),
+                _ => NO_NAME,
+            },
+            kind,
+            flags: (if card.is_bulk_sms == Some(true) { BULK } else { 0 })
+                | (if rec.unassigned() { UNASSIGNED } else { 0 })
+                | (if rec.derived.answered() { ANSWERED } else { 0 }),
+        };
+        let row = self.free.pop().unwrap_or_else(|| {
+            self.rows.push(None);
+            (self.rows.len() - 1) as u32
+        });
+        self.link(row, &r, true);
+        // A card that keeps its row, stage and createdAt (messages, assignments) keeps its place.
+        let moved = match &old {
+            Some((orow, o)) => !(*orow == row && o.stage == r.stage && o.created == r.created),
+            None => true,
+        };
+        let (stage, kind_) = (r.stage, r.kind);
+        self.rows[row as usize] = Some(r);
+        self.insert_slot(row);
+        self.live += 1;
+        if moved {
+            if let Some((orow, o)) = &old {
+                self.order_remove(*orow, o);
+            }
+            self.order_insert(row, kind_, stage);
+        }
+        if self.by_gram.is_none() && !self.loading && self.live >= self.gram_min_rows {
+            self.build_grams();
+        }
+        self.maybe_compact_arenas();
+    }
+
+    fn maybe_compact_arenas(&mut self) {
+        if self.texts.wants_compaction() {
+            self.texts = self.texts.compact(self.rows.iter_mut().flatten().map(|r| &mut r.text));
+        }
+        if self.times.wants_compaction() {
+            self.times = self.times.compact(self.rows.iter_mut().flatten().map(|r| &mut r.message_times));
+        }
+        if self.people.wants_compaction() {
+            self.people = self.people.compact(self.rows.iter_mut().flatten().map(|r| &mut r.people));
+        }
+    }
+
+    /// `row` is in `rows` already.
+    fn order_insert(&mut self, row: u32, kind: CardKind, stage: u32) {
+        if stage == NO_NAME {
+            return;
+        }
+        let mut list = self.order.remove(&(kind, stage)).unwrap_or_default();
+        if self.loading {
+            list.push(row);
+        } else {
+            let place = self.row(row).place();
+            let at = list.partition_point(|x| self.row(*x).place() < place);
+            list.insert(at, row);
+        }
+        self.order.insert((kind, stage), list);
+    }
+
+    /// `r` is the row's old content (already taken out of `rows`).
+    fn order_remove(&mut self, row: u32, r: &Row) {
+        if r.stage == NO_NAME {
+            return;
+        }
+        let Some(mut list) = self.order.remove(&(r.kind, r.stage)) else { return };
+        if self.loading {
+            list.retain(|x| *x != row);
+        } else {
+            // The rows before it in board order. Its own row number is skipped: it is empty (a
+            // delete) or already holds the card's new content (an update reuses the number).
+            let place = r.place();
+            let at = list.partition_point(|x| *x != row && self.row(*x).place() < place);
+            if let Some(i) = list[at..].iter().position(|x| *x == row) {
+                list.remove(at + i);
+            }
+        }
+        if !list.is_empty() {
+            self.order.insert((r.kind, r.stage), list);
+        }
+    }
+
+    /// Starts a bulk load: `put` appends to the stage orders, `finish_load` sorts them once.
+    pub fn start_load(&mut self) {
+        self.loading = true;
+    }
+
+    pub fn finish_load(&mut self) {
+        self.loading = false;
+        let mut order = std::mem::take(&mut self.order);
+        for list in order.values_mut() {
+            list.sort_unstable_by(|a, b| self.row(*a).place().cmp(&self.row(*b).place()));
+            list.shrink_to_fit();
+        }
+        order.shrink_to_fit();
+        self.order = order;
+        if self.live >= self.gram_min_rows {
+            self.build_grams();
+        }
+        compact_bitmaps(&mut self.by_stage);
+        compact_bitmaps(&mut self.by_person);
+        compact_bitmaps(&mut self.by_assignee);
+        compact_bitmaps(&mut self.by_source);
+        if let Some(g) = &mut self.by_gram {
+            compact_bitmaps(g);
+        }
+        for b in [&mut self.bulk, &mut self.unassigned, &mut self.answered] {
+            *b = b.clone();
+        }
+        self.rows.shrink_to_fit();
+        self.free.shrink_to_fit();
+        self.slots.shrink_to_fit(|x| {
+            let r = self.rows[*x as usize].as_ref().expect("slots point at live rows");
+            self.hasher.hash_one((r.kind, &r.id))
+        });
+        self.texts.shrink();
+        self.times.shrink();
+        self.people.shrink();
+    }
+
+    /// Trigram postings of every row (an org reached `GRAM_MIN_ROWS`).
+    fn build_grams(&mut self) {
+        let mut grams: HashMap<Trigram, RoaringBitmap> = HashMap::new();
+        for (row, r) in self.rows.iter().enumerate() {
+            if let Some(r) = r {
+                for g in trigrams(self.texts_of(r)) {
+                    grams.entry(g).or_default().insert(row as u32);
+                }
+            }
+        }
+        self.by_gram = Some(grams);
+    }
+
+    fn unlink(&mut self, row: u32, r: &Row) {
+        self.link(row, r, false)
+    }
+
+    fn link(&mut self, row: u32, r: &Row, on: bool) {
+        if r.stage != NO_NAME {
+            set(&mut self.by_stage, (r.kind, r.stage), row, on);
+        }
+        let (people, assignees) = self.people_of(r);
+        let (people, assignees) = (people.to_vec(), assignees.to_vec());
+        for p in people {
+            set(&mut self.by_person, p, row, on);
+        }
+        for a in assignees {
+            set(&mut self.by_assignee, a, row, on);
+        }
+        if r.source != NO_NAME {
+            set(&mut self.by_source, r.source, row, on);
+        }
+        let grams = if self.by_gram.is_some() { trigrams(self.texts_of(r)) } else { Vec::new() };
+        if let Some(by_gram) = &mut self.by_gram {
+            for g in grams {
+                set(by_gram, g, row, on);
+            }
+        }
+        for (flag, bitmap) in [(BULK, &mut self.bulk), (UNASSIGNED, &mut self.unassigned), (ANSWERED, &mut self.answered)] {
+            if r.flags & flag != 0 {
+                if on {
+                    bitmap.insert(row);
+                } else {
+                    bitmap.remove(row);
+                }
+            }
+        }
+    }
+
+    /// The API memory this index holds, in bytes: what its rows, tables, texts and bitmaps
+    /// allocated (the allocator's own overhead aside). Checked against a counting allocator in
+    /// `tests/index_memory.rs`.
+    pub fn bytes(&self) -> usize {
+        self.bytes_by_part().iter().map(|(_, n)| n).sum()
+    }
+
+    /// `bytes`, by part (logged when an org is loaded).
+    pub fn bytes_by_part(&self) -> [(&'static str, usize); 7] {
+        let rows = self.rows.capacity() * size_of::<Option<Row>>()
+            + self.rows.iter().flatten().map(Row::heap_bytes).sum::<usize>()
+            + self.slots.capacity() * (size_of::<u32>() + 1)
+            + self.free.capacity() * 4;
+        let orders = self.order.capacity() * (size_of::<(CardKind, u32)>() + size_of::<Vec<u32>>() + 1)
+            + self.order.values().map(|l| l.capacity() * 4).sum::<usize>();
+        let teams: usize = self.teams_of.iter().map(|(u, ts)| 64 + u.len() + ts.iter().map(|t| 24 + t.len()).sum::<usize>()).sum();
+        let filters = bitmaps_bytes(&self.by_stage)
+            + bitmaps_bytes(&self.by_person)
+            + bitmaps_bytes(&self.by_assignee)
+            + bitmaps_bytes(&self.by_source)
+            + [&self.bulk, &self.unassigned, &self.answered].into_iter().map(bitmap_bytes).sum::<usize>();
+        [
+            ("rows", size_of::<OrgIndex>() + rows),
+            ("texts", self.texts.heap_bytes()),
+            ("times and people", self.times.heap_bytes() + self.people.heap_bytes()),
+            ("names", self.names.heap_bytes() + teams),
+            ("orders", orders),
+            ("filters", filters),
+            ("trigrams", self.by_gram.as_ref().map_or(0, bitmaps_bytes)),
+        ]
+    }
+
+    fn union_of<'a>(&self, map: &HashMap<u32, RoaringBitmap>, keys: impl IntoIterator<Item = &'a str>) -> RoaringBitmap {
+        let mut out = RoaringBitmap::new();
+        for k in keys {
+            if let Some(b) = self.names.get(k).and_then(|n| map.get(&n)) {
+                out |= b;
+            }
+        }
+        out
+    }
+
+    /// The members of the caller's teams (`ownerFilter: team`).
+    fn team_members(&self, user: &str) -> BTreeSet<&str> {
+        let Some(teams) = self.teams_of.get(user) else { return BTreeSet::new() };
+        self.teams_of.iter().filter(|(_, ts)| ts.iter().any(|t| teams.contains(t))).map(|(u, _)| u.as_str()).collect()
+    }
+
+    /// The stages' name numbers (a stage no card ever named has none).
+    fn stage_numbers(&self, raw_keys: &[String]) -> Vec<u32> {
+        raw_keys.iter().filter_map(|k| self.names.get(k)).collect()
+    }
+
+    /// The ids of ranks [offset, offset + limit) among the rows of `stages` that are in `cand`,
+    /// in board order: a merge of the stages' ordered lists that skips rows not in `cand`.
+    fn walk(
+        &self,
+        kind: CardKind,
+        stages: &[u32],
+        cand: &RoaringBitmap,
+        offset: usize,
+        limit: usize,
+        deadline: Instant,
+    ) -> Result<Vec<String>, IndexError> {
+        let lists: Vec<&[u32]> = stages.iter().filter_map(|s| self.order.get(&(kind, *s)).map(Vec::as_slice)).collect();
+        let mut at = vec![0usize; lists.len()];
+        let (mut seen, mut out, mut steps) = (0usize, Vec::with_capacity(limit), 0usize);
+        while out.len() < limit {
+            // Advance each list to its next row in `cand`, then take the first in board order.
+            let mut best: Option<usize> = None;
+            for (i, list) in lists.iter().enumerate() {
+                while at[i] < list.len() && !cand.contains(list[at[i]]) {
+                    at[i] += 1;
+                    steps += 1;
+                    if steps % 4096 == 0 && Instant::now() >= deadline {
+                        return Err(IndexError::Deadline);
+                    }
+                }
+                if at[i] < list.len() && best.is_none_or(|b| self.row(list[at[i]]).place() < self.row(lists[b][at[b]]).place()) {
+                    best = Some(i);
+                }
+            }
+            let Some(b) = best else { break };
+            let row = lists[b][at[b]];
+            at[b] += 1;
+            if seen >= offset {
+                out.push(self.row(row).id.to_text());
+            }
+            seen += 1;
+        }
+        Ok(out)
+    }
+
+    /// Answers every bucket of `plan`. `user` is the caller; `now` anchors the quiet window.
+    pub fn answer(
+        &self,
+        plan: &BoardPlan,
+        q: &BoardQuery,
+        user: &str,
+        now: Millis,
+        deadline: Instant,
+    ) -> Result<Vec<IndexBucket>, IndexError> {
+        let f = &q.filters;
+        // Everything that is one bitmap operation, shared by every bucket.
+        let mut filters: Vec<RoaringBitmap> = Vec::new();
+        match &f.owner {
+            OwnerScope::All => {}
+            OwnerScope::Mine => filters.push(self.union_of(&self.by_person, [user])),
+            OwnerScope::Users(us) => filters.push(self.union_of(&self.by_person, us.iter().map(String::as_str))),
+            OwnerScope::Team => filters.push(self.union_of(&self.by_person, self.team_members(user))),
+            OwnerScope::Unassigned => filters.push(self.unassigned.clone()),
+        }
+        if let Some(a) = &f.assignees {
+            filters.push(self.union_of(&self.by_assignee, a.iter().map(String::as_str)));
+        }
+        if let (Some(s), CardKind::Contact) = (&f.source, q.kind) {
+            filters.push(self.union_of(&self.by_source, [s.as_str()]));
+        }
+        if f.bulk_only {
+            filters.push(self.bulk.clone());
+        }
+        let term = f.search.as_deref().map(board_model::text::fold);
+        if let (Some(t), Some(by_gram)) = (&term, &self.by_gram) {
+            let grams = trigrams([t.as_str()]);
+            if !grams.is_empty() {
+                let step = grams.len().div_ceil(MAX_GRAMS);
+                for g in grams.iter().step_by(step) {
+                    filters.push(by_gram.get(g).cloned().unwrap_or_default());
+                }
+            }
+        }
+        let quiet = f.quiet_for.map(|d| now - d);
+        // Filters checked card by card (times, the literal search).
+        let per_row = f.created.is_some() || quiet.is_some() || f.messaged_in.is_some() || term.is_some();
+        let mut out = Vec::with_capacity(plan.buckets.len());
+        for b in &plan.buckets {
+            if Instant::now() >= deadline {
+                return Err(IndexError::Deadline);
+            }
+            let stages = self.stage_numbers(&plan.raw_keys(b));
+            let mut cand = RoaringBitmap::new();
+            for s in &stages {
+                if let Some(rows) = self.by_stage.get(&(q.kind, *s)) {
+                    cand |= rows;
+                }
+            }
+            for x in &filters {
+                cand &= x;
+            }
+            match f.message_status {
+                MessageStatus::All => {}
+                MessageStatus::Answered => cand &= &self.answered,
+                MessageStatus::Unanswered => cand -= &self.answered,
+            }
+            if !per_row {
+                // Every filter is in the bitmap: the total is its size, and the page is found by
+                // walking the bucket's stages in board order.
+                let ids = self.walk(q.kind, &stages, &cand, b.offset as usize, b.limit as usize, deadline)?;
+                out.push(IndexBucket { total: cand.len(), ids });
+                continue;
+            }
+            let mut hits: Vec<Place> = Vec::new();
+            for (n, row) in cand.iter().enumerate() {
+                if n % 4096 == 4095 && Instant::now() >= deadline {
+                    return Err(IndexError::Deadline);
+                }
+                let r = self.row(row);
+                let created = (r.created != NO_TIME).then_some(r.created);
+                if let Some(c) = f.created {
+                    if !created.is_some_and(|t| c.contains(t)) {
+                        continue;
+                    }
+                }
+                let times = self.times.get(r.message_times);
+                if quiet.is_some_and(|since| !quiet_since(times, since)) {
+                    continue;
+                }
+                if f.messaged_in.is_some_and(|m| !has_message_between(times, m.start, m.end)) {
+                    continue;
+                }
+                if let Some(t) = &term {
+                    if !self.texts_of(r).any(|x| x.contains(t.as_str())) {
+                        continue;
+                    }
+                }
+                hits.push(r.place());
+            }
+            let total = hits.len() as u64;
+            let want = (b.offset + b.limit) as usize;
+            // In board order; only the first `want` matter.
+            if hits.len() > want && want > 0 {
+                hits.select_nth_unstable(want - 1);
+                hits.truncate(want);
+            }
+            hits.sort_unstable();
+            let ids = hits.into_iter().skip(b.offset as usize).take(b.limit as usize).map(|p| (p.0).0 .1.to_text()).collect();
+            out.push(IndexBucket { total, ids });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::request::ContactsRequest;
+    use board_model::model::{CardDoc, Phone, Pipeline, Stage};
+    use board_model::record::Derived;
+
+    fn card(id: &str, stage: &str, created: i64, owner: &str, name: &str) -> CardDoc {
+        CardDoc {
+            id: id.into(),
+            org_id: "o".into(),
+            first_name: Some(name.into()),
+            phone_numbers: Some(vec![Phone { value: Some("+49 171 555".into()), kind: None }]),
+            owner: Some(owner.into()),
+            pipeline_id: Some("p".into()),
+            pipeline_stage: Some(stage.into()),
+            created_at: Some(created),
+            version: Some(1),
+            ..Default::default()
+        }
+    }
+
+    fn board(body: &str, index: &OrgIndex) -> Vec<IndexBucket> {
+        let pipelines = vec![Pipeline {
+            id: "p".into(),
+            org_id: "o".into(),
+            kind: Some("Contact".into()),
+            is_active: Some(true),
+            stages: Some(vec![Stage { id: "s1".into(), name: Some("New".into()), order: Some(0) }]),
+            ..Default::default()
+        }];
+        let q = ContactsRequest::parse(body.as_bytes()).unwrap().into_query().unwrap();
+        let plan = crate::query::board::plan(&pipelines, &q).unwrap();
+        index.answer(&plan, &q, "u1", 1_000, Instant::now() + std::time::Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn filters_order_pages_and_updates_with_and_without_trigram_postings() {
+        for gram_min_rows in [0, GRAM_MIN_ROWS] {
+            let ix = filters_order_pages_and_updates(OrgIndex::new("0-0".into()).with_gram_min_rows(gram_min_rows));
+            assert_eq!(ix.has_grams(), gram_min_rows == 0);
+        }
+    }
+
+    fn filters_order_pages_and_updates(mut ix: OrgIndex) -> OrgIndex {
+        ix.put(CardKind::Contact, "c1", Some(&CardRecord::live(&card("c1", "s1", 10, "u1", "Jane"), Derived::default())));
+        ix.put(CardKind::Contact, "c2", Some(&CardRecord::live(&card("c2", "s1", 20, "u2", "Janet"), Derived::default())));
+        ix.put(
+            CardKind::Contact,
+            "c3",
+            Some(&CardRecord::live(&card("c3", "s1", 20, "u2", "Bob"), Derived { assignees: vec!["u1".into()], message_times: vec![900] })),
+        );
+        let all = board("{}", &ix);
+        assert_eq!((all[0].total, all[0].ids.clone()), (3, vec!["c3".to_string(), "c2".into(), "c1".into()]));
+        assert_eq!(board(r#"{"ownerFilter": "my"}"#, &ix)[0].ids, ["c3", "c1"]);
+        assert_eq!(board(r#"{"search": "JAN"}"#, &ix)[0].ids, ["c2", "c1"]);
+        assert_eq!(board(r#"{"search": "t"}"#, &ix)[0].ids, ["c2"]);
+        assert_eq!(board(r#"{"search": "171 5"}"#, &ix)[0].total, 3);
+        assert_eq!(board(r#"{"messageStatus": "answered"}"#, &ix)[0].ids, ["c3"]);
+        assert_eq!(board(r#"{"lastMessageTimeRange": {"value": 1, "unit": "hours"}}"#, &ix)[0].total, 2, "c3 wrote 100 ms ago");
+        assert_eq!(board(r#"{"size": 1, "page": {"New": 2}}"#, &ix)[0].ids, ["c2"]);
+        // An update moves the row; a delete takes it out.
+        ix.put(CardKind::Contact, "c1", Some(&CardRecord::live(&card("c1", "s1", 10, "u2", "Zed"), Derived::default())));
+        assert_eq!(board(r#"{"ownerFilter": "my"}"#, &ix)[0].ids, ["c3"]);
+        assert_eq!(board(r#"{"search": "jan"}"#, &ix)[0].ids, ["c2"]);
+        ix.put(CardKind::Contact, "c2", Some(&CardRecord::tombstone(2)));
+        assert_eq!(board("{}", &ix)[0].total, 2);
+        assert_eq!(ix.len(), 2);
+        ix
+    }
+}
