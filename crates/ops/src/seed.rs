@@ -56,6 +56,67 @@ pub struct SeedArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Orgs of several sizes instead of `--orgs` × `--contacts`: groups `ORGSxCONTACTS`,
+    /// comma-separated (e.g. `1x1000000,20x50000,2000x500,10000x20`).
+    #[arg(long, conflicts_with = "profile")]
+    pub sizes: Option<OrgSizes>,
+    /// A named mix of org sizes: `saas` is `1x1000000,20x50000,2000x500,10000x20` (≈ 3.2M
+    /// contacts, a power law: one large org, a few mid-size ones, thousands of small ones).
+    #[arg(long, value_enum)]
+    pub profile: Option<Profile>,
+    /// Multiplies every group's contacts (at least one each) of `--sizes`/`--profile`: `0.01`
+    /// gives the profile's shape at a hundredth of its size.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+}
+
+/// Groups of orgs of one size: (orgs, contacts per org).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrgSizes(pub Vec<(usize, usize)>);
+
+impl std::str::FromStr for OrgSizes {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let group = |g: &str| -> Option<(usize, usize)> {
+            let (orgs, contacts) = g.trim().split_once(['x', 'X'])?;
+            Some((orgs.trim().parse().ok()?, contacts.trim().parse().ok()?))
+        };
+        let groups: Option<Vec<_>> = s.split(',').map(group).collect();
+        match groups {
+            Some(g) if !g.is_empty() => Ok(OrgSizes(g)),
+            _ => Err(format!("{s:?}: expected groups ORGSxCONTACTS, comma-separated (e.g. 20x50000,2000x500)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    Saas,
+}
+
+impl Profile {
+    pub fn sizes(self) -> OrgSizes {
+        match self {
+            Profile::Saas => OrgSizes(vec![(1, 1_000_000), (20, 50_000), (2_000, 500), (10_000, 20)]),
+        }
+    }
+}
+
+impl SeedArgs {
+    /// (orgs, contacts per org, users per org) of each group. A mix gives small orgs fewer
+    /// users (one per 20 contacts, 2 to `--users`); `--orgs` × `--contacts` keeps `--users`.
+    pub fn groups(&self) -> Vec<(usize, usize, usize)> {
+        match self.sizes.clone().or(self.profile.map(Profile::sizes)) {
+            None => vec![(self.orgs, self.contacts, self.users)],
+            Some(OrgSizes(groups)) => groups
+                .into_iter()
+                .map(|(orgs, contacts)| {
+                    let contacts = ((contacts as f64 * self.scale).round() as usize).max(1);
+                    (orgs, contacts, (contacts / 20).clamp(2, self.users.max(2)))
+                })
+                .collect(),
+        }
+    }
 }
 
 impl Default for SeedArgs {
@@ -72,6 +133,9 @@ impl Default for SeedArgs {
             no_mongo: false,
             no_kafka: false,
             quiet: true,
+            sizes: None,
+            profile: None,
+            scale: 1.0,
         }
     }
 }
@@ -288,14 +352,16 @@ pub async fn run(args: &SeedArgs, kafka: &KafkaConnection, topics: &Topics, mong
     let mut ids = Ids { next: args.seed.wrapping_mul(1_000_003) % 1_000_000_000 };
     let mut report = SeedReport::default();
 
-    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new((args.orgs * args.contacts) as u64) };
+    let groups = args.groups();
+    let total: usize = groups.iter().map(|(orgs, contacts, _)| orgs * contacts).sum();
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total as u64) };
     bar.set_style(
         ProgressStyle::with_template("{spinner} seed [{elapsed_precise}] {wide_bar} {pos}/{len} contacts ({per_sec}, eta {eta})")
             .expect("template"),
     );
 
-    for _ in 0..args.orgs {
-        let org = make_org(args, now, &mut ids, &mut rng);
+    for (_, contacts, users) in groups.iter().flat_map(|g| std::iter::repeat_n(*g, g.0)) {
+        let org = make_org(args, users, now, &mut ids, &mut rng);
         report.org_ids.push(org.id.clone());
         let t = sink.topics.clone();
         for p in &org.pipelines {
@@ -312,8 +378,8 @@ pub async fn run(args: &SeedArgs, kafka: &KafkaConnection, topics: &Topics, mong
 
         let chunk = 2000;
         let mut done = 0;
-        while done < args.contacts {
-            let n = chunk.min(args.contacts - done);
+        while done < contacts {
+            let n = chunk.min(contacts - done);
             for _ in 0..n {
                 contact_with_everything(args, &org, now, &mut ids, &mut rng, &mut sink, &mut report)?;
             }
@@ -327,11 +393,11 @@ pub async fn run(args: &SeedArgs, kafka: &KafkaConnection, topics: &Topics, mong
     Ok(report)
 }
 
-fn make_org(args: &SeedArgs, now: Millis, ids: &mut Ids, rng: &mut ChaCha8Rng) -> Org {
+fn make_org(args: &SeedArgs, users: usize, now: Millis, ids: &mut Ids, rng: &mut ChaCha8Rng) -> Org {
     let year_ago = now - 365 * 86_400_000;
     let org_id = ids.id(year_ago, rng);
     let teams: Vec<String> = (0..args.teams.max(1)).map(|_| ids.id(year_ago, rng)).collect();
-    let users = (0..args.users.max(1))
+    let users = (0..users.max(1))
         .map(|_| {
             let n = rng.random_range(0..=2usize);
             let mut t: Vec<String> = teams.choose_multiple(rng, n).cloned().collect();
@@ -546,4 +612,24 @@ fn card_lifecycle(
         return Ok(Some(moved));
     }
     Ok(Some(card.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_profiles_scale() {
+        assert_eq!("1x1000000, 20X50000".parse::<OrgSizes>(), Ok(OrgSizes(vec![(1, 1_000_000), (20, 50_000)])));
+        for bad in ["", "20", "x5", "2x", "1x2,,3x4", "-1x5"] {
+            assert!(bad.parse::<OrgSizes>().is_err(), "{bad:?}");
+        }
+        let saas = SeedArgs { profile: Some(Profile::Saas), ..SeedArgs::default() };
+        assert_eq!(saas.groups(), [(1, 1_000_000, 24), (20, 50_000, 24), (2_000, 500, 24), (10_000, 20, 2)]);
+        let total: usize = saas.groups().iter().map(|(o, c, _)| o * c).sum();
+        assert_eq!(total, 3_200_000);
+        let hundredth = SeedArgs { scale: 0.01, ..saas };
+        assert_eq!(hundredth.groups(), [(1, 10_000, 24), (20, 500, 24), (2_000, 5, 2), (10_000, 1, 2)]);
+        assert_eq!(SeedArgs::default().groups(), [(3, 2000, 24)], "--orgs x --contacts as before");
+    }
 }
