@@ -4,7 +4,8 @@
 # the end), prints it and writes it into docs/benchmarks.md. `--keep` keeps the sandbox,
 # `--no-doc` leaves the doc alone; `pipeline-board bench run --help` lists the scenarios.
 # `bench_run <scenario> <default contacts> [contacts] [flags]`: a first argument that is a
-# number is the contacts, the rest are flags of the scenario (`--keep`, `--no-doc`, ...).
+# number is the contacts, the rest are flags of the scenario (`--keep`, `--no-doc`, ...); an
+# empty default: the scenario takes no contacts.
 bench_run() {
   local scenario=$1 contacts=$2
   shift 2
@@ -12,5 +13,5 @@ bench_run() {
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pipeline-board/target}"
   bash deploy/stack.sh up >/dev/null
   cargo build --release --locked -q
-  exec "$CARGO_TARGET_DIR/release/pipeline-board" bench run "$scenario" --contacts "$contacts" "$@"
+  exec "$CARGO_TARGET_DIR/release/pipeline-board" bench run "$scenario" ${contacts:+--contacts "$contacts"} "$@"
 }

@@ -228,7 +228,7 @@ async fn the_indexes_stay_under_their_memory_budget() {
     }
 
     // Without a budget to speak of: every org's answer and index size.
-    let unbounded = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_memory_limit(usize::MAX);
+    let unbounded = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_limits(usize::MAX, 2);
     let (mut answers, mut largest) = (Vec::new(), 0);
     for (org, user) in seeded.org_ids.iter().zip(&users) {
         let before = unbounded.index_bytes();
@@ -241,7 +241,7 @@ async fn the_indexes_stay_under_their_memory_budget() {
 
     // A budget for two and a half orgs: every answer the same, the bytes always under it.
     let budget = largest * 5 / 2;
-    let bounded = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_memory_limit(budget);
+    let bounded = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_limits(budget, 2);
     for round in 0..2 {
         for ((org, user), want) in seeded.org_ids.iter().zip(&users).zip(&answers) {
             let (answer, _) = bounded.answer(org, user, &q, 0).await.unwrap();
@@ -256,9 +256,46 @@ async fn the_indexes_stay_under_their_memory_budget() {
     assert!(bounded.loaded_index(last).is_some(), "the most recently used org is kept");
 
     // An org alone over the budget is answered from the index it loaded, which is not kept.
-    let tiny = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_memory_limit(1);
+    let tiny = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_limits(1, 2);
     let (answer, _) = tiny.answer(&seeded.org_ids[0], &users[0], &q, 0).await.unwrap();
     assert_eq!(answer, answers[0]);
     assert_eq!(tiny.index_bytes(), 0);
     assert!(tiny.loaded_index(&seeded.org_ids[0]).is_none());
+}
+
+/// One org's index walks run under its bound (`INDEX_WALKS_PER_ORG`), counted by the walks
+/// themselves: 12 concurrent expensive boards of one org run more than 2 walks at once without a
+/// bound to speak of, and at most 2 with a bound of 2; all of them answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_orgs_index_walks_run_under_its_bound() {
+    let env = crate::common::TestEnv::new("walk-bound").await;
+    let seeded = env.seed_and_project(small_seed(1, 3000, 23)).await;
+    let org = seeded.org_ids[0].clone();
+    let user = board_mongo::load_org(&env.mongo().await, &org).await.unwrap().users[0].id.clone();
+    let t = token(&org, &user);
+    let body = r#"{"search": "a", "ownerFilter": "team", "size": 100, "lastMessageTimeRange": {"value": 1, "unit": "days"}}"#;
+    let mut most = Vec::new();
+    for bound in [64, 2] {
+        let mut args = env.serve_args();
+        args.index_walks_per_org = bound;
+        let app = board_api::http::Application::build(&args).await.unwrap();
+        let (url, projection) = (format!("http://{}", app.local_addr()), app.projection());
+        tokio::spawn(app.run(std::future::pending()));
+        let (status, first) = post_board(&url, Some(&t), body).await;
+        assert_eq!((status, first["meta"]["route"].as_str()), (200, Some("index")), "{first}");
+        // Several rounds: walks of a few milliseconds overlap only now and then.
+        for _ in 0..5 {
+            let boards: Vec<_> = (0..12).map(|_| tokio::spawn(post_board_owned(url.clone(), t.clone(), body.into()))).collect();
+            for b in boards {
+                let (status, answer) = b.await.unwrap();
+                assert_eq!(status, 200, "{answer}");
+                assert_eq!(answer["data"], first["data"]);
+            }
+        }
+        let counts = projection.loaded_index(&org).unwrap().walks();
+        assert_eq!((counts.running, counts.waiting), (0, 0), "every walk ended");
+        most.push(counts.most_running);
+    }
+    assert!(most[0] > 2, "without a bound, more than 2 walks ran at once ({most:?}): the bound below is not vacuous");
+    assert!(most[1] <= 2, "with a bound of 2, at most 2 walks ran at once ({most:?})");
 }

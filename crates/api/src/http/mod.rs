@@ -63,6 +63,11 @@ pub struct ServeArgs {
     /// The default suits a 1 GiB pod; see the README's scaling section.
     #[arg(long, env = "INDEX_MEMORY_LIMIT", default_value_t = bytesize::ByteSize(crate::query::index_cache::DEFAULT_INDEX_MEMORY_LIMIT as u64))]
     pub index_memory_limit: bytesize::ByteSize,
+    /// Index walks (the boards the in-memory index filters) of one org that run at once; more
+    /// wait, within `INDEX_DEADLINE_MS`. One org's expensive boards then leave the other cores
+    /// to every other org. Default: half the cores, at least one.
+    #[arg(long, env = "INDEX_WALKS_PER_ORG", default_value_t = crate::query::index_cache::default_walks_per_org())]
+    pub index_walks_per_org: usize,
     /// Most contact ids the MongoDB path collects for one filter (conversations, messages);
     /// a broader filter is answered 503 `mongodb_filter_too_broad` instead of an unbounded query.
     #[arg(long, env = "MONGODB_PATH_MAX_IDS", default_value_t = crate::query::mongo_path::DEFAULT_MAX_IDS)]
@@ -300,7 +305,7 @@ impl Application {
         health.spawn_probe(redis.clone(), mongo_db.clone(), Duration::from_millis(args.health_interval_ms.max(100)), keys.clone());
         let state = AppState {
             projection: ProjectionReader::new(redis.clone(), keys.clone(), Duration::from_millis(args.index_deadline_ms))
-                .with_index_memory_limit(args.index_memory_limit.as_u64() as usize),
+                .with_index_limits(args.index_memory_limit.as_u64() as usize, args.index_walks_per_org),
             mongo: MongoReader::new(mongo_db.clone(), args.mongodb_path_max_ids),
             redis,
             mongo_db,

@@ -29,7 +29,6 @@ use tracing::info;
 /// a blocking thread; a catch-up takes the write lock on a blocking thread too, so an async
 /// worker never waits for a walk; a load swaps in a new index without waiting for the walks of
 /// the old one (they finish on it); the sweeper reads only atomics.
-#[derive(Default)]
 pub struct OrgSlot {
     sync: tokio::sync::Mutex<bool>,
     index: ArcSwap<RwLock<OrgIndex>>,
@@ -42,9 +41,72 @@ pub struct OrgSlot {
     last_used: AtomicI64,
     /// A load of the org's new generation (after a rebuild's switch) is under way.
     switching: AtomicBool,
+    /// The org's walks that may run at once (`INDEX_WALKS_PER_ORG`): one org's expensive boards
+    /// take at most this many cores, and the other orgs' boards the rest.
+    walks: Arc<tokio::sync::Semaphore>,
+    /// Boards waiting for a walk permit, walks running, and the most that ever ran at once
+    /// (counted by the walks themselves: what the bound is checked by).
+    walks_waiting: AtomicUsize,
+    walking: AtomicUsize,
+    most_walking: AtomicUsize,
+}
+
+/// Counts a walk while it runs (`OrgSlot::start_walk`).
+pub struct Walking<'a>(&'a OrgSlot);
+
+impl Drop for Walking<'_> {
+    fn drop(&mut self) {
+        self.0.walking.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What `OrgSlot::walks` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkCounts {
+    pub running: usize,
+    pub waiting: usize,
+    pub most_running: usize,
 }
 
 impl OrgSlot {
+    fn new(walks_allowed: usize) -> OrgSlot {
+        OrgSlot {
+            sync: tokio::sync::Mutex::default(),
+            index: ArcSwap::default(),
+            cards: AtomicUsize::default(),
+            bytes: AtomicUsize::default(),
+            last_used: AtomicI64::default(),
+            switching: AtomicBool::default(),
+            walks: Arc::new(tokio::sync::Semaphore::new(walks_allowed)),
+            walks_waiting: AtomicUsize::default(),
+            walking: AtomicUsize::default(),
+            most_walking: AtomicUsize::default(),
+        }
+    }
+
+    /// Waits (until `deadline`) for one of the org's walk permits; None when the deadline passed.
+    pub async fn walk_permit(&self, deadline: tokio::time::Instant) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.walks_waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = tokio::time::timeout_at(deadline, self.walks.clone().acquire_owned()).await;
+        self.walks_waiting.fetch_sub(1, Ordering::Relaxed);
+        permit.ok().map(|p| p.expect("the semaphore is never closed"))
+    }
+
+    /// Counts a walk from now until the guard drops.
+    pub fn start_walk(&self) -> Walking<'_> {
+        let now = self.walking.fetch_add(1, Ordering::Relaxed) + 1;
+        self.most_walking.fetch_max(now, Ordering::Relaxed);
+        Walking(self)
+    }
+
+    pub fn walks(&self) -> WalkCounts {
+        WalkCounts {
+            running: self.walking.load(Ordering::Relaxed),
+            waiting: self.walks_waiting.load(Ordering::Relaxed),
+            most_running: self.most_walking.load(Ordering::Relaxed),
+        }
+    }
+
     /// The current index; a board walks it under its read lock, on a blocking thread.
     pub fn index(&self) -> Arc<RwLock<OrgIndex>> {
         self.index.load_full()
@@ -74,6 +136,12 @@ pub const INDEX_IDLE: Duration = Duration::from_secs(600);
 /// the answers in flight besides).
 pub const DEFAULT_INDEX_MEMORY_LIMIT: usize = 640 << 20;
 
+/// The default `INDEX_WALKS_PER_ORG`: half the cores (at least one), so that one org's boards
+/// leave the other half to every other org.
+pub fn default_walks_per_org() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 /// Loads that run at once (each holds a chunk of records besides its growing index).
 const LOADS_AT_ONCE: usize = 2;
 
@@ -90,6 +158,7 @@ pub struct IndexCache {
     conn: RedisConn,
     /// The indexes' byte budget.
     limit: usize,
+    walks_per_org: usize,
     loads: Arc<tokio::sync::Semaphore>,
     orgs: Arc<Mutex<HashMap<String, Arc<OrgSlot>>>>,
     sweeper: Arc<Mutex<bool>>,
@@ -154,10 +223,11 @@ async fn stream_state(conn: &mut RedisConn, key: &str) -> Result<(String, String
 }
 
 impl IndexCache {
-    pub fn new(conn: RedisConn, limit: usize) -> Self {
+    pub fn new(conn: RedisConn, limit: usize, walks_per_org: usize) -> Self {
         IndexCache {
             conn,
             limit,
+            walks_per_org: walks_per_org.max(1),
             loads: Arc::new(tokio::sync::Semaphore::new(LOADS_AT_ONCE)),
             orgs: Arc::default(),
             sweeper: Arc::default(),
@@ -284,7 +354,13 @@ impl IndexCache {
     /// switched the org) is loaded again.
     async fn current_here(&self, org: &str, keys: &OrgKeys) -> Result<Arc<OrgSlot>, RedisError> {
         self.start_sweeper();
-        let slot = self.orgs.lock().expect("not poisoned").entry(org.to_string()).or_default().clone();
+        let slot = self
+            .orgs
+            .lock()
+            .expect("not poisoned")
+            .entry(org.to_string())
+            .or_insert_with(|| Arc::new(OrgSlot::new(self.walks_per_org)))
+            .clone();
         slot.last_used.store(now_millis(), Ordering::Relaxed);
         let mut loaded = slot.sync.lock().await;
         let mut conn = self.conn.clone();
@@ -475,7 +551,7 @@ mod tests {
     /// without waiting for it, and the sweeper's figures need no lock at all.
     #[test]
     fn a_new_index_goes_in_while_a_walk_holds_the_old_one() {
-        let slot = Arc::new(OrgSlot::default());
+        let slot = Arc::new(OrgSlot::new(1));
         let old = slot.index();
         let walk = old.read().unwrap();
         let (done, swapped) = std::sync::mpsc::channel();

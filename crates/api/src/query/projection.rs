@@ -132,7 +132,11 @@ impl ProjectionRoute {
 impl ProjectionReader {
     pub fn new(conn: RedisConn, keys: KeySpace, index_deadline: Duration) -> Self {
         ProjectionReader {
-            index: IndexCache::new(conn.clone(), super::index_cache::DEFAULT_INDEX_MEMORY_LIMIT),
+            index: IndexCache::new(
+                conn.clone(),
+                super::index_cache::DEFAULT_INDEX_MEMORY_LIMIT,
+                super::index_cache::default_walks_per_org(),
+            ),
             conn,
             keys,
             index_deadline,
@@ -141,9 +145,11 @@ impl ProjectionReader {
     }
 
     /// Keeps the in-memory indexes under `bytes` (`INDEX_MEMORY_LIMIT`), least recently used
-    /// orgs dropped first.
-    pub fn with_index_memory_limit(mut self, bytes: usize) -> Self {
-        self.index = IndexCache::new(self.conn.clone(), bytes);
+    /// orgs dropped first,
+    /// and lets at most `walks_per_org` index walks of one org run at once
+    /// (`INDEX_WALKS_PER_ORG`).
+    pub fn with_index_limits(mut self, bytes: usize, walks_per_org: usize) -> Self {
+        self.index = IndexCache::new(self.conn.clone(), bytes, walks_per_org);
         self
     }
 
@@ -459,8 +465,11 @@ impl ProjectionReader {
     ) -> Result<(Vec<IndexBucket>, bool), ProjectionError> {
         let slot = self.index.current(org, keys).await?;
         let deadline = Instant::now() + self.index_deadline;
+        // The org's walks share its permits: its expensive boards wait here, not other orgs'.
+        let permit = slot.walk_permit(deadline.into()).await.ok_or(IndexError::Deadline)?;
         let (q, plan, user, base) = (q.clone(), plan.clone(), user.to_string(), keys.base.clone());
         let (answered, of_keys_generation) = tokio::task::spawn_blocking(move || {
+            let (_permit, _walking) = (permit, slot.start_walk());
             let index = slot.index();
             let index = index.read().expect("not poisoned");
             (index.answer(&plan, &q, &user, now, deadline), index.base == base)

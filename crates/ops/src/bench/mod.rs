@@ -7,6 +7,7 @@ mod cluster;
 mod harness;
 mod page;
 mod rebuild;
+mod saas;
 mod scale;
 mod wrk;
 use board_api::query::index::IndexBucket;
@@ -175,6 +176,19 @@ pub enum Scenario {
         #[arg(long, default_value_t = 60)]
         idle_seconds: u64,
     },
+    /// The many-org shape: `seed --profile saas` scaled by `--scale`, ingest, first boards per size
+    /// class, a sweep of every org's index board, boards per class, fair sharing (section
+    /// "Many orgs").
+    Saas {
+        /// Multiplies every group's contacts (1: 1 x 1M + 20 x 50k + 2,000 x 500 + 10,000 x 20).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        #[arg(long, env = "BENCH_SECONDS", default_value_t = 8)]
+        seconds: u64,
+        /// The API's INDEX_MEMORY_LIMIT (its default when absent).
+        #[arg(long)]
+        index_memory_limit: Option<String>,
+    },
     /// One Redis against the stack's Redis Cluster: ingest and boards (section "Redis Cluster").
     Cluster {
         /// Contacts per org (6 orgs).
@@ -195,6 +209,7 @@ impl Scenario {
             Scenario::Rebuild { .. } => ("rebuild-run", "Rebuild and heal"),
             Scenario::Page { .. } => ("board-run", "The board page"),
             Scenario::Cluster { .. } => ("cluster-run", "Redis Cluster"),
+            Scenario::Saas { .. } => ("saas-run", "Many orgs"),
         }
     }
 
@@ -204,6 +219,7 @@ impl Scenario {
             Scenario::Rebuild { .. } => "rebuild",
             Scenario::Page { .. } => "page",
             Scenario::Cluster { .. } => "cluster",
+            Scenario::Saas { .. } => "saas",
         }
     }
 }
@@ -243,6 +259,7 @@ async fn run_in(run: &mut harness::BenchRun, scenario: &Scenario, command: &str)
         Scenario::Rebuild { contacts } => rebuild::run(run, contacts).await,
         Scenario::Page { contacts, idle_seconds } => page::run(run, contacts, idle_seconds).await,
         Scenario::Cluster { contacts, seconds, cluster_url } => cluster::run(run, contacts, seconds, &cluster_url).await,
+        Scenario::Saas { scale, seconds, index_memory_limit } => saas::run(run, scale, seconds, index_memory_limit).await,
     }
 }
 
@@ -253,7 +270,7 @@ fn is_sandbox_name(name: &str) -> bool {
     let mut parts = name.split('-');
     let scenario = parts.next().unwrap_or_default();
     let numbers: Vec<&str> = parts.collect();
-    ["scale", "rebuild", "page", "cluster"].contains(&scenario)
+    ["scale", "rebuild", "page", "cluster", "saas"].contains(&scenario)
         && numbers.len() == 2
         && numbers.iter().all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
