@@ -2,7 +2,8 @@
 # Installs everything the local stack and the build need, idempotently, cached outside the clone
 # (PIPELINE_BOARD_HOME, default ~/.cache/pipeline-board). Safe to run on every CI run: each step
 # checks before it acts.
-#   - Debian packages: Redis, PostgreSQL, the build dependencies of the bundled librdkafka, wrk.
+#   - Debian packages: Redis, PostgreSQL, the build dependencies of the bundled librdkafka, wrk,
+#     HAProxy (deploy/org-router.sh).
 #   - Apache Kafka: the broker jars from Maven Central (deploy/kafka/pom.xml) in $STATE_DIR/kafka/libs.
 #   - FerretDB: `go install` of the pinned version into $STATE_DIR/bin.
 #   - Headless Chromium (Debian's) and playwright-core (npm, tests/browser) for the browser tests.
@@ -14,7 +15,7 @@ FERRETDB_VERSION="${FERRETDB_VERSION:-v1.24.2}"
 mkdir -p "$STATE_DIR/bin"
 
 APT_PKGS=(cmake libcurl4-openssl-dev libssl-dev libsasl2-dev zlib1g-dev libzstd-dev pkg-config
-  redis-server redis-tools postgresql wrk chromium)
+  redis-server redis-tools postgresql wrk chromium haproxy)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -24,10 +25,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # Debian starts a system Redis and PostgreSQL on install; the stack runs its own instances.
-  systemctl disable --now redis-server postgresql >/dev/null 2>&1 || true
+  # Debian starts a system Redis, PostgreSQL and HAProxy on install; the stack runs its own.
+  systemctl disable --now redis-server postgresql haproxy >/dev/null 2>&1 || true
   service redis-server stop >/dev/null 2>&1 || true
   service postgresql stop >/dev/null 2>&1 || true
+  service haproxy stop >/dev/null 2>&1 || true
 fi
 
 # Apache Kafka from Maven Central. The stamp names the pom's hash so a version bump re-resolves.

@@ -14,6 +14,9 @@ threads="${TEST_THREADS:-4}"
 # The stack-free tier first (every crate's unit tests and doc tests: seconds, no server).
 cargo test --workspace --locked --lib --bins -- --test-threads "$threads"
 cargo test --workspace --locked --doc
+# The index's memory measured by a counting allocator: a test binary of its own (the allocator
+# counts every allocation of the process).
+cargo test -p board-api --locked --test index_memory
 # Then the one integration test binary, a module at a time (its tests in parallel): the heavy
 # modules (the differential test on FerretDB, the cluster node kills, the chaos run) never run
 # beside each other, so a loaded machine slows them without making them fail.

@@ -22,4 +22,5 @@ mod failures;
 mod operations;
 mod projection;
 mod rebuild;
+mod routing;
 mod sparse_documents;

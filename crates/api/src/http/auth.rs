@@ -200,9 +200,21 @@ impl Verifier {
         if !is_object_id(&c.org_id) || c.sub.trim().is_empty() {
             return Err(ApiError::Unauthorized("token lacks a valid orgId or sub".into()));
         }
+        if headers.get(ORG_HEADER).is_some_and(|h| h.as_bytes() != c.org_id.as_bytes()) {
+            return Err(ApiError::BadRequest {
+                code: "org_header_mismatch",
+                message: format!("the {ORG_HEADER} header must name the token's org"),
+            });
+        }
         Ok(Caller { user_id: c.sub, org_id: c.org_id })
     }
 }
+
+/// The header a load balancer routes by (README, Scaling: `deploy/org-router.sh`): every request
+/// of one org goes to the same API instance, whose in-memory indexes then hold only its orgs.
+/// Optional; when sent it must name the token's org (a client cannot be routed by one org and
+/// answered for another, nor spread one org's indexes over the fleet by lying).
+pub const ORG_HEADER: &str = "x-org-id";
 
 /// Handlers that take a `Caller` are authenticated before anything else of the request is read.
 impl FromRequestParts<AppState> for Caller {
@@ -248,6 +260,25 @@ mod tests {
         assert_eq!(off.caller(&bearer(&plain)).unwrap().org_id, ORG);
         let on = off.accepting_demo_tokens();
         assert_eq!(on.caller(&bearer(&demo)).unwrap(), Caller { user_id: "u1".into(), org_id: ORG.into() });
+    }
+
+    #[test]
+    fn an_org_header_must_name_the_tokens_org() {
+        let verifier = Verifier::from_args(&AuthArgs::hs256(SECRET)).unwrap();
+        let token = sign_hs256(SECRET.as_bytes(), "u1", ORG, 60);
+        let with = |org: &str| {
+            let mut h = bearer(&token);
+            h.insert(ORG_HEADER, org.parse().unwrap());
+            verifier.caller(&h)
+        };
+        assert_eq!(with(ORG).unwrap().org_id, ORG);
+        assert!(verifier.caller(&bearer(&token)).is_ok(), "the header is optional");
+        for other in ["5f0c1b2a3d4e5f6a7b8c9d0f", "", "5F0C1B2A3D4E5F6A7B8C9D0E"] {
+            assert!(matches!(with(other), Err(ApiError::BadRequest { code: "org_header_mismatch", .. })), "{other:?}");
+        }
+        let mut unsigned = HeaderMap::new();
+        unsigned.insert(ORG_HEADER, ORG.parse().unwrap());
+        assert!(matches!(verifier.caller(&unsigned), Err(ApiError::Unauthorized(_))), "the token is checked first");
     }
 
     #[test]
