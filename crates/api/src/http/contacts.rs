@@ -26,10 +26,13 @@ pub fn router() -> Router<AppState> {
     post,
     path = "/api/contacts",
     request_body = ContactsRequest,
+    params(
+        ("X-Org-Id" = Option<String>, Header, description = "The token's org, for a load balancer that routes by org (deploy/org-router.sh); optional, refused when it names another org"),
+    ),
     responses(
         (status = 200, description = "Cards by stage: data, dataByStatus, stageIdByName, stageNameById, meta; an ETag of the answer"),
         (status = 304, description = "If-None-Match carries the ETag of this same answer: unchanged"),
-        (status = 400, description = "Malformed body or out-of-range value"),
+        (status = 400, description = "Malformed body or out-of-range value; `org_header_mismatch`: X-Org-Id names another org than the token"),
         (status = 401, description = "Missing, malformed, badly signed or expired token"),
         (status = 404, description = "No such pipeline in the caller's org"),
         (status = 413, description = "Body over 64 KiB"),
