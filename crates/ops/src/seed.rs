@@ -298,6 +298,14 @@ impl Sink {
             self.mongo_pending.entry(coll).or_default().push(d);
         }
     }
+    /// Flushes once enough is pending: thousands of small orgs are not one delivery wait each.
+    async fn flush_if_full(&mut self) -> anyhow::Result<()> {
+        if self.pending.len() >= 10_000 || self.mongo_pending.values().map(Vec::len).sum::<usize>() >= 10_000 {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
     async fn flush(&mut self) -> anyhow::Result<()> {
         if let Some(p) = &self.producer {
             let pending = std::mem::take(&mut self.pending);
@@ -374,7 +382,7 @@ pub async fn run(args: &SeedArgs, kafka: &KafkaConnection, topics: &Topics, mong
             sink.event(&t.topic_users, &u.id, with(env, "user", serde_json::to_value(u)?));
             sink.doc("users", board_mongo::user_to_bson(u));
         }
-        sink.flush().await?;
+        sink.flush_if_full().await?;
 
         let chunk = 2000;
         let mut done = 0;
@@ -383,11 +391,12 @@ pub async fn run(args: &SeedArgs, kafka: &KafkaConnection, topics: &Topics, mong
             for _ in 0..n {
                 contact_with_everything(args, &org, now, &mut ids, &mut rng, &mut sink, &mut report)?;
             }
-            sink.flush().await?;
+            sink.flush_if_full().await?;
             done += n;
             bar.inc(n as u64);
         }
     }
+    sink.flush().await?;
     bar.finish_and_clear();
     report.events = sink.events;
     Ok(report)
