@@ -211,6 +211,13 @@ fn on_own_runtime<T: Send + 'static>(f: impl std::future::Future<Output = T> + S
     rx
 }
 
+/// A byte budget; under a budget, every org walks on the background pool (`walk_pool`), so the
+/// answers compared below also compare that path with the ordinary one.
+fn limits(memory: usize) -> board_api::query::projection::IndexLimits {
+    let background_cards = if memory == usize::MAX { usize::MAX } else { 0 };
+    board_api::query::projection::IndexLimits { memory, background_cards, ..Default::default() }
+}
+
 /// The in-memory indexes stay under their byte budget (`INDEX_MEMORY_LIMIT`): boards of more
 /// orgs than fit are answered, each as with no budget, while the least recently used orgs'
 /// indexes are dropped; an org alone over the budget answers and is not kept.
@@ -228,7 +235,8 @@ async fn the_indexes_stay_under_their_memory_budget() {
     }
 
     // Without a budget to speak of: every org's answer and index size.
-    let unbounded = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_limits(usize::MAX, 2);
+    let unbounded =
+        ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_limits(limits(usize::MAX));
     let (mut answers, mut largest) = (Vec::new(), 0);
     for (org, user) in seeded.org_ids.iter().zip(&users) {
         let before = unbounded.index_bytes();
@@ -241,7 +249,7 @@ async fn the_indexes_stay_under_their_memory_budget() {
 
     // A budget for two and a half orgs: every answer the same, the bytes always under it.
     let budget = largest * 5 / 2;
-    let bounded = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_limits(budget, 2);
+    let bounded = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_limits(limits(budget));
     for round in 0..2 {
         for ((org, user), want) in seeded.org_ids.iter().zip(&users).zip(&answers) {
             let (answer, _) = bounded.answer(org, user, &q, 0).await.unwrap();
@@ -256,7 +264,7 @@ async fn the_indexes_stay_under_their_memory_budget() {
     assert!(bounded.loaded_index(last).is_some(), "the most recently used org is kept");
 
     // An org alone over the budget is answered from the index it loaded, which is not kept.
-    let tiny = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_limits(1, 2);
+    let tiny = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_limits(limits(1));
     let (answer, _) = tiny.answer(&seeded.org_ids[0], &users[0], &q, 0).await.unwrap();
     assert_eq!(answer, answers[0]);
     assert_eq!(tiny.index_bytes(), 0);

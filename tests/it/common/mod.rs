@@ -275,6 +275,7 @@ impl TestEnv {
             index_deadline_ms: 10_000,
             index_memory_limit: bytesize::ByteSize(board_api::query::index_cache::DEFAULT_INDEX_MEMORY_LIMIT as u64),
             index_walks_per_org: board_api::query::index_cache::default_walks_per_org(),
+            index_background_cards: board_api::query::projection::DEFAULT_BACKGROUND_CARDS,
             health_interval_ms: 200,
             mongodb_path_max_ids: board_api::query::mongo_path::DEFAULT_MAX_IDS,
             lag_interval_ms: 1_000,

@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// to every other org. Default: half the cores, at least one.
     #[arg(long, env = "INDEX_WALKS_PER_ORG", default_value_t = crate::query::index_cache::default_walks_per_org())]
     pub index_walks_per_org: usize,
+    /// Orgs with at least this many cards in their index walk on threads of a lower CPU
+    /// priority (nice +10): their expensive boards take what small orgs' boards leave.
+    #[arg(long, env = "INDEX_BACKGROUND_CARDS", default_value_t = crate::query::projection::DEFAULT_BACKGROUND_CARDS)]
+    pub index_background_cards: usize,
     /// Most contact ids the MongoDB path collects for one filter (conversations, messages);
     /// a broader filter is answered 503 `mongodb_filter_too_broad` instead of an unbounded query.
     #[arg(long, env = "MONGODB_PATH_MAX_IDS", default_value_t = crate::query::mongo_path::DEFAULT_MAX_IDS)]
@@ -305,7 +309,11 @@ impl Application {
         health.spawn_probe(redis.clone(), mongo_db.clone(), Duration::from_millis(args.health_interval_ms.max(100)), keys.clone());
         let state = AppState {
             projection: ProjectionReader::new(redis.clone(), keys.clone(), Duration::from_millis(args.index_deadline_ms))
-                .with_index_limits(args.index_memory_limit.as_u64() as usize, args.index_walks_per_org),
+                .with_index_limits(crate::query::projection::IndexLimits {
+                    memory: args.index_memory_limit.as_u64() as usize,
+                    walks_per_org: args.index_walks_per_org,
+                    background_cards: args.index_background_cards,
+                }),
             mongo: MongoReader::new(mongo_db.clone(), args.mongodb_path_max_ids),
             redis,
             mongo_db,

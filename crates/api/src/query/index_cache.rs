@@ -92,6 +92,11 @@ impl OrgSlot {
         permit.ok().map(|p| p.expect("the semaphore is never closed"))
     }
 
+    /// Cards in the org's index.
+    pub fn cards(&self) -> usize {
+        self.cards.load(Ordering::Relaxed)
+    }
+
     /// Counts a walk from now until the guard drops.
     pub fn start_walk(&self) -> Walking<'_> {
         let now = self.walking.fetch_add(1, Ordering::Relaxed) + 1;

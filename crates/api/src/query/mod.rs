@@ -7,3 +7,4 @@ pub mod index_cache;
 pub mod mongo_path;
 pub mod projection;
 pub mod request;
+pub mod walk_pool;

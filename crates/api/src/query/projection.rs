@@ -8,6 +8,10 @@ use super::board::{self, BoardAnswer, BoardPlan, BucketAnswer, CardOut};
 use super::error::ApiError;
 use super::index::{IndexBucket, IndexError};
 use super::index_cache::IndexCache;
+use super::walk_pool::WalkPool;
+
+/// How far below the API's priority large orgs' walks run (`walk_pool`).
+const BACKGROUND_NICE: i32 = 10;
 use super::request::{BoardQuery, MessageStatus, OwnerScope};
 use board_model::keys::{Generation, KeySpace, OrgKeys};
 use board_model::model::{CardKind, Pipeline};
@@ -104,11 +108,38 @@ impl SetShape {
     }
 }
 
+/// The in-memory indexes' bounds (`serve`'s `INDEX_*` settings).
+#[derive(Debug, Clone, Copy)]
+pub struct IndexLimits {
+    /// `INDEX_MEMORY_LIMIT`: the indexes' bytes, least recently used orgs dropped beyond it.
+    pub memory: usize,
+    /// `INDEX_WALKS_PER_ORG`: one org's walks at once.
+    pub walks_per_org: usize,
+    /// `INDEX_BACKGROUND_CARDS`: orgs of this many cards walk at a lower CPU priority.
+    pub background_cards: usize,
+}
+
+impl Default for IndexLimits {
+    fn default() -> Self {
+        IndexLimits {
+            memory: super::index_cache::DEFAULT_INDEX_MEMORY_LIMIT,
+            walks_per_org: super::index_cache::default_walks_per_org(),
+            background_cards: DEFAULT_BACKGROUND_CARDS,
+        }
+    }
+}
+
+/// The default `INDEX_BACKGROUND_CARDS`: a walk over this many cards takes milliseconds.
+pub const DEFAULT_BACKGROUND_CARDS: usize = 50_000;
+
 #[derive(Clone)]
 pub struct ProjectionReader {
     conn: RedisConn,
     keys: KeySpace,
     index: IndexCache,
+    /// Where large orgs' walks run (`walk_pool`), and from how many cards an org is large.
+    background: WalkPool,
+    background_cards: usize,
     index_deadline: Duration,
     deep_page_offset: u64,
 }
@@ -131,12 +162,11 @@ impl ProjectionRoute {
 
 impl ProjectionReader {
     pub fn new(conn: RedisConn, keys: KeySpace, index_deadline: Duration) -> Self {
+        let limits = IndexLimits::default();
         ProjectionReader {
-            index: IndexCache::new(
-                conn.clone(),
-                super::index_cache::DEFAULT_INDEX_MEMORY_LIMIT,
-                super::index_cache::default_walks_per_org(),
-            ),
+            index: IndexCache::new(conn.clone(), limits.memory, limits.walks_per_org),
+            background: WalkPool::new(limits.walks_per_org, BACKGROUND_NICE),
+            background_cards: limits.background_cards,
             conn,
             keys,
             index_deadline,
@@ -144,12 +174,11 @@ impl ProjectionReader {
         }
     }
 
-    /// Keeps the in-memory indexes under `bytes` (`INDEX_MEMORY_LIMIT`), least recently used
-    /// orgs dropped first,
-    /// and lets at most `walks_per_org` index walks of one org run at once
-    /// (`INDEX_WALKS_PER_ORG`).
-    pub fn with_index_limits(mut self, bytes: usize, walks_per_org: usize) -> Self {
-        self.index = IndexCache::new(self.conn.clone(), bytes, walks_per_org);
+    /// Bounds the in-memory indexes (`IndexLimits`).
+    pub fn with_index_limits(mut self, limits: IndexLimits) -> Self {
+        self.index = IndexCache::new(self.conn.clone(), limits.memory, limits.walks_per_org);
+        self.background = WalkPool::new(limits.walks_per_org, BACKGROUND_NICE);
+        self.background_cards = limits.background_cards;
         self
     }
 
@@ -468,14 +497,19 @@ impl ProjectionReader {
         // The org's walks share its permits: its expensive boards wait here, not other orgs'.
         let permit = slot.walk_permit(deadline.into()).await.ok_or(IndexError::Deadline)?;
         let (q, plan, user, base) = (q.clone(), plan.clone(), user.to_string(), keys.base.clone());
-        let (answered, of_keys_generation) = tokio::task::spawn_blocking(move || {
+        let large = slot.cards() >= self.background_cards;
+        let walk = move || {
             let (_permit, _walking) = (permit, slot.start_walk());
             let index = slot.index();
             let index = index.read().expect("not poisoned");
             (index.answer(&plan, &q, &user, now, deadline), index.base == base)
-        })
-        .await
-        .map_err(|e| ProjectionError::Unavailable(format!("index task: {e}")))?;
+        };
+        // A large org's walk at a lower CPU priority: small orgs' boards keep their latency.
+        let (answered, of_keys_generation) = if large {
+            self.background.run(walk).await.map_err(|e| ProjectionError::Unavailable(format!("index walk: {e}")))?
+        } else {
+            tokio::task::spawn_blocking(walk).await.map_err(|e| ProjectionError::Unavailable(format!("index task: {e}")))?
+        };
         Ok((answered?, of_keys_generation))
     }
 
