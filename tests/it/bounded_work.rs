@@ -237,14 +237,15 @@ async fn the_indexes_stay_under_their_memory_budget() {
     // Without a budget to speak of: every org's answer and index size.
     let unbounded =
         ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_limits(limits(usize::MAX));
-    let (mut answers, mut largest) = (Vec::new(), 0);
+    let (mut answers, mut sizes) = (Vec::new(), Vec::new());
     for (org, user) in seeded.org_ids.iter().zip(&users) {
         let before = unbounded.index_bytes();
         let (answer, route) = unbounded.answer(org, user, &q, 0).await.unwrap();
         assert_eq!(route.name(), "index");
-        largest = largest.max(unbounded.index_bytes() - before);
+        sizes.push(unbounded.index_bytes() - before);
         answers.push(answer);
     }
+    let largest = *sizes.iter().max().unwrap();
     assert!(largest > 0, "an index accounts its bytes");
 
     // A budget for two and a half orgs: every answer the same, the bytes always under it.
@@ -262,6 +263,18 @@ async fn the_indexes_stay_under_their_memory_budget() {
     assert!((1..=2).contains(&kept), "{kept} of 6 indexes kept under a budget for 2.5");
     let last = seeded.org_ids.last().unwrap();
     assert!(bounded.loaded_index(last).is_some(), "the most recently used org is kept");
+
+    // An org over the budget on a warm cache evicts nobody else: with room for the smallest org
+    // only, the smallest stays loaded while the largest is answered and not kept.
+    let (small, large) = ((0..6).min_by_key(|i| sizes[*i]).unwrap(), (0..6).max_by_key(|i| sizes[*i]).unwrap());
+    assert!(sizes[small] < sizes[large], "the seeded orgs differ in size: {sizes:?}");
+    let between = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10))
+        .with_index_limits(limits((sizes[small] + sizes[large]) / 2));
+    for i in [small, large] {
+        assert_eq!(between.answer(&seeded.org_ids[i], &users[i], &q, 0).await.unwrap().0, answers[i]);
+    }
+    assert!(between.loaded_index(&seeded.org_ids[small]).is_some(), "the org that fits was not evicted for one that cannot");
+    assert!(between.loaded_index(&seeded.org_ids[large]).is_none());
 
     // An org alone over the budget is answered from the index it loaded, which is not kept.
     let tiny = ProjectionReader::new(env.redis().await, env.keys.clone(), Duration::from_secs(10)).with_index_limits(limits(1));

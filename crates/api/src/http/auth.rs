@@ -200,7 +200,8 @@ impl Verifier {
         if !is_object_id(&c.org_id) || c.sub.trim().is_empty() {
             return Err(ApiError::Unauthorized("token lacks a valid orgId or sub".into()));
         }
-        if headers.get(ORG_HEADER).is_some_and(|h| h.as_bytes() != c.org_id.as_bytes()) {
+        let named: Vec<&axum::http::HeaderValue> = headers.get_all(ORG_HEADER).iter().collect();
+        if !named.is_empty() && (named.len() > 1 || named[0].as_bytes() != c.org_id.as_bytes()) {
             return Err(ApiError::BadRequest {
                 code: "org_header_mismatch",
                 message: format!("the {ORG_HEADER} header must name the token's org"),
@@ -212,8 +213,10 @@ impl Verifier {
 
 /// The header a load balancer routes by (README, Scaling: `deploy/org-router.sh`): every request
 /// of one org goes to the same API instance, whose in-memory indexes then hold only its orgs.
-/// Optional; when sent it must name the token's org (a client cannot be routed by one org and
-/// answered for another, nor spread one org's indexes over the fleet by lying).
+/// Optional; when sent it must be one header naming the token's org. Routing grants no access
+/// (every read uses the token's org): the check keeps a client from being routed by one org and
+/// answered for another. A client that leaves the header out is spread round robin, loading its
+/// org's index on several instances: the page and the documented clients send it.
 pub const ORG_HEADER: &str = "x-org-id";
 
 /// Handlers that take a `Caller` are authenticated before anything else of the request is read.
@@ -273,6 +276,10 @@ mod tests {
         };
         assert_eq!(with(ORG).unwrap().org_id, ORG);
         assert!(verifier.caller(&bearer(&token)).is_ok(), "the header is optional");
+        let mut twice = bearer(&token);
+        twice.append(ORG_HEADER, ORG.parse().unwrap());
+        twice.append(ORG_HEADER, "5f0c1b2a3d4e5f6a7b8c9d0f".parse().unwrap());
+        assert!(verifier.caller(&twice).is_err(), "two headers: refused");
         for other in ["5f0c1b2a3d4e5f6a7b8c9d0f", "", "5F0C1B2A3D4E5F6A7B8C9D0E"] {
             assert!(matches!(with(other), Err(ApiError::BadRequest { code: "org_header_mismatch", .. })), "{other:?}");
         }

@@ -58,7 +58,7 @@ pub struct ServeArgs {
     /// filters the sorted sets do not answer) before the request is answered 503 `timeout`.
     #[arg(long, env = "INDEX_DEADLINE_MS", default_value_t = 2_000)]
     pub index_deadline_ms: u64,
-    /// The in-memory indexes' byte budget (e.g. `640MiB`, `2GiB`, bytes): beyond it the least
+    /// The in-memory indexes' byte budget (e.g. `512MiB`, `2GiB`, bytes): beyond it the least
     /// recently used orgs' indexes are dropped (`pb_index_bytes`, `pb_index_evictions_total`).
     /// The default suits a 1 GiB pod; see the README's scaling section.
     #[arg(long, env = "INDEX_MEMORY_LIMIT", default_value_t = bytesize::ByteSize(crate::query::index_cache::DEFAULT_INDEX_MEMORY_LIMIT as u64))]

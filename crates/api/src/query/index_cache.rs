@@ -6,10 +6,11 @@
 //! went back in time, or the stream was made again) or that sees the projection's instance
 //! change (a heal after Redis lost it) reloads the org.
 //!
-//! Memory is bounded: the indexes' bytes (`OrgIndex::bytes`) are kept under a budget
-//! (`INDEX_MEMORY_LIMIT`) by dropping the least recently used orgs' indexes; a load streams the
-//! org's records into the index chunk by chunk, and at most `LOADS_AT_ONCE` loads run at once,
-//! so what a load holds besides the index is bounded too.
+//! Memory is bounded: the resident indexes' bytes (`OrgIndex::bytes`) are kept under a budget
+//! (`INDEX_MEMORY_LIMIT`) by dropping the least recently used orgs' indexes. Not in the budget,
+//! and to be left beside it in the process's memory (README, Scaling): the indexes being built
+//! (at most `LOADS_AT_ONCE` at once, streamed from the records chunk by chunk), an old index kept
+//! while its org's new generation loads, and dropped indexes that walks in flight still read.
 use super::index::OrgIndex;
 use arc_swap::ArcSwap;
 use board_model::keys::{Changed, OrgKeys};
@@ -137,9 +138,10 @@ impl OrgSlot {
 /// the orgs being worked on, and a dropped org is loaded again on its next index board.
 pub const INDEX_IDLE: Duration = Duration::from_secs(600);
 
-/// The default index budget: sized for a 1 GiB pod (the API's own ~50 MiB, a load's chunks and
-/// the answers in flight besides).
-pub const DEFAULT_INDEX_MEMORY_LIMIT: usize = 640 << 20;
+/// The default index budget, for a 1 GiB pod: measured, a full budget of 640 MiB left the API at
+/// 856 MiB RSS (allocator retention and its own ~30 MiB), and a million-card org's load in flight
+/// (not in the budget) holds ~250 MiB more.
+pub const DEFAULT_INDEX_MEMORY_LIMIT: usize = 512 << 20;
 
 /// The default `INDEX_WALKS_PER_ORG`: half the cores (at least one), so that one org's boards
 /// leave the other half to every other org.
@@ -249,13 +251,29 @@ impl IndexCache {
     /// until the indexes fit in `EVICT_TO` of the budget; reports what stays.
     fn enforce_budget(&self, keep: &str) {
         let mut orgs = self.orgs.lock().expect("not poisoned");
-        let mut total: usize = orgs.values().map(|s| s.bytes.load(Ordering::Relaxed)).sum();
-        if total > self.limit {
+        // One reading of every org's bytes (catch-ups store them without this lock).
+        let sizes: Vec<(String, usize)> = orgs.iter().map(|(org, s)| (org.clone(), s.bytes.load(Ordering::Relaxed))).collect();
+        let mut total: usize = sizes.iter().map(|(_, b)| b).sum();
+        let own = sizes.iter().find(|(org, _)| org == keep).map_or(0, |(_, b)| *b);
+        if own > self.limit {
+            // The org alone is over the budget: this board is answered from it, and it is
+            // dropped once the walks in flight are done (its next board loads it again). The
+            // other orgs stay: evicting them could not make it fit.
+            orgs.remove(keep);
+            total = total.saturating_sub(own);
+            crate::events::IndexOverBudget { org: keep, bytes: own, limit: self.limit }.emit();
+        } else if total > self.limit {
             let target = (self.limit as f64 * EVICT_TO) as usize;
-            let mut by_use: Vec<(i64, String, usize)> = orgs
+            // Least recently used first; never `keep`, nor an org whose index is being loaded
+            // or caught up (its lock is held: dropping it would free nothing and lose the load).
+            let mut by_use: Vec<(i64, &String, usize)> = sizes
                 .iter()
-                .filter(|(org, _)| org.as_str() != keep)
-                .map(|(org, s)| (s.last_used.load(Ordering::Relaxed), org.clone(), s.bytes.load(Ordering::Relaxed)))
+                .filter(|(org, bytes)| org != keep && *bytes > 0)
+                .filter_map(|(org, bytes)| {
+                    let slot = orgs.get(org)?;
+                    let idle = slot.sync.try_lock().is_ok();
+                    idle.then(|| (slot.last_used.load(Ordering::Relaxed), org, *bytes))
+                })
                 .collect();
             by_use.sort_unstable();
             let mut evicted = 0;
@@ -263,20 +281,11 @@ impl IndexCache {
                 if total <= target {
                     break;
                 }
-                orgs.remove(&org);
-                total -= bytes;
+                orgs.remove(org);
+                total = total.saturating_sub(bytes);
                 evicted += 1;
             }
             crate::events::IndexesEvicted { reason: "budget", count: evicted }.emit();
-            if total > self.limit {
-                // The org alone is over the budget: this board is answered from it, and it is
-                // dropped once the walks in flight are done (its next board loads it again).
-                if let Some(slot) = orgs.remove(keep) {
-                    let bytes = slot.bytes.load(Ordering::Relaxed);
-                    total -= bytes;
-                    crate::events::IndexOverBudget { org: keep, bytes, limit: self.limit }.emit();
-                }
-            }
         }
         let cards: usize = orgs.values().map(|s| s.cards.load(Ordering::Relaxed)).sum();
         crate::events::IndexSize { orgs: orgs.len(), cards, bytes: total }.emit();
@@ -405,6 +414,8 @@ impl IndexCache {
             }
             if action != Freshen::Nothing {
                 drop(loaded);
+                // Used now, not when the (maybe long) load started: not the next to go.
+                slot.last_used.store(now_millis(), Ordering::Relaxed);
                 self.enforce_budget(org);
                 return Ok(slot);
             }

@@ -10,6 +10,11 @@ use super::index::{IndexBucket, IndexError};
 use super::index_cache::IndexCache;
 use super::walk_pool::WalkPool;
 
+/// A thread per core for large orgs' walks (`walk_pool`).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// How far below the API's priority large orgs' walks run (`walk_pool`).
 const BACKGROUND_NICE: i32 = 10;
 use super::request::{BoardQuery, MessageStatus, OwnerScope};
@@ -165,7 +170,7 @@ impl ProjectionReader {
         let limits = IndexLimits::default();
         ProjectionReader {
             index: IndexCache::new(conn.clone(), limits.memory, limits.walks_per_org),
-            background: WalkPool::new(limits.walks_per_org, BACKGROUND_NICE),
+            background: WalkPool::new(cores(), BACKGROUND_NICE),
             background_cards: limits.background_cards,
             conn,
             keys,
@@ -177,7 +182,6 @@ impl ProjectionReader {
     /// Bounds the in-memory indexes (`IndexLimits`).
     pub fn with_index_limits(mut self, limits: IndexLimits) -> Self {
         self.index = IndexCache::new(self.conn.clone(), limits.memory, limits.walks_per_org);
-        self.background = WalkPool::new(limits.walks_per_org, BACKGROUND_NICE);
         self.background_cards = limits.background_cards;
         self
     }

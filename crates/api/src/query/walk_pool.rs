@@ -3,7 +3,8 @@
 //! priority it doubles that board's latency whenever they share a core. At `nice` 10 the kernel
 //! gives such a walk about a tenth of a contended core, so small orgs' boards keep their latency
 //! while large orgs' walks take what is left (and all of it when nothing else runs).
-//! `INDEX_WALKS_PER_ORG` still bounds how many of one org's walks wait here.
+//! `INDEX_WALKS_PER_ORG` still bounds how many of one org's walks wait here, and the pool has a
+//! thread per core, so one large org's walks never take all of it from the other large orgs.
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +15,7 @@ pub struct WalkPool {
     jobs: mpsc::Sender<Job>,
 }
 
-/// The pool stopped (a thread panicked and took the receiver's lock with it).
+/// The pool's threads are gone (the pool is being dropped), or the job panicked.
 #[derive(Debug, thiserror::Error)]
 #[error("the background walk pool is gone")]
 pub struct PoolGone;
@@ -37,7 +38,11 @@ impl WalkPool {
                             Err(_) => return,
                         };
                         match job {
-                            Ok(job) => job(),
+                            // A panicking walk loses its answer (its caller gets `PoolGone`:
+                            // a 503), not the thread.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
                             Err(_) => return, // every sender dropped
                         }
                     }
@@ -91,6 +96,8 @@ mod tests {
         // SAFETY: as above, for the test's own thread.
         let ours = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
         assert_eq!(nice, (ours + 10).min(19), "10 above the process's own");
+        assert!(pool.run(|| panic!("a walk that panics")).await.is_err());
+        assert_eq!(pool.run(|| 7).await.unwrap(), 7, "the thread survived the panic");
         let sums: Vec<u64> = futures::future::join_all((0..8u64).map(|i| pool.run(move || (0..=i).sum::<u64>())))
             .await
             .into_iter()
