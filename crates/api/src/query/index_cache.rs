@@ -156,6 +156,11 @@ const LOADS_AT_ONCE: usize = 2;
 /// org per load when the budget is full).
 const EVICT_TO: f64 = 0.9;
 
+/// The bytes the orgs' indexes hold, by their counters (no index lock taken).
+fn resident_bytes(orgs: &HashMap<String, Arc<OrgSlot>>) -> usize {
+    orgs.values().map(|s| s.bytes.load(Ordering::Relaxed)).sum()
+}
+
 fn now_millis() -> i64 {
     board_model::time::now_millis()
 }
@@ -244,17 +249,16 @@ impl IndexCache {
 
     /// Bytes the indexes hold now.
     pub fn bytes(&self) -> usize {
-        self.orgs.lock().expect("not poisoned").values().map(|s| s.bytes.load(Ordering::Relaxed)).sum()
+        resident_bytes(&self.orgs.lock().expect("not poisoned"))
     }
 
     /// Drops least recently used indexes (never `keep`'s unless it alone is over the budget)
     /// until the indexes fit in `EVICT_TO` of the budget; reports what stays.
     fn enforce_budget(&self, keep: &str) {
         let mut orgs = self.orgs.lock().expect("not poisoned");
-        // One reading of every org's bytes (catch-ups store them without this lock).
-        let sizes: Vec<(String, usize)> = orgs.iter().map(|(org, s)| (org.clone(), s.bytes.load(Ordering::Relaxed))).collect();
-        let mut total: usize = sizes.iter().map(|(_, b)| b).sum();
-        let own = sizes.iter().find(|(org, _)| org == keep).map_or(0, |(_, b)| *b);
+        // Every catch-up comes here: under the budget it only sums the orgs' counters.
+        let mut total = resident_bytes(&orgs);
+        let own = orgs.get(keep).map_or(0, |s| s.bytes.load(Ordering::Relaxed));
         if own > self.limit {
             // The org alone is over the budget: this board is answered from it, and it is
             // dropped once the walks in flight are done (its next board loads it again). The
@@ -266,14 +270,13 @@ impl IndexCache {
             let target = (self.limit as f64 * EVICT_TO) as usize;
             // Least recently used first; never `keep`, nor an org whose index is being loaded
             // or caught up (its lock is held: dropping it would free nothing and lose the load).
-            let mut by_use: Vec<(i64, &String, usize)> = sizes
+            // Catch-ups store bytes without this lock: each org's bytes are read once, here, and
+            // subtracted saturating from the total read above.
+            let mut by_use: Vec<(i64, String, usize)> = orgs
                 .iter()
-                .filter(|(org, bytes)| org != keep && *bytes > 0)
-                .filter_map(|(org, bytes)| {
-                    let slot = orgs.get(org)?;
-                    let idle = slot.sync.try_lock().is_ok();
-                    idle.then(|| (slot.last_used.load(Ordering::Relaxed), org, *bytes))
-                })
+                .filter(|(org, slot)| org.as_str() != keep && slot.sync.try_lock().is_ok())
+                .map(|(org, slot)| (slot.last_used.load(Ordering::Relaxed), org.clone(), slot.bytes.load(Ordering::Relaxed)))
+                .filter(|(_, _, bytes)| *bytes > 0)
                 .collect();
             by_use.sort_unstable();
             let mut evicted = 0;
@@ -281,7 +284,7 @@ impl IndexCache {
                 if total <= target {
                     break;
                 }
-                orgs.remove(org);
+                orgs.remove(&org);
                 total = total.saturating_sub(bytes);
                 evicted += 1;
             }
@@ -329,8 +332,7 @@ impl IndexCache {
         let before = orgs.len();
         orgs.retain(|_, slot| slot.last_used.load(Ordering::Relaxed) > cutoff);
         let cards: usize = orgs.values().map(|s| s.cards.load(Ordering::Relaxed)).sum();
-        let bytes: usize = orgs.values().map(|s| s.bytes.load(Ordering::Relaxed)).sum();
-        crate::events::IndexSize { orgs: orgs.len(), cards, bytes }.emit();
+        crate::events::IndexSize { orgs: orgs.len(), cards, bytes: resident_bytes(&orgs) }.emit();
         crate::events::IndexesEvicted { reason: "idle", count: before - orgs.len() }.emit();
         before - orgs.len()
     }

@@ -142,6 +142,13 @@ fn set<K: std::hash::Hash + Eq>(map: &mut HashMap<K, RoaringBitmap>, key: K, row
     }
 }
 
+/// The slot table's hash of a row: its card's (kind, id), as `OrgIndex::hash` computes it for a
+/// lookup (the table rehashes with this when it grows or shrinks).
+fn slot_hash(hasher: &RandomState, rows: &[Option<Row>], row: u32) -> u64 {
+    let r = rows[row as usize].as_ref().expect("slots point at live rows");
+    hasher.hash_one((r.kind, &r.id))
+}
+
 /// Bytes a bitmap holds: its containers, their arrays (u16s, at capacity, which
 /// `compact_bitmaps` makes their length after a load) and bitsets (8 KiB). `statistics()` counts
 /// an array's capacity as u32s and a bitset as its 65,536 bits: not used for the sizes.
@@ -232,10 +239,7 @@ impl OrgIndex {
         let r = self.row(row);
         let hash = self.hash(r.kind, &r.id);
         let (rows, hasher) = (&self.rows, &self.hasher);
-        self.slots.insert_unique(hash, row, |x| {
-            let r = rows[*x as usize].as_ref().expect("slots point at live rows");
-            hasher.hash_one((r.kind, &r.id))
-        });
+        self.slots.insert_unique(hash, row, |x| slot_hash(hasher, rows, *x));
     }
 
     /// `bytes()`, counted again once a sixteenth of the cards changed since the last count, and
@@ -399,10 +403,8 @@ impl OrgIndex {
         }
         self.rows.shrink_to_fit();
         self.free.shrink_to_fit();
-        self.slots.shrink_to_fit(|x| {
-            let r = self.rows[*x as usize].as_ref().expect("slots point at live rows");
-            self.hasher.hash_one((r.kind, &r.id))
-        });
+        let (rows, hasher) = (&self.rows, &self.hasher);
+        self.slots.shrink_to_fit(|x| slot_hash(hasher, rows, *x));
         self.texts.shrink();
         self.times.shrink();
         self.people.shrink();
