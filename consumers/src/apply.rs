@@ -262,7 +262,7 @@ impl RedisApplier {
                                 warn!(org, undecodable, "stored values of an older model replaced");
                             }
                             // Even a batch of stale events moves the org's applied offsets.
-                            let mut commit = commit.unwrap_or_else(|| Commit {
+                            let mut commit = commit.map(|c| *c).unwrap_or_else(|| Commit {
                                 org: keys.clone(),
                                 guards: Vec::new(),
                                 writes: Vec::new(),

@@ -62,8 +62,9 @@ pub enum Outcome {
 pub enum Step {
     /// Read these and run the step again.
     Need(Vec<Slot>),
-    /// The commit (None: nothing to write) and one outcome per event, in order.
-    Done { commit: Option<Commit>, outcomes: Vec<Outcome>, undecodable: usize },
+    /// The commit (None: nothing to write; boxed: a step is mostly `Need`) and one outcome per
+    /// event, in order.
+    Done { commit: Option<Box<Commit>>, outcomes: Vec<Outcome>, undecodable: usize },
 }
 
 /// Runs the events of one org (all with this org's keys) against `snap`.
@@ -87,7 +88,7 @@ pub fn step(keys: &OrgKeys, events: &[&Event], snap: &Snapshot) -> Step {
         return Step::Need(w.missing.into_iter().collect());
     }
     let undecodable = w.undecodable;
-    let commit = w.into_commit();
+    let commit = w.into_commit().map(Box::new);
     Step::Done { commit, outcomes, undecodable }
 }
 

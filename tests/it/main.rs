@@ -19,6 +19,7 @@ mod chaos;
 mod cluster;
 mod differential;
 mod failures;
+mod index_loads;
 mod operations;
 mod projection;
 mod rebuild;

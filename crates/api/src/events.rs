@@ -128,21 +128,55 @@ impl IndexSize {
     }
 }
 
-/// An org's index was loaded: its size by part and how long the load took.
+/// An org's index was loaded, from its image or its records: its size by part and how long
+/// the load took (`pb_index_load_seconds{from}`).
 pub struct IndexLoaded<'a> {
     /// The org's key base (org and generation).
     pub org: &'a str,
+    pub from: crate::query::index_cache::LoadedFrom,
     pub cards: usize,
     pub parts: [(&'static str, usize); 7],
     pub seconds: f64,
 }
 
-impl IndexLoaded<'_> {
+impl<'a> IndexLoaded<'a> {
+    pub fn of(
+        org: &'a str,
+        index: &crate::query::index::OrgIndex,
+        from: crate::query::index_cache::LoadedFrom,
+        took: std::time::Duration,
+    ) -> Self {
+        IndexLoaded { org, from, cards: index.len(), parts: index.bytes_by_part(), seconds: took.as_secs_f64() }
+    }
+
     pub fn emit(self) {
         let bytes: usize = self.parts.iter().map(|(_, b)| b).sum();
         let parts: Vec<String> = self.parts.iter().map(|(part, b)| format!("{part}={b}")).collect();
-        metrics::histogram!("pb_index_load_seconds").record(self.seconds);
-        info!(org = self.org, cards = self.cards, bytes, parts = %parts.join(" "), seconds = self.seconds, "in-memory index loaded");
+        metrics::histogram!("pb_index_load_seconds", "from" => self.from.as_str()).record(self.seconds);
+        info!(org = self.org, from = self.from.as_str(), cards = self.cards, bytes, parts = %parts.join(" "), seconds = self.seconds, "in-memory index loaded");
+    }
+}
+
+/// An org's index image was stored (`stored`), not stored (`moved`: the org reads another
+/// generation now; `older`: a later image is stored; `failed`), or found and not used
+/// (`behind_the_stream`, `other_layout`, `other_generation`, `damaged`): counted in
+/// `pb_index_images_total{outcome}`.
+pub struct IndexImage<'a> {
+    pub org: &'a str,
+    pub outcome: &'static str,
+    pub bytes: usize,
+    pub seconds: f64,
+}
+
+impl IndexImage<'_> {
+    pub fn emit(self) {
+        metrics::counter!("pb_index_images_total", "outcome" => self.outcome).increment(1);
+        match self.outcome {
+            "stored" | "moved" | "older" | "behind_the_stream" => {
+                info!(org = self.org, outcome = self.outcome, bytes = self.bytes, seconds = self.seconds, "index image")
+            }
+            _ => tracing::warn!(org = self.org, outcome = self.outcome, bytes = self.bytes, "index image not used or not stored"),
+        }
     }
 }
 

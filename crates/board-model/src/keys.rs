@@ -98,10 +98,11 @@ impl KeySpace {
     /// The org's keys in `generation`: `<prefix>:<generation>:{<orgId>}` (the same hash slot as
     /// the base generation and the pointer: a switch is one atomic call in the org's slot).
     pub fn org_in(&self, generation: &Generation, org_id: &str) -> OrgKeys {
-        match generation.name() {
-            "" => OrgKeys { base: format!("{}:{{{}}}", self.prefix, org_id) },
-            g => OrgKeys { base: format!("{}:{g}:{{{}}}", self.prefix, org_id) },
-        }
+        let base = match generation.name() {
+            "" => format!("{}:{{{}}}", self.prefix, org_id),
+            g => format!("{}:{g}:{{{}}}", self.prefix, org_id),
+        };
+        OrgKeys { base, generation: generation.clone(), pointer: self.generation_pointer(org_id) }
     }
     /// Which generation holds the org now (a string; absent: the base generation). Readers
     /// resolve it first; the projector's commits are guarded by it; `rebuild` switches it.
@@ -226,6 +227,8 @@ impl Changed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrgKeys {
     pub base: String,
+    generation: Generation,
+    pointer: String,
 }
 
 impl OrgKeys {
@@ -252,6 +255,21 @@ impl OrgKeys {
     /// (cards and conversations keep theirs in their records).
     pub fn versions(&self) -> String {
         self.k(&["ver"])
+    }
+    /// The generation these keys are of.
+    pub fn generation(&self) -> &Generation {
+        &self.generation
+    }
+    /// The org's generation pointer (`KeySpace::generation_pointer`).
+    pub fn pointer(&self) -> &str {
+        &self.pointer
+    }
+    /// The API's in-memory index of the org in this generation, as an image (board-api
+    /// `query/index/image.rs`), in a hash: `at` = the change-stream id it is current to,
+    /// `image` = its bytes. Written by an API instance that built the index from the records,
+    /// read by one that has not loaded the org yet; removed with the generation.
+    pub fn index_image(&self) -> String {
+        self.k(&["index-image"])
     }
     /// Every key of the org in this generation (for a SCAN MATCH).
     pub fn pattern(&self) -> String {

@@ -276,6 +276,9 @@ impl TestEnv {
             index_memory_limit: bytesize::ByteSize(board_api::query::index_cache::DEFAULT_INDEX_MEMORY_LIMIT as u64),
             index_walks_per_org: board_api::query::index_cache::default_walks_per_org(),
             index_background_cards: board_api::query::projection::DEFAULT_BACKGROUND_CARDS,
+            // Every org's index stores its image: loads in other instances (and after evictions)
+            // read it, so every test that loads an index twice checks images too.
+            index_image_min_cards: 1,
             health_interval_ms: 200,
             mongodb_path_max_ids: board_api::query::mongo_path::DEFAULT_MAX_IDS,
             lag_interval_ms: 1_000,

@@ -1,6 +1,14 @@
-//! Keeps one `OrgIndex` per org in the API's memory, current with the projection: loaded from the
-//! card records on the first board that needs it, then brought up to date before each such board
-//! from the org's change stream (`K:changes`, written by the same atomic commit as the records).
+//! Keeps one `OrgIndex` per org in the API's memory, current with the projection: loaded on the
+//! first board that needs it, then brought up to date before each such board from the org's
+//! change stream (`K:changes`, written by the same atomic commit as the records).
+//!
+//! A load reads the org's index image (`K:index-image`, `index/image.rs`) when one is stored
+//! that the change stream still brings up to date, and catches it up; else it builds the index
+//! from the card records and, for an org of `image_min_cards` or more, stores its image for the
+//! next instance (a new or restarted one, or this one after an eviction): a million cards are
+//! read from an image in about a second and built from records in about ten. An instance that
+//! holds an org stores its image again once it applied `IMAGE_REFRESH_ENTRIES` stream entries
+//! since, so that the image stays within what the stream keeps while the org is in use.
 //! A reader that fell further behind than the stream keeps (`max-deleted-entry-id` past its
 //! position, before or while it catches up), that finds the stream behind its position (Redis
 //! went back in time, or the stream was made again) or that sees the projection's instance
@@ -12,10 +20,13 @@
 //! (at most `LOADS_AT_ONCE` at once, streamed from the records chunk by chunk), an old index kept
 //! while its org's new generation loads, and dropped indexes that walks in flight still read.
 use super::index::OrgIndex;
+use super::projection::IndexLimits;
 use arc_swap::ArcSwap;
 use board_model::keys::{Changed, OrgKeys};
 use board_model::model::CardKind;
 use board_model::record::CardRecord;
+use board_redis::functions::image::{image_put_cmd, ImagePut};
+use board_redis::functions::{fcall, CHANGES_MAXLEN};
 use board_redis::redis_conn::RedisConn;
 use redis::{RedisError, Value};
 use std::collections::{BTreeSet, HashMap};
@@ -50,6 +61,12 @@ pub struct OrgSlot {
     walks_waiting: AtomicUsize,
     walking: AtomicUsize,
     most_walking: AtomicUsize,
+    /// Change-stream entries the index applied since the newest image it knows of (the one it
+    /// was read from or stored), and whether an image of it is being stored.
+    image_lag: AtomicUsize,
+    storing_image: AtomicBool,
+    /// Where the last load found the index (`LoadedFrom` as a number; 0: not loaded).
+    loaded_from: std::sync::atomic::AtomicU8,
 }
 
 /// Counts a walk while it runs (`OrgSlot::start_walk`).
@@ -82,6 +99,9 @@ impl OrgSlot {
             walks_waiting: AtomicUsize::default(),
             walking: AtomicUsize::default(),
             most_walking: AtomicUsize::default(),
+            image_lag: AtomicUsize::default(),
+            storing_image: AtomicBool::default(),
+            loaded_from: Default::default(),
         }
     }
 
@@ -91,6 +111,19 @@ impl OrgSlot {
         let permit = tokio::time::timeout_at(deadline, self.walks.clone().acquire_owned()).await;
         self.walks_waiting.fetch_sub(1, Ordering::Relaxed);
         permit.ok().map(|p| p.expect("the semaphore is never closed"))
+    }
+
+    /// Where the last load of the org found its index.
+    pub fn loaded_from(&self) -> Option<LoadedFrom> {
+        match self.loaded_from.load(Ordering::Relaxed) {
+            1 => Some(LoadedFrom::Image),
+            2 => Some(LoadedFrom::Records),
+            _ => None,
+        }
+    }
+
+    fn set_loaded_from(&self, from: LoadedFrom) {
+        self.loaded_from.store(if from == LoadedFrom::Image { 1 } else { 2 }, Ordering::Relaxed);
     }
 
     /// Cards in the org's index.
@@ -127,10 +160,10 @@ impl OrgSlot {
 
     /// The index's position in the change stream and its generation. Called under `sync`, which
     /// every writer holds too: no writer waits, so this read lock is never waited for.
-    fn position(&self) -> (String, String) {
+    fn position(&self) -> (String, u64, String) {
         let index = self.index.load();
         let index = index.read().expect("not poisoned");
-        (index.stream_id.clone(), index.base.clone())
+        (index.stream_id.clone(), index.stream_added, index.base.clone())
     }
 }
 
@@ -147,6 +180,31 @@ pub const DEFAULT_INDEX_MEMORY_LIMIT: usize = 512 << 20;
 /// leave the other half to every other org.
 pub fn default_walks_per_org() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+/// The default `INDEX_IMAGE_MIN_CARDS`: smaller orgs build from their records in milliseconds
+/// (500 cards: ~9 ms) and keep no image in Redis.
+pub const DEFAULT_IMAGE_MIN_CARDS: usize = 5_000;
+
+/// An instance stores an org's image again once its index applied this many change-stream
+/// entries since the last image: well before the stream (`CHANGES_MAXLEN` entries, trimmed
+/// approximately) no longer holds the image's position, past which it cannot be caught up.
+const IMAGE_REFRESH_ENTRIES: usize = CHANGES_MAXLEN / 2;
+
+/// Where a load found the org's index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadedFrom {
+    Image,
+    Records,
+}
+
+impl LoadedFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadedFrom::Image => "image",
+            LoadedFrom::Records => "records",
+        }
+    }
 }
 
 /// Loads that run at once (each holds a chunk of records besides its growing index).
@@ -171,6 +229,8 @@ pub struct IndexCache {
     /// The indexes' byte budget.
     limit: usize,
     walks_per_org: usize,
+    /// Orgs of this many cards or more store their index's image.
+    image_min_cards: usize,
     loads: Arc<tokio::sync::Semaphore>,
     orgs: Arc<Mutex<HashMap<String, Arc<OrgSlot>>>>,
     sweeper: Arc<Mutex<bool>>,
@@ -190,12 +250,36 @@ enum Freshen {
     Load,
 }
 
-/// `at`: the index's position in the change stream; `last`, `max_deleted`: the stream's.
-fn freshen(loaded: bool, same_generation: bool, at: &str, last: &str, max_deleted: &str) -> Freshen {
-    let (at, last, max_deleted) = (stream_pos(at), stream_pos(last), stream_pos(max_deleted));
-    if !loaded || !same_generation || at < max_deleted || last < at {
+/// Where an org's change stream stands (`XINFO STREAM`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StreamState {
+    /// `last-generated-id` ("0-0": no entry yet).
+    last: String,
+    /// `max-deleted-entry-id`: raised by XDEL only (Redis 7.0 does not raise it when `MAXLEN`
+    /// trims the stream: that is what `added` and `length` tell).
+    max_deleted: String,
+    /// `entries-added`: every entry ever appended.
+    added: u64,
+    /// `length`: the entries it holds now.
+    length: u64,
+}
+
+impl StreamState {
+    /// A stream that never had an entry.
+    fn empty() -> Self {
+        StreamState { last: "0-0".into(), max_deleted: "0-0".into(), added: 0, length: 0 }
+    }
+}
+
+/// `at`: the index's position in the change stream (its last entry read, and the stream's
+/// `entries-added` then: the entries up to it). The entries after it are `added - at_added`;
+/// trims take the oldest first, so when the stream holds fewer than that, some of them are gone.
+fn freshen(loaded: bool, same_generation: bool, at: &str, at_added: u64, stream: &StreamState) -> Freshen {
+    let (pos, last, max_deleted) = (stream_pos(at), stream_pos(&stream.last), stream_pos(&stream.max_deleted));
+    let unread = stream.added.checked_sub(at_added);
+    if !loaded || !same_generation || pos < max_deleted || last < pos || unread.is_none_or(|n| n > stream.length) {
         Freshen::Load
-    } else if at != last {
+    } else if pos != last {
         Freshen::CatchUp
     } else {
         Freshen::Nothing
@@ -219,27 +303,37 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-/// `XINFO STREAM`: (last-generated-id, max-deleted-entry-id); ("0-0", "0-0") when the stream
-/// does not exist yet.
-async fn stream_state(conn: &mut RedisConn, key: &str) -> Result<(String, String), RedisError> {
+/// `XINFO STREAM` (`StreamState::empty` when the stream does not exist yet).
+async fn stream_state(conn: &mut RedisConn, key: &str) -> Result<StreamState, RedisError> {
     let reply: Result<Value, RedisError> = redis::cmd("XINFO").arg("STREAM").arg(key).query_async(conn).await;
     let fields: Vec<(String, Value)> = match reply {
         Ok(Value::Array(items)) => items.chunks(2).filter_map(|c| Some((text(&c[0])?, c.get(1)?.clone()))).collect(),
         Ok(Value::Map(items)) => items.into_iter().filter_map(|(k, v)| Some((text(&k)?, v))).collect(),
         Ok(_) => Vec::new(),
-        Err(e) if e.to_string().contains("no such key") => Vec::new(),
+        Err(e) if e.to_string().contains("no such key") => return Ok(StreamState::empty()),
         Err(e) => return Err(e),
     };
-    let get = |name: &str| fields.iter().find(|(k, _)| k == name).and_then(|(_, v)| text(v)).unwrap_or_else(|| "0-0".into());
-    Ok((get("last-generated-id"), get("max-deleted-entry-id")))
+    let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+    let id = |name: &str| get(name).and_then(text).unwrap_or_else(|| "0-0".into());
+    let count = |name: &str| match get(name) {
+        Some(Value::Int(n)) => *n as u64,
+        _ => 0,
+    };
+    Ok(StreamState {
+        last: id("last-generated-id"),
+        max_deleted: id("max-deleted-entry-id"),
+        added: count("entries-added"),
+        length: count("length"),
+    })
 }
 
 impl IndexCache {
-    pub fn new(conn: RedisConn, limit: usize, walks_per_org: usize) -> Self {
+    pub fn new(conn: RedisConn, limits: &IndexLimits) -> Self {
         IndexCache {
             conn,
-            limit,
-            walks_per_org: walks_per_org.max(1),
+            limit: limits.memory,
+            walks_per_org: limits.walks_per_org.max(1),
+            image_min_cards: limits.image_min_cards,
             loads: Arc::new(tokio::sync::Semaphore::new(LOADS_AT_ONCE)),
             orgs: Arc::default(),
             sweeper: Arc::default(),
@@ -380,8 +474,8 @@ impl IndexCache {
         slot.last_used.store(now_millis(), Ordering::Relaxed);
         let mut loaded = slot.sync.lock().await;
         let mut conn = self.conn.clone();
-        let (last, max_deleted) = stream_state(&mut conn, &keys.changes()).await?;
-        let (at, base) = slot.position();
+        let stream = stream_state(&mut conn, &keys.changes()).await?;
+        let (at, at_added, base) = slot.position();
         if *loaded && base != keys.base {
             // A rebuild switched the org. Loading a large org takes seconds: meanwhile the boards
             // are answered from the index of the generation it left (whole, as of the switch),
@@ -389,13 +483,14 @@ impl IndexCache {
             if !slot.switching.swap(true, Ordering::Relaxed) {
                 let (cache, slot, keys, org) = (self.clone(), slot.clone(), keys.clone(), org.to_string());
                 tokio::spawn(async move {
-                    match cache.load(&keys, last).await {
-                        Ok(mut index) => {
-                            index.base = keys.base.clone();
+                    match cache.build(&keys, &stream).await {
+                        Ok(index) => {
                             let _guard = slot.sync.lock().await;
                             info!(org, cards = index.len(), generation_keys = %keys.base, "in-memory index loaded for the new generation");
                             slot.replace(index);
+                            slot.set_loaded_from(LoadedFrom::Records);
                             drop(_guard);
+                            cache.store_image_of(&slot, &keys);
                             cache.enforce_budget(&org);
                         }
                         Err(e) => tracing::warn!(org, error = %e, "index of the new generation not loaded; the next board tries again"),
@@ -404,14 +499,15 @@ impl IndexCache {
                 });
             }
         } else {
-            let mut action = freshen(*loaded, base == keys.base, &at, &last, &max_deleted);
-            if action == Freshen::CatchUp && !self.catch_up(keys, &slot, &at, &last).await? {
-                action = Freshen::Load;
+            let mut action = freshen(*loaded, base == keys.base, &at, at_added, &stream);
+            if action == Freshen::CatchUp {
+                match self.catch_up(keys, &slot, (&at, at_added), &stream).await? {
+                    Some(entries) => self.note_applied(&slot, keys, entries),
+                    None => action = Freshen::Load,
+                }
             }
             if action == Freshen::Load {
-                let mut index = self.load(keys, last).await?;
-                index.base = keys.base.clone();
-                slot.replace(index);
+                self.load(&slot, keys, &stream).await?;
                 *loaded = true;
             }
             if action != Freshen::Nothing {
@@ -426,17 +522,121 @@ impl IndexCache {
         Ok(slot)
     }
 
-    /// Loads the org's index: its records are scanned in chunks, each decoded into the index on
-    /// a blocking thread while the next is read (never the whole org's records at once).
-    async fn load(&self, keys: &OrgKeys, stream_id: String) -> Result<OrgIndex, RedisError> {
-        let _permit = self.loads.acquire().await.expect("the semaphore is never closed");
+    /// Loads the org into `slot`, current to `stream`: from its image when one is stored that
+    /// the stream still brings up to date, else from its records (then its image is stored for
+    /// the next instance).
+    async fn load(&self, slot: &Arc<OrgSlot>, keys: &OrgKeys, stream: &StreamState) -> Result<(), RedisError> {
         let started = std::time::Instant::now();
+        if let Some(index) = self.read_image(keys, stream).await? {
+            let at = (index.stream_id.clone(), index.stream_added);
+            slot.replace(index);
+            // The stream may have been trimmed past the image while it was read: then records.
+            if let Some(entries) = self.catch_up(keys, slot, (&at.0, at.1), stream).await? {
+                slot.image_lag.store(0, Ordering::Relaxed);
+                slot.set_loaded_from(LoadedFrom::Image);
+                self.note_applied(slot, keys, entries);
+                let index = slot.index();
+                let index = index.read().expect("not poisoned");
+                crate::events::IndexLoaded::of(&keys.base, &index, LoadedFrom::Image, started.elapsed()).emit();
+                return Ok(());
+            }
+        }
+        let index = self.build(keys, stream).await?;
+        crate::events::IndexLoaded::of(&keys.base, &index, LoadedFrom::Records, started.elapsed()).emit();
+        slot.replace(index);
+        slot.set_loaded_from(LoadedFrom::Records);
+        self.store_image_of(slot, keys);
+        Ok(())
+    }
+
+    /// The org's stored image, if it is of this generation and the stream can bring it from its
+    /// position up to `last`; an image that cannot be read is reported and ignored.
+    async fn read_image(&self, keys: &OrgKeys, stream: &StreamState) -> Result<Option<OrgIndex>, RedisError> {
+        let _permit = self.loads.acquire().await.expect("the semaphore is never closed");
+        let image: Option<Vec<u8>> = redis::cmd("HGET").arg(keys.index_image()).arg("image").query_async(&mut self.conn.clone()).await?;
+        let Some(image) = image else { return Ok(None) };
+        let started = std::time::Instant::now();
+        let bytes = image.len();
+        let read = tokio::task::spawn_blocking(move || OrgIndex::from_image(&image))
+            .await
+            .map_err(|e| RedisError::from(std::io::Error::other(format!("index image: {e}"))))?;
+        let refused = match read {
+            Ok(index) if index.base != keys.base => "other_generation",
+            Ok(index) if freshen(true, true, &index.stream_id, index.stream_added, stream) == Freshen::Load => "behind_the_stream",
+            Ok(index) => return Ok(Some(index)),
+            Err(super::index::ImageError::OtherLayout) => "other_layout",
+            Err(super::index::ImageError::Damaged(_)) => "damaged",
+        };
+        crate::events::IndexImage { org: &keys.base, outcome: refused, bytes, seconds: started.elapsed().as_secs_f64() }.emit();
+        Ok(None)
+    }
+
+    /// Counts stream entries the org's index applied; stores its image again once they are
+    /// `IMAGE_REFRESH_ENTRIES` since the last.
+    fn note_applied(&self, slot: &Arc<OrgSlot>, keys: &OrgKeys, entries: usize) {
+        if slot.image_lag.fetch_add(entries, Ordering::Relaxed) + entries >= IMAGE_REFRESH_ENTRIES {
+            self.store_image_of(slot, keys);
+        }
+    }
+
+    /// Stores the image of the org's index in the background (one at a time per org), if the
+    /// org has `image_min_cards` cards or more.
+    fn store_image_of(&self, slot: &Arc<OrgSlot>, keys: &OrgKeys) {
+        if slot.cards() < self.image_min_cards || slot.storing_image.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let (conn, slot, keys) = (self.conn.clone(), slot.clone(), keys.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let (index, base) = (slot.index(), keys.base.clone());
+            // Catch-ups wait for the read lock: encoded under it, compressed after.
+            let image = tokio::task::spawn_blocking(move || {
+                let index = index.read().expect("not poisoned");
+                (index.base == base).then(|| (index.stream_id.clone(), index.image_parts()))
+            })
+            .await;
+            let outcome = match image {
+                Ok(Some((at, parts))) => {
+                    let lag_then = slot.image_lag.load(Ordering::Relaxed);
+                    let image = tokio::task::spawn_blocking(move || parts.pack()).await.unwrap_or_default();
+                    let stored: Result<ImagePut, RedisError> = fcall(&mut conn.clone(), &image_put_cmd(&keys, &at, &image)).await;
+                    if stored.is_ok() {
+                        slot.image_lag.fetch_sub(lag_then.min(slot.image_lag.load(Ordering::Relaxed)), Ordering::Relaxed);
+                    }
+                    let outcome = match &stored {
+                        Ok(put) => put.as_str(),
+                        Err(e) => {
+                            tracing::warn!(org = %keys.base, error = %e, "index image not stored");
+                            "failed"
+                        }
+                    };
+                    crate::events::IndexImage { org: &keys.base, outcome, bytes: image.len(), seconds: started.elapsed().as_secs_f64() }
+                        .emit();
+                    outcome
+                }
+                // A load of another generation replaced the index meanwhile.
+                _ => "moved",
+            };
+            tracing::debug!(org = %keys.base, outcome, "index image");
+            slot.storing_image.store(false, Ordering::Relaxed);
+        });
+    }
+
+    /// Builds the org's index from its records, current to `stream` (read before them: a
+    /// change committed meanwhile is read again by the next catch-up): they are scanned in
+    /// chunks, each decoded into the index on a blocking thread while the next is read (never
+    /// the whole org's records at once).
+    async fn build(&self, keys: &OrgKeys, stream: &StreamState) -> Result<OrgIndex, RedisError> {
+        let _permit = self.loads.acquire().await.expect("the semaphore is never closed");
         let mut conn = self.conn.clone();
         let users: Vec<(String, String)> = redis::cmd("HGETALL").arg(keys.users()).query_async(&mut conn).await?;
         let (chunks, mut arriving) = tokio::sync::mpsc::channel::<(CardKind, RecordChunk)>(2);
+        let (base, stream_id, stream_added) = (keys.base.clone(), stream.last.clone(), stream.added);
         // Decoding a large org is CPU work: off the async workers.
         let builder = tokio::task::spawn_blocking(move || {
             let mut index = OrgIndex::new(stream_id);
+            index.stream_added = stream_added;
+            index.base = base;
             index.start_load();
             index.set_users(users.into_iter().map(|(u, t)| (u, serde_json::from_str(&t).unwrap_or_default())));
             while let Some((kind, chunk)) = arriving.blocking_recv() {
@@ -468,29 +668,26 @@ impl IndexCache {
         drop(chunks);
         let index = builder.await.map_err(|e| RedisError::from(std::io::Error::other(format!("index load: {e}"))))?;
         scanned?;
-        crate::events::IndexLoaded {
-            org: &keys.base,
-            cards: index.len(),
-            parts: index.bytes_by_part(),
-            seconds: started.elapsed().as_secs_f64(),
-        }
-        .emit();
         Ok(index)
     }
 
-    /// Applies the stream's entries after `from` up to `to`; false (nothing applied) when the
-    /// stream was trimmed past `from` while its pages were read: an entry may have gone unread.
-    async fn catch_up(&self, keys: &OrgKeys, slot: &OrgSlot, from: &str, to: &str) -> Result<bool, RedisError> {
+    /// Applies the stream's entries after `from` (an id and the entries added up to it) up to
+    /// `to`: how many; None (nothing applied) when fewer were read than were added in between
+    /// (the stream was trimmed past `from` before or while its pages were read) or one of them
+    /// was deleted.
+    async fn catch_up(&self, keys: &OrgKeys, slot: &OrgSlot, from: (&str, u64), to: &StreamState) -> Result<Option<usize>, RedisError> {
+        let (from, from_added) = from;
         let mut conn = self.conn.clone();
         let mut cards: BTreeSet<(CardKind, String)> = BTreeSet::new();
         let mut users: BTreeSet<String> = BTreeSet::new();
         let mut at = from.to_string();
-        while stream_pos(&at) < stream_pos(to) {
+        let mut applied = 0;
+        while stream_pos(&at) < stream_pos(&to.last) {
             let entries: Vec<(String, Vec<(String, String)>)> = {
                 let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
                     .arg(keys.changes())
                     .arg(format!("({at}"))
-                    .arg(to)
+                    .arg(&to.last)
                     .arg("COUNT")
                     .arg(1000)
                     .query_async(&mut conn)
@@ -506,6 +703,7 @@ impl IndexCache {
             };
             let Some((last, _)) = entries.last() else { break };
             at = last.clone();
+            applied += entries.len();
             for (_, fields) in entries {
                 for (_, ids) in fields {
                     for line in ids.lines() {
@@ -518,9 +716,9 @@ impl IndexCache {
                 }
             }
         }
-        let (_, max_deleted) = stream_state(&mut conn, &keys.changes()).await?;
-        if stream_pos(from) < stream_pos(&max_deleted) {
-            return Ok(false);
+        let now = stream_state(&mut conn, &keys.changes()).await?;
+        if stream_pos(from) < stream_pos(&now.max_deleted) || to.added.checked_sub(from_added) != Some(applied as u64) {
+            return Ok(None);
         }
         // The current records of what changed: one HMGET per hash, in one round trip.
         let ids_of = |kind: CardKind| cards.iter().filter(|(k, _)| *k == kind).map(|(_, id)| id.clone()).collect::<Vec<_>>();
@@ -549,19 +747,20 @@ impl IndexCache {
                 }
             }
             index.stream_id = at;
+            index.stream_added = from_added + applied as u64;
             (index.len(), index.account())
         })
         .await
         .map_err(|e| RedisError::from(std::io::Error::other(format!("index catch-up: {e}"))))?;
         slot.cards.store(cards.0, Ordering::Relaxed);
         slot.bytes.store(cards.1, Ordering::Relaxed);
-        Ok(true)
+        Ok(Some(applied))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{freshen, Freshen, OrgIndex, OrgSlot};
+    use super::{freshen, Freshen, OrgIndex, OrgSlot, StreamState};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -585,13 +784,26 @@ mod tests {
 
     #[test]
     fn an_index_is_caught_up_only_from_a_stream_that_still_holds_its_position() {
-        assert_eq!(freshen(true, true, "5-0", "5-0", "0-0"), Freshen::Nothing);
-        assert_eq!(freshen(true, true, "5-0", "9-1", "0-0"), Freshen::CatchUp);
-        assert_eq!(freshen(true, true, "5-0", "9-1", "5-0"), Freshen::CatchUp, "deleted up to its position: nothing unread lost");
-        assert_eq!(freshen(false, true, "0-0", "9-1", "0-0"), Freshen::Load, "never loaded");
-        assert_eq!(freshen(true, false, "5-0", "9-1", "0-0"), Freshen::Load, "another generation");
-        assert_eq!(freshen(true, true, "5-0", "9-1", "6-0"), Freshen::Load, "trimmed past its position");
-        assert_eq!(freshen(true, true, "5-0", "4-9", "0-0"), Freshen::Load, "the stream went back (an older state reloaded)");
-        assert_eq!(freshen(true, true, "5-0", "0-0", "0-0"), Freshen::Load, "the stream is gone");
+        // The index read up to 5-0, the stream's 10th entry.
+        let stream = |last: &str, max_deleted: &str, added: u64, length: u64| StreamState {
+            last: last.into(),
+            max_deleted: max_deleted.into(),
+            added,
+            length,
+        };
+        let at = |s: &StreamState| freshen(true, true, "5-0", 10, s);
+        assert_eq!(at(&stream("5-0", "0-0", 10, 10)), Freshen::Nothing);
+        assert_eq!(at(&stream("9-1", "0-0", 14, 14)), Freshen::CatchUp);
+        assert_eq!(at(&stream("9-1", "0-0", 14, 4)), Freshen::CatchUp, "trimmed up to its position: nothing unread lost");
+        assert_eq!(at(&stream("9-1", "5-0", 14, 4)), Freshen::CatchUp, "deleted up to its position: nothing unread lost");
+        assert_eq!(freshen(false, true, "0-0", 0, &stream("9-1", "0-0", 14, 14)), Freshen::Load, "never loaded");
+        assert_eq!(freshen(true, false, "5-0", 10, &stream("9-1", "0-0", 14, 14)), Freshen::Load, "another generation");
+        assert_eq!(at(&stream("9-1", "6-0", 14, 14)), Freshen::Load, "an entry after its position deleted");
+        assert_eq!(at(&stream("9-1", "0-0", 14, 3)), Freshen::Load, "trimmed past its position (MAXLEN leaves max-deleted alone)");
+        assert_eq!(at(&stream("9-1", "0-0", 14, 0)), Freshen::Load, "trimmed to nothing");
+        assert_eq!(at(&stream("4-9", "0-0", 9, 9)), Freshen::Load, "the stream went back (an older state reloaded)");
+        assert_eq!(at(&stream("0-0", "0-0", 0, 0)), Freshen::Load, "the stream is gone");
+        assert_eq!(at(&stream("9-1", "0-0", 3, 3)), Freshen::Load, "the stream was made again");
+        assert_eq!(freshen(true, true, "0-0", 0, &StreamState::empty()), Freshen::Nothing, "no entry yet");
     }
 }

@@ -122,6 +122,8 @@ pub struct IndexLimits {
     pub walks_per_org: usize,
     /// `INDEX_BACKGROUND_CARDS`: orgs of this many cards walk at a lower CPU priority.
     pub background_cards: usize,
+    /// `INDEX_IMAGE_MIN_CARDS`: orgs of this many cards store their index's image.
+    pub image_min_cards: usize,
 }
 
 impl Default for IndexLimits {
@@ -130,6 +132,7 @@ impl Default for IndexLimits {
             memory: super::index_cache::DEFAULT_INDEX_MEMORY_LIMIT,
             walks_per_org: super::index_cache::default_walks_per_org(),
             background_cards: DEFAULT_BACKGROUND_CARDS,
+            image_min_cards: super::index_cache::DEFAULT_IMAGE_MIN_CARDS,
         }
     }
 }
@@ -169,7 +172,7 @@ impl ProjectionReader {
     pub fn new(conn: RedisConn, keys: KeySpace, index_deadline: Duration) -> Self {
         let limits = IndexLimits::default();
         ProjectionReader {
-            index: IndexCache::new(conn.clone(), limits.memory, limits.walks_per_org),
+            index: IndexCache::new(conn.clone(), &limits),
             background: WalkPool::new(cores(), BACKGROUND_NICE),
             background_cards: limits.background_cards,
             conn,
@@ -181,7 +184,7 @@ impl ProjectionReader {
 
     /// Bounds the in-memory indexes (`IndexLimits`).
     pub fn with_index_limits(mut self, limits: IndexLimits) -> Self {
-        self.index = IndexCache::new(self.conn.clone(), limits.memory, limits.walks_per_org);
+        self.index = IndexCache::new(self.conn.clone(), &limits);
         self.background_cards = limits.background_cards;
         self
     }

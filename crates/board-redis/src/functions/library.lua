@@ -125,6 +125,32 @@ end
 
 redis.register_function('pb_switch', switch)
 
+-- A stream id `ms-seq` as two numbers (milliseconds fit a double exactly).
+local function stream_pos(id)
+  local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
+  return tonumber(ms or 0), tonumber(seq or 0)
+end
+
+-- Stores an org's index image (board-api query/index/image.rs) if the org still reads the
+-- generation it was built from (an image stored after a rebuild's switch would outlive the
+-- removal of its generation's keys) and no image of a later change-stream position is stored.
+-- KEYS: the org's generation pointer, the image hash. ARGV: generation ('' = base), the stream
+-- id the image is current to, the image. Reply: 'ok', 'moved' (the org reads another
+-- generation now) or 'older' (a later image is stored).
+local function image_put(keys, args)
+  if (redis.call('GET', keys[1]) or '') ~= args[1] then return 'moved' end
+  local held = redis.call('HGET', keys[2], 'at')
+  if held then
+    local hm, hs = stream_pos(held)
+    local nm, ns = stream_pos(args[2])
+    if hm > nm or (hm == nm and hs > ns) then return 'older' end
+  end
+  redis.call('HSET', keys[2], 'at', args[2], 'image', args[3])
+  return 'ok'
+end
+
+redis.register_function('pb_image_put', image_put)
+
 -- Records consumer progress only while the projection it belongs to is still the one Redis
 -- holds: KEYS: the state hash, the progress hash; ARGV: instance, then (field offset)*n.
 -- Reply: 'ok', or 'lost' (Redis lost or replaced the projection: nothing written, the caller

@@ -12,7 +12,9 @@
 //! | `pb_mark_raise` | `mark` | a primary's write mark, to notice a Redis gone back in time |
 //! | `pb_lease_renew`, `pb_lease_release` | `lease` | the rebuild's lease |
 //! | `pb_union_page` (read-only) | `union_page` | a deep page of a bucket spanning several stages |
+//! | `pb_image_put` | `image` | an org's index image, while the org reads its generation |
 pub mod commit;
+pub mod image;
 pub mod lease;
 pub mod mark;
 pub mod progress;

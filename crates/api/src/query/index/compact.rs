@@ -8,11 +8,12 @@
 //!   texts are dropped (a first name inside the full name finds nothing the full name does not).
 //!
 //! Pure; `mod.rs` builds rows of them and accounts their bytes.
+use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::collections::HashMap;
 
 /// A card's id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CardId {
     /// 24 lowercase hex digits as 12 bytes.
     Hex([u8; 12]),
@@ -81,8 +82,10 @@ impl PartialOrd for CardId {
     }
 }
 
-/// One org's distinct names (user ids, stage keys, sources) as small numbers.
-#[derive(Debug, Default)]
+/// One org's distinct names (user ids, stage keys, sources) as small numbers. Stored (an index
+/// image) as the names alone; the numbers are their places.
+#[derive(Debug, Default, Deserialize)]
+#[serde(from = "Vec<Box<str>>")]
 pub struct Names {
     number: HashMap<Box<str>, u32>,
     names: Vec<Box<str>>,
@@ -109,8 +112,21 @@ impl Names {
     }
 }
 
+impl From<Vec<Box<str>>> for Names {
+    fn from(names: Vec<Box<str>>) -> Names {
+        let number = names.iter().enumerate().map(|(n, name)| (name.clone(), n as u32)).collect();
+        Names { number, names }
+    }
+}
+
+impl Serialize for Names {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.names.serialize(s)
+    }
+}
+
 /// Where one card's values lie in an `Arena`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Span {
     at: u32,
     len: u32,
@@ -120,7 +136,7 @@ pub struct Span {
 /// holding a span of it: no allocation, no pointer and no capacity per card. A card that
 /// changes or goes leaves its old span behind; the buffer is compacted (by the index, which
 /// knows the live spans) when more than half of it is such garbage.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Arena<T> {
     items: Vec<T>,
     garbage: usize,

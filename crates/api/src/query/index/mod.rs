@@ -11,6 +11,9 @@
 //! per candidate (time ranges, the literal search check) runs over the candidates only, under a
 //! deadline. Pure: `index_cache.rs` loads and follows the org's change stream.
 mod compact;
+mod image;
+
+pub use image::{ImageError, ImageParts};
 
 use super::board::BoardPlan;
 use super::request::{BoardQuery, MessageStatus, OwnerScope};
@@ -22,6 +25,7 @@ use board_model::time::Millis;
 use compact::{decode_texts, distinct_texts, encode_texts, Arena, CardId, Names, Span};
 use hashbrown::HashTable;
 use roaring::RoaringBitmap;
+use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, RandomState};
@@ -40,7 +44,7 @@ const ANSWERED: u8 = 4;
 /// Orgs with fewer cards keep no trigram postings (see the module's comment).
 pub const GRAM_MIN_ROWS: usize = 2_000;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Row {
     id: CardId,
     created: Millis,
@@ -79,14 +83,21 @@ pub enum IndexError {
     Deadline,
 }
 
-#[derive(Debug, Default)]
+/// Serialized as an index image (`image.rs`), without what is rebuilt from the rest (the slot
+/// table) or belongs to one process (hasher, accounting).
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct OrgIndex {
     /// The last change-stream entry applied (`0-0`: none).
     pub stream_id: String,
+    /// The stream's `entries-added` when `stream_id` was its last entry: the entries up to it
+    /// (how many follow it tells whether the stream still holds them all).
+    pub stream_added: u64,
     /// The key base (org and generation) it was loaded from.
     pub base: String,
     /// Row numbers, found by their card's (kind, id).
+    #[serde(skip)]
     slots: HashTable<u32>,
+    #[serde(skip)]
     hasher: RandomState,
     rows: Vec<Option<Row>>,
     live: usize,
@@ -102,6 +113,7 @@ pub struct OrgIndex {
     /// costs about the page, not the matches.
     order: HashMap<(CardKind, u32), Vec<u32>>,
     /// While loading, `order` is appended to and sorted once at the end.
+    #[serde(skip)]
     loading: bool,
     by_person: HashMap<u32, RoaringBitmap>,
     by_assignee: HashMap<u32, RoaringBitmap>,
@@ -115,7 +127,9 @@ pub struct OrgIndex {
     /// user -> teams, from the projection's users
     teams_of: HashMap<String, Vec<String>>,
     /// `bytes()` when last counted, the cards then, and the cards put since (`account`).
+    #[serde(skip)]
     counted: (usize, usize),
+    #[serde(skip)]
     puts_since_count: usize,
 }
 
@@ -233,6 +247,16 @@ impl OrgIndex {
         let rows = &self.rows;
         let found = self.slots.find_entry(hash, |r| rows[*r as usize].as_ref().is_some_and(|x| x.kind == kind && x.id == *id));
         found.ok().map(|e| e.remove().0)
+    }
+
+    /// The slot table of the rows (an image holds none: its hashes are this process's).
+    fn rebuild_slots(&mut self) {
+        self.slots = HashTable::with_capacity(self.live);
+        for row in 0..self.rows.len() {
+            if self.rows[row].is_some() {
+                self.insert_slot(row as u32);
+            }
+        }
     }
 
     fn insert_slot(&mut self, row: u32) {
@@ -730,5 +754,36 @@ mod tests {
         assert_eq!(board("{}", &ix)[0].total, 2);
         assert_eq!(ix.len(), 2);
         ix
+    }
+
+    #[test]
+    fn an_image_answers_as_its_index_and_takes_changes_after() {
+        let bodies = [
+            "{}",
+            r#"{"ownerFilter": "my"}"#,
+            r#"{"search": "ze"}"#,
+            r#"{"search": "zed"}"#,
+            r#"{"search": "171 5"}"#,
+            r#"{"messageStatus": "answered"}"#,
+            r#"{"size": 1, "page": {"New": 2}}"#,
+        ];
+        for gram_min_rows in [0, GRAM_MIN_ROWS] {
+            let ix = filters_order_pages_and_updates(OrgIndex::new("0-0".into()).with_gram_min_rows(gram_min_rows));
+            let mut copy = OrgIndex::from_image(&ix.to_image()).unwrap();
+            assert_eq!((copy.len(), copy.has_grams()), (ix.len(), ix.has_grams()));
+            // Read at their lengths: no more than the index held.
+            assert!(copy.bytes() <= ix.bytes());
+            for body in bodies {
+                assert_eq!(board(body, &copy), board(body, &ix), "{body}");
+            }
+            // The copy's slot table finds its rows: a card put again replaces its row, a deleted
+            // one goes.
+            copy.put(CardKind::Contact, "c3", Some(&CardRecord::tombstone(2)));
+            copy.put(CardKind::Contact, "c1", Some(&CardRecord::live(&card("c1", "s1", 10, "u1", "Jana"), Derived::default())));
+            assert_eq!(copy.len(), 1);
+            assert_eq!(board("{}", &copy)[0].ids, ["c1"]);
+            assert_eq!(board(r#"{"search": "jana"}"#, &copy)[0].ids, ["c1"]);
+            assert_eq!(board(r#"{"ownerFilter": "my"}"#, &copy)[0].ids, ["c1"]);
+        }
     }
 }
