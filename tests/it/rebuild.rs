@@ -147,6 +147,87 @@ async fn rebuild_while_the_board_is_queried_switches_without_a_bad_answer() {
     projector.stop().await.unwrap();
 }
 
+/// How many commits the org's keys in the base generation took.
+async fn commits_of(env: &TestEnv, org: &str) -> Option<u64> {
+    env.redis().await.get(env.keys.org(org).writes()).await.unwrap()
+}
+
+/// `rebuild --org` moves that org alone (issue 19): while it runs, the other orgs' boards keep
+/// answering 304 to the ETags they had before (their generation, pipelines and change stream
+/// untouched), and none of their keys is written in the new generation; the rebuilt org's boards
+/// answer as before from its new generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuilding_one_org_leaves_the_other_orgs_untouched() {
+    let env = TestEnv::new("rebuild-org").await;
+    let seeded = env.seed(small_seed(3, 150, 97)).await;
+    let projector = env.spawn_projector();
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    let url = env.serve_with(env.serve_args()).await;
+    let db = env.mongo().await;
+    let (target, others) = (seeded.org_ids[0].clone(), seeded.org_ids[1..].to_vec());
+    let mut polls = Vec::new();
+    for org in &seeded.org_ids {
+        let user = board_mongo::load_org(&db, org).await.unwrap().users[0].id.clone();
+        for body in BOARDS {
+            let bearer = token(org, &user);
+            let (status, etag, answer) = crate::common::post_with_etag(&url, &bearer, body, None).await;
+            assert_eq!(status, 200, "{answer}");
+            polls.push((org.clone(), bearer, body, etag.expect("a projection board has an ETag"), answer));
+        }
+    }
+    let mut others_writes = Vec::new();
+    for org in &others {
+        others_writes.push(commits_of(&env, org).await);
+    }
+
+    // The other orgs' boards are polled with their ETags through the whole rebuild.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (count, bad) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::<String>::new())));
+    let client = {
+        let (stop, count, bad, url) = (stop.clone(), count.clone(), bad.clone(), url.clone());
+        let polls: Vec<_> = polls.iter().filter(|p| p.0 != target).cloned().collect();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                for (org, bearer, body, etag, _) in &polls {
+                    let (status, _, answer) = crate::common::post_with_etag(&url, bearer, body, Some(etag)).await;
+                    count.fetch_add(1, Ordering::Relaxed);
+                    if status != 304 {
+                        bad.lock().unwrap().push(format!("{org} {body}: {status} {}", answer.chars().take(200).collect::<String>()));
+                    }
+                }
+            }
+        })
+    };
+    let before = count.load(Ordering::Relaxed);
+    let mut cmd = env.cli(&["rebuild", "--org", &target, "--grace-ms", "500", "--metrics-addr", ""]);
+    let (ok, out) = tokio::task::spawn_blocking(move || run(&mut cmd)).await.unwrap();
+    assert!(ok && out.contains("1 orgs switched"), "{out}");
+    let during = count.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    client.await.unwrap();
+    let bad = bad.lock().unwrap().clone();
+    assert!(bad.is_empty(), "{} of the other orgs' polls were not 304: {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    assert!(during > 0, "the other orgs were polled during the rebuild");
+
+    // Only the target moved; nothing of the others was written or made in the new generation.
+    let generation = generation_of(&env, &target).await;
+    assert!(!generation.is_base());
+    let mut writes_after = Vec::new();
+    for org in &others {
+        assert!(generation_of(&env, org).await.is_base(), "{org} moved");
+        writes_after.push(commits_of(&env, org).await);
+        let moved = env.redis().await.keys::<_, Vec<String>>(env.keys.org_in(&generation, org).pattern()).await.unwrap();
+        assert!(moved.is_empty(), "{org} has keys in {generation}: {:?}", &moved[..moved.len().min(3)]);
+    }
+    assert_eq!(writes_after, others_writes, "the other orgs' keys took no commit");
+    for (org, bearer, body, _, answer) in polls.iter().filter(|p| p.0 == target) {
+        let (status, _, now) = crate::common::post_with_etag(&url, bearer, body, None).await;
+        let data = |a: &str| serde_json::from_str::<Value>(a).unwrap()["data"].clone();
+        assert_eq!((status, data(&now)), (200, data(answer)), "{org} {body}: the rebuilt org answers as before");
+    }
+    projector.stop().await.unwrap();
+}
+
 /// No stale 304 after a switch: clients poll index and sorted-set boards with `If-None-Match`
 /// while rounds of "MongoDB drifts from the projection, `rebuild --source mongodb` repairs it"
 /// switch the org again and again (each switch loads the org's index anew, and until it is

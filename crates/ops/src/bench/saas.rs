@@ -2,9 +2,11 @@
 //! (1 × 1M + 20 × 50k + 2,000 × 500 + 10,000 × 20 contacts, times `--scale`), events only; then
 //! seed and ingest rates, Redis bytes per card, the first index board of each size class cold and
 //! warm, a sweep of every org's index board (the API's RSS and index bytes after it, against
-//! `INDEX_MEMORY_LIMIT`), board p50/p99 per size class at 1 and 32 connections, and a small
-//! org's p99 while 16 connections hammer the big org's worst board.
-use super::harness::{redis_used_memory, Api, BenchRun};
+//! `INDEX_MEMORY_LIMIT`), the first boards again in a second API instance (cold: read from the
+//! index images the first stored), board p50/p99 per size class at 1 and 32 connections, a small
+//! org's p99 while 16 connections hammer the big org's worst board, and while one mid-size org
+//! is rebuilt (`rebuild --org`).
+use super::harness::{redis_used_memory, run_measured, Api, BenchRun};
 use super::wrk::{ms, Script, Wrk, WrkResult};
 use crate::seed::{Profile, SeedArgs};
 use std::time::{Duration, Instant};
@@ -69,10 +71,12 @@ pub async fn run(r: &mut BenchRun, scale: f64, seconds: u64, index_memory_limit:
         index_memory_limit.as_deref().unwrap_or("default"),
         api.rss_mib()
     ));
-    first_boards(r, &api, &classes).await?;
+    first_boards(r, &api, &classes, "== first index board (team) per size class: cold (loads the org's index from its records) | warm (the next one); median / max of up to 5 orgs").await?;
+    image_boards(r, &env, &classes).await?;
     sweep(r, &api, &classes).await?;
     per_class(r, &api, &classes, Duration::from_secs(seconds)).await?;
     fairness(r, &api, &classes, Duration::from_secs(seconds)).await?;
+    rebuild_one_org(r, &api, &classes, Duration::from_secs(seconds)).await?;
     r.report.line(format!("== after the run: the API {:.0} MiB RSS; {}", api.rss_mib(), index_metrics(&api).await?));
     Ok(())
 }
@@ -99,10 +103,8 @@ async fn timed_board(api: &Api, token: &str, body: &str) -> anyhow::Result<(Dura
 
 /// The first index board of up to 5 orgs of each class, cold (the org's index loaded by it) and
 /// then warm: medians and maxima.
-async fn first_boards(r: &BenchRun, api: &Api, classes: &[SizeClass]) -> anyhow::Result<()> {
-    r.report.line(
-        "== first index board (team) per size class: cold (loads the org's index) | warm (the next one); median / max of up to 5 orgs",
-    );
+async fn first_boards(r: &BenchRun, api: &Api, classes: &[SizeClass], title: &str) -> anyhow::Result<()> {
+    r.report.line(title);
     for c in classes {
         let (mut cold, mut warm, mut refused) = (Vec::new(), Vec::new(), 0);
         for (org, token) in c.orgs.iter().take(5) {
@@ -115,6 +117,85 @@ async fn first_boards(r: &BenchRun, api: &Api, classes: &[SizeClass]) -> anyhow:
         let refused = if refused > 0 { format!(" ({refused} x 503 timeout before the first answer)") } else { String::new() };
         r.report.line(format!("{:<14} cold {} | warm {}{refused}", c.label, median_max(&mut cold), median_max(&mut warm)));
     }
+    Ok(())
+}
+
+/// The same first boards in a second API instance, which has loaded nothing: orgs of
+/// `INDEX_IMAGE_MIN_CARDS` or more read the images the first instance stored (waited for here:
+/// it stores them after its loads), smaller ones are built from their records again.
+async fn image_boards(r: &mut BenchRun, env: &[(&str, String)], classes: &[SizeClass]) -> anyhow::Result<()> {
+    let mut redis = r.redis().await?;
+    let started = Instant::now();
+    let mut sizes = Vec::new();
+    for c in classes.iter().filter(|c| c.contacts >= board_api::query::index_cache::DEFAULT_IMAGE_MIN_CARDS) {
+        for (org, _) in c.orgs.iter().take(5) {
+            let key = r.keys().org(org).index_image();
+            loop {
+                let bytes: u64 = redis::cmd("HSTRLEN").arg(&key).arg("image").query_async(&mut redis).await?;
+                if bytes > 0 {
+                    sizes.push(format!("{}: {} MiB ({} bytes a card)", c.label, bytes >> 20, bytes / c.contacts as u64));
+                    break;
+                }
+                anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "org {org}: no index image stored");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    sizes.dedup_by(|a, b| a.split(':').next() == b.split(':').next());
+    r.report.line(format!("index images stored by the first instance: {}", sizes.join(", ")));
+    let second = r.start_api(env).await?;
+    first_boards(
+        r,
+        &second,
+        classes,
+        "== the same in a second API instance: cold (orgs of 5,000 cards or more read the image the first stored) | warm",
+    )
+    .await?;
+    r.stop(second.pid).await;
+    Ok(())
+}
+
+/// `rebuild --org` of one mid-size org (its topics replayed from the beginning into a new
+/// generation, then switched) while small orgs' boards are measured: their p99 during the
+/// rebuild against alone, and the generations after it.
+async fn rebuild_one_org(r: &BenchRun, api: &Api, classes: &[SizeClass], duration: Duration) -> anyhow::Result<()> {
+    let (Some(mid), Some(small)) = (
+        classes.iter().find(|c| (10_000..500_000).contains(&c.contacts)),
+        classes.iter().find(|c| c.contacts < 1000 && c.contacts >= 100).or(classes.last()),
+    ) else {
+        return Ok(());
+    };
+    let (org, token) = &mid.orgs[0];
+    r.report
+        .line(format!("== rebuild --org of one {} org: {} boards at 1 connection, alone and during the rebuild", mid.label, small.label));
+    let url = api.contacts_url();
+    warm_up(api, small.orgs.iter().take(50)).await?;
+    let alone = class_wrk(&url, small, 1, duration).run()?;
+    // Its own thread: the measurement below blocks this one.
+    let rebuild = std::thread::spawn({
+        let cmd = r.command(&["rebuild", "--org", org, "--metrics-addr", ""]);
+        move || run_measured(cmd)
+    });
+    let during = class_wrk(&url, small, 1, duration).run()?;
+    let (out, usage) = rebuild.join().map_err(|_| anyhow::anyhow!("the rebuild's thread panicked"))??;
+    r.report.line(format!("{:<30} {:>9} {:>9} {:>9} {:>9}", "", "boards/s", "p50", "p99", "max"));
+    r.report.line(row("small orgs alone", &alone));
+    r.report.line(row("small orgs during the rebuild", &during));
+    r.report.line(format!(
+        "small orgs' p99 during the rebuild: {:.2}x their p99 alone; the rebuild: {:.1} s ({usage}): {}",
+        during.p99.as_secs_f64() / alone.p99.as_secs_f64().max(1e-9),
+        usage.wall,
+        out.lines().last().unwrap_or_default()
+    ));
+    let mut redis = r.redis().await?;
+    let pointers = redis.scan_match(&r.keys().generation_pointer("*")).await?;
+    let (t, route, _) = timed_board(api, token, TEAM_BOARD).await?;
+    r.report.line(format!(
+        "orgs that read another generation than the base one: {} (the rebuilt org: {}); its next team board: {} by {route}",
+        pointers.len(),
+        pointers.iter().any(|p| p.contains(org.as_str())),
+        super::wrk::ms(t)
+    ));
     Ok(())
 }
 

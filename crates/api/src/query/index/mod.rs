@@ -436,15 +436,17 @@ impl OrgIndex {
 
     /// Trigram postings of every row (an org reached `GRAM_MIN_ROWS`).
     fn build_grams(&mut self) {
-        let mut grams: HashMap<Trigram, RoaringBitmap> = HashMap::new();
+        // Tens of millions of (trigram, row) pairs at a million cards: rows come in ascending
+        // order, so each is appended (`push`) to its bitmap, found in a table with a fast hasher.
+        let mut grams: hashbrown::HashMap<Trigram, RoaringBitmap> = hashbrown::HashMap::new();
         for (row, r) in self.rows.iter().enumerate() {
             if let Some(r) = r {
                 for g in trigrams(self.texts_of(r)) {
-                    grams.entry(g).or_default().insert(row as u32);
+                    grams.entry(g).or_default().push(row as u32);
                 }
             }
         }
-        self.by_gram = Some(grams);
+        self.by_gram = Some(grams.into_iter().collect());
     }
 
     fn unlink(&mut self, row: u32, r: &Row) {
