@@ -9,19 +9,20 @@
 //! header carries a hash of the sources that define what the index holds (its fields, the
 //! folding of texts, the trigrams), and an image of another build is ignored, never misread.
 use super::OrgIndex;
+use std::io::Read;
 
 const MAGIC: &[u8; 4] = b"PBIX";
-/// The magic, the layout, the length of the index's bytes before compression.
-const HEADER: usize = MAGIC.len() + 8 + 8;
+/// The magic and the layout.
+const HEADER: usize = MAGIC.len() + 8;
 
-/// zstd's fastest level: ~400 MB/s to compress and ~1 GB/s back, for an image of 60 % of the
-/// index's bytes (1M seed-like cards: 167 MB of bincode, 103 MB compressed), so that Redis keeps
-/// ~100 bytes a card more.
+/// zstd's fastest level: 1M seed-like cards make ~160 MB of bincode, ~100-150 MB compressed.
 const ZSTD_LEVEL: i32 = 1;
 
-/// An image says how long the index's bytes are; one that says more is refused (a damaged
-/// length must not ask for memory).
+/// Decoding never claims more than this (a damaged length cannot ask for more memory).
 const MAX_DECODED: usize = 1 << 32;
+
+/// Bincode reads and writes a value at a time: buffered, zstd sees large blocks.
+const BUFFER: usize = 1 << 16;
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_DECODED>()
@@ -43,27 +44,6 @@ fn layout() -> u64 {
     h
 }
 
-/// An index's bytes before compression (`OrgIndex::image_parts`).
-pub struct ImageParts {
-    raw: Vec<u8>,
-}
-
-impl ImageParts {
-    /// The image: compressed whole (streaming bincode's small writes through zstd is three
-    /// times slower).
-    pub fn pack(self) -> Vec<u8> {
-        let mut zip = zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd level 1 exists");
-        zip.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true)).expect("a checksum can always be asked");
-        let packed = zip.compress(&self.raw).expect("compressing into memory fails only without memory");
-        let mut out = Vec::with_capacity(HEADER + packed.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&layout().to_le_bytes());
-        out.extend_from_slice(&(self.raw.len() as u64).to_le_bytes());
-        out.extend_from_slice(&packed);
-        out
-    }
-}
-
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ImageError {
     #[error("not an index image of this build's layout")]
@@ -73,31 +53,37 @@ pub enum ImageError {
 }
 
 impl OrgIndex {
-    /// The index as an image: a header, then the index (bincode) compressed with zstd, with a
-    /// checksum (a damaged image fails to read instead of answering wrong).
+    /// The index as an image: a header, then the index (bincode) compressed with zstd as it is
+    /// encoded (the image is the only copy made: an index's uncompressed bytes never are), with
+    /// a checksum (a damaged image fails to read instead of answering wrong).
     pub fn to_image(&self) -> Vec<u8> {
-        self.image_parts().pack()
+        let mut out = Vec::with_capacity(HEADER + self.live * 128);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&layout().to_le_bytes());
+        let mut zip = zstd::stream::Encoder::new(out, ZSTD_LEVEL).expect("zstd level 1 exists");
+        zip.include_checksum(true).expect("a checksum can always be asked");
+        let mut writer = std::io::BufWriter::with_capacity(BUFFER, zip);
+        bincode::serde::encode_into_std_write(self, &mut writer, config()).expect("writing into memory fails only without memory");
+        let zip = writer.into_inner().map_err(|e| e.into_error()).expect("writing into memory fails only without memory");
+        let mut image = zip.finish().expect("writing into memory fails only without memory");
+        image.shrink_to_fit();
+        image
     }
 
-    /// The index's bytes, to be packed into an image (`ImageParts::pack`) without holding the
-    /// index: encoding takes a third of the time, compressing the rest.
-    pub fn image_parts(&self) -> ImageParts {
-        ImageParts { raw: bincode::serde::encode_to_vec(self, config()).expect("an index always encodes") }
-    }
-
-    /// The index an image holds, ready to answer and to be caught up from its `stream_id`.
+    /// The index an image holds, ready to answer and to be caught up from its `stream_id`;
+    /// decompressed as it is decoded.
     pub fn from_image(image: &[u8]) -> Result<OrgIndex, ImageError> {
-        if image.len() < HEADER || &image[..4] != MAGIC || image[4..12] != layout().to_le_bytes() {
+        if image.len() < HEADER || &image[..4] != MAGIC || image[4..HEADER] != layout().to_le_bytes() {
             return Err(ImageError::OtherLayout);
         }
         let damaged = |e: &dyn std::fmt::Display| ImageError::Damaged(e.to_string());
-        let len = u64::from_le_bytes(image[12..HEADER].try_into().expect("8 bytes")) as usize;
-        if len > MAX_DECODED {
-            return Err(damaged(&format!("says it holds {len} bytes")));
-        }
-        let raw = zstd::bulk::decompress(&image[HEADER..], len).map_err(|e| damaged(&e))?;
-        let (mut index, used): (OrgIndex, usize) = bincode::serde::decode_from_slice(&raw, config()).map_err(|e| damaged(&e))?;
-        if used != raw.len() {
+        let unzip = zstd::stream::Decoder::new(&image[HEADER..]).map_err(|e| damaged(&e))?;
+        let mut reader = std::io::BufReader::with_capacity(BUFFER, unzip);
+        let mut index: OrgIndex = bincode::serde::decode_from_std_read(&mut reader, config()).map_err(|e| damaged(&e))?;
+        // The frame's end, where its checksum is checked.
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).map_err(|e| damaged(&e))?;
+        if !rest.is_empty() {
             return Err(damaged(&"bytes after the index"));
         }
         index.rebuild_slots();

@@ -13,7 +13,7 @@
 mod compact;
 mod image;
 
-pub use image::{ImageError, ImageParts};
+pub use image::ImageError;
 
 use super::board::BoardPlan;
 use super::request::{BoardQuery, MessageStatus, OwnerScope};
