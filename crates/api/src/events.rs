@@ -158,8 +158,8 @@ impl<'a> IndexLoaded<'a> {
 }
 
 /// An org's index image was stored (`stored`), not stored (`moved`: the org reads another
-/// generation now; `older`: a later image is stored; `failed`), or found and not used
-/// (`behind_the_stream`, `other_layout`, `other_generation`, `damaged`): counted in
+/// generation now; `older`: a later image is stored; `too_large`; `failed`), or found and not
+/// used (`behind_the_stream`, `other_layout`, `other_generation`, `damaged`): counted in
 /// `pb_index_images_total{outcome}`.
 pub struct IndexImage<'a> {
     pub org: &'a str,
@@ -172,7 +172,7 @@ impl IndexImage<'_> {
     pub fn emit(self) {
         metrics::counter!("pb_index_images_total", "outcome" => self.outcome).increment(1);
         match self.outcome {
-            "stored" | "moved" | "older" | "behind_the_stream" => {
+            "stored" | "moved" | "older" | "behind_the_stream" | "too_large" => {
                 info!(org = self.org, outcome = self.outcome, bytes = self.bytes, seconds = self.seconds, "index image")
             }
             _ => tracing::warn!(org = self.org, outcome = self.outcome, bytes = self.bytes, "index image not used or not stored"),

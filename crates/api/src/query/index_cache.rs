@@ -65,6 +65,8 @@ pub struct OrgSlot {
     /// was read from or stored), and whether an image of it is being stored.
     image_lag: AtomicUsize,
     storing_image: AtomicBool,
+    /// Unix milliseconds of the last attempt to store its image.
+    image_stored_at: AtomicI64,
     /// Where the last load found the index (`LoadedFrom` as a number; 0: not loaded).
     loaded_from: std::sync::atomic::AtomicU8,
 }
@@ -101,6 +103,7 @@ impl OrgSlot {
             most_walking: AtomicUsize::default(),
             image_lag: AtomicUsize::default(),
             storing_image: AtomicBool::default(),
+            image_stored_at: AtomicI64::default(),
             loaded_from: Default::default(),
         }
     }
@@ -191,6 +194,15 @@ pub const DEFAULT_IMAGE_MIN_CARDS: usize = 5_000;
 /// approximately) no longer holds the image's position, past which it cannot be caught up.
 const IMAGE_REFRESH_ENTRIES: usize = CHANGES_MAXLEN / 2;
 
+/// An org's image is stored again no sooner than this after the last attempt, however many
+/// stream entries its index applied meanwhile (an encode holds the index for ~0.6 s a million
+/// cards).
+const IMAGE_REFRESH_MIN_MILLIS: i64 = 60_000;
+
+/// Images above this are not stored (Redis refuses values over 512 MB; an org this large
+/// builds from its records).
+const MAX_IMAGE_BYTES: usize = 256 << 20;
+
 /// Where a load found the org's index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadedFrom {
@@ -223,7 +235,13 @@ fn resident_bytes(orgs: &HashMap<String, Arc<OrgSlot>>) -> usize {
 /// indexes) to the system: glibc keeps freed memory in its arenas, and measured, an API whose
 /// indexes stayed under a 512 MiB budget grew to 1.2 GiB RSS over loads, images and evictions
 /// without this. On a blocking thread: a trim walks the heap.
+/// One trim at a time and at most one a second (a trim locks each allocator arena in turn).
 fn give_back_freed_memory() {
+    static LAST_TRIM: AtomicI64 = AtomicI64::new(0);
+    let (now, last) = (now_millis(), LAST_TRIM.load(Ordering::Relaxed));
+    if now - last < 1_000 || LAST_TRIM.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::task::spawn_blocking(|| {
         // SAFETY: malloc_trim only returns free memory to the system; it touches no live
@@ -248,6 +266,8 @@ pub struct IndexCache {
     /// Orgs of this many cards or more store their index's image.
     image_min_cards: usize,
     loads: Arc<tokio::sync::Semaphore>,
+    /// One image stored at a time.
+    images: Arc<tokio::sync::Semaphore>,
     orgs: Arc<Mutex<HashMap<String, Arc<OrgSlot>>>>,
     sweeper: Arc<Mutex<bool>>,
     /// The projection instance the indexes were loaded under (`observe_instance`).
@@ -351,6 +371,7 @@ impl IndexCache {
             walks_per_org: limits.walks_per_org.max(1),
             image_min_cards: limits.image_min_cards,
             loads: Arc::new(tokio::sync::Semaphore::new(LOADS_AT_ONCE)),
+            images: Arc::new(tokio::sync::Semaphore::new(1)),
             orgs: Arc::default(),
             sweeper: Arc::default(),
             instance: Arc::default(),
@@ -549,11 +570,11 @@ impl IndexCache {
     /// the next instance).
     async fn load(&self, slot: &Arc<OrgSlot>, keys: &OrgKeys, stream: &StreamState) -> Result<(), RedisError> {
         let started = std::time::Instant::now();
-        if let Some(index) = self.read_image(keys, stream).await? {
+        if let Some((index, now)) = self.read_image(keys).await? {
             let at = (index.stream_id.clone(), index.stream_added);
             slot.replace(index);
             // The stream may have been trimmed past the image while it was read: then records.
-            if let Some(entries) = self.catch_up(keys, slot, (&at.0, at.1), stream).await? {
+            if let Some(entries) = self.catch_up(keys, slot, (&at.0, at.1), &now).await? {
                 slot.image_lag.store(0, Ordering::Relaxed);
                 slot.set_loaded_from(LoadedFrom::Image);
                 self.note_applied(slot, keys, entries);
@@ -563,6 +584,8 @@ impl IndexCache {
                 give_back_freed_memory();
                 return Ok(());
             }
+            // Not kept while the records are read.
+            slot.replace(OrgIndex::default());
         }
         let index = self.build(keys, stream).await?;
         crate::events::IndexLoaded::of(&keys.base, &index, LoadedFrom::Records, started.elapsed()).emit();
@@ -577,11 +600,15 @@ impl IndexCache {
     }
 
     /// The org's stored image, if it is of this generation and the stream can bring it from its
-    /// position up to `last`; an image that cannot be read is reported and ignored.
-    async fn read_image(&self, keys: &OrgKeys, stream: &StreamState) -> Result<Option<OrgIndex>, RedisError> {
+    /// position up to its end, with the stream's state read after the image (an image another
+    /// instance stored while this one waited for its turn is ahead of what was read before); an
+    /// image that cannot be read is reported and ignored.
+    async fn read_image(&self, keys: &OrgKeys) -> Result<Option<(OrgIndex, StreamState)>, RedisError> {
         let _permit = self.loads.acquire().await.expect("the semaphore is never closed");
-        let image: Option<Vec<u8>> = redis::cmd("HGET").arg(keys.index_image()).arg("image").query_async(&mut self.conn.clone()).await?;
+        let mut conn = self.conn.clone();
+        let image: Option<Vec<u8>> = redis::cmd("HGET").arg(keys.index_image()).arg("image").query_async(&mut conn).await?;
         let Some(image) = image else { return Ok(None) };
+        let stream = stream_state(&mut conn, &keys.changes()).await?;
         let started = std::time::Instant::now();
         let bytes = image.len();
         let read = tokio::task::spawn_blocking(move || OrgIndex::from_image(&image))
@@ -589,8 +616,8 @@ impl IndexCache {
             .map_err(|e| RedisError::from(std::io::Error::other(format!("index image: {e}"))))?;
         let refused = match read {
             Ok(index) if index.base != keys.base => "other_generation",
-            Ok(index) if freshen(true, true, &index.stream_id, index.stream_added, stream) == Freshen::Load => "behind_the_stream",
-            Ok(index) => return Ok(Some(index)),
+            Ok(index) if freshen(true, true, &index.stream_id, index.stream_added, &stream) == Freshen::Load => "behind_the_stream",
+            Ok(index) => return Ok(Some((index, stream))),
             Err(super::index::ImageError::OtherLayout) => "other_layout",
             Err(super::index::ImageError::Damaged(_)) => "damaged",
         };
@@ -601,54 +628,74 @@ impl IndexCache {
     /// Counts stream entries the org's index applied; stores its image again once they are
     /// `IMAGE_REFRESH_ENTRIES` since the last.
     fn note_applied(&self, slot: &Arc<OrgSlot>, keys: &OrgKeys, entries: usize) {
-        if slot.image_lag.fetch_add(entries, Ordering::Relaxed) + entries >= IMAGE_REFRESH_ENTRIES {
+        let lag = slot.image_lag.fetch_add(entries, Ordering::Relaxed) + entries;
+        if lag >= IMAGE_REFRESH_ENTRIES && now_millis() - slot.image_stored_at.load(Ordering::Relaxed) >= IMAGE_REFRESH_MIN_MILLIS {
             self.store_image_of(slot, keys);
         }
     }
 
-    /// Stores the image of the org's index in the background (one at a time per org), if the
-    /// org has `image_min_cards` cards or more.
+    /// Stores the image of the org's index in the background, if the org has `image_min_cards`
+    /// cards or more: one image at a time in the process (an image is held whole while it is
+    /// sent), and not when the stored image is as recent. Encoded under the index's read lock
+    /// in one pass (~0.6 s for a million cards, while the org's catch-ups and, behind them, its
+    /// boards wait): an index's uncompressed bytes are never held beside it.
     fn store_image_of(&self, slot: &Arc<OrgSlot>, keys: &OrgKeys) {
         if slot.cards() < self.image_min_cards || slot.storing_image.swap(true, Ordering::Relaxed) {
             return;
         }
-        let (conn, slot, keys) = (self.conn.clone(), slot.clone(), keys.clone());
+        let (conn, slot, keys, images) = (self.conn.clone(), slot.clone(), keys.clone(), self.images.clone());
         tokio::spawn(async move {
+            let _turn = images.acquire().await.expect("the semaphore is never closed");
             let started = std::time::Instant::now();
-            let (index, base) = (slot.index(), keys.base.clone());
-            // Encoded and compressed under the read lock, as one pass (~0.7 s for a million
-            // cards, while the org's catch-ups wait): an index's uncompressed bytes are never
-            // held beside it.
-            let image = tokio::task::spawn_blocking(move || {
-                let index = index.read().expect("not poisoned");
-                (index.base == base).then(|| (index.stream_id.clone(), index.to_image()))
-            })
-            .await;
-            let outcome = match image {
-                Ok(Some((at, image))) => {
-                    let lag_then = slot.image_lag.load(Ordering::Relaxed);
-                    let stored: Result<ImagePut, RedisError> = fcall(&mut conn.clone(), &image_put_cmd(&keys, &at, &image)).await;
-                    if stored.is_ok() {
-                        slot.image_lag.fetch_sub(lag_then.min(slot.image_lag.load(Ordering::Relaxed)), Ordering::Relaxed);
-                    }
-                    let outcome = match &stored {
-                        Ok(put) => put.as_str(),
-                        Err(e) => {
-                            tracing::warn!(org = %keys.base, error = %e, "index image not stored");
-                            "failed"
-                        }
-                    };
-                    crate::events::IndexImage { org: &keys.base, outcome, bytes: image.len(), seconds: started.elapsed().as_secs_f64() }
-                        .emit();
-                    outcome
-                }
-                // A load of another generation replaced the index meanwhile.
-                _ => "moved",
-            };
-            tracing::debug!(org = %keys.base, outcome, "index image");
+            let outcome = Self::store_image(conn, &slot, &keys).await;
+            // A failure is not retried before the next refresh is due (no encode per catch-up).
+            slot.image_stored_at.store(now_millis(), Ordering::Relaxed);
+            tracing::debug!(org = %keys.base, outcome, seconds = started.elapsed().as_secs_f64(), "index image");
             slot.storing_image.store(false, Ordering::Relaxed);
             give_back_freed_memory();
         });
+    }
+
+    /// `store_image_of`'s work: what became of the image.
+    async fn store_image(conn: RedisConn, slot: &Arc<OrgSlot>, keys: &OrgKeys) -> &'static str {
+        let started = std::time::Instant::now();
+        let (at, _, base) = slot.position();
+        if base != keys.base {
+            // A load of another generation replaced the index meanwhile.
+            return "moved";
+        }
+        let stored_at: Result<Option<String>, RedisError> =
+            redis::cmd("HGET").arg(keys.index_image()).arg("at").query_async(&mut conn.clone()).await;
+        if stored_at.as_ref().is_ok_and(|s| s.as_deref().is_some_and(|s| stream_pos(s) >= stream_pos(&at))) {
+            slot.image_lag.store(0, Ordering::Relaxed);
+            return "current";
+        }
+        let (index, slot2, keys2) = (slot.index(), slot.clone(), keys.clone());
+        // The command is made where the image is, which is dropped there: one copy is sent.
+        let made = tokio::task::spawn_blocking(move || {
+            let index = index.read().expect("not poisoned");
+            let lag = slot2.image_lag.load(Ordering::Relaxed);
+            let image = index.to_image();
+            let bytes = image.len();
+            let cmd = (bytes <= MAX_IMAGE_BYTES).then(|| image_put_cmd(&keys2, &index.stream_id, &image));
+            (cmd, bytes, lag)
+        })
+        .await;
+        let Ok((cmd, bytes, lag)) = made else { return "failed" };
+        // What the image holds is no longer to be stored, whatever becomes of it.
+        slot.image_lag.fetch_sub(lag.min(slot.image_lag.load(Ordering::Relaxed)), Ordering::Relaxed);
+        let outcome = match cmd {
+            None => "too_large",
+            Some(cmd) => match fcall::<ImagePut, _>(&mut conn.clone(), &cmd).await {
+                Ok(put) => put.as_str(),
+                Err(e) => {
+                    tracing::warn!(org = %keys.base, error = %e, "index image not stored");
+                    "failed"
+                }
+            },
+        };
+        crate::events::IndexImage { org: &keys.base, outcome, bytes, seconds: started.elapsed().as_secs_f64() }.emit();
+        outcome
     }
 
     /// Builds the org's index from its records, current to `stream` (read before them: a

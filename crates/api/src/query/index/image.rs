@@ -7,7 +7,9 @@
 //!
 //! An image holds the index's own layout, so it is only read by a build of the same layout: its
 //! header carries a hash of the sources that define what the index holds (its fields, the
-//! folding of texts, the trigrams), and an image of another build is ignored, never misread.
+//! folding of texts, the trigrams, the crates' versions), and an image of another build is
+//! ignored, never misread. During a rolling deploy, old and new instances each build what the
+//! other stored from the records.
 use super::OrgIndex;
 use std::io::Read;
 
@@ -30,12 +32,21 @@ fn config() -> impl bincode::config::Config {
 
 /// The layout an image is written in: FNV-1a over the sources of what it holds.
 fn layout() -> u64 {
-    const SOURCES: [&str; 5] = [
+    // What the index holds and how it is encoded: its sources, the model's (folding, trigrams,
+    // stage keys, kinds, times) and the crates' versions (`Cargo.lock`: roaring, bincode). Any
+    // edit of these makes the images of earlier builds unread (each org then builds from its
+    // records once): a cache is better refused than misread.
+    const SOURCES: [&str; 10] = [
         include_str!("mod.rs"),
         include_str!("compact.rs"),
         include_str!("image.rs"),
         include_str!("../../../../board-model/src/card.rs"),
         include_str!("../../../../board-model/src/record.rs"),
+        include_str!("../../../../board-model/src/text.rs"),
+        include_str!("../../../../board-model/src/model.rs"),
+        include_str!("../../../../board-model/src/time.rs"),
+        include_str!("../../../../board-model/src/keys.rs"),
+        include_str!("../../../../../Cargo.lock"),
     ];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in SOURCES.iter().flat_map(|s| s.bytes()) {
