@@ -3,7 +3,6 @@
 //! on 7000-7005 for tests that only use it, a cluster of the test's own for tests that kill a
 //! node or move a slot.
 use crate::common::{cluster_url, eventually, post_board, primary_of, signal, small_seed, token, TestEnv};
-use board_api::query::board::AnswerMeta;
 use board_api::query::mongo_path::MongoReader;
 use board_api::query::request::ContactsRequest;
 use nix::sys::signal::Signal;
@@ -31,10 +30,7 @@ async fn mongodb_answer(db: &mongodb::Database, org: &str, user: &str, body: &st
     let query = ContactsRequest::parse(body.as_bytes()).unwrap().into_query().expect("valid request");
     let reader = MongoReader::new(db.clone(), board_api::query::mongo_path::DEFAULT_MAX_IDS);
     match reader.answer(org, user, &query, chrono::Utc::now().timestamp_millis()).await {
-        Ok(a) => {
-            let meta = AnswerMeta { answered_by: "mongodb", route: None, reason: None, projection_lag: None, replica_staleness_ms: None };
-            (200, without_meta(serde_json::from_slice(&a.to_json_bytes(&meta)).unwrap()))
-        }
+        Ok(a) => (200, crate::common::answer_data(&a)),
         Err(e) => (404, Value::String(e.to_string())),
     }
 }

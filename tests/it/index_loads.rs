@@ -7,15 +7,14 @@
 //! the stream can no longer bring up to date is not used (the org is built from its records and
 //! a new image stored); `pb_image_put` refuses an image of a generation the org left and one
 //! older than the image stored.
-use crate::common::{mongodb_answer, small_seed, TestEnv};
-use board_api::query::board::{AnswerMeta, BoardAnswer};
+use crate::common::{answer_data, mongodb_answer, small_seed, TestEnv};
 use board_api::query::index_cache::LoadedFrom;
 use board_api::query::projection::{IndexLimits, ProjectionReader};
 use board_api::query::request::ContactsRequest;
 use board_model::keys::{Generation, OrgKeys};
 use board_redis::functions::fcall;
 use board_redis::functions::image::{image_put_cmd, ImagePut};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::Duration;
 
 /// Index boards (each needs the in-memory index), and a search for the names changed below.
@@ -32,13 +31,6 @@ async fn instance(env: &TestEnv) -> ProjectionReader {
         .with_index_limits(IndexLimits { image_min_cards: 1, ..Default::default() })
 }
 
-fn data(answer: &BoardAnswer) -> Value {
-    let meta = AnswerMeta { answered_by: "mongodb", route: None, reason: None, projection_lag: None, replica_staleness_ms: None };
-    let mut v: Value = serde_json::from_slice(&answer.to_json_bytes(&meta)).unwrap();
-    v.as_object_mut().map(|o| o.remove("meta"));
-    v
-}
-
 /// Asks every board of `BOARDS` and compares each with MongoDB's answer; where the org's index
 /// came from.
 async fn boards_match_mongodb(who: &str, reader: &ProjectionReader, db: &mongodb::Database, org: &str, user: &str) -> Option<LoadedFrom> {
@@ -46,7 +38,7 @@ async fn boards_match_mongodb(who: &str, reader: &ProjectionReader, db: &mongodb
         let q = ContactsRequest::parse(body.as_bytes()).unwrap().into_query().unwrap();
         let (answer, route) = reader.answer(org, user, &q, chrono::Utc::now().timestamp_millis()).await.unwrap();
         assert_eq!(route.name(), "index", "{who}: {body}");
-        assert!(data(&answer) == mongodb_answer(db, org, user, body).await, "{who}: {body}: not MongoDB's answer");
+        assert!(answer_data(&answer) == mongodb_answer(db, org, user, body).await, "{who}: {body}: not MongoDB's answer");
     }
     reader.loaded_index(org).and_then(|slot| slot.loaded_from())
 }

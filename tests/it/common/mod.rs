@@ -662,10 +662,15 @@ pub async fn env_with_own_cluster(name: &str) -> (TestEnv, OwnCluster) {
 /// The MongoDB path's answer to `body` for `user` of `org` as the API renders it, without `meta`
 /// (what a client's last board is compared with).
 pub async fn mongodb_answer(db: &mongodb::Database, org: &str, user: &str, body: &str) -> serde_json::Value {
-    use board_api::query::board::AnswerMeta;
     let query = board_api::query::request::ContactsRequest::parse(body.as_bytes()).unwrap().into_query().expect("valid request");
     let reader = board_api::query::mongo_path::MongoReader::new(db.clone(), board_api::query::mongo_path::DEFAULT_MAX_IDS);
     let a = reader.answer(org, user, &query, chrono::Utc::now().timestamp_millis()).await.expect("mongodb answers");
+    answer_data(&a)
+}
+
+/// An answer as the API sends it, without its `meta` (which differs by path and moment).
+pub fn answer_data(a: &board_api::query::board::BoardAnswer) -> serde_json::Value {
+    use board_api::query::board::AnswerMeta;
     let meta = AnswerMeta { answered_by: "mongodb", route: None, reason: None, projection_lag: None, replica_staleness_ms: None };
     let mut v: serde_json::Value = serde_json::from_slice(&a.to_json_bytes(&meta)).unwrap();
     v.as_object_mut().map(|o| o.remove("meta"));
