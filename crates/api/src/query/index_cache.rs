@@ -5,8 +5,8 @@
 //! A load reads the org's index image (`K:index-image`, `index/image.rs`) when one is stored
 //! that the change stream still brings up to date, and catches it up; else it builds the index
 //! from the card records and, for an org of `image_min_cards` or more, stores its image for the
-//! next instance (a new or restarted one, or this one after an eviction): a million cards are
-//! read from an image in about a second and built from records in about ten. An instance that
+//! next instance (a new or restarted one, or this one after an eviction): a million cards were
+//! read from an image in 2.4–3.0 s and built from records in ~10 s (docs/benchmarks.md). An instance that
 //! holds an org stores its image again once it applied `IMAGE_REFRESH_ENTRIES` stream entries
 //! since, so that the image stays within what the stream keeps while the org is in use.
 //! A reader that fell further behind than the stream keeps (`max-deleted-entry-id` past its
@@ -174,9 +174,9 @@ impl OrgSlot {
 /// the orgs being worked on, and a dropped org is loaded again on its next index board.
 pub const INDEX_IDLE: Duration = Duration::from_secs(600);
 
-/// The default index budget, for a 1 GiB pod: measured, a full budget of 640 MiB left the API at
-/// 856 MiB RSS (allocator retention and its own ~30 MiB), and a million-card org's load in flight
-/// (not in the budget) holds ~250 MiB more.
+/// The default index budget, for a 1 GiB pod: measured with it, the API peaked at 964 MiB RSS
+/// over a run of 12,021 orgs (a million-card org's load or image in flight is not in the
+/// budget; docs/benchmarks.md "Many orgs").
 pub const DEFAULT_INDEX_MEMORY_LIMIT: usize = 512 << 20;
 
 /// The default `INDEX_WALKS_PER_ORG`: half the cores (at least one), so that one org's boards
@@ -234,8 +234,8 @@ fn resident_bytes(orgs: &HashMap<String, Arc<OrgSlot>>) -> usize {
 /// Returns the memory the allocator keeps after large frees (a load's buffers, an image, dropped
 /// indexes) to the system: glibc keeps freed memory in its arenas, and measured, an API whose
 /// indexes stayed under a 512 MiB budget grew to 1.2 GiB RSS over loads, images and evictions
-/// without this. On a blocking thread: a trim walks the heap.
-/// One trim at a time and at most one a second (a trim locks each allocator arena in turn).
+/// without this. On a blocking thread: a trim walks the heap; one at a time and at most one a
+/// second (a trim locks each allocator arena in turn).
 fn give_back_freed_memory() {
     static LAST_TRIM: AtomicI64 = AtomicI64::new(0);
     let (now, last) = (now_millis(), LAST_TRIM.load(Ordering::Relaxed));
