@@ -5,7 +5,7 @@
 //! Index images (issue 19): an API instance that has not loaded an org reads the image another
 //! instance stored, catches it up from the change stream, and answers as MongoDB does; an image
 //! the stream can no longer bring up to date is not used (the org is built from its records and
-//! a new image stored); `pb_image_put` refuses an image of a generation the org left and one
+//! a new image stored); `pb_image_put_parts` refuses an image of a generation the org left and one
 //! older than the image stored.
 use crate::common::{answer_data, mongodb_answer, small_seed, TestEnv};
 use board_api::query::index_cache::LoadedFrom;
@@ -13,7 +13,8 @@ use board_api::query::projection::{IndexLimits, ProjectionReader};
 use board_api::query::request::ContactsRequest;
 use board_model::keys::{Generation, OrgKeys};
 use board_redis::functions::fcall;
-use board_redis::functions::image::{image_put_cmd, ImagePut};
+use board_redis::functions::image::{image_head_cmd, image_part_cmd, image_put_cmd, ImageHead, ImagePut, IMAGE_PART_BYTES};
+use board_redis::redis_conn::RedisConn;
 use serde_json::json;
 use std::time::Duration;
 
@@ -41,6 +42,19 @@ async fn boards_match_mongodb(who: &str, reader: &ProjectionReader, db: &mongodb
         assert!(answer_data(&answer) == mongodb_answer(db, org, user, body).await, "{who}: {body}: not MongoDB's answer");
     }
     reader.loaded_index(org).and_then(|slot| slot.loaded_from())
+}
+
+/// The image stored for `keys`, its parts joined (and counted as its head says).
+async fn stored_image(r: &mut RedisConn, keys: &OrgKeys) -> Option<Vec<u8>> {
+    let head = ImageHead::from_reply(image_head_cmd(keys).query_async(r).await.unwrap())?;
+    let mut image = Vec::new();
+    for n in 0..head.parts {
+        let (at, part): (String, Vec<u8>) = image_part_cmd(keys, n).query_async(r).await.unwrap();
+        assert_eq!(at, head.at);
+        image.extend(part);
+    }
+    assert_eq!(image.len() as u64, head.bytes);
+    Some(image)
 }
 
 /// The change-stream id the org's stored image is current to.
@@ -124,21 +138,33 @@ async fn an_image_of_a_left_generation_or_older_than_the_stored_one_is_refused()
     let org = "64f0a1b2c3d4e5f6a7b8c9d1";
     let mut r = env.redis().await;
     let (base, g7) = (env.keys.org(org), env.keys.org_in(&Generation::numbered(7), org));
-    let put = |keys: &OrgKeys, at: &str, image: &[u8]| image_put_cmd(keys, at, image);
-    let held = |keys: &OrgKeys| redis::cmd("HGET").arg(keys.index_image()).arg("image").clone();
+    let put = |keys: &OrgKeys, at: &str, image: &[u8]| image_put_cmd(keys, at, "ours", image);
+    // Images of 3 parts, 1 part and 2 parts: a shorter one leaves no part of the longer behind.
+    let image = |byte: u8, parts: usize| vec![byte; IMAGE_PART_BYTES * (parts - 1) + 5];
+    let (a, b, c, d, e) = (image(1, 3), image(2, 1), image(3, 1), image(4, 2), image(5, 1));
 
-    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&base, "10-0", b"a")).await.unwrap(), ImagePut::Stored);
-    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&base, "9-5", b"b")).await.unwrap(), ImagePut::Older);
-    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&base, "10-1", b"c")).await.unwrap(), ImagePut::Stored);
-    assert_eq!(held(&base).query_async::<Vec<u8>>(&mut r).await.unwrap(), b"c");
+    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&base, "10-0", &a)).await.unwrap(), ImagePut::Stored);
+    assert_eq!(stored_image(&mut r, &base).await.as_ref(), Some(&a));
+    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&base, "9-5", &b)).await.unwrap(), ImagePut::Older);
+    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&base, "10-1", &c)).await.unwrap(), ImagePut::Stored);
+    assert_eq!(stored_image(&mut r, &base).await.as_ref(), Some(&c));
+    let fields: u64 = redis::cmd("HLEN").arg(base.index_image()).query_async(&mut r).await.unwrap();
+    assert_eq!(fields, 5, "at, layout, parts, bytes and one part");
+    // An image of another layout (another build's, unreadable here) is replaced whatever its
+    // position: only an image of the same layout can be more recent.
+    let theirs = image_put_cmd(&base, "10-9", "theirs", &b);
+    assert_eq!(fcall::<ImagePut, _>(&mut r, &theirs).await.unwrap(), ImagePut::Stored);
+    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&base, "10-1", &c)).await.unwrap(), ImagePut::Stored);
+    assert_eq!(stored_image(&mut r, &base).await.as_ref(), Some(&c));
     // The org reads the base generation: an image of g7 is not stored.
-    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&g7, "11-0", b"d")).await.unwrap(), ImagePut::Moved);
-    assert_eq!(held(&g7).query_async::<Option<Vec<u8>>>(&mut r).await.unwrap(), None);
+    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&g7, "11-0", &d)).await.unwrap(), ImagePut::Moved);
+    assert_eq!(stored_image(&mut r, &g7).await, None);
     // Once the org reads g7, the base generation's image is the refused one.
     let _: () = redis::cmd("SET").arg(env.keys.generation_pointer(org)).arg("g7").query_async(&mut r).await.unwrap();
-    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&g7, "11-0", b"d")).await.unwrap(), ImagePut::Stored);
-    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&base, "12-0", b"e")).await.unwrap(), ImagePut::Moved);
-    assert_eq!(held(&base).query_async::<Vec<u8>>(&mut r).await.unwrap(), b"c");
+    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&g7, "11-0", &d)).await.unwrap(), ImagePut::Stored);
+    assert_eq!(stored_image(&mut r, &g7).await.as_ref(), Some(&d));
+    assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&base, "12-0", &e)).await.unwrap(), ImagePut::Moved);
+    assert_eq!(stored_image(&mut r, &base).await.as_ref(), Some(&c));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

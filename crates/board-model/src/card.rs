@@ -91,10 +91,12 @@ impl StoredCard {
     }
 }
 
-/// The fields `search` looks into, case-folded (`text::fold`), empty ones dropped.
-pub fn search_fields(d: &CardDoc) -> Vec<String> {
-    let phones = d.phone_numbers.iter().flatten().filter_map(|p| p.value.as_deref());
-    [d.first_name.as_deref(), d.last_name.as_deref(), d.full_name.as_deref()]
+/// The fields `search` looks into, case-folded (`text::fold`), empty ones dropped. It reads the
+/// stored card, not a `CardDoc`: an index build calls it for every card, and `to_doc` would copy
+/// every field and parse the custom fields' JSON for nothing.
+pub fn search_fields(c: &StoredCard) -> Vec<String> {
+    let phones = c.phone_numbers.iter().flatten().filter_map(|(value, _)| value.as_deref());
+    [c.first_name.as_deref(), c.last_name.as_deref(), c.full_name.as_deref()]
         .into_iter()
         .flatten()
         .chain(phones)

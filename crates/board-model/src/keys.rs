@@ -266,7 +266,8 @@ impl OrgKeys {
     }
     /// The API's in-memory index of the org in this generation, as an image (board-api
     /// `query/index/image.rs`), in a hash: `at` = the change-stream id it is current to,
-    /// `image` = its bytes. Written by an API instance that built the index from the records,
+    /// `parts`, `bytes`, and the parts of its bytes as fields `0`, `1`, ... (board-redis
+    /// `functions/image.rs`). Written by an API instance that built the index from the records,
     /// read by one that has not loaded the org yet; removed with the generation.
     pub fn index_image(&self) -> String {
         self.k(&["index-image"])

@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use board_model::keys::{Changed, OrgKeys};
 use board_model::model::CardKind;
 use board_model::record::CardRecord;
-use board_redis::functions::image::{image_put_cmd, ImagePut};
+use board_redis::functions::image::{image_head_cmd, image_part_cmd, image_put_cmd, image_stored_cmd, ImageHead, ImagePut};
 use board_redis::functions::{fcall, CHANGES_MAXLEN};
 use board_redis::redis_conn::RedisConn;
 use redis::{RedisError, Value};
@@ -231,23 +231,57 @@ fn resident_bytes(orgs: &HashMap<String, Arc<OrgSlot>>) -> usize {
     orgs.values().map(|s| s.bytes.load(Ordering::Relaxed)).sum()
 }
 
-/// Returns the memory the allocator keeps after large frees (a load's buffers, an image, dropped
-/// indexes) to the system: glibc keeps freed memory in its arenas, and measured, an API whose
-/// indexes stayed under a 512 MiB budget grew to 1.2 GiB RSS over loads, images and evictions
-/// without this. On a blocking thread: a trim walks the heap; one at a time and at most one a
-/// second (a trim locks each allocator arena in turn).
+/// Returns the memory the allocators keep after large frees (a load's buffers, an image, dropped
+/// indexes) to the system. The binary allocates with mimalloc, which returns freed pages after a
+/// delay and keeps partly used ones: `mi_collect(true)` purges them now. The C parts and the
+/// in-process test servers use glibc's malloc, which keeps freed memory in its arenas until
+/// `malloc_trim`. On a blocking thread: both walk heaps; at most one a second.
 fn give_back_freed_memory() {
     static LAST_TRIM: AtomicI64 = AtomicI64::new(0);
     let (now, last) = (now_millis(), LAST_TRIM.load(Ordering::Relaxed));
     if now - last < 1_000 || LAST_TRIM.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
         return;
     }
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::task::spawn_blocking(|| {
-        // SAFETY: malloc_trim only returns free memory to the system; it touches no live
-        // allocation.
-        unsafe { libc::malloc_trim(0) };
+        // SAFETY: both only return free memory to the system; they touch no live allocation.
+        unsafe { libmimalloc_sys::mi_collect(true) };
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        unsafe {
+            libc::malloc_trim(0)
+        };
     });
+}
+
+/// Image parts received and not yet decoded, at most: a few MiB, whatever the image's size.
+const PARTS_AHEAD: usize = 2;
+
+/// The bytes of an image's parts as they arrive from Redis, for a decoder on a blocking thread;
+/// ends where the parts stop coming.
+struct ImageParts {
+    arriving: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    part: Vec<u8>,
+    at: usize,
+}
+
+impl ImageParts {
+    fn new(arriving: tokio::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+        ImageParts { arriving, part: Vec::new(), at: 0 }
+    }
+}
+
+impl std::io::Read for ImageParts {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.part.len() {
+            match self.arriving.blocking_recv() {
+                Some(part) => (self.part, self.at) = (part, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.part.len() - self.at);
+        buf[..n].copy_from_slice(&self.part[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// Evictions that free at least this many bytes give them back to the system at once.
@@ -605,25 +639,48 @@ impl IndexCache {
     /// The org's stored image, if it is of this generation and the stream can bring it from its
     /// position up to its end, with the stream's state read after the image (an image another
     /// instance stored while this one waited for its turn is ahead of what was read before); an
-    /// image that cannot be read is reported and ignored.
+    /// image that cannot be read is reported and ignored. Its parts are decoded on a blocking
+    /// thread as they arrive (at most `PARTS_AHEAD` wait).
     async fn read_image(&self, keys: &OrgKeys) -> Result<Option<(OrgIndex, StreamState)>, RedisError> {
         let _permit = self.loads.acquire().await.expect("the semaphore is never closed");
         let mut conn = self.conn.clone();
-        let image: Option<Vec<u8>> = redis::cmd("HGET").arg(keys.index_image()).arg("image").query_async(&mut conn).await?;
-        let Some(image) = image else { return Ok(None) };
-        let stream = stream_state(&mut conn, &keys.changes()).await?;
+        let head = ImageHead::from_reply(image_head_cmd(keys).query_async(&mut conn).await?);
+        let Some(head) = head else { return Ok(None) };
         let started = std::time::Instant::now();
-        let bytes = image.len();
-        let read = tokio::task::spawn_blocking(move || OrgIndex::from_image(&image))
-            .await
-            .map_err(|e| RedisError::from(std::io::Error::other(format!("index image: {e}"))))?;
-        let refused = match read {
-            Ok(index) if index.base != keys.base => "other_generation",
-            Ok(index) if freshen(true, true, &index.stream_id, index.stream_added, &stream) == Freshen::Load => "behind_the_stream",
-            Ok(index) => return Ok(Some((index, stream))),
-            Err(super::index::ImageError::OtherLayout) => "other_layout",
-            Err(super::index::ImageError::Damaged(_)) => "damaged",
+        let (parts, arriving) = tokio::sync::mpsc::channel::<Vec<u8>>(PARTS_AHEAD);
+        let decoder = tokio::task::spawn_blocking(move || OrgIndex::read_image(ImageParts::new(arriving)));
+        let sent = async {
+            for n in 0..head.parts {
+                let (at, part): (Option<String>, Option<Vec<u8>>) = image_part_cmd(keys, n).query_async(&mut conn).await?;
+                match part {
+                    Some(part) if at.as_deref() == Some(head.at.as_str()) => {
+                        if parts.send(part).await.is_err() {
+                            break; // The decoder stopped: it says why.
+                        }
+                    }
+                    _ => return Ok(false),
+                }
+            }
+            Ok::<bool, RedisError>(true)
+        }
+        .await;
+        // The decoder sees the end of the image (or of what was read of it) and finishes.
+        drop(parts);
+        let read = decoder.await.map_err(|e| RedisError::from(std::io::Error::other(format!("index image: {e}"))))?;
+        let refused = if !sent? {
+            // Another instance stored a later image while this one read the parts before.
+            "replaced_while_read"
+        } else {
+            let stream = stream_state(&mut conn, &keys.changes()).await?;
+            match read {
+                Ok(index) if index.base != keys.base => "other_generation",
+                Ok(index) if freshen(true, true, &index.stream_id, index.stream_added, &stream) == Freshen::Load => "behind_the_stream",
+                Ok(index) => return Ok(Some((index, stream))),
+                Err(super::index::ImageError::OtherLayout) => "other_layout",
+                Err(super::index::ImageError::Damaged(_)) => "damaged",
+            }
         };
+        let bytes = head.bytes as usize;
         crate::events::IndexImage { org: &keys.base, outcome: refused, bytes, seconds: started.elapsed().as_secs_f64() }.emit();
         Ok(None)
     }
@@ -667,9 +724,12 @@ impl IndexCache {
             // A load of another generation replaced the index meanwhile.
             return "moved";
         }
-        let stored_at: Result<Option<String>, RedisError> =
-            redis::cmd("HGET").arg(keys.index_image()).arg("at").query_async(&mut conn.clone()).await;
-        if stored_at.as_ref().is_ok_and(|s| s.as_deref().is_some_and(|s| stream_pos(s) >= stream_pos(&at))) {
+        let layout = super::index::image_layout();
+        let stored: Result<(Option<String>, Option<String>), RedisError> = image_stored_cmd(keys).query_async(&mut conn.clone()).await;
+        let current = |(at_stored, layout_stored): &(Option<String>, Option<String>)| {
+            layout_stored.as_deref() == Some(layout.as_str()) && at_stored.as_deref().is_some_and(|s| stream_pos(s) >= stream_pos(&at))
+        };
+        if stored.as_ref().is_ok_and(current) {
             slot.image_lag.store(0, Ordering::Relaxed);
             return "current";
         }
@@ -680,7 +740,7 @@ impl IndexCache {
             let lag = slot2.image_lag.load(Ordering::Relaxed);
             let image = index.to_image();
             let bytes = image.len();
-            let cmd = (bytes <= MAX_IMAGE_BYTES).then(|| image_put_cmd(&keys2, &index.stream_id, &image));
+            let cmd = (bytes <= MAX_IMAGE_BYTES).then(|| image_put_cmd(&keys2, &index.stream_id, &layout, &image));
             (cmd, bytes, lag)
         })
         .await;
@@ -850,9 +910,38 @@ impl IndexCache {
 
 #[cfg(test)]
 mod tests {
-    use super::{freshen, Freshen, OrgIndex, OrgSlot, StreamState};
+    use super::{freshen, Freshen, ImageParts, OrgIndex, OrgSlot, StreamState};
+    use crate::query::index::ImageError;
+    use board_model::model::{CardDoc, CardKind};
+    use board_model::record::{CardRecord, Derived};
     use std::sync::Arc;
     use std::time::Duration;
+
+    /// An image decoded from parts as they arrive is the index the whole image holds; one whose
+    /// parts stop coming early is damaged, never a smaller index.
+    #[test]
+    fn an_image_read_in_parts_is_the_image_read_whole() {
+        let mut index = OrgIndex::new("3-0".into());
+        for n in 0..50 {
+            let doc = CardDoc { id: format!("c{n}"), first_name: Some(format!("Zoë {n}")), ..Default::default() };
+            index.put(CardKind::Contact, &doc.id.clone(), Some(&CardRecord::live(&doc, Derived::default())));
+        }
+        let image = index.to_image();
+        let read = |parts: Vec<Vec<u8>>| {
+            let (sending, arriving) = tokio::sync::mpsc::channel(parts.len().max(1));
+            for part in parts {
+                sending.try_send(part).unwrap();
+            }
+            drop(sending);
+            OrgIndex::read_image(ImageParts::new(arriving))
+        };
+        let whole = OrgIndex::from_image(&image).unwrap();
+        let parts = read(image.chunks(7).map(<[u8]>::to_vec).collect()).unwrap();
+        assert_eq!((parts.len(), parts.stream_id.as_str(), parts.bytes()), (whole.len(), "3-0", whole.bytes()));
+        let cut = image.chunks(7).take(image.len() / 7 - 1).map(<[u8]>::to_vec).collect();
+        assert!(matches!(read(cut), Err(ImageError::Damaged(_))));
+        assert_eq!(read(Vec::new()).unwrap_err(), ImageError::OtherLayout);
+    }
 
     /// A walk in flight holds the old index's read lock; a load puts the new index in place
     /// without waiting for it, and the sweeper's figures need no lock at all.

@@ -1,8 +1,15 @@
-//! `pb_image_put`: stores an org's index image (board-api `query/index/image.rs`) while the org
-//! still reads the generation it was built from, unless a later image is stored.
+//! `pb_image_put_parts`: stores an org's index image (board-api `query/index/image.rs`) while the org
+//! still reads the generation it was built from, unless a later image is stored; and the reads
+//! of a stored image, part by part.
 use board_model::keys::OrgKeys;
 
-/// What `pb_image_put` answered.
+/// An image is stored in parts of this many bytes (hash fields `0`, `1`, ...), and read part by
+/// part: a reader decodes one part while Redis sends the next, and no buffer ever holds the whole
+/// image (a 1M-card org's is ~150 MiB: receiving it into one growing buffer was about half of
+/// reading it, most of that the kernel handing out fresh pages).
+pub const IMAGE_PART_BYTES: usize = 1 << 20;
+
+/// What `pb_image_put_parts` answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImagePut {
     Stored,
@@ -29,15 +36,51 @@ impl redis::FromRedisValue for ImagePut {
             "ok" => Ok(ImagePut::Stored),
             "moved" => Ok(ImagePut::Moved),
             "older" => Ok(ImagePut::Older),
-            other => Err(format!("pb_image_put answered {other:?}").into()),
+            other => Err(format!("pb_image_put_parts answered {other:?}").into()),
         }
     }
 }
 
-/// `FCALL pb_image_put`: the image of the org's index in `keys`' generation, current to the
-/// change-stream id `at`.
-pub fn image_put_cmd(keys: &OrgKeys, at: &str, image: &[u8]) -> redis::Cmd {
-    let mut cmd = super::call("FCALL", "pb_image_put", &[keys.pointer(), &keys.index_image()]);
-    cmd.arg(keys.generation().name()).arg(at).arg(image);
+/// `FCALL pb_image_put_parts`: the image of the org's index in `keys`' generation, current to the
+/// change-stream id `at`, written in `layout` (the build that can read it), in parts of
+/// `IMAGE_PART_BYTES`.
+pub fn image_put_cmd(keys: &OrgKeys, at: &str, layout: &str, image: &[u8]) -> redis::Cmd {
+    let mut cmd = super::call("FCALL", "pb_image_put_parts", &[keys.pointer(), &keys.index_image()]);
+    cmd.arg(keys.generation().name()).arg(at).arg(layout);
+    for part in image.chunks(IMAGE_PART_BYTES) {
+        cmd.arg(part);
+    }
     cmd
+}
+
+/// What a stored image is: the change-stream id it is current to, its parts and its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageHead {
+    pub at: String,
+    pub parts: usize,
+    pub bytes: u64,
+}
+
+/// `HMGET at layout` of the org's image: whether the image stored is as recent as one about to
+/// be stored (of the same layout: one of another cannot be read by this build).
+pub fn image_stored_cmd(keys: &OrgKeys) -> redis::Cmd {
+    redis::cmd("HMGET").arg(keys.index_image()).arg("at").arg("layout").clone()
+}
+
+/// `HMGET at parts bytes` of the org's image; `ImageHead::from_reply` reads its reply.
+pub fn image_head_cmd(keys: &OrgKeys) -> redis::Cmd {
+    redis::cmd("HMGET").arg(keys.index_image()).arg("at").arg("parts").arg("bytes").clone()
+}
+
+impl ImageHead {
+    /// None: no image is stored.
+    pub fn from_reply((at, parts, bytes): (Option<String>, Option<usize>, Option<u64>)) -> Option<ImageHead> {
+        Some(ImageHead { at: at?, parts: parts?, bytes: bytes? })
+    }
+}
+
+/// `HMGET at <part>`: a part, with the `at` of the image it belongs to (an image stored again
+/// while another instance read the parts before would otherwise mix two images).
+pub fn image_part_cmd(keys: &OrgKeys, part: usize) -> redis::Cmd {
+    redis::cmd("HMGET").arg(keys.index_image()).arg("at").arg(part).clone()
 }

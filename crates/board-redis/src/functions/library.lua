@@ -133,23 +133,33 @@ end
 
 -- Stores an org's index image (board-api query/index/image.rs) if the org still reads the
 -- generation it was built from (an image stored after a rebuild's switch would outlive the
--- removal of its generation's keys) and no image of a later change-stream position is stored.
+-- removal of its generation's keys) and no image of the same layout and a later change-stream
+-- position is stored (one of another layout, which this build cannot read, is replaced). The
+-- image comes in parts, stored as fields '0', '1', ... beside 'at', 'layout', 'parts' (how
+-- many) and 'bytes' (their total), all replaced at once.
 -- KEYS: the org's generation pointer, the image hash. ARGV: generation ('' = base), the stream
--- id the image is current to, the image. Reply: 'ok', 'moved' (the org reads another
--- generation now) or 'older' (a later image is stored).
+-- id the image is current to, its layout, then the parts. Reply: 'ok', 'moved' (the org reads
+-- another generation now) or 'older' (a later image is stored).
 local function image_put(keys, args)
   if (redis.call('GET', keys[1]) or '') ~= args[1] then return 'moved' end
-  local held = redis.call('HGET', keys[2], 'at')
-  if held then
-    local hm, hs = stream_pos(held)
+  local held = redis.call('HMGET', keys[2], 'at', 'layout')
+  if held[1] and held[2] == args[3] then
+    local hm, hs = stream_pos(held[1])
     local nm, ns = stream_pos(args[2])
     if hm > nm or (hm == nm and hs > ns) then return 'older' end
   end
-  redis.call('HSET', keys[2], 'at', args[2], 'image', args[3])
+  local fields, bytes = {}, 0
+  for i = 4, #args do
+    fields[#fields + 1] = tostring(i - 4)
+    fields[#fields + 1] = args[i]
+    bytes = bytes + #args[i]
+  end
+  redis.call('DEL', keys[2])
+  redis.call('HSET', keys[2], 'at', args[2], 'layout', args[3], 'parts', tostring(#args - 3), 'bytes', tostring(bytes), unpack(fields))
   return 'ok'
 end
 
-redis.register_function('pb_image_put', image_put)
+redis.register_function('pb_image_put_parts', image_put)
 
 -- Records consumer progress only while the projection it belongs to is still the one Redis
 -- holds: KEYS: the state hash, the progress hash; ARGV: instance, then (field offset)*n.

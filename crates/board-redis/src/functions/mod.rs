@@ -3,6 +3,10 @@
 //! Redis restarted without its data lost it). One module per Function group, mini-redis style:
 //! a typed request that builds its `FCALL` and a reply enum parsed from the Function's answer.
 //!
+//! A Function whose arguments or meaning change takes a new name: a process that finds it
+//! missing loads this library over the older one a Redis still holds (an API instance does not
+//! load the library at start: only when a call finds a Function missing).
+//!
 //! | Function | module | what |
 //! |---|---|---|
 //! | `pb_commit` | `commit` | one org's writes of one batch, if what was read still holds |
@@ -12,7 +16,7 @@
 //! | `pb_mark_raise` | `mark` | a primary's write mark, to notice a Redis gone back in time |
 //! | `pb_lease_renew`, `pb_lease_release` | `lease` | the rebuild's lease |
 //! | `pb_union_page` (read-only) | `union_page` | a deep page of a bucket spanning several stages |
-//! | `pb_image_put` | `image` | an org's index image, while the org reads its generation |
+//! | `pb_image_put_parts` | `image` | an org's index image, while the org reads its generation |
 pub mod commit;
 pub mod image;
 pub mod lease;

@@ -138,8 +138,8 @@ async fn image_boards(r: &mut BenchRun, env: &[(&str, String)], classes: &[SizeC
         for (org, _) in c.orgs.iter().take(5) {
             let key = r.keys().org(org).index_image();
             loop {
-                let bytes: u64 = redis::cmd("HSTRLEN").arg(&key).arg("image").query_async(&mut redis).await?;
-                if bytes > 0 {
+                let bytes: Option<u64> = redis::cmd("HGET").arg(&key).arg("bytes").query_async(&mut redis).await?;
+                if let Some(bytes) = bytes {
                     sizes.push(format!("{}: {} MiB ({} bytes a card)", c.label, bytes >> 20, bytes / c.contacts as u64));
                     break;
                 }

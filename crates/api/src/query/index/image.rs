@@ -55,6 +55,12 @@ fn layout() -> u64 {
     h
 }
 
+/// The layout images of this build are written in, as Redis keeps it beside an image (which
+/// is stored again over an image of another layout, whatever its position).
+pub fn image_layout() -> String {
+    format!("{:016x}", layout())
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ImageError {
     #[error("not an index image of this build's layout")]
@@ -81,14 +87,20 @@ impl OrgIndex {
         image
     }
 
-    /// The index an image holds, ready to answer and to be caught up from its `stream_id`;
-    /// decompressed as it is decoded.
+    /// The index an image holds, ready to answer and to be caught up from its `stream_id`.
     pub fn from_image(image: &[u8]) -> Result<OrgIndex, ImageError> {
-        if image.len() < HEADER || &image[..4] != MAGIC || image[4..HEADER] != layout().to_le_bytes() {
+        Self::read_image(image)
+    }
+
+    /// The index of the image `image` reads, decompressed and decoded as its bytes arrive (Redis
+    /// sends an image in parts: `index_cache.rs`).
+    pub fn read_image(mut image: impl Read) -> Result<OrgIndex, ImageError> {
+        let mut header = [0u8; HEADER];
+        if image.read_exact(&mut header).is_err() || &header[..4] != MAGIC || header[4..] != layout().to_le_bytes() {
             return Err(ImageError::OtherLayout);
         }
         let damaged = |e: &dyn std::fmt::Display| ImageError::Damaged(e.to_string());
-        let unzip = zstd::stream::Decoder::new(&image[HEADER..]).map_err(|e| damaged(&e))?;
+        let unzip = zstd::stream::Decoder::new(image).map_err(|e| damaged(&e))?;
         let mut reader = std::io::BufReader::with_capacity(BUFFER, unzip);
         let mut index: OrgIndex = bincode::serde::decode_from_std_read(&mut reader, config()).map_err(|e| damaged(&e))?;
         // The frame's end, where its checksum is checked.
