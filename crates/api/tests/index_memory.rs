@@ -82,7 +82,7 @@ fn build(n: usize) -> (usize, usize) {
     let records: Vec<(String, CardRecord)> = (0..n).map(|i| g.record(i)).collect();
     let before = LIVE.load(Ordering::Relaxed);
     let mut index = OrgIndex::new("0-0".into());
-    index.start_load();
+    index.start_load(n);
     for (id, rec) in &records {
         index.put(CardKind::Contact, id, Some(rec));
     }

@@ -770,7 +770,15 @@ impl IndexCache {
     async fn build(&self, keys: &OrgKeys, stream: &StreamState) -> Result<OrgIndex, RedisError> {
         let _permit = self.loads.acquire().await.expect("the semaphore is never closed");
         let mut conn = self.conn.clone();
-        let users: Vec<(String, String)> = redis::cmd("HGETALL").arg(keys.users()).query_async(&mut conn).await?;
+        let (users, contacts, applications): (Vec<(String, String)>, usize, usize) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(keys.users())
+            .cmd("HLEN")
+            .arg(keys.cards(CardKind::Contact))
+            .cmd("HLEN")
+            .arg(keys.cards(CardKind::Application))
+            .query_async(&mut conn)
+            .await?;
         let (chunks, mut arriving) = tokio::sync::mpsc::channel::<(CardKind, DecodedChunk)>(2);
         let (base, stream_id, stream_added) = (keys.base.clone(), stream.last.clone(), stream.added);
         // Decoding a large org is CPU work: off the async workers.
@@ -778,7 +786,8 @@ impl IndexCache {
             let mut index = OrgIndex::new(stream_id);
             index.stream_added = stream_added;
             index.base = base;
-            index.start_load();
+            // Records, tombstones among them: at most that many cards.
+            index.start_load(contacts + applications);
             index.set_users(users.into_iter().map(|(u, t)| (u, serde_json::from_str(&t).unwrap_or_default())));
             while let Some((kind, chunk)) = arriving.blocking_recv() {
                 for (id, record) in chunk {
