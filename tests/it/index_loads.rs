@@ -138,7 +138,7 @@ async fn an_image_of_a_left_generation_or_older_than_the_stored_one_is_refused()
     let org = "64f0a1b2c3d4e5f6a7b8c9d1";
     let mut r = env.redis().await;
     let (base, g7) = (env.keys.org(org), env.keys.org_in(&Generation::numbered(7), org));
-    let put = |keys: &OrgKeys, at: &str, image: &[u8]| image_put_cmd(keys, at, "ours", image);
+    let put = |keys: &OrgKeys, at: &str, image: &[u8]| image_put_cmd(keys, at, "ours", image.chunks(IMAGE_PART_BYTES));
     // Images of 3 parts, 1 part and 2 parts: a shorter one leaves no part of the longer behind.
     let image = |byte: u8, parts: usize| vec![byte; IMAGE_PART_BYTES * (parts - 1) + 5];
     let (a, b, c, d, e) = (image(1, 3), image(2, 1), image(3, 1), image(4, 2), image(5, 1));
@@ -152,7 +152,7 @@ async fn an_image_of_a_left_generation_or_older_than_the_stored_one_is_refused()
     assert_eq!(fields, 5, "at, layout, parts, bytes and one part");
     // An image of another layout (another build's, unreadable here) is replaced whatever its
     // position: only an image of the same layout can be more recent.
-    let theirs = image_put_cmd(&base, "10-9", "theirs", &b);
+    let theirs = image_put_cmd(&base, "10-9", "theirs", b.chunks(IMAGE_PART_BYTES));
     assert_eq!(fcall::<ImagePut, _>(&mut r, &theirs).await.unwrap(), ImagePut::Stored);
     assert_eq!(fcall::<ImagePut, _>(&mut r, &put(&base, "10-1", &c)).await.unwrap(), ImagePut::Stored);
     assert_eq!(stored_image(&mut r, &base).await.as_ref(), Some(&c));

@@ -25,7 +25,9 @@ use arc_swap::ArcSwap;
 use board_model::keys::{Changed, OrgKeys};
 use board_model::model::CardKind;
 use board_model::record::CardRecord;
-use board_redis::functions::image::{image_head_cmd, image_part_cmd, image_put_cmd, image_stored_cmd, ImageHead, ImagePut};
+use board_redis::functions::image::{
+    image_head_cmd, image_part_cmd, image_put_cmd, image_stored_cmd, ImageHead, ImagePut, IMAGE_PART_BYTES,
+};
 use board_redis::functions::{fcall, CHANGES_MAXLEN};
 use board_redis::redis_conn::RedisConn;
 use redis::{RedisError, Value};
@@ -734,13 +736,14 @@ impl IndexCache {
             return "current";
         }
         let (index, slot2, keys2) = (slot.index(), slot.clone(), keys.clone());
-        // The command is made where the image is, which is dropped there: one copy is sent.
+        // The command is made where the image is, each part dropped once copied into it: the
+        // image is held once on its way out, not twice.
         let made = tokio::task::spawn_blocking(move || {
             let index = index.read().expect("not poisoned");
             let lag = slot2.image_lag.load(Ordering::Relaxed);
-            let image = index.to_image();
-            let bytes = image.len();
-            let cmd = (bytes <= MAX_IMAGE_BYTES).then(|| image_put_cmd(&keys2, &index.stream_id, &layout, &image));
+            let parts = index.to_image_parts(IMAGE_PART_BYTES);
+            let bytes = parts.iter().map(Vec::len).sum();
+            let cmd = (bytes <= MAX_IMAGE_BYTES).then(|| image_put_cmd(&keys2, &index.stream_id, &layout, parts));
             (cmd, bytes, lag)
         })
         .await;

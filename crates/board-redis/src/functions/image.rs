@@ -42,13 +42,13 @@ impl redis::FromRedisValue for ImagePut {
 }
 
 /// `FCALL pb_image_put_parts`: the image of the org's index in `keys`' generation, current to the
-/// change-stream id `at`, written in `layout` (the build that can read it), in parts of
-/// `IMAGE_PART_BYTES`.
-pub fn image_put_cmd(keys: &OrgKeys, at: &str, layout: &str, image: &[u8]) -> redis::Cmd {
+/// change-stream id `at`, written in `layout` (the build that can read it), in its parts (of
+/// `IMAGE_PART_BYTES`; each dropped once copied into the command).
+pub fn image_put_cmd<P: AsRef<[u8]>>(keys: &OrgKeys, at: &str, layout: &str, parts: impl IntoIterator<Item = P>) -> redis::Cmd {
     let mut cmd = super::call("FCALL", "pb_image_put_parts", &[keys.pointer(), &keys.index_image()]);
     cmd.arg(keys.generation().name()).arg(at).arg(layout);
-    for part in image.chunks(IMAGE_PART_BYTES) {
-        cmd.arg(part);
+    for part in parts {
+        cmd.arg(part.as_ref());
     }
     cmd
 }

@@ -11,7 +11,7 @@
 //! ignored, never misread. During a rolling deploy, old and new instances each build what the
 //! other stored from the records.
 use super::OrgIndex;
-use std::io::Read;
+use std::io::{Read, Write};
 
 const MAGIC: &[u8; 4] = b"PBIX";
 /// The magic and the layout.
@@ -61,6 +61,35 @@ pub fn image_layout() -> String {
     format!("{:016x}", layout())
 }
 
+/// Bytes written into parts of at most `part_bytes` each.
+struct Parts {
+    parts: Vec<Vec<u8>>,
+    part_bytes: usize,
+}
+
+impl Write for Parts {
+    fn write(&mut self, mut buf: &[u8]) -> std::io::Result<usize> {
+        let written = buf.len();
+        while !buf.is_empty() {
+            match self.parts.last_mut() {
+                Some(part) if part.len() < self.part_bytes => {
+                    let n = buf.len().min(self.part_bytes - part.len());
+                    part.extend_from_slice(&buf[..n]);
+                    buf = &buf[n..];
+                }
+                // Parts are made at their full size at once (no growth by doubling); a whole
+                // image (`usize::MAX`) grows as it comes.
+                _ => self.parts.push(Vec::with_capacity(self.part_bytes.min(1 << 20))),
+            }
+        }
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ImageError {
     #[error("not an index image of this build's layout")]
@@ -74,17 +103,20 @@ impl OrgIndex {
     /// encoded (the image is the only copy made: an index's uncompressed bytes never are), with
     /// a checksum (a damaged image fails to read instead of answering wrong).
     pub fn to_image(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + self.live * 128);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&layout().to_le_bytes());
+        self.to_image_parts(usize::MAX).concat()
+    }
+
+    /// The image in parts of `part_bytes` (the last one shorter), as Redis stores it: each part
+    /// can be handed on and dropped, so that the image is never held twice on its way out.
+    pub fn to_image_parts(&self, part_bytes: usize) -> Vec<Vec<u8>> {
+        let mut out = Parts { parts: Vec::new(), part_bytes };
+        out.write_all(MAGIC).and_then(|_| out.write_all(&layout().to_le_bytes())).expect("writing into memory fails only without memory");
         let mut zip = zstd::stream::Encoder::new(out, ZSTD_LEVEL).expect("zstd level 1 exists");
         zip.include_checksum(true).expect("a checksum can always be asked");
         let mut writer = std::io::BufWriter::with_capacity(BUFFER, zip);
         bincode::serde::encode_into_std_write(self, &mut writer, config()).expect("writing into memory fails only without memory");
         let zip = writer.into_inner().map_err(|e| e.into_error()).expect("writing into memory fails only without memory");
-        let mut image = zip.finish().expect("writing into memory fails only without memory");
-        image.shrink_to_fit();
-        image
+        zip.finish().expect("writing into memory fails only without memory").parts
     }
 
     /// The index an image holds, ready to answer and to be caught up from its `stream_id`.
@@ -131,5 +163,14 @@ mod tests {
         damaged[last] ^= 0xff;
         assert!(matches!(OrgIndex::from_image(&damaged), Err(ImageError::Damaged(_))));
         assert!(matches!(OrgIndex::from_image(&image[..image.len() - 2]), Err(ImageError::Damaged(_))));
+    }
+
+    #[test]
+    fn an_image_in_parts_is_the_image_cut_at_their_size() {
+        let index = OrgIndex::new("5-0".into());
+        let (image, parts) = (index.to_image(), index.to_image_parts(7));
+        assert_eq!(parts.concat(), image);
+        let (last, full) = parts.split_last().unwrap();
+        assert!(full.iter().all(|p| p.len() == 7) && (1..=7).contains(&last.len()));
     }
 }
