@@ -157,25 +157,83 @@ impl<'a> IndexLoaded<'a> {
     }
 }
 
-/// An org's index image was stored (`stored`), not stored (`moved`: the org reads another
-/// generation now; `older`: a later image is stored; `too_large`; `failed`), or found and not
-/// used (`behind_the_stream`, `other_layout`, `other_generation`, `damaged`): counted in
-/// `pb_index_images_total{outcome}`.
+/// What became of an index image, counted in `pb_index_images_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageOutcome {
+    /// Stored in Redis.
+    Stored,
+    /// Not stored: the org reads another generation now.
+    Moved,
+    /// Not stored: an image of this layout and a later stream position is stored.
+    Older,
+    /// Not stored: the image stored is as recent (not emitted: nothing happened).
+    Current,
+    /// Not stored: over `MAX_IMAGE_BYTES`.
+    TooLarge,
+    /// Not stored: encoding stopped or Redis failed.
+    Failed,
+    /// Found, not used: the change stream no longer brings it up to date.
+    BehindTheStream,
+    /// Found, not used: written by a build of another layout.
+    OtherLayout,
+    /// Found, not used: of another generation than the org's.
+    OtherGeneration,
+    /// Found, not used: its checksum or encoding is wrong.
+    Damaged,
+    /// Found, not used: another instance stored a later image while its parts were read.
+    ReplacedWhileRead,
+}
+
+impl ImageOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageOutcome::Stored => "stored",
+            ImageOutcome::Moved => "moved",
+            ImageOutcome::Older => "older",
+            ImageOutcome::Current => "current",
+            ImageOutcome::TooLarge => "too_large",
+            ImageOutcome::Failed => "failed",
+            ImageOutcome::BehindTheStream => "behind_the_stream",
+            ImageOutcome::OtherLayout => "other_layout",
+            ImageOutcome::OtherGeneration => "other_generation",
+            ImageOutcome::Damaged => "damaged",
+            ImageOutcome::ReplacedWhileRead => "replaced_while_read",
+        }
+    }
+
+    /// What an operator should look at: a failure, or an image that should have been usable.
+    fn is_warning(self) -> bool {
+        matches!(self, ImageOutcome::Failed | ImageOutcome::OtherGeneration | ImageOutcome::Damaged)
+    }
+}
+
+impl From<board_redis::functions::image::ImagePut> for ImageOutcome {
+    fn from(put: board_redis::functions::image::ImagePut) -> Self {
+        use board_redis::functions::image::ImagePut;
+        match put {
+            ImagePut::Stored => ImageOutcome::Stored,
+            ImagePut::Moved => ImageOutcome::Moved,
+            ImagePut::Older => ImageOutcome::Older,
+        }
+    }
+}
+
+/// An index image stored, not stored, or found and not used.
 pub struct IndexImage<'a> {
     pub org: &'a str,
-    pub outcome: &'static str,
+    pub outcome: ImageOutcome,
     pub bytes: usize,
     pub seconds: f64,
 }
 
 impl IndexImage<'_> {
     pub fn emit(self) {
-        metrics::counter!("pb_index_images_total", "outcome" => self.outcome).increment(1);
-        match self.outcome {
-            "stored" | "moved" | "older" | "behind_the_stream" | "too_large" => {
-                info!(org = self.org, outcome = self.outcome, bytes = self.bytes, seconds = self.seconds, "index image")
-            }
-            _ => tracing::warn!(org = self.org, outcome = self.outcome, bytes = self.bytes, "index image not used or not stored"),
+        let outcome = self.outcome.as_str();
+        metrics::counter!("pb_index_images_total", "outcome" => outcome).increment(1);
+        if self.outcome.is_warning() {
+            tracing::warn!(org = self.org, outcome, bytes = self.bytes, "index image not used or not stored");
+        } else {
+            info!(org = self.org, outcome, bytes = self.bytes, seconds = self.seconds, "index image");
         }
     }
 }

@@ -9,8 +9,9 @@
 //! read from an image in 2.4–3.0 s and built from records in ~10 s (docs/benchmarks.md). An instance that
 //! holds an org stores its image again once it applied `IMAGE_REFRESH_ENTRIES` stream entries
 //! since, so that the image stays within what the stream keeps while the org is in use.
-//! A reader that fell further behind than the stream keeps (`max-deleted-entry-id` past its
-//! position, before or while it catches up), that finds the stream behind its position (Redis
+//! A reader that fell further behind than the stream keeps (the stream holds fewer entries than
+//! were added since its position, before or while it catches up: `MAXLEN` trims do not show in
+//! `max-deleted-entry-id` on Redis 7.0), that finds the stream behind its position (Redis
 //! went back in time, or the stream was made again) or that sees the projection's instance
 //! change (a heal after Redis lost it) reloads the org.
 //!
@@ -21,6 +22,7 @@
 //! while its org's new generation loads, and dropped indexes that walks in flight still read.
 use super::index::OrgIndex;
 use super::projection::IndexLimits;
+use crate::events::ImageOutcome;
 use arc_swap::ArcSwap;
 use board_model::keys::{Changed, OrgKeys};
 use board_model::model::CardKind;
@@ -118,17 +120,13 @@ impl OrgSlot {
         permit.ok().map(|p| p.expect("the semaphore is never closed"))
     }
 
-    /// Where the last load of the org found its index.
+    /// Where the index in place was found (None: no index loaded).
     pub fn loaded_from(&self) -> Option<LoadedFrom> {
         match self.loaded_from.load(Ordering::Relaxed) {
             1 => Some(LoadedFrom::Image),
             2 => Some(LoadedFrom::Records),
             _ => None,
         }
-    }
-
-    fn set_loaded_from(&self, from: LoadedFrom) {
-        self.loaded_from.store(if from == LoadedFrom::Image { 1 } else { 2 }, Ordering::Relaxed);
     }
 
     /// Cards in the org's index.
@@ -156,11 +154,18 @@ impl OrgSlot {
         self.index.load_full()
     }
 
-    /// Puts a newly loaded index in place: boards that started on the old one finish on it.
-    fn replace(&self, mut index: OrgIndex) {
+    /// Puts a newly loaded index in place, found where `from` says (None: an empty index that
+    /// stands for none): boards that started on the old one finish on it.
+    fn replace(&self, mut index: OrgIndex, from: Option<LoadedFrom>) {
         self.cards.store(index.len(), Ordering::Relaxed);
         self.bytes.store(index.account(), Ordering::Relaxed);
         self.index.store(Arc::new(RwLock::new(index)));
+        let from = match from {
+            Some(LoadedFrom::Image) => 1,
+            Some(LoadedFrom::Records) => 2,
+            None => 0,
+        };
+        self.loaded_from.store(from, Ordering::Relaxed);
     }
 
     /// The index's position in the change stream and its generation. Called under `sync`, which
@@ -569,8 +574,7 @@ impl IndexCache {
                         Ok(index) => {
                             let _guard = slot.sync.lock().await;
                             info!(org, cards = index.len(), generation_keys = %keys.base, "in-memory index loaded for the new generation");
-                            slot.replace(index);
-                            slot.set_loaded_from(LoadedFrom::Records);
+                            slot.replace(index, Some(LoadedFrom::Records));
                             drop(_guard);
                             cache.store_image_of(&slot, &keys);
                             cache.enforce_budget(&org);
@@ -611,11 +615,10 @@ impl IndexCache {
         let started = std::time::Instant::now();
         if let Some((index, now)) = self.read_image(keys).await? {
             let at = (index.stream_id.clone(), index.stream_added);
-            slot.replace(index);
+            slot.replace(index, Some(LoadedFrom::Image));
             // The stream may have been trimmed past the image while it was read: then records.
             if let Some(entries) = self.catch_up(keys, slot, (&at.0, at.1), &now).await? {
                 slot.image_lag.store(0, Ordering::Relaxed);
-                slot.set_loaded_from(LoadedFrom::Image);
                 self.note_applied(slot, keys, entries);
                 let index = slot.index();
                 let index = index.read().expect("not poisoned");
@@ -624,12 +627,11 @@ impl IndexCache {
                 return Ok(());
             }
             // Not kept while the records are read.
-            slot.replace(OrgIndex::default());
+            slot.replace(OrgIndex::default(), None);
         }
         let index = self.build(keys, stream).await?;
         crate::events::IndexLoaded::of(&keys.base, &index, LoadedFrom::Records, started.elapsed()).emit();
-        slot.replace(index);
-        slot.set_loaded_from(LoadedFrom::Records);
+        slot.replace(index, Some(LoadedFrom::Records));
         if slot.cards() >= self.image_min_cards {
             // The load's chunks and growth are freed; the image's encoding is next.
             give_back_freed_memory();
@@ -671,15 +673,17 @@ impl IndexCache {
         let read = decoder.await.map_err(|e| RedisError::from(std::io::Error::other(format!("index image: {e}"))))?;
         let refused = if !sent? {
             // Another instance stored a later image while this one read the parts before.
-            "replaced_while_read"
+            ImageOutcome::ReplacedWhileRead
         } else {
             let stream = stream_state(&mut conn, &keys.changes()).await?;
             match read {
-                Ok(index) if index.base != keys.base => "other_generation",
-                Ok(index) if freshen(true, true, &index.stream_id, index.stream_added, &stream) == Freshen::Load => "behind_the_stream",
+                Ok(index) if index.base != keys.base => ImageOutcome::OtherGeneration,
+                Ok(index) if freshen(true, true, &index.stream_id, index.stream_added, &stream) == Freshen::Load => {
+                    ImageOutcome::BehindTheStream
+                }
                 Ok(index) => return Ok(Some((index, stream))),
-                Err(super::index::ImageError::OtherLayout) => "other_layout",
-                Err(super::index::ImageError::Damaged(_)) => "damaged",
+                Err(super::index::ImageError::OtherLayout) => ImageOutcome::OtherLayout,
+                Err(super::index::ImageError::Damaged(_)) => ImageOutcome::Damaged,
             }
         };
         let bytes = head.bytes as usize;
@@ -712,19 +716,19 @@ impl IndexCache {
             let outcome = Self::store_image(conn, &slot, &keys).await;
             // A failure is not retried before the next refresh is due (no encode per catch-up).
             slot.image_stored_at.store(now_millis(), Ordering::Relaxed);
-            tracing::debug!(org = %keys.base, outcome, seconds = started.elapsed().as_secs_f64(), "index image");
+            tracing::debug!(org = %keys.base, outcome = outcome.as_str(), seconds = started.elapsed().as_secs_f64(), "index image");
             slot.storing_image.store(false, Ordering::Relaxed);
             give_back_freed_memory();
         });
     }
 
     /// `store_image_of`'s work: what became of the image.
-    async fn store_image(conn: RedisConn, slot: &Arc<OrgSlot>, keys: &OrgKeys) -> &'static str {
+    async fn store_image(conn: RedisConn, slot: &Arc<OrgSlot>, keys: &OrgKeys) -> ImageOutcome {
         let started = std::time::Instant::now();
         let (at, _, base) = slot.position();
         if base != keys.base {
             // A load of another generation replaced the index meanwhile.
-            return "moved";
+            return ImageOutcome::Moved;
         }
         let layout = super::index::image_layout();
         let stored: Result<(Option<String>, Option<String>), RedisError> = image_stored_cmd(keys).query_async(&mut conn.clone()).await;
@@ -733,7 +737,7 @@ impl IndexCache {
         };
         if stored.as_ref().is_ok_and(current) {
             slot.image_lag.store(0, Ordering::Relaxed);
-            return "current";
+            return ImageOutcome::Current;
         }
         let (index, slot2, keys2) = (slot.index(), slot.clone(), keys.clone());
         // The command is made where the image is, each part dropped once copied into it: the
@@ -747,16 +751,16 @@ impl IndexCache {
             (cmd, bytes, lag)
         })
         .await;
-        let Ok((cmd, bytes, lag)) = made else { return "failed" };
+        let Ok((cmd, bytes, lag)) = made else { return ImageOutcome::Failed };
         // What the image holds is no longer to be stored, whatever becomes of it.
         slot.image_lag.fetch_sub(lag.min(slot.image_lag.load(Ordering::Relaxed)), Ordering::Relaxed);
         let outcome = match cmd {
-            None => "too_large",
+            None => ImageOutcome::TooLarge,
             Some(cmd) => match fcall::<ImagePut, _>(&mut conn.clone(), &cmd).await {
-                Ok(put) => put.as_str(),
+                Ok(put) => put.into(),
                 Err(e) => {
                     tracing::warn!(org = %keys.base, error = %e, "index image not stored");
-                    "failed"
+                    ImageOutcome::Failed
                 }
             },
         };
@@ -922,7 +926,7 @@ impl IndexCache {
 
 #[cfg(test)]
 mod tests {
-    use super::{freshen, Freshen, ImageParts, OrgIndex, OrgSlot, StreamState};
+    use super::{freshen, Freshen, ImageParts, LoadedFrom, OrgIndex, OrgSlot, StreamState};
     use crate::query::index::ImageError;
     use board_model::model::{CardDoc, CardKind};
     use board_model::record::{CardRecord, Derived};
@@ -965,7 +969,7 @@ mod tests {
         let (done, swapped) = std::sync::mpsc::channel();
         let s = slot.clone();
         std::thread::spawn(move || {
-            s.replace(OrgIndex::new("7-0".into()));
+            s.replace(OrgIndex::new("7-0".into()), Some(LoadedFrom::Records));
             done.send(s.position().0).unwrap();
         });
         let position = swapped.recv_timeout(Duration::from_secs(30)).expect("the swap did not wait for the walk");

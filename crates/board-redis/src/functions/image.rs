@@ -19,16 +19,6 @@ pub enum ImagePut {
     Older,
 }
 
-impl ImagePut {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImagePut::Stored => "stored",
-            ImagePut::Moved => "moved",
-            ImagePut::Older => "older",
-        }
-    }
-}
-
 impl redis::FromRedisValue for ImagePut {
     fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
         let word: String = redis::FromRedisValue::from_redis_value(v)?;

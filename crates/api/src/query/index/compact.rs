@@ -8,9 +8,10 @@
 //!   texts are dropped (a first name inside the full name finds nothing the full name does not).
 //!
 //! Pure; `mod.rs` builds rows of them and accounts their bytes.
+use hashbrown::{DefaultHashBuilder, HashTable};
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 
 /// A card's id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -82,40 +83,55 @@ impl PartialOrd for CardId {
     }
 }
 
-/// One org's distinct names (user ids, stage keys, sources) as small numbers. Stored (an index
-/// image) as the names alone; the numbers are their places.
+/// One org's distinct names (user ids, stage keys, sources) as small numbers. Each name is held
+/// once (the table of numbers finds a name's number by hashing the name it points at: a small
+/// org's names were a third of its index when held twice). Stored (an index image) as the names
+/// alone; the numbers are their places.
 #[derive(Debug, Default, Deserialize)]
 #[serde(from = "Vec<Box<str>>")]
 pub struct Names {
-    number: HashMap<Box<str>, u32>,
+    number: HashTable<u32>,
+    hasher: DefaultHashBuilder,
     names: Vec<Box<str>>,
 }
 
 impl Names {
     pub fn intern(&mut self, name: &str) -> u32 {
-        if let Some(n) = self.number.get(name) {
-            return *n;
+        if let Some(n) = self.get(name) {
+            return n;
         }
         let n = self.names.len() as u32;
         self.names.push(name.into());
-        self.number.insert(name.into(), n);
+        self.insert_number(n);
         n
     }
 
     pub fn get(&self, name: &str) -> Option<u32> {
-        self.number.get(name).copied()
+        let names = &self.names;
+        self.number.find(self.hasher.hash_one(name), |n| &*names[*n as usize] == name).copied()
+    }
+
+    /// `n` is in `names` already.
+    fn insert_number(&mut self, n: u32) {
+        let (names, hasher) = (&self.names, &self.hasher);
+        let hash = hasher.hash_one(&*names[n as usize]);
+        self.number.insert_unique(hash, n, |x| hasher.hash_one(&*names[*x as usize]));
     }
 
     pub fn heap_bytes(&self) -> usize {
-        let text: usize = self.names.iter().map(|n| 2 * n.len()).sum();
-        text + self.names.capacity() * 16 + self.number.capacity() * (16 + 4 + 1)
+        let text: usize = self.names.iter().map(|n| n.len()).sum();
+        text + self.names.capacity() * 16 + self.number.capacity() * (4 + 1)
     }
 }
 
 impl From<Vec<Box<str>>> for Names {
     fn from(names: Vec<Box<str>>) -> Names {
-        let number = names.iter().enumerate().map(|(n, name)| (name.clone(), n as u32)).collect();
-        Names { number, names }
+        let count = names.len();
+        let mut out = Names { number: HashTable::with_capacity(count), hasher: DefaultHashBuilder::default(), names };
+        for n in 0..count {
+            out.insert_number(n as u32);
+        }
+        out
     }
 }
 
