@@ -27,9 +27,7 @@ use arc_swap::ArcSwap;
 use board_model::keys::{Changed, OrgKeys};
 use board_model::model::CardKind;
 use board_model::record::CardRecord;
-use board_redis::functions::image::{
-    image_head_cmd, image_part_cmd, image_put_cmd, image_stored_cmd, ImageHead, ImagePut, IMAGE_PART_BYTES,
-};
+use board_redis::functions::image::{image_head_cmd, image_part_cmd, image_put_cmd, ImageHead, ImageHeadReply, ImagePut, IMAGE_PART_BYTES};
 use board_redis::functions::{fcall, CHANGES_MAXLEN};
 use board_redis::redis_conn::RedisConn;
 use redis::{RedisError, Value};
@@ -206,8 +204,9 @@ const IMAGE_REFRESH_ENTRIES: usize = CHANGES_MAXLEN / 2;
 /// cards).
 const IMAGE_REFRESH_MIN_MILLIS: i64 = 60_000;
 
-/// Images above this are not stored (Redis refuses values over 512 MB; an org this large
-/// builds from its records).
+/// Images above this are not stored: sending one holds it about three times for a moment
+/// (`image_put_cmd`), and an org this large builds from its records. It also bounds the parts
+/// `pb_image_put_parts` unpacks (256 of `IMAGE_PART_BYTES`, far below Lua's limit).
 const MAX_IMAGE_BYTES: usize = 256 << 20;
 
 /// Where a load found the org's index.
@@ -238,24 +237,23 @@ fn resident_bytes(orgs: &HashMap<String, Arc<OrgSlot>>) -> usize {
     orgs.values().map(|s| s.bytes.load(Ordering::Relaxed)).sum()
 }
 
-/// Returns the memory the allocators keep after large frees (a load's buffers, an image, dropped
-/// indexes) to the system. The binary allocates with mimalloc, which returns freed pages after a
-/// delay and keeps partly used ones: `mi_collect(true)` purges them now. The C parts and the
-/// in-process test servers use glibc's malloc, which keeps freed memory in its arenas until
-/// `malloc_trim`. On a blocking thread: both walk heaps; at most one a second.
+/// Returns the memory glibc's malloc keeps after large frees (a load's buffers, an image,
+/// dropped indexes) to the system: the C parts (zstd's contexts) and the in-process test servers
+/// allocate with it, and it keeps freed memory in its arenas until `malloc_trim`. The binary's
+/// own allocator, mimalloc, returns freed pages by itself after a short delay (forcing it with
+/// `mi_collect` made the loads after it slower: they faulted the pages in again). On a
+/// blocking thread: a trim walks the heap; at most one a second.
 fn give_back_freed_memory() {
     static LAST_TRIM: AtomicI64 = AtomicI64::new(0);
     let (now, last) = (now_millis(), LAST_TRIM.load(Ordering::Relaxed));
     if now - last < 1_000 || LAST_TRIM.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
         return;
     }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::task::spawn_blocking(|| {
-        // SAFETY: both only return free memory to the system; they touch no live allocation.
-        unsafe { libmimalloc_sys::mi_collect(true) };
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        unsafe {
-            libc::malloc_trim(0)
-        };
+        // SAFETY: malloc_trim only returns free memory to the system; it touches no live
+        // allocation.
+        unsafe { libc::malloc_trim(0) };
     });
 }
 
@@ -643,26 +641,42 @@ impl IndexCache {
     /// The org's stored image, if it is of this generation and the stream can bring it from its
     /// position up to its end, with the stream's state read after the image (an image another
     /// instance stored while this one waited for its turn is ahead of what was read before); an
-    /// image that cannot be read is reported and ignored. Its parts are decoded on a blocking
-    /// thread as they arrive (at most `PARTS_AHEAD` wait).
+    /// image that cannot be read is reported and ignored. Read once more when another instance
+    /// stored a later image while its parts were read: that one is the one to read.
     async fn read_image(&self, keys: &OrgKeys) -> Result<Option<(OrgIndex, StreamState)>, RedisError> {
         let _permit = self.loads.acquire().await.expect("the semaphore is never closed");
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            let head = ImageHead::from_reply(image_head_cmd(keys).query_async(&mut self.conn.clone()).await?);
+            let Some(head) = head else { return Ok(None) };
+            let outcome = match self.read_parts(keys, &head).await? {
+                Ok(found) => return Ok(Some(found)),
+                Err(outcome) => outcome,
+            };
+            let (bytes, seconds) = (head.bytes as usize, started.elapsed().as_secs_f64());
+            crate::events::IndexImage { org: &keys.base, outcome, bytes, seconds }.emit();
+            if outcome != ImageOutcome::ReplacedWhileRead {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    /// `read_image`'s work for one image: its parts are decoded on a blocking thread as they
+    /// arrive (at most `PARTS_AHEAD` wait); why it is not used.
+    async fn read_parts(&self, keys: &OrgKeys, head: &ImageHead) -> Result<Result<(OrgIndex, StreamState), ImageOutcome>, RedisError> {
         let mut conn = self.conn.clone();
-        let head = ImageHead::from_reply(image_head_cmd(keys).query_async(&mut conn).await?);
-        let Some(head) = head else { return Ok(None) };
-        let started = std::time::Instant::now();
         let (parts, arriving) = tokio::sync::mpsc::channel::<Vec<u8>>(PARTS_AHEAD);
         let decoder = tokio::task::spawn_blocking(move || OrgIndex::read_image(ImageParts::new(arriving)));
         let sent = async {
             for n in 0..head.parts {
-                let (at, part): (Option<String>, Option<Vec<u8>>) = image_part_cmd(keys, n).query_async(&mut conn).await?;
-                match part {
-                    Some(part) if at.as_deref() == Some(head.at.as_str()) => {
+                match head.part_of(image_part_cmd(keys, n).query_async(&mut conn).await?) {
+                    Some(part) => {
                         if parts.send(part).await.is_err() {
                             break; // The decoder stopped: it says why.
                         }
                     }
-                    _ => return Ok(false),
+                    None => return Ok(false),
                 }
             }
             Ok::<bool, RedisError>(true)
@@ -671,24 +685,19 @@ impl IndexCache {
         // The decoder sees the end of the image (or of what was read of it) and finishes.
         drop(parts);
         let read = decoder.await.map_err(|e| RedisError::from(std::io::Error::other(format!("index image: {e}"))))?;
-        let refused = if !sent? {
-            // Another instance stored a later image while this one read the parts before.
-            ImageOutcome::ReplacedWhileRead
-        } else {
-            let stream = stream_state(&mut conn, &keys.changes()).await?;
-            match read {
-                Ok(index) if index.base != keys.base => ImageOutcome::OtherGeneration,
-                Ok(index) if freshen(true, true, &index.stream_id, index.stream_added, &stream) == Freshen::Load => {
-                    ImageOutcome::BehindTheStream
-                }
-                Ok(index) => return Ok(Some((index, stream))),
-                Err(super::index::ImageError::OtherLayout) => ImageOutcome::OtherLayout,
-                Err(super::index::ImageError::Damaged(_)) => ImageOutcome::Damaged,
+        if !sent? {
+            return Ok(Err(ImageOutcome::ReplacedWhileRead));
+        }
+        let stream = stream_state(&mut conn, &keys.changes()).await?;
+        Ok(match read {
+            Ok(index) if index.base != keys.base => Err(ImageOutcome::OtherGeneration),
+            Ok(index) if freshen(true, true, &index.stream_id, index.stream_added, &stream) == Freshen::Load => {
+                Err(ImageOutcome::BehindTheStream)
             }
-        };
-        let bytes = head.bytes as usize;
-        crate::events::IndexImage { org: &keys.base, outcome: refused, bytes, seconds: started.elapsed().as_secs_f64() }.emit();
-        Ok(None)
+            Ok(index) => Ok((index, stream)),
+            Err(super::index::ImageError::OtherLayout) => Err(ImageOutcome::OtherLayout),
+            Err(super::index::ImageError::Damaged(_)) => Err(ImageOutcome::Damaged),
+        })
     }
 
     /// Counts stream entries the org's index applied; stores its image again once they are
@@ -731,17 +740,15 @@ impl IndexCache {
             return ImageOutcome::Moved;
         }
         let layout = super::index::image_layout();
-        let stored: Result<(Option<String>, Option<String>), RedisError> = image_stored_cmd(keys).query_async(&mut conn.clone()).await;
-        let current = |(at_stored, layout_stored): &(Option<String>, Option<String>)| {
-            layout_stored.as_deref() == Some(layout.as_str()) && at_stored.as_deref().is_some_and(|s| stream_pos(s) >= stream_pos(&at))
-        };
-        if stored.as_ref().is_ok_and(current) {
+        let stored: Result<ImageHeadReply, RedisError> = image_head_cmd(keys).query_async(&mut conn.clone()).await;
+        let stored = stored.ok().and_then(ImageHead::from_reply);
+        // `pb_image_put_parts` would refuse it: an image of this layout as recent is stored.
+        if stored.is_some_and(|s| s.layout == layout && stream_pos(&s.at) >= stream_pos(&at)) {
             slot.image_lag.store(0, Ordering::Relaxed);
             return ImageOutcome::Current;
         }
         let (index, slot2, keys2) = (slot.index(), slot.clone(), keys.clone());
-        // The command is made where the image is, each part dropped once copied into it: the
-        // image is held once on its way out, not twice.
+        // The command is made where the image is, each part dropped once copied into it.
         let made = tokio::task::spawn_blocking(move || {
             let index = index.read().expect("not poisoned");
             let lag = slot2.image_lag.load(Ordering::Relaxed);

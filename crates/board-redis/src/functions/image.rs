@@ -33,9 +33,15 @@ impl redis::FromRedisValue for ImagePut {
 
 /// `FCALL pb_image_put_parts`: the image of the org's index in `keys`' generation, current to the
 /// change-stream id `at`, written in `layout` (the build that can read it), in its parts (of
-/// `IMAGE_PART_BYTES`; each dropped once copied into the command).
+/// `IMAGE_PART_BYTES`). The command is made at its size at once and each part dropped once
+/// copied into it; sending it copies it again (redis-rs packs it, its connection buffers it),
+/// so for a moment an image is held about three times.
 pub fn image_put_cmd<P: AsRef<[u8]>>(keys: &OrgKeys, at: &str, layout: &str, parts: impl IntoIterator<Item = P>) -> redis::Cmd {
-    let mut cmd = super::call("FCALL", "pb_image_put_parts", &[keys.pointer(), &keys.index_image()]);
+    let parts: Vec<P> = parts.into_iter().collect();
+    let bytes: usize = parts.iter().map(|p| p.as_ref().len()).sum();
+    let (pointer, image) = (keys.pointer(), keys.index_image());
+    let mut cmd = redis::Cmd::with_capacity(parts.len() + 8, bytes + pointer.len() + image.len() + at.len() + layout.len() + 64);
+    cmd.arg("FCALL").arg("pb_image_put_parts").arg(2).arg(pointer).arg(image);
     cmd.arg(keys.generation().name()).arg(at).arg(layout);
     for part in parts {
         cmd.arg(part.as_ref());
@@ -43,34 +49,43 @@ pub fn image_put_cmd<P: AsRef<[u8]>>(keys: &OrgKeys, at: &str, layout: &str, par
     cmd
 }
 
-/// What a stored image is: the change-stream id it is current to, its parts and its bytes.
+/// What a stored image is: the change-stream id it is current to, the layout it is written in,
+/// its parts and its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageHead {
     pub at: String,
+    pub layout: String,
     pub parts: usize,
     pub bytes: u64,
 }
 
-/// `HMGET at layout` of the org's image: whether the image stored is as recent as one about to
-/// be stored (of the same layout: one of another cannot be read by this build).
-pub fn image_stored_cmd(keys: &OrgKeys) -> redis::Cmd {
-    redis::cmd("HMGET").arg(keys.index_image()).arg("at").arg("layout").clone()
+/// `HMGET at layout parts bytes` of the org's image; `ImageHead::from_reply` reads its reply.
+pub fn image_head_cmd(keys: &OrgKeys) -> redis::Cmd {
+    redis::cmd("HMGET").arg(keys.index_image()).arg("at").arg("layout").arg("parts").arg("bytes").clone()
 }
 
-/// `HMGET at parts bytes` of the org's image; `ImageHead::from_reply` reads its reply.
-pub fn image_head_cmd(keys: &OrgKeys) -> redis::Cmd {
-    redis::cmd("HMGET").arg(keys.index_image()).arg("at").arg("parts").arg("bytes").clone()
-}
+/// The reply of `image_head_cmd`.
+pub type ImageHeadReply = (Option<String>, Option<String>, Option<usize>, Option<u64>);
+
+/// A part as `image_part_cmd` reads it: its image's `at` and `layout`, and its bytes.
+pub type ImagePartReply = (Option<String>, Option<String>, Option<Vec<u8>>);
 
 impl ImageHead {
     /// None: no image is stored.
-    pub fn from_reply((at, parts, bytes): (Option<String>, Option<usize>, Option<u64>)) -> Option<ImageHead> {
-        Some(ImageHead { at: at?, parts: parts?, bytes: bytes? })
+    pub fn from_reply((at, layout, parts, bytes): ImageHeadReply) -> Option<ImageHead> {
+        Some(ImageHead { at: at?, layout: layout?, parts: parts?, bytes: bytes? })
+    }
+
+    /// The part's bytes if it belongs to this image (None: the image was stored again since).
+    pub fn part_of(&self, (at, layout, part): ImagePartReply) -> Option<Vec<u8>> {
+        let same = at.as_deref() == Some(self.at.as_str()) && layout.as_deref() == Some(self.layout.as_str());
+        part.filter(|_| same)
     }
 }
 
-/// `HMGET at <part>`: a part, with the `at` of the image it belongs to (an image stored again
-/// while another instance read the parts before would otherwise mix two images).
+/// `HMGET at layout <part>`: a part, with the `at` and `layout` of the image it belongs to (an
+/// image stored again while another instance read the parts before would otherwise mix two
+/// images; `pb_image_put_parts` never stores other bytes under the same two).
 pub fn image_part_cmd(keys: &OrgKeys, part: usize) -> redis::Cmd {
-    redis::cmd("HMGET").arg(keys.index_image()).arg("at").arg(part).clone()
+    redis::cmd("HMGET").arg(keys.index_image()).arg("at").arg("layout").arg(part).clone()
 }

@@ -133,20 +133,24 @@ end
 
 -- Stores an org's index image (board-api query/index/image.rs) if the org still reads the
 -- generation it was built from (an image stored after a rebuild's switch would outlive the
--- removal of its generation's keys) and no image of the same layout and a later change-stream
--- position is stored (one of another layout, which this build cannot read, is replaced). The
--- image comes in parts, stored as fields '0', '1', ... beside 'at', 'layout', 'parts' (how
--- many) and 'bytes' (their total), all replaced at once.
+-- removal of its generation's keys) and no image of the same layout and the same or a later
+-- change-stream position is stored (one of another layout, which this build cannot read, is
+-- replaced). So an image's bytes never change under the same 'at' and 'layout': a reader that
+-- finds both unchanged beside every part it reads has read one image. The image comes in parts,
+-- stored as fields '0', '1', ... beside 'at', 'layout', 'parts' (how many) and 'bytes' (their
+-- total), all replaced at once.
 -- KEYS: the org's generation pointer, the image hash. ARGV: generation ('' = base), the stream
--- id the image is current to, its layout, then the parts. Reply: 'ok', 'moved' (the org reads
--- another generation now) or 'older' (a later image is stored).
+-- id the image is current to, its layout, then the parts (at most a few hundred: board-api's
+-- MAX_IMAGE_BYTES in parts of IMAGE_PART_BYTES, well within unpack's limit). Reply: 'ok',
+-- 'moved' (the org reads another generation now) or 'older' (an image of this layout as recent
+-- or later is stored).
 local function image_put(keys, args)
   if (redis.call('GET', keys[1]) or '') ~= args[1] then return 'moved' end
   local held = redis.call('HMGET', keys[2], 'at', 'layout')
   if held[1] and held[2] == args[3] then
     local hm, hs = stream_pos(held[1])
     local nm, ns = stream_pos(args[2])
-    if hm > nm or (hm == nm and hs > ns) then return 'older' end
+    if hm > nm or (hm == nm and hs >= ns) then return 'older' end
   end
   local fields, bytes = {}, 0
   for i = 4, #args do
@@ -160,6 +164,11 @@ local function image_put(keys, args)
 end
 
 redis.register_function('pb_image_put_parts', image_put)
+
+-- The whole-image Function of builds before parts: kept so that an instance of such a build,
+-- during a rolling deploy, finds it and stores nothing (it would otherwise load its own library
+-- over this one, and its 'image' field would sit beside the parts under their 'at').
+redis.register_function('pb_image_put', function() return 'older' end)
 
 -- Records consumer progress only while the projection it belongs to is still the one Redis
 -- holds: KEYS: the state hash, the progress hash; ARGV: instance, then (field offset)*n.

@@ -81,6 +81,8 @@ mod tests {
             "pb_lease_renew",
             "pb_lease_release",
             "pb_union_page",
+            "pb_image_put_parts",
+            "pb_image_put",
         ] {
             assert!(super::LIBRARY.contains(&format!("'{name}'")), "{name} is not registered in library.lua");
         }

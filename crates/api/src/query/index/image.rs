@@ -109,7 +109,7 @@ impl OrgIndex {
     /// The image in parts of `part_bytes` (the last one shorter), as Redis stores it: each part
     /// can be handed on and dropped, so that the image is never held twice on its way out.
     pub fn to_image_parts(&self, part_bytes: usize) -> Vec<Vec<u8>> {
-        let mut out = Parts { parts: Vec::new(), part_bytes };
+        let mut out = Parts { parts: Vec::new(), part_bytes: part_bytes.max(1) };
         out.write_all(MAGIC).and_then(|_| out.write_all(&layout().to_le_bytes())).expect("writing into memory fails only without memory");
         let mut zip = zstd::stream::Encoder::new(out, ZSTD_LEVEL).expect("zstd level 1 exists");
         zip.include_checksum(true).expect("a checksum can always be asked");

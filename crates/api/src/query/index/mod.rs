@@ -33,6 +33,9 @@ use std::hash::BuildHasher;
 use std::mem::size_of;
 use std::time::Instant;
 
+/// Orgs of this many rows cut their trigrams on several threads.
+const PARALLEL_GRAM_ROWS: usize = 50_000;
+
 /// Trigram postings while they are built (foldhash: the build hashes tens of millions of keys).
 type GramTable = hashbrown::HashMap<Trigram, RoaringBitmap>;
 
@@ -449,8 +452,17 @@ impl OrgIndex {
         // Tens of millions of (trigram, row) pairs at a million cards (a third of a cold load).
         // Each worker takes one range of rows and appends them in ascending order (`push`) to
         // bitmaps in a table with a fast hasher; the ranges' bitmaps are then OR-ed together.
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
-        let per_worker = self.rows.len().div_ceil(workers).max(1);
+        // Threads only where they pay (an org reaching `GRAM_MIN_ROWS` on a catch-up cuts its
+        // trigrams inline).
+        let workers = match self.rows.len() {
+            0..PARALLEL_GRAM_ROWS => 1,
+            _ => std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4),
+        };
+        if workers == 1 {
+            self.by_gram = Some(self.grams_of_rows(0, self.rows.len()).into_iter().collect());
+            return;
+        }
+        let per_worker = self.rows.len().div_ceil(workers);
         let this = &*self;
         let mut parts: Vec<GramTable> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
@@ -787,6 +799,23 @@ mod tests {
         assert_eq!(board("{}", &ix)[0].total, 2);
         assert_eq!(ix.len(), 2);
         ix
+    }
+
+    /// An org large enough to cut its trigrams on several threads gets the postings one pass
+    /// over its rows makes.
+    #[test]
+    fn trigrams_cut_on_several_threads_are_those_of_one_pass() {
+        let rows = PARALLEL_GRAM_ROWS + 7;
+        let mut ix = OrgIndex::new("0-0".into());
+        ix.start_load(rows);
+        for n in 0..rows {
+            let (id, name) = (format!("c{n}"), format!("Zoë {}", n * 7919 % 100_003));
+            ix.put(CardKind::Contact, &id, Some(&CardRecord::live(&card(&id, "s1", n as i64, "u1", &name), Derived::default())));
+        }
+        ix.finish_load();
+        let one_pass: HashMap<Trigram, RoaringBitmap> = ix.grams_of_rows(0, ix.rows.len()).into_iter().collect();
+        assert!(one_pass.len() > 1_000);
+        assert!(ix.by_gram.as_ref() == Some(&one_pass));
     }
 
     #[test]
