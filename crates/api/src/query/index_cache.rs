@@ -6,7 +6,7 @@
 //! that the change stream still brings up to date, and catches it up; else it builds the index
 //! from the card records and, for an org of `image_min_cards` or more, stores its image for the
 //! next instance (a new or restarted one, or this one after an eviction): a million cards were
-//! read from an image in 2.4–3.0 s and built from records in ~10 s (docs/benchmarks.md). An instance that
+//! read from an image in 1.4 s and built from records in 7.3 s (docs/benchmarks.md). An instance that
 //! holds an org stores its image again once it applied `IMAGE_REFRESH_ENTRIES` stream entries
 //! since, so that the image stays within what the stream keeps while the org is in use.
 //! A reader that fell further behind than the stream keeps (the stream holds fewer entries than
@@ -179,9 +179,9 @@ impl OrgSlot {
 /// the orgs being worked on, and a dropped org is loaded again on its next index board.
 pub const INDEX_IDLE: Duration = Duration::from_secs(600);
 
-/// The default index budget, for a 1 GiB pod: measured with it, the API peaked at 964 MiB RSS
-/// over a run of 12,021 orgs (a million-card org's load or image in flight is not in the
-/// budget; docs/benchmarks.md "Many orgs").
+/// The default index budget, for a 1 GiB pod: measured with it, the API held 820 MiB RSS after
+/// a board of each of 12,021 orgs and 767 MiB at the end of the run (a million-card org's load
+/// or image in flight is not in the budget; docs/benchmarks.md "Many orgs").
 pub const DEFAULT_INDEX_MEMORY_LIMIT: usize = 512 << 20;
 
 /// The default `INDEX_WALKS_PER_ORG`: half the cores (at least one), so that one org's boards
