@@ -450,8 +450,9 @@ async fn the_binary_serves_on_port_zero_and_stops_on_sigterm() {
         .env("MONGODB_URI", &f.env.mongo_uri)
         .env("MONGODB_DB", &f.env.mongo_db)
         .env("LAG_INTERVAL_MS", "0")
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -464,7 +465,13 @@ async fn the_binary_serves_on_port_zero_and_stops_on_sigterm() {
     assert_eq!(status, 200);
     assert!(totals(&body) > 0);
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(child.wait().unwrap().success(), "SIGTERM: graceful exit 0");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "SIGTERM: graceful exit 0");
+    // Its logs went to a pipe, not a terminal: plain text, no colour codes (a log file or a
+    // collector would keep them as noise).
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(logs.contains("serving"), "{logs}");
+    assert!(!logs.contains('\x1b'), "ANSI escapes in logs written to a pipe: {logs:?}");
 }
 
 /// The MongoDB path never builds an unbounded id list: a filter that needs more contact ids
