@@ -58,7 +58,8 @@ async fn stored_image(r: &mut RedisConn, keys: &OrgKeys) -> Option<Vec<u8>> {
 
 /// The change-stream id the org's stored image is current to.
 async fn image_at(env: &TestEnv, keys: &OrgKeys) -> Option<String> {
-    redis::cmd("HGET").arg(keys.index_image()).arg("at").query_async(&mut env.redis().await).await.unwrap()
+    let head = ImageHead::from_reply(image_head_cmd(keys).query_async(&mut env.redis().await).await.unwrap());
+    head.map(|h| h.at)
 }
 
 async fn last_change(env: &TestEnv, keys: &OrgKeys) -> String {

@@ -9,6 +9,7 @@
 use super::harness::{redis_used_memory, run_measured, Api, BenchRun};
 use super::wrk::{ms, Script, Wrk, WrkResult};
 use crate::seed::{OrgSizes, Profile, SeedArgs};
+use board_redis::functions::image::{image_head_cmd, ImageHead};
 use std::time::{Duration, Instant};
 
 /// The index board every measurement asks (team: answered by the in-memory index).
@@ -136,10 +137,10 @@ async fn image_boards(r: &mut BenchRun, env: &[(&str, String)], classes: &[SizeC
     let mut sizes = Vec::new();
     for c in classes.iter().filter(|c| c.contacts >= board_api::query::index_cache::DEFAULT_IMAGE_MIN_CARDS) {
         for (org, _) in c.orgs.iter().take(5) {
-            let key = r.keys().org(org).index_image();
+            let keys = r.keys().org(org);
             loop {
-                let bytes: Option<u64> = redis::cmd("HGET").arg(&key).arg("bytes").query_async(&mut redis).await?;
-                if let Some(bytes) = bytes {
+                let head = ImageHead::from_reply(image_head_cmd(&keys).query_async(&mut redis).await?);
+                if let Some(ImageHead { bytes, .. }) = head {
                     sizes.push(format!("{}: {} MiB ({} bytes a card)", c.label, bytes >> 20, bytes / c.contacts as u64));
                     break;
                 }

@@ -30,8 +30,15 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_DECODED>()
 }
 
-/// The layout an image is written in: FNV-1a over the sources of what it holds.
+/// The layout an image is written in, hashed once per process (every image read and written
+/// checks it; the sources are a few hundred KB).
 fn layout() -> u64 {
+    static LAYOUT: std::sync::LazyLock<u64> = std::sync::LazyLock::new(hash_of_sources);
+    *LAYOUT
+}
+
+/// FNV-1a over the sources of what an image holds.
+fn hash_of_sources() -> u64 {
     // What the index holds and how it is encoded: its sources, the model's (folding, trigrams,
     // stage keys, kinds, times) and the crates' versions (`Cargo.lock`: roaring, bincode). Any
     // edit of these makes the images of earlier builds unread (each org then builds from its
@@ -107,7 +114,7 @@ impl OrgIndex {
     }
 
     /// The image in parts of `part_bytes` (the last one shorter), as Redis stores it: each part
-    /// can be handed on and dropped, so that the image is never held twice on its way out.
+    /// can be handed on and dropped once copied into the command that stores it.
     pub fn to_image_parts(&self, part_bytes: usize) -> Vec<Vec<u8>> {
         let mut out = Parts { parts: Vec::new(), part_bytes: part_bytes.max(1) };
         out.write_all(MAGIC).and_then(|_| out.write_all(&layout().to_le_bytes())).expect("writing into memory fails only without memory");

@@ -458,15 +458,16 @@ impl OrgIndex {
             0..PARALLEL_GRAM_ROWS => 1,
             _ => std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4),
         };
-        if workers == 1 {
-            self.by_gram = Some(self.grams_of_rows(0, self.rows.len()).into_iter().collect());
-            return;
-        }
+        let grams = if workers == 1 { self.grams_of_rows(0, self.rows.len()) } else { self.grams_in_parallel(workers) };
+        self.by_gram = Some(grams.into_iter().collect());
+    }
+
+    /// The trigram postings of every row, `workers` ranges of rows at once.
+    fn grams_in_parallel(&self, workers: usize) -> GramTable {
         let per_worker = self.rows.len().div_ceil(workers);
-        let this = &*self;
         let mut parts: Vec<GramTable> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
-                .map(|w| scope.spawn(move || this.grams_of_rows(w * per_worker, ((w + 1) * per_worker).min(this.rows.len()))))
+                .map(|w| scope.spawn(move || self.grams_of_rows(w * per_worker, ((w + 1) * per_worker).min(self.rows.len()))))
                 .collect();
             handles.into_iter().map(|h| h.join().expect("a gram worker does not panic")).collect()
         });
@@ -476,7 +477,7 @@ impl OrgIndex {
                 *grams.entry(g).or_default() |= rows;
             }
         }
-        self.by_gram = Some(grams.into_iter().collect());
+        grams
     }
 
     /// The trigram postings of rows `from..to`.
