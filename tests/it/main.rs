@@ -24,4 +24,5 @@ mod operations;
 mod projection;
 mod rebuild;
 mod routing;
+mod serving;
 mod sparse_documents;

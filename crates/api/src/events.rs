@@ -41,6 +41,17 @@ impl BoardNotModified {
     }
 }
 
+/// A board served from the shared answers: computed by this request, or taken from another's.
+pub struct BoardShared {
+    pub computed: bool,
+}
+
+impl BoardShared {
+    pub fn emit(self) {
+        metrics::counter!("pb_board_shared_total", "outcome" => if self.computed { "computed" } else { "shared" }).increment(1);
+    }
+}
+
 /// What the health probe found of a dependency; `changed` when it differs from the last probe.
 pub struct DependencyProbed {
     pub dependency: &'static str,

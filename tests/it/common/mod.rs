@@ -287,6 +287,8 @@ impl TestEnv {
             demo_signin: false,
             demo_signin_anywhere: false,
             redis_read_from: board_api::http::ReadFrom::Primary,
+            shared_answers_memory: bytesize::ByteSize(board_api::http::shared_answers::DEFAULT_MEMORY),
+            shared_answers_max_age_ms: board_api::http::shared_answers::DEFAULT_MAX_AGE_MS,
         }
     }
 

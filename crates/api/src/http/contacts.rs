@@ -1,6 +1,8 @@
 //! `POST /api/contacts`: authenticate, parse, answer from the projection (or MongoDB), render.
 use super::auth::Caller;
+use super::encoding::Encoding;
 use super::health::Dependency;
+use super::shared_answers::{AnswerName, Rendered, ShareKey};
 use super::AppState;
 use crate::query::board::{AnswerMeta, BoardAnswer};
 use crate::query::error::ApiError;
@@ -10,7 +12,7 @@ use crate::query::request::{BoardQuery, ContactsRequest};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -28,6 +30,8 @@ pub fn router() -> Router<AppState> {
     request_body = ContactsRequest,
     params(
         ("X-Org-Id" = Option<String>, Header, description = "The token's org, for a load balancer that routes by org (deploy/org-router.sh); optional, refused when it names another org"),
+        ("Accept-Encoding" = Option<String>, Header, description = "zstd, br or gzip: the answer compressed (a board compresses ~10x); `Vary: Accept-Encoding`"),
+        ("Cache-Control" = Option<String>, Header, description = "`no-cache`: an answer computed for this request rather than one shared with other viewers of the same board and change token"),
     ),
     responses(
         (status = 200, description = "Cards by stage: data, dataByStatus, stageIdByName, stageNameById, meta; an ETag of the answer"),
@@ -52,36 +56,83 @@ pub async fn contacts(
     })?;
     let query = ContactsRequest::parse(&body)?.into_query()?;
     let if_none_match = headers.get(header::IF_NONE_MATCH);
-    let tokened = change_token_applies(&s, &query);
-    // A poll carrying a change-token ETag of an unchanged board is answered 304 before any
-    // answer is computed (the token's reads only: two round trips).
-    if tokened && if_none_match.is_some_and(|v| v.as_bytes().starts_with(CHANGE_ETAG_START.as_bytes())) {
-        if let Ok(Some(token)) = s.projection.change_token(&caller.org_id).await {
-            let etag = change_etag(token, &caller, &body);
-            if if_none_match.is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
-                crate::events::BoardNotModified { check: "change_token" }.emit();
-                return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
-            }
+    let encoding = Encoding::negotiate(&headers);
+    // The org's change token now, when it may name the answer and someone will use it: the
+    // shared answers, or a poll holding a change-token ETag (two round trips, no answer).
+    let shared = s.shared.as_ref().filter(|_| !asks_for_no_cache(&headers));
+    let polled_with_token = if_none_match.is_some_and(|v| v.as_bytes().starts_with(CHANGE_ETAG_START.as_bytes()));
+    let token = if change_token_applies(&s, &query) && (shared.is_some() || polled_with_token) {
+        s.projection.change_token(&caller.org_id).await.ok().flatten()
+    } else {
+        None
+    };
+    if let Some(token) = token {
+        if if_none_match.is_some_and(|v| v.as_bytes() == change_etag(token, &caller, &body).as_bytes()) {
+            crate::events::BoardNotModified { check: "change_token" }.emit();
+            return Ok(not_modified(change_etag(token, &caller, &body)));
         }
     }
-    let now = board_model::time::now_millis();
-    let (answer, meta, token) = tokio::time::timeout(s.request_timeout, answer(&s, &caller.org_id, &caller.user_id, &query, now))
-        .await
-        .map_err(|_| ApiError::Timeout)??;
-    crate::events::BoardAnswered { path: meta.answered_by }.emit();
-    // The change token read with the answer (before its cards: a change in between makes the
-    // next poll a 200, never a stale 304) names it; the projection gives none for an answer an
-    // index of another generation computed (a switched org's new index still loading): that
-    // one is named by its content.
-    let etag = match token {
-        Some(t) if tokened => change_etag(t, &caller, &body),
-        _ => answer_etag(&answer, &meta),
+    let compute = render(&s, &caller, &query);
+    let answer = match (shared, token) {
+        (Some(shared), Some(token)) => {
+            let caller_id = query.depends_on_caller().then(|| caller.user_id.clone());
+            let key = ShareKey { org: caller.org_id.clone(), token, caller: caller_id, body: body.clone() };
+            shared.get(key, encoding, compute).await?
+        }
+        _ => {
+            let plain = compute.await?;
+            std::sync::Arc::new(Rendered { bytes: encoding.encode_off_thread(plain.bytes).await?, name: plain.name })
+        }
+    };
+    let etag = match &answer.name {
+        AnswerName::Token(t) => change_etag(*t, &caller, &body),
+        AnswerName::Content(hash) => hash.clone(),
     };
     if if_none_match.is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
         crate::events::BoardNotModified { check: "answer" }.emit();
-        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+        return Ok(not_modified(etag));
     }
-    Ok(([(header::CONTENT_TYPE, "application/json".to_string()), (header::ETAG, etag)], answer.to_json_bytes(&meta)).into_response())
+    let mut response = (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json")), (header::VARY, HeaderValue::from_static("accept-encoding"))],
+        answer.bytes.clone(),
+    )
+        .into_response();
+    let h = response.headers_mut();
+    h.insert(header::ETAG, HeaderValue::from_str(&etag).expect("an ETag is ASCII"));
+    if let Some(coding) = encoding.content_encoding() {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(coding));
+    }
+    Ok(response)
+}
+
+fn not_modified(etag: String) -> Response {
+    (StatusCode::NOT_MODIFIED, [(header::ETAG, etag), (header::VARY, "accept-encoding".into())]).into_response()
+}
+
+/// `Cache-Control: no-cache` (or `no-store`): the client wants an answer computed for it, not
+/// a shared one (the benchmark measures the computation so).
+fn asks_for_no_cache(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|d| {
+        let d = d.trim();
+        d.eq_ignore_ascii_case("no-cache") || d.eq_ignore_ascii_case("no-store")
+    })
+}
+
+/// The answer computed for this request, rendered, and what names it: the change token read
+/// with it (before its cards: a change in between makes the next poll a 200, never a stale
+/// 304) when the query may be named so; otherwise (and for an answer an index of another
+/// generation computed — a switched org's new index still loading) its content.
+async fn render(s: &AppState, caller: &Caller, query: &BoardQuery) -> Result<Rendered, ApiError> {
+    let now = board_model::time::now_millis();
+    let (answer, meta, token) = tokio::time::timeout(s.request_timeout, answer(s, &caller.org_id, &caller.user_id, query, now))
+        .await
+        .map_err(|_| ApiError::Timeout)??;
+    crate::events::BoardAnswered { path: meta.answered_by }.emit();
+    let name = match token {
+        Some(t) if change_token_applies(s, query) => AnswerName::Token(t),
+        _ => AnswerName::Content(answer_etag(&answer, &meta)),
+    };
+    Ok(Rendered { bytes: answer.to_json_bytes(&meta).into(), name })
 }
 
 /// How a change-token ETag starts (never equal to an answer hash).

@@ -3,9 +3,11 @@
 //! tests) and `run` serves until the shutdown future resolves, finishing requests in flight.
 pub mod auth;
 mod contacts;
+pub mod encoding;
 pub mod health;
 mod page;
 pub mod replicas;
+pub mod shared_answers;
 
 use crate::query::mongo_path::MongoReader;
 use crate::query::projection::ProjectionReader;
@@ -108,6 +110,13 @@ pub struct ServeArgs {
     /// reachable from the network lets anyone act as any user).
     #[arg(long, env = "DEMO_SIGNIN_ANYWHERE", default_value_t = false)]
     pub demo_signin_anywhere: bool,
+    /// Bytes of answers shared between the viewers of a board (one computation per board and
+    /// change token, kept in each coding asked for; least recently used out first). 0: off.
+    #[arg(long, env = "SHARED_ANSWERS_MEMORY", default_value_t = bytesize::ByteSize(shared_answers::DEFAULT_MEMORY))]
+    pub shared_answers_memory: bytesize::ByteSize,
+    /// Longest time a shared answer is served (its `meta.projectionLag` is as old as it). 0: off.
+    #[arg(long, env = "SHARED_ANSWERS_MAX_AGE_MS", default_value_t = shared_answers::DEFAULT_MAX_AGE_MS)]
+    pub shared_answers_max_age_ms: u64,
     /// Redis Cluster: where boards are read. `replica` sends the board's reads to a replica of
     /// the org's shard (writes never come from the API): more read capacity, answers behind the
     /// primary by the replication delay, which `meta.replicaStalenessMs` and
@@ -147,6 +156,8 @@ pub struct AppState {
     pub demo_secret: Option<String>,
     /// Measured when boards are read from replicas (`REDIS_READ_FROM=replica`).
     pub replica_staleness: Option<ReplicaStaleness>,
+    /// Answers shared by the viewers of a board; None when off.
+    pub shared: Option<shared_answers::SharedAnswers>,
 }
 
 impl AppState {
@@ -207,7 +218,13 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
     if with_metrics {
         api = api.merge(metrics_router());
     }
-    api.layer(DefaultBodyLimit::max(BODY_LIMIT)).layer(axum::middleware::from_fn(contacts::record_metrics)).with_state(state)
+    // Boards encode themselves (`encoding`: their bytes are shared); the page, the OpenAPI
+    // document and the rest are compressed here, at a fast level.
+    let compression = tower_http::compression::CompressionLayer::new().quality(tower_http::CompressionLevel::Fastest);
+    api.layer(compression)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(contacts::record_metrics))
+        .with_state(state)
 }
 
 fn metrics_router() -> Router<AppState> {
@@ -336,6 +353,10 @@ impl Application {
             ready_max_lag: args.ready_max_lag,
             demo_secret: args.auth.jwt_secret.clone().filter(|_| args.demo_signin),
             replica_staleness,
+            shared: shared_answers::SharedAnswers::new(
+                args.shared_answers_memory.as_u64(),
+                Duration::from_millis(args.shared_answers_max_age_ms),
+            ),
         };
         let listener = tokio::net::TcpListener::bind(&args.listen_addr).await?;
         let metrics = match &args.metrics_addr {

@@ -28,7 +28,8 @@ impl std::fmt::Display for Dependency {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Clone: a computation shared by several requests (`shared_answers`) fails for each of them.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },

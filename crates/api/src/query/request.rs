@@ -140,6 +140,12 @@ impl BoardQuery {
         self.filters.custom_fields.is_empty() && self.filters.quiet_for.is_none()
     }
 
+    /// Whether the answer depends on who asks (`my`, `team`), so that it is shared only with
+    /// the same caller.
+    pub fn depends_on_caller(&self) -> bool {
+        matches!(self.filters.owner, OwnerScope::Mine | OwnerScope::Team)
+    }
+
     /// The 1-based page of a bucket: by stage id first, then by name.
     pub fn page_of(&self, id: Option<&str>, name: &str) -> u32 {
         id.and_then(|i| self.pages.get(i)).or_else(|| self.pages.get(name)).copied().unwrap_or(1)
