@@ -90,7 +90,7 @@ fn hot(c: &mut Criterion) {
     let q = ContactsRequest::parse(br#"{"search":"jane12","size":25}"#).unwrap().into_query().unwrap();
     let p = plan(&[pipeline()], &q).unwrap();
     c.bench_function("index: search over 100k cards, 8 stages", |b| {
-        b.iter(|| index.answer(&p, &q, &oid(101), 0, Instant::now() + Duration::from_secs(5)).unwrap())
+        b.iter(|| index.answer(&p, &q, (&oid(101), 0), None, Instant::now() + Duration::from_secs(5)).unwrap())
     });
 
     let full = plan(&[pipeline()], &ContactsRequest::parse(b"{}").unwrap().into_query().unwrap()).unwrap();

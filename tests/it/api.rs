@@ -292,9 +292,13 @@ async fn response_shape_order_and_paths() {
             assert!(c.get("assignees").is_some_and(Value::is_array) && c.get("lastMessageAt").is_some());
         }
     }
-    // customFields go to MongoDB; every card returned matches the filter.
+    // customFields: MongoDB is asked for the matching cards' ids, the projection answers among
+    // them; every card returned matches the filter.
     let (status, body) = post_board(&f.url, Some(&t), r#"{"customFields": {"industry": "ESTATE"}, "size": 100}"#).await;
-    assert_eq!((status, body["meta"]["answeredBy"].as_str()), (200, Some("mongodb")));
+    assert_eq!(
+        (status, body["meta"]["answeredBy"].as_str(), body["meta"]["route"].as_str()),
+        (200, Some("projection"), Some("index_among_mongodb_ids"))
+    );
     assert!(totals(&body) > 0);
     for c in all_cards(&body) {
         assert_eq!(c["customFields"]["industry"], "Real estate");
@@ -484,11 +488,16 @@ async fn the_mongodb_path_refuses_filters_too_broad_for_it() {
     let mut args = f.env.serve_args();
     args.mongodb_path_max_ids = 5;
     let url = f.env.serve_with(args).await;
-    // customFields send the request to MongoDB; `answered` needs every contact with a message.
+    // More custom-field matches than the bound send the whole request to MongoDB, where
+    // `answered` needs every contact with a message.
     let body = json!({"customFields": {"vip": false}, "messageStatus": "answered"}).to_string();
     let (status, resp) = post_board(&url, Some(&t), &body).await;
     assert_eq!((status, error_code(&resp)), (503, "mongodb_filter_too_broad"), "{resp}");
     // Within the bound it answers.
     let (status, resp) = post_board(&url, Some(&t), &json!({"customFields": {"vip": false}}).to_string()).await;
-    assert_eq!((status, resp["meta"]["answeredBy"].as_str()), (200, Some("mongodb")), "{resp}");
+    assert_eq!(
+        (status, resp["meta"]["answeredBy"].as_str(), resp["meta"]["reason"].as_str()),
+        (200, Some("mongodb"), Some("custom_fields_too_broad")),
+        "{resp}"
+    );
 }

@@ -28,6 +28,43 @@ pub async fn connect(uri: &str, db: &str) -> mongodb::error::Result<mongodb::Dat
     Ok(client.database(db))
 }
 
+/// The indexes a MongoDB user of this schema creates (README, "MongoDB"): every query is by
+/// org, the derived fields are read by contact, and the custom-field query of the API
+/// (`customFields.<key>` equal to, or containing, a value) needs a wildcard index on the cards'
+/// custom fields, whose keys differ by org.
+pub const INDEXES: &[(&str, &[&str])] = &[
+    ("contacts", &["orgId"]),
+    ("applications", &["orgId"]),
+    ("conversations", &["orgId", "contactId"]),
+    ("messages", &["orgId", "contactId"]),
+    ("pipelines", &["orgId"]),
+    ("users", &["orgId"]),
+    ("contacts", &["customFields.$**"]),
+    ("applications", &["customFields.$**"]),
+];
+
+/// Creates `INDEXES`, each on its own: a server that lacks a kind of index keeps the others.
+/// Returns the ones not created, and why. FerretDB 1.x has no wildcard indexes and would take
+/// `customFields.$**` for a field's name (an index of nothing that every write maintains): it
+/// gets none.
+pub async fn create_indexes(db: &mongodb::Database) -> Vec<(String, String)> {
+    let ferretdb = db.run_command(doc! {"buildInfo": 1}).await.is_ok_and(|info| info.contains_key("ferretdbVersion"));
+    let mut refused = Vec::new();
+    for (coll, keys) in INDEXES {
+        let name = format!("{coll} {}", keys.join(", "));
+        if ferretdb && keys.iter().any(|k| k.ends_with("$**")) {
+            refused.push((name, "FerretDB has no wildcard indexes".to_string()));
+            continue;
+        }
+        let spec: Document = keys.iter().map(|k| (k.to_string(), Bson::Int32(1))).collect();
+        let model = mongodb::IndexModel::builder().keys(spec).build();
+        if let Err(e) = db.collection::<Document>(coll).create_index(model).await {
+            refused.push((name, e.to_string()));
+        }
+    }
+    refused
+}
+
 fn opt_str(v: &Option<String>) -> Bson {
     v.as_ref().map(|s| Bson::String(s.clone())).unwrap_or(Bson::Null)
 }

@@ -355,6 +355,11 @@ pub async fn run(args: &SeedArgs, kafka: &KafkaConnection, topics: &Topics, mong
         )
     };
     let db = if args.no_mongo { None } else { Some(board_mongo::connect(mongo_uri, mongo_db).await?) };
+    if let Some(db) = &db {
+        for (index, why) in board_mongo::create_indexes(db).await {
+            tracing::info!(index, why, "an index the API's queries use is not created: they scan instead");
+        }
+    }
     let mut sink = Sink { producer, db, topics: topics.clone(), pending: Vec::new(), mongo_pending: Default::default(), events: 0 };
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let mut ids = Ids { next: args.seed.wrapping_mul(1_000_003) % 1_000_000_000 };

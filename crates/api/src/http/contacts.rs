@@ -4,7 +4,7 @@ use super::encoding::Encoding;
 use super::health::Dependency;
 use super::shared_answers::{AnswerName, Rendered, ShareKey};
 use super::AppState;
-use crate::query::board::{AnswerMeta, BoardAnswer};
+use crate::query::board::{AnswerMeta, BoardAnswer, CardJson};
 use crate::query::error::ApiError;
 use crate::query::mongo_path::MongoPathError;
 use crate::query::projection::ProjectionError;
@@ -159,7 +159,7 @@ fn change_etag(token: u64, caller: &Caller, body: &[u8]) -> String {
 /// every second without the board changing), so it changes exactly when the board a client
 /// would draw changes — including which path answered. The same on every API instance (a fixed
 /// hash of the same bytes), so a poll may go to any of them.
-pub fn answer_etag(answer: &BoardAnswer, meta: &AnswerMeta) -> String {
+pub fn answer_etag(answer: &BoardAnswer<CardJson>, meta: &AnswerMeta) -> String {
     use std::hash::Hasher;
     let stable = AnswerMeta { projection_lag: None, replica_staleness_ms: None, ..meta.clone() };
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -167,9 +167,10 @@ pub fn answer_etag(answer: &BoardAnswer, meta: &AnswerMeta) -> String {
     format!("\"{:016x}\"", h.finish())
 }
 
-/// Projection first; MongoDB for custom fields and whenever the projection cannot answer.
-/// A dependency the health probe found down is not tried: the projection's absence sends the
-/// request to MongoDB at once, MongoDB's gives a 503 at once.
+/// Projection first; MongoDB whenever the projection cannot answer. Custom fields, which only
+/// MongoDB holds, are asked of it alone (the ids of the cards that match) and the projection
+/// answers among those. A dependency the health probe found down is not tried: the
+/// projection's absence sends the request to MongoDB at once, MongoDB's gives a 503 at once.
 /// With a projection answer, the org's change token read with it.
 pub async fn answer(
     s: &AppState,
@@ -177,46 +178,17 @@ pub async fn answer(
     user: &str,
     q: &BoardQuery,
     now: i64,
-) -> Result<(BoardAnswer, AnswerMeta, Option<u64>), ApiError> {
-    let reason = if !q.filters.custom_fields.is_empty() {
-        "custom_fields"
-    } else if !s.health.is_up(Dependency::Redis) {
-        "projection_unavailable"
-    } else {
-        match s.projection.answer_with_token(org, user, q, now).await {
-            Ok((a, route, token)) => {
-                let meta = AnswerMeta {
-                    answered_by: "projection",
-                    route: Some(route.name()),
-                    reason: None,
-                    projection_lag: s.projection_lag(),
-                    replica_staleness_ms: s.replica_staleness_ms(),
-                };
-                return Ok((a, meta, token));
-            }
-            // The projection may not know the pipeline yet (its event is late or dead-lettered):
-            // only the source of truth may say it does not exist.
-            Err(ProjectionError::Api(ApiError::NotFound(_))) => "pipeline_not_projected",
-            Err(ProjectionError::Api(e)) => return Err(e),
-            Err(ProjectionError::NotBuilt) => "projection_not_built",
-            Err(ProjectionError::NotWhole(reason)) => reason,
-            // A filter the index could not finish in time would not be cheaper for MongoDB.
-            Err(ProjectionError::Index(e)) => {
-                tracing::warn!(error = %e, "index deadline");
-                return Err(ApiError::Timeout);
-            }
-            Err(ProjectionError::Unavailable(e)) => {
-                tracing::warn!(error = %e, "projection unavailable; answering from MongoDB");
-                "projection_unavailable"
-            }
-        }
+) -> Result<(BoardAnswer<CardJson>, AnswerMeta, Option<u64>), ApiError> {
+    let reason = match projection_answer(s, org, user, q, now).await? {
+        Ok(answered) => return Ok(answered),
+        Err(reason) => reason,
     };
     if !s.health.is_up(Dependency::Mongodb) {
         return Err(ApiError::DependencyDown(Dependency::Mongodb));
     }
     match s.mongo.answer(org, user, q, now).await {
         Ok(a) => Ok((
-            a,
+            a.rendered(),
             AnswerMeta {
                 answered_by: "mongodb",
                 route: None,
@@ -226,9 +198,69 @@ pub async fn answer(
             },
             None,
         )),
-        Err(MongoPathError::Api(e)) => Err(e),
-        Err(MongoPathError::Unavailable(e)) => Err(ApiError::Unavailable(e)),
-        Err(MongoPathError::TooBroad(n)) => Err(ApiError::TooBroadForMongodb(n)),
+        Err(e) => Err(mongo_error(e)),
+    }
+}
+
+/// The projection's answer, or why MongoDB answers instead.
+async fn projection_answer(
+    s: &AppState,
+    org: &str,
+    user: &str,
+    q: &BoardQuery,
+    now: i64,
+) -> Result<Result<(BoardAnswer<CardJson>, AnswerMeta, Option<u64>), &'static str>, ApiError> {
+    if !s.health.is_up(Dependency::Redis) {
+        return Ok(Err("projection_unavailable"));
+    }
+    let among = if q.filters.custom_fields.is_empty() {
+        None
+    } else {
+        if !s.health.is_up(Dependency::Mongodb) {
+            return Err(ApiError::DependencyDown(Dependency::Mongodb));
+        }
+        match s.mongo.custom_field_ids(org, q).await {
+            Ok(ids) => Some(ids),
+            // Too many to carry over: MongoDB computes the board itself.
+            Err(MongoPathError::TooBroad(_)) => return Ok(Err("custom_fields_too_broad")),
+            Err(e) => return Err(mongo_error(e)),
+        }
+    };
+    let reason = match s.projection.rendered_answer(org, user, q, now, among).await {
+        Ok((a, route, token)) => {
+            let meta = AnswerMeta {
+                answered_by: "projection",
+                route: Some(route.name()),
+                reason: None,
+                projection_lag: s.projection_lag(),
+                replica_staleness_ms: s.replica_staleness_ms(),
+            };
+            return Ok(Ok((a, meta, token)));
+        }
+        // The projection may not know the pipeline yet (its event is late or dead-lettered):
+        // only the source of truth may say it does not exist.
+        Err(ProjectionError::Api(ApiError::NotFound(_))) => "pipeline_not_projected",
+        Err(ProjectionError::Api(e)) => return Err(e),
+        Err(ProjectionError::NotBuilt) => "projection_not_built",
+        Err(ProjectionError::NotWhole(reason)) => reason,
+        // A filter the index could not finish in time would not be cheaper for MongoDB.
+        Err(ProjectionError::Index(e)) => {
+            tracing::warn!(error = %e, "index deadline");
+            return Err(ApiError::Timeout);
+        }
+        Err(ProjectionError::Unavailable(e)) => {
+            tracing::warn!(error = %e, "projection unavailable; answering from MongoDB");
+            "projection_unavailable"
+        }
+    };
+    Ok(Err(reason))
+}
+
+fn mongo_error(e: MongoPathError) -> ApiError {
+    match e {
+        MongoPathError::Api(e) => e,
+        MongoPathError::Unavailable(e) => ApiError::Unavailable(e),
+        MongoPathError::TooBroad(n) => ApiError::TooBroadForMongodb(n),
     }
 }
 

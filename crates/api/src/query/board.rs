@@ -116,12 +116,36 @@ impl Serialize for CardOut {
     }
 }
 
+/// A card rendered as JSON once (`card_json`), spliced into every answer that shows it.
+#[derive(Debug, Clone)]
+pub struct CardJson(pub std::sync::Arc<Box<serde_json::value::RawValue>>);
+
+impl PartialEq for CardJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl CardJson {
+    pub fn of(card: &CardOut) -> CardJson {
+        let json = serde_json::value::to_raw_value(card).expect("a card always serializes");
+        CardJson(std::sync::Arc::new(json))
+    }
+}
+
+impl Serialize for CardJson {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// One column: its cards as `C`, the parsed `CardOut` or its rendered `CardJson`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BucketAnswer {
+pub struct BucketAnswer<C = CardOut> {
     pub name: String,
     pub stage_id: Option<String>,
     pub total: u64,
-    pub cards: Vec<CardOut>,
+    pub cards: Vec<C>,
 }
 
 /// Which path answered, and why.
@@ -143,12 +167,12 @@ pub struct AnswerMeta {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct BoardAnswer {
+pub struct BoardAnswer<C = CardOut> {
     pub kind: CardKind,
-    pub buckets: Vec<BucketAnswer>,
+    pub buckets: Vec<BucketAnswer<C>>,
 }
 
-impl BoardAnswer {
+impl<C: Serialize> BoardAnswer<C> {
     /// The response body: buckets in board order (JSON key order), plus `meta`, serialized
     /// straight from the answer (no intermediate JSON tree: a board can hold hundreds of cards).
     pub fn to_json_bytes(&self, meta: &AnswerMeta) -> Vec<u8> {
@@ -156,18 +180,30 @@ impl BoardAnswer {
     }
 }
 
-struct Body<'a> {
-    answer: &'a BoardAnswer,
+impl BoardAnswer<CardOut> {
+    /// Each card rendered once, as the API sends it.
+    pub fn rendered(self) -> BoardAnswer<CardJson> {
+        let buckets = self
+            .buckets
+            .into_iter()
+            .map(|b| BucketAnswer { name: b.name, stage_id: b.stage_id, total: b.total, cards: b.cards.iter().map(CardJson::of).collect() })
+            .collect();
+        BoardAnswer { kind: self.kind, buckets }
+    }
+}
+
+struct Body<'a, C> {
+    answer: &'a BoardAnswer<C>,
     meta: &'a AnswerMeta,
 }
 
 #[derive(Serialize)]
-struct BucketJson<'a> {
-    contacts: &'a [CardOut],
+struct BucketJson<'a, C> {
+    contacts: &'a [C],
     total: u64,
 }
 
-fn bucket(x: &BucketAnswer) -> BucketJson<'_> {
+fn bucket<C>(x: &BucketAnswer<C>) -> BucketJson<'_, C> {
     BucketJson { contacts: &x.cards, total: x.total }
 }
 
@@ -184,13 +220,13 @@ fn ordered<K, V, I: Iterator<Item = (K, V)>>(it: I) -> Ordered<I> {
     Ordered(std::cell::Cell::new(Some(it)))
 }
 
-impl Serialize for Body<'_> {
+impl<C: Serialize> Serialize for Body<'_, C> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let b = &self.answer.buckets;
         let with_id = || b.iter().filter_map(|x| x.stage_id.as_ref().map(|id| (id, x)));
         // Keyed by name, a JSON object holds one bucket per name: the first in board order.
-        let first_of_name = |x: &&BucketAnswer| b.iter().find(|y| y.name == x.name).is_some_and(|y| std::ptr::eq(y, *x));
+        let first_of_name = |x: &&BucketAnswer<C>| b.iter().find(|y| y.name == x.name).is_some_and(|y| std::ptr::eq(y, *x));
         let mut m = s.serialize_map(Some(5))?;
         m.serialize_entry("data", &ordered(b.iter().filter(first_of_name).map(|x| (&x.name, bucket(x)))))?;
         m.serialize_entry("dataByStatus", &ordered(with_id().map(|(id, x)| (id, bucket(x)))))?;
@@ -272,7 +308,7 @@ mod tests {
                 .buckets
                 .iter()
                 .enumerate()
-                .map(|(i, b)| BucketAnswer {
+                .map(|(i, b)| BucketAnswer::<CardOut> {
                     name: b.name.clone(),
                     stage_id: b.stage.as_ref().map(|s| s.id.clone()),
                     total: i as u64,
@@ -288,6 +324,38 @@ mod tests {
         assert_eq!(json["data"]["Won"]["total"], 0);
         assert_eq!(json["stageIdByName"]["Won"], won1);
         assert_eq!(json["stageNameById"][won2], "Won");
+    }
+
+    #[test]
+    fn cards_rendered_once_make_the_same_bytes_as_cards_rendered_in_the_answer() {
+        let card = |id: &str, name: &str| CardOut {
+            doc: CardDoc { id: id.into(), org_id: "o".into(), first_name: Some(name.into()), created_at: Some(1), ..Default::default() },
+            assignees: vec!["u\"1".into()],
+            last_message_at: Some(86_400_000),
+        };
+        let answer = BoardAnswer {
+            kind: CardKind::Contact,
+            buckets: vec![
+                BucketAnswer {
+                    name: "Né\"w".into(),
+                    stage_id: Some("s1".into()),
+                    total: 7,
+                    cards: vec![card("c1", "Zoë </script>"), card("c2", "\u{1F600}\n")],
+                },
+                BucketAnswer { name: "Gone".into(), stage_id: None, total: 0, cards: vec![] },
+            ],
+        };
+        let meta = AnswerMeta {
+            answered_by: "projection",
+            route: Some("index"),
+            reason: None,
+            projection_lag: Some(3),
+            replica_staleness_ms: None,
+        };
+        assert_eq!(
+            String::from_utf8(answer.clone().rendered().to_json_bytes(&meta)).unwrap(),
+            String::from_utf8(answer.to_json_bytes(&meta)).unwrap()
+        );
     }
 
     fn plan_names(ps: &[Pipeline], body: &str) -> Vec<String> {

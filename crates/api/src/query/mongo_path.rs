@@ -76,6 +76,21 @@ fn str_list(v: impl IntoIterator<Item = String>) -> Bson {
     Bson::Array(v.into_iter().map(Bson::String).collect())
 }
 
+/// The request's custom-field conditions, one per field: a string is a case-insensitive
+/// literal substring, a number or a boolean an equality (CONTRACT.md 3).
+fn custom_field_conditions(fields: &[(String, CustomValue)]) -> Document {
+    let mut d = Document::new();
+    for (key, v) in fields {
+        let path = format!("customFields.{key}");
+        match v {
+            CustomValue::Text(s) => d.insert(path, literal_regex(s)),
+            CustomValue::Number(n) => d.insert(path, *n),
+            CustomValue::Bool(b) => d.insert(path, *b),
+        };
+    }
+    d
+}
+
 impl MongoReader {
     pub fn new(db: Database, max_ids: usize) -> Self {
         MongoReader { db, max_ids }
@@ -204,15 +219,36 @@ impl MongoReader {
             let inside = self.contacts_with_messages(org, Some(range_doc(r))).await?;
             and.push(doc! {cid: {"$in": str_list(inside)}});
         }
-        for (key, v) in &f.custom_fields {
-            let path = format!("customFields.{key}");
-            and.push(match v {
-                CustomValue::Text(s) => doc! {path: literal_regex(s)},
-                CustomValue::Number(n) => doc! {path: *n},
-                CustomValue::Bool(b) => doc! {path: *b},
-            });
+        if !f.custom_fields.is_empty() {
+            and.push(custom_field_conditions(&f.custom_fields));
         }
         Ok(and)
+    }
+
+    /// The ids of the cards of `q`'s kind whose custom fields match `q`'s (the projection
+    /// computes the rest of the board among them): one query of `_id`s, at most `max_ids`.
+    pub async fn custom_field_ids(&self, org: &str, q: &BoardQuery) -> Result<Vec<String>> {
+        let mut filter = doc! {"orgId": org};
+        // At the filter's root, not under `$and`: FerretDB pushes root equalities down to
+        // PostgreSQL (an `$and` it evaluates itself, document by document).
+        filter.extend(custom_field_conditions(&q.filters.custom_fields));
+        let opts = FindOptions::builder()
+            .projection(doc! {"_id": 1})
+            .limit((self.max_ids + 1) as i64)
+            .batch_size(10_000)
+            .max_time(OP_TIMEOUT)
+            .build();
+        let mut cursor = self.db.collection::<Document>(q.kind.collection()).find(filter).with_options(opts).await?;
+        let mut ids = Vec::new();
+        while let Some(d) = cursor.try_next().await? {
+            if let Ok(id) = d.get_str("_id") {
+                ids.push(id.to_string());
+            }
+            if ids.len() > self.max_ids {
+                return Err(MongoPathError::TooBroad(self.max_ids));
+            }
+        }
+        Ok(ids)
     }
 
     fn bucket_filter(org: &str, plan: &BoardPlan, bucket: &BucketSpec, conditions: &[Document]) -> Option<Document> {

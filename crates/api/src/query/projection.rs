@@ -4,7 +4,8 @@
 //! records with one `HMGET` — Redis work proportional to the page, never to the matches. Every
 //! other board is answered by the in-memory index (`index.rs`) off Redis' thread, under a
 //! deadline; the page's records still come from Redis.
-use super::board::{self, BoardAnswer, BoardPlan, BucketAnswer, CardOut};
+use super::board::{self, BoardAnswer, BoardPlan, BucketAnswer, CardJson, CardOut};
+use super::card_json::{card_out, CardJsonCache};
 use super::error::ApiError;
 use super::index::{IndexBucket, IndexError};
 use super::index_cache::IndexCache;
@@ -26,7 +27,7 @@ use board_model::time::Millis;
 use board_redis::functions::union_page::union_page_cmd;
 use board_redis::projection::{field as state_field, Status};
 use board_redis::redis_conn::RedisConn;
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Why the projection did not answer.
@@ -150,13 +151,22 @@ pub struct ProjectionReader {
     background_cards: usize,
     index_deadline: Duration,
     deep_page_offset: u64,
+    /// Cards rendered once per version, for the answers the API sends.
+    card_json: CardJsonCache,
+    /// The orgs' pipelines, parsed, by their stored JSON.
+    pipelines: moka::sync::Cache<Vec<(String, String)>, Arc<Vec<Pipeline>>>,
 }
+
+/// How many orgs' parsed pipelines are kept (`ProjectionReader::parsed_pipelines`).
+const PARSED_PIPELINES: u64 = 10_000;
 
 /// Which path of the projection answered a board (for `meta` and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProjectionRoute {
     SortedSets,
     Index,
+    /// The index, among the cards MongoDB matched for the request's custom fields.
+    IndexAmongMongodbIds,
 }
 
 impl ProjectionRoute {
@@ -164,6 +174,7 @@ impl ProjectionRoute {
         match self {
             ProjectionRoute::SortedSets => "sorted_sets",
             ProjectionRoute::Index => "index",
+            ProjectionRoute::IndexAmongMongodbIds => "index_among_mongodb_ids",
         }
     }
 }
@@ -179,6 +190,8 @@ impl ProjectionReader {
             keys,
             index_deadline,
             deep_page_offset: DEEP_PAGE_OFFSET,
+            card_json: CardJsonCache::new(super::card_json::DEFAULT_BYTES),
+            pipelines: moka::sync::Cache::new(PARSED_PIPELINES),
         }
     }
 
@@ -261,13 +274,13 @@ impl ProjectionReader {
     }
 
     pub async fn pipelines(&self, org: &str) -> Result<Vec<Pipeline>, ProjectionError> {
-        Ok(self.view_at(&self.live_keys(org).await?, false).await?.0)
+        Ok(self.view_at(&self.live_keys(org).await?, false).await?.0.as_ref().clone())
     }
 
     /// The org's pipelines and, if `with_token`, its change token, in one round trip: the token
     /// hashes the generation's key base, the pipelines as stored and the id of the last entry of
     /// the change stream (every commit that changes a card or a user appends one).
-    async fn view_at(&self, keys: &OrgKeys, with_token: bool) -> Result<(Vec<Pipeline>, Option<u64>), ProjectionError> {
+    async fn view_at(&self, keys: &OrgKeys, with_token: bool) -> Result<(Arc<Vec<Pipeline>>, Option<u64>), ProjectionError> {
         use std::hash::Hasher;
         let mut pipe = redis::pipe();
         pipe.cmd("HGETALL").arg(keys.pipelines());
@@ -288,13 +301,24 @@ impl ProjectionReader {
             h.write(last.first().map(|(id, _)| id.as_str()).unwrap_or("0-0").as_bytes());
             h.finish()
         });
-        let pipelines = raw
-            .into_iter()
+        Ok((self.parsed_pipelines(raw)?, token))
+    }
+
+    /// The pipelines as stored, parsed once per content (every board reads them; parsing their
+    /// JSON each time was a few % of a board's CPU). Keyed by the stored JSON itself.
+    fn parsed_pipelines(&self, raw: Vec<(String, String)>) -> Result<Arc<Vec<Pipeline>>, ProjectionError> {
+        if let Some(hit) = self.pipelines.get(&raw) {
+            return Ok(hit);
+        }
+        let parsed: Vec<Pipeline> = raw
+            .iter()
             .map(|(_, json)| {
-                serde_json::from_str(&json).map_err(|e| ProjectionError::Unavailable(format!("bad pipeline in projection: {e}")))
+                serde_json::from_str(json).map_err(|e| ProjectionError::Unavailable(format!("bad pipeline in projection: {e}")))
             })
             .collect::<Result<_, _>>()?;
-        Ok((pipelines, token))
+        let parsed = Arc::new(parsed);
+        self.pipelines.insert(raw, parsed.clone());
+        Ok(parsed)
     }
 
     /// `user` is the caller (`my`, `team`); `now` anchors `lastMessageTimeRange`.
@@ -305,27 +329,67 @@ impl ProjectionReader {
         q: &BoardQuery,
         now: Millis,
     ) -> Result<(BoardAnswer, ProjectionRoute), ProjectionError> {
-        self.answer_with_token(org, user, q, now).await.map(|(a, route, _)| (a, route))
+        self.answer_with_token(org, user, q, now, None).await.map(|(a, route, _)| (a, route))
     }
 
     /// The answer and, for a query `nameable_by_change_token`, the org's change token read
     /// before its cards (`change_token`'s value at that moment: a change after it makes the next
-    /// token differ), in the same round trip as the pipelines.
+    /// token differ), in the same round trip as the pipelines. `among`: the cards MongoDB
+    /// matched for the request's custom fields (which the projection does not hold).
     pub async fn answer_with_token(
         &self,
         org: &str,
         user: &str,
         q: &BoardQuery,
         now: Millis,
+        among: Option<Vec<String>>,
     ) -> Result<(BoardAnswer, ProjectionRoute, Option<u64>), ProjectionError> {
+        let found = self.find_pages(org, user, q, now, among).await?;
+        let raw = self.raw_records(&found.keys, q.kind, &found.pages).await?;
+        let cards = |record: &[u8]| -> Result<Option<CardOut>, ProjectionError> {
+            Ok(card_out(&CardRecord::decode(record).map_err(|e| bad(&format!("card record: {e}")))?))
+        };
+        let buckets = render(&found.plan, found.pages, raw, cards)?;
+        Ok((BoardAnswer { kind: q.kind, buckets }, found.route, found.token))
+    }
+
+    /// `answer_with_token` with each card as the JSON the API sends, rendered once per version
+    /// of the card (`card_json`).
+    pub async fn rendered_answer(
+        &self,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        now: Millis,
+        among: Option<Vec<String>>,
+    ) -> Result<(BoardAnswer<CardJson>, ProjectionRoute, Option<u64>), ProjectionError> {
+        let found = self.find_pages(org, user, q, now, among).await?;
+        let raw = self.raw_records(&found.keys, q.kind, &found.pages).await?;
+        let buckets = render(&found.plan, found.pages, raw, |record| self.card_json.of(record).map_err(|e| bad(&e)))?;
+        Ok((BoardAnswer { kind: q.kind, buckets }, found.route, found.token))
+    }
+
+    /// The plan, each bucket's total and page, which structure found them and the change token.
+    async fn find_pages(
+        &self,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        now: Millis,
+        among: Option<Vec<String>>,
+    ) -> Result<FoundPages, ProjectionError> {
         let keys = self.live_keys(org).await?;
         let (plan, token) = self.plan(&keys, q, q.nameable_by_change_token()).await?;
-        let (pages, route, of_keys_generation) = self.pages_for(&keys, org, user, q, &plan, now).await?;
-        let records = self.records(&keys, q.kind, &pages).await?;
-        let buckets = render(&plan, pages, &records);
+        let (pages, route, of_keys_generation) = match among {
+            None => self.pages_for(&keys, org, user, q, &plan, now).await?,
+            Some(ids) => {
+                let (pages, of_keys_generation) = self.read_index(&keys, org, user, q, &plan, now, Some(ids)).await?;
+                (pages, ProjectionRoute::IndexAmongMongodbIds, of_keys_generation)
+            }
+        };
         // An index of the generation the org left (a switch's load under way) computed these
         // pages: the new generation's token does not name them.
-        Ok((BoardAnswer { kind: q.kind, buckets }, route, token.filter(|_| of_keys_generation)))
+        Ok(FoundPages { keys, plan, pages, route, token: token.filter(|_| of_keys_generation) })
     }
 
     /// Which pipeline and buckets the request answers, from the projection's pipelines, and the
@@ -364,7 +428,7 @@ impl ProjectionReader {
         Ok(match SetShape::of(q, user) {
             Some(shape) => (self.read_sets(keys, q.kind, plan, &shape).await?, ProjectionRoute::SortedSets, true),
             None => {
-                let (pages, of_keys_generation) = self.read_index(keys, org, user, q, plan, now).await?;
+                let (pages, of_keys_generation) = self.read_index(keys, org, user, q, plan, now, None).await?;
                 (pages, ProjectionRoute::Index, of_keys_generation)
             }
         })
@@ -490,6 +554,7 @@ impl ProjectionReader {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn read_index(
         &self,
         keys: &OrgKeys,
@@ -498,6 +563,7 @@ impl ProjectionReader {
         q: &BoardQuery,
         plan: &BoardPlan,
         now: Millis,
+        among: Option<Vec<String>>,
     ) -> Result<(Vec<IndexBucket>, bool), ProjectionError> {
         let slot = self.index.current(org, keys).await?;
         let deadline = Instant::now() + self.index_deadline;
@@ -509,7 +575,7 @@ impl ProjectionReader {
             let (_permit, _walking) = (permit, slot.start_walk());
             let index = slot.index();
             let index = index.read().expect("not poisoned");
-            (index.answer(&plan, &q, &user, now, deadline), index.base == base)
+            (index.answer(&plan, &q, (&user, now), among.as_deref(), deadline), index.base == base)
         };
         // A large org's walk at a lower CPU priority: small orgs' boards keep their latency.
         let (answered, of_keys_generation) = if large {
@@ -529,44 +595,38 @@ impl ProjectionReader {
         let mut conn = self.conn.clone();
         Ok(redis::cmd("HMGET").arg(keys.cards(kind)).arg(&ids).query_async(&mut conn).await?)
     }
-
-    async fn records(&self, keys: &OrgKeys, kind: CardKind, pages: &[IndexBucket]) -> Result<HashMap<String, CardRecord>, ProjectionError> {
-        let raw = self.raw_records(keys, kind, pages).await?;
-        let mut out = HashMap::with_capacity(raw.len());
-        for (id, bytes) in pages.iter().flat_map(|p| &p.ids).zip(raw) {
-            if let Some(b) = bytes {
-                out.insert(id.clone(), CardRecord::decode(&b).map_err(|e| bad(&format!("card record: {e}")))?);
-            }
-        }
-        Ok(out)
-    }
 }
 
-/// The buckets of the answer from the pages and their records.
-fn render(plan: &BoardPlan, pages: Vec<IndexBucket>, records: &HashMap<String, CardRecord>) -> Vec<BucketAnswer> {
-    plan.buckets
-        .iter()
-        .zip(pages)
-        .map(|(spec, page)| BucketAnswer {
-            name: spec.name.clone(),
-            stage_id: spec.stage.as_ref().map(|s| s.id.clone()),
-            total: page.total,
-            cards: page
-                .ids
-                .iter()
-                // A card deleted between the read of the ids and of the records drops out.
-                .filter_map(|id| records.get(id))
-                .filter_map(|r| {
-                    let card = r.card.as_ref()?;
-                    Some(CardOut {
-                        doc: card.to_doc(),
-                        assignees: r.derived.assignees.clone(),
-                        last_message_at: r.derived.last_message_at(),
-                    })
-                })
-                .collect(),
-        })
-        .collect()
+/// What `find_pages` found.
+struct FoundPages {
+    keys: OrgKeys,
+    plan: BoardPlan,
+    pages: Vec<IndexBucket>,
+    route: ProjectionRoute,
+    token: Option<u64>,
+}
+
+/// The buckets of the answer from the pages and their records (`raw`, in page order), each
+/// card as `card` makes it from its record.
+fn render<C>(
+    plan: &BoardPlan,
+    pages: Vec<IndexBucket>,
+    raw: Vec<Option<Vec<u8>>>,
+    card: impl Fn(&[u8]) -> Result<Option<C>, ProjectionError>,
+) -> Result<Vec<BucketAnswer<C>>, ProjectionError> {
+    let mut raw = raw.into_iter();
+    let mut out = Vec::with_capacity(plan.buckets.len());
+    for (spec, page) in plan.buckets.iter().zip(pages) {
+        let mut cards = Vec::with_capacity(page.ids.len());
+        for _ in &page.ids {
+            // A card deleted between the read of the ids and of the records drops out.
+            if let Some(c) = raw.next().flatten().map(|r| card(&r)).transpose()?.flatten() {
+                cards.push(c);
+            }
+        }
+        out.push(BucketAnswer { name: spec.name.clone(), stage_id: spec.stage.as_ref().map(|s| s.id.clone()), total: page.total, cards });
+    }
+    Ok(out)
 }
 
 /// One reply of a pipeline, as `T`.

@@ -3,7 +3,7 @@
 //! boards (a)-(h) over HTTP with wrk at 1 and 32 connections beside the same Redis work issued
 //! directly, the simplest possible board and a canned axum response of the same size;
 //! freshness under load; the MongoDB path against the projection.
-use super::harness::{board_summary, free_port, redis_cpu, redis_used_memory, wait_answering, Api, BenchRun};
+use super::harness::{board_summary, free_port, process_cpu, redis_cpu, redis_used_memory, wait_answering, Api, BenchRun};
 use super::wrk::{ms, Script, Wrk, WrkResult};
 use crate::seed::SeedArgs;
 use std::time::{Duration, Instant};
@@ -44,8 +44,11 @@ pub async fn run(r: &mut BenchRun, (contacts, small_contacts): (usize, usize), s
     let user = r.user_of(&data.big_org).await?;
     let caller = Caller { token: r.token(&data.big_org, &user), user, api: r.start_projector_and_api().await? };
     load_index(r, &caller).await?;
-    boards(r, &data, &caller, &secs).await?;
-    canned(r, &caller, Duration::from_secs(secs.wrk)).await?;
+    let mut rates = Rates::default();
+    boards(r, &data, &caller, &secs, &mut rates).await?;
+    serving(r, &caller, Duration::from_secs(secs.wrk), &mut rates).await?;
+    canned(r, &caller, Duration::from_secs(secs.wrk), &mut rates).await?;
+    ratios(r, &rates);
     freshness(r, &data, &caller, secs.freshness).await?;
     mongo_path(r, &data).await?;
     r.report.line(format!(
@@ -121,9 +124,50 @@ async fn load_index(r: &BenchRun, c: &Caller) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Boards (a)-(h) over HTTP at 1 and 32 connections, each beside the same Redis work issued
-/// directly; then the simplest possible board.
-async fn boards(r: &BenchRun, data: &DataSet, c: &Caller, secs: &Durations) -> anyhow::Result<()> {
+/// Requests/s at 32 connections of what the ratios compare.
+#[derive(Default)]
+struct Rates {
+    /// Boards (a)-(h), each computed for its request (`Cache-Control: no-cache`).
+    computed: Vec<(&'static str, f64)>,
+    simplest: f64,
+    /// Board (a) as clients get it (shared answers), by coding; then the many viewers.
+    served: Vec<(&'static str, f64)>,
+    many_viewers: f64,
+    canned: f64,
+}
+
+/// What a wrk run cost per board: the API process's CPU and Redis' CPU.
+struct Cost {
+    api_us: f64,
+    redis_us: f64,
+}
+
+/// Computed for each request: what a board costs to compute (not a shared answer).
+const COMPUTED: &str = "Cache-Control: no-cache";
+
+/// `body` from wrk at `conns` connections with `headers` (`Name: value|...`), and its cost.
+async fn http_run(
+    r: &BenchRun,
+    c: &Caller,
+    body: &str,
+    conns: usize,
+    duration: Duration,
+    headers: &str,
+) -> anyhow::Result<(WrkResult, Cost)> {
+    let mut redis = r.redis().await?;
+    let (api0, redis0) = (process_cpu(c.api.pid), redis_cpu(&mut redis).await?);
+    let env = vec![("BODY", body.to_string()), ("TOKEN", c.token.clone()), ("HEADERS", headers.to_string())];
+    let url = c.api.contacts_url();
+    let w = Wrk { url: &url, conns, duration, script: Script::Post, env, timeout: None }.run()?;
+    let n = w.requests.max(1) as f64;
+    let cost = Cost { api_us: (process_cpu(c.api.pid) - api0) / n * 1e6, redis_us: (redis_cpu(&mut redis).await? - redis0) / n * 1e6 };
+    Ok((w, cost))
+}
+
+/// Boards (a)-(h) over HTTP at 1 and 32 connections, each computed for its request, with the
+/// API's and Redis' CPU per board, beside the same Redis work issued directly; then the simplest
+/// possible board.
+async fn boards(r: &BenchRun, data: &DataSet, c: &Caller, secs: &Durations, rates: &mut Rates) -> anyhow::Result<()> {
     let first = c.api.board_json(&c.token, r#"{"size":1}"#).await?;
     let first_stage =
         first["data"].as_object().and_then(|d| d.keys().next().cloned()).ok_or_else(|| anyhow::anyhow!("no stage: {first}"))?;
@@ -144,20 +188,19 @@ async fn boards(r: &BenchRun, data: &DataSet, c: &Caller, secs: &Durations) -> a
     ];
     let (duration, raw_seconds) = (Duration::from_secs(secs.wrk), secs.raw.to_string());
     r.report.line(
-        "== boards on the big org, all stages, size 25: HTTP (wrk) | the same Redis work issued directly (pipeline-board bench board)",
+        "== boards on the big org, all stages, size 25, each computed for its request (Cache-Control: no-cache): HTTP (wrk) with the API's and \
+         Redis' CPU per board | the same Redis work issued directly (pipeline-board bench board)",
     );
-    r.report.line(format!(
-        "{:<24} {:>5} | {:>9} {:>9} {:>9} {:>9} | redis work",
-        "board", "conns", "http p50", "http p99", "http max", "http rps"
-    ));
-    let url = c.api.contacts_url();
+    r.report.line(format!("{} | redis work", header("board")));
     for (name, body) in &boards {
         let v = c.api.board_json(&c.token, body).await?;
         for conns in [1, 32] {
-            let env = vec![("BODY", body.clone()), ("TOKEN", c.token.clone())];
-            let w = Wrk { url: &url, conns, duration, script: Script::Post, env, timeout: None }.run()?;
+            let (w, cost) = http_run(r, c, body, conns, duration, COMPUTED).await?;
             let raw = r.output(&raw_board(&data.big_org, user, &["--body", body], conns, &raw_seconds))?;
-            r.report.line(format!("{} | {}", row(name, conns, &w), raw.trim()));
+            r.report.line(format!("{} | {}", costed_row(name, conns, &w, &cost), raw.trim()));
+            if conns == 32 {
+                rates.computed.push((name, w.rps()));
+            }
         }
         r.report.line(format!("   ({name}: {}, route {}; body {body})", board_summary(&v), v["meta"]["route"].as_str().unwrap_or("?")));
     }
@@ -165,12 +208,42 @@ async fn boards(r: &BenchRun, data: &DataSet, c: &Caller, secs: &Durations) -> a
     for conns in [1, 32] {
         let raw = r.output(&raw_board(&data.big_org, user, &["--simplest"], conns, &raw_seconds))?;
         r.report.line(format!("simplest board  conns {conns} | {}", raw.trim()));
+        if conns == 32 {
+            rates.simplest = raw.split_whitespace().skip_while(|w| *w != "rps").nth(1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        }
     }
     Ok(())
 }
 
+/// Board (a) as clients get it: shared answers (one computation per change token) in each
+/// coding, one coding computed for every request, and 50 viewers polling it.
+async fn serving(r: &BenchRun, c: &Caller, duration: Duration, rates: &mut Rates) -> anyhow::Result<()> {
+    let board = r#"{"size":25}"#;
+    r.report.line(
+        "== board (a) as clients get it, 32 connections: shared answers in each coding (bytes per board on the wire, headers included)",
+    );
+    r.report.line(format!("{} | bytes/board", header("coding")));
+    let codings: [(&'static str, &str); 5] = [
+        ("identity", ""),
+        ("gzip", "Accept-Encoding: gzip"),
+        ("br", "Accept-Encoding: br"),
+        ("zstd", "Accept-Encoding: zstd"),
+        ("zstd, computed each time", "Accept-Encoding: zstd|Cache-Control: no-cache"),
+    ];
+    for (label, headers) in codings {
+        let (w, cost) = http_run(r, c, board, 32, duration, headers).await?;
+        r.report.line(format!("{} | {}", costed_row(label, 32, &w, &cost), w.bytes_per_request()));
+        rates.served.push((label, w.rps()));
+    }
+    r.report.line("== many viewers: 50 connections polling board (a) (shared answers, identity, no If-None-Match)");
+    let (w, cost) = http_run(r, c, board, 50, duration, "").await?;
+    r.report.line(costed_row("50 viewers", 50, &w, &cost));
+    rates.many_viewers = w.rps();
+    Ok(())
+}
+
 /// A canned axum response of board (a)'s size: what this box serves at all.
-async fn canned(r: &mut BenchRun, c: &Caller, duration: Duration) -> anyhow::Result<()> {
+async fn canned(r: &mut BenchRun, c: &Caller, duration: Duration, rates: &mut Rates) -> anyhow::Result<()> {
     let bytes = c.api.board(&c.token, r#"{"size":25}"#).await?.2.len();
     r.report.line(format!("== a canned axum response of the same size ({bytes} bytes)"));
     let addr = format!("127.0.0.1:{}", free_port()?);
@@ -182,9 +255,26 @@ async fn canned(r: &mut BenchRun, c: &Caller, duration: Duration) -> anyhow::Res
         let env = vec![("BODY", "{}".into()), ("TOKEN", "-".into())];
         let w = Wrk { url: &url, conns, duration, script: Script::Post, env, timeout: None }.run()?;
         r.report.line(row("canned", conns, &w));
+        rates.canned = w.rps();
     }
     r.stop(canned).await;
     Ok(())
+}
+
+/// The ratios the targets are stated in, from this run's rates at 32 connections.
+fn ratios(r: &BenchRun, rates: &Rates) {
+    let of = |rps: f64, base: f64| format!("{rps:.0}/s = {:.2}x", rps / base.max(1e-9));
+    r.report.line(format!(
+        "== ratios (32 connections): against the simplest board ({:.0}/s) and the canned response ({:.0}/s)",
+        rates.simplest, rates.canned
+    ));
+    for (name, rps) in &rates.computed {
+        r.report.line(format!("{name:<26} computed: {} of the simplest", of(*rps, rates.simplest)));
+    }
+    for (name, rps) in &rates.served {
+        r.report.line(format!("(a) {name:<22} served: {} of the simplest", of(*rps, rates.simplest)));
+    }
+    r.report.line(format!("50 viewers of (a)          served: {} of the canned response", of(rates.many_viewers, rates.canned)));
 }
 
 async fn freshness(r: &BenchRun, data: &DataSet, c: &Caller, seconds: u64) -> anyhow::Result<()> {
@@ -226,6 +316,33 @@ fn raw_board<'a>(org: &'a str, user: &'a str, what: &[&'a str], conns: usize, se
     args.extend(what.iter().map(|s| s.to_string()));
     args.extend(["--conns".to_string(), conns.to_string(), "--seconds".to_string(), seconds.to_string()]);
     args
+}
+
+/// The header of the tables' rows (`costed_row`).
+fn header(first: &str) -> String {
+    format!(
+        "{first:<24} {:>5} | {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9}",
+        "conns", "http p50", "http p99", "http max", "http rps", "api/board", "redis/b."
+    )
+}
+
+/// A row with the API's and Redis' CPU per board, in microseconds.
+fn costed_row(label: &str, conns: usize, w: &WrkResult, cost: &Cost) -> String {
+    let trouble = w.trouble();
+    let row = format!(
+        "{label:<24} {conns:>5} | {:>9} {:>9} {:>9} {:>9.0} | {:>7.0}us {:>7.0}us",
+        ms(w.p50),
+        ms(w.p99),
+        ms(w.max),
+        w.rps(),
+        cost.api_us,
+        cost.redis_us
+    );
+    if trouble.is_empty() {
+        row
+    } else {
+        format!("{row} {trouble}")
+    }
 }
 
 /// One table row: label, connections, p50, p99, max, requests/s, errors.

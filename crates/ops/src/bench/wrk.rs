@@ -5,13 +5,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// POSTs `$BODY` with `$TOKEN` (and `If-None-Match: $ETAG` when set).
+/// POSTs `$BODY` with `$TOKEN` (and `If-None-Match: $ETAG` when set, and the headers of
+/// `$HEADERS`: `Name: value` pairs separated by `|`).
 const POST: &str = r#"
 wrk.method = "POST"
 wrk.body = os.getenv("BODY")
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. os.getenv("TOKEN")
 if (os.getenv("ETAG") or "") ~= "" then wrk.headers["If-None-Match"] = os.getenv("ETAG") end
+for name, value in string.gmatch(os.getenv("HEADERS") or "", "([^:|]+):%s*([^|]+)") do wrk.headers[name] = value end
 "#;
 
 /// POSTs `$BODY`, each request with the next token of `$TOKENS` (space-separated): requests
@@ -29,8 +31,8 @@ end
 const DONE: &str = r#"
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("PB_WRK requests=%d errors=%d non2xx=%d seconds=%.3f p50=%d p99=%d p999=%d max=%d\n",
-    summary.requests, e.connect + e.read + e.write + e.timeout, e.status, summary.duration / 1e6,
+  io.write(string.format("PB_WRK requests=%d errors=%d non2xx=%d seconds=%.3f bytes=%d p50=%d p99=%d p999=%d max=%d\n",
+    summary.requests, e.connect + e.read + e.write + e.timeout, e.status, summary.duration / 1e6, summary.bytes,
     latency:percentile(50), latency:percentile(99), latency:percentile(99.9), latency.max))
 end
 "#;
@@ -49,6 +51,8 @@ pub struct WrkResult {
     pub errors: u64,
     pub non_2xx: u64,
     pub seconds: f64,
+    /// Bytes read from the server, headers included.
+    pub bytes: u64,
     pub p50: Duration,
     pub p99: Duration,
     pub p999: Duration,
@@ -58,6 +62,11 @@ pub struct WrkResult {
 impl WrkResult {
     pub fn rps(&self) -> f64 {
         self.requests as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Bytes on the wire per response, headers included.
+    pub fn bytes_per_request(&self) -> u64 {
+        self.bytes / self.requests.max(1)
     }
 
     /// The summary line in `output`, if wrk printed one.
@@ -71,6 +80,7 @@ impl WrkResult {
             errors: int("errors")?,
             non_2xx: int("non2xx")?,
             seconds: field("seconds")?.parse().ok()?,
+            bytes: int("bytes")?,
             p50: us("p50")?,
             p99: us("p99")?,
             p999: us("p999")?,
@@ -192,10 +202,10 @@ mod tests {
     #[test]
     fn the_summary_line_is_read_among_wrks_own_output() {
         let out = "Running 8s test @ http://127.0.0.1:1/api/contacts\n  2 threads and 32 connections\n\
-                   PB_WRK requests=8000 errors=2 non2xx=5 seconds=8.000 p50=1500 p99=12000 p999=20000 max=31000\n";
+                   PB_WRK requests=8000 errors=2 non2xx=5 seconds=8.000 bytes=16000000 p50=1500 p99=12000 p999=20000 max=31000\n";
         let r = WrkResult::parse(out).unwrap();
         assert_eq!((r.requests, r.errors, r.non_2xx), (8000, 2, 5));
-        assert_eq!(r.rps(), 1000.0);
+        assert_eq!((r.rps(), r.bytes_per_request()), (1000.0, 2000));
         assert_eq!((r.p50, r.p99, r.max), (Duration::from_micros(1500), Duration::from_millis(12), Duration::from_millis(31)));
         assert_eq!(ms(r.p50), "1.50ms");
         assert_eq!(r.trouble(), "non-2xx 5, errors 2");

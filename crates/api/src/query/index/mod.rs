@@ -27,6 +27,7 @@ use hashbrown::DefaultHashBuilder as RandomState;
 use hashbrown::HashTable;
 use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
@@ -148,6 +149,67 @@ pub struct IndexBucket {
     pub ids: Vec<String>,
 }
 
+/// Which rows pass a board's bitmap filters (owner, assignees, source, bulk, trigrams, answered):
+/// one bitmap or the complement of one, made once per board and shared by its buckets.
+enum Passing<'a> {
+    All,
+    In(Cow<'a, RoaringBitmap>),
+    AllBut(&'a RoaringBitmap),
+}
+
+impl<'a> Passing<'a> {
+    /// The intersection of `filters`, with the message status applied.
+    fn of(filters: Vec<RoaringBitmap>, status: MessageStatus, answered: &'a RoaringBitmap) -> Passing<'a> {
+        let mut each = filters.into_iter();
+        let both = each.next().map(|first| {
+            each.fold(first, |mut all, x| {
+                all &= x;
+                all
+            })
+        });
+        match (both, status) {
+            (None, MessageStatus::All) => Passing::All,
+            (None, MessageStatus::Answered) => Passing::In(Cow::Borrowed(answered)),
+            (None, MessageStatus::Unanswered) => Passing::AllBut(answered),
+            (Some(b), MessageStatus::All) => Passing::In(Cow::Owned(b)),
+            (Some(mut b), MessageStatus::Answered) => {
+                b &= answered;
+                Passing::In(Cow::Owned(b))
+            }
+            (Some(mut b), MessageStatus::Unanswered) => {
+                b -= answered;
+                Passing::In(Cow::Owned(b))
+            }
+        }
+    }
+
+    fn contains(&self, row: u32) -> bool {
+        match self {
+            Passing::All => true,
+            Passing::In(b) => b.contains(row),
+            Passing::AllBut(b) => !b.contains(row),
+        }
+    }
+
+    /// How many of `rows` pass.
+    fn count_in(&self, rows: &RoaringBitmap) -> u64 {
+        match self {
+            Passing::All => rows.len(),
+            Passing::In(b) => rows.intersection_len(b),
+            Passing::AllBut(b) => rows.len() - rows.intersection_len(b),
+        }
+    }
+
+    /// Keeps in `cand` the rows that pass.
+    fn keep_in(&self, cand: &mut RoaringBitmap) {
+        match self {
+            Passing::All => {}
+            Passing::In(b) => *cand &= b.as_ref(),
+            Passing::AllBut(b) => *cand -= *b,
+        }
+    }
+}
+
 /// At most this many trigrams of a term are intersected (any subset finds every match; the
 /// literal check removes the rest).
 const MAX_GRAMS: usize = 8;
@@ -247,6 +309,17 @@ impl OrgIndex {
 
     fn hash(&self, kind: CardKind, id: &CardId) -> u64 {
         self.hasher.hash_one((kind, id))
+    }
+
+    /// The card's row, if it has one.
+    fn find_slot(&self, kind: CardKind, id: &CardId) -> Option<u32> {
+        let rows = &self.rows;
+        self.slots.find(self.hash(kind, id), |r| rows[*r as usize].as_ref().is_some_and(|x| x.kind == kind && x.id == *id)).copied()
+    }
+
+    /// The rows of these cards (ids the index does not hold are left out).
+    fn rows_of(&self, kind: CardKind, ids: &[String]) -> RoaringBitmap {
+        ids.iter().filter_map(|id| self.find_slot(kind, &CardId::new(id))).collect()
     }
 
     /// Takes the card's row out of the slot table; its number.
@@ -582,13 +655,13 @@ impl OrgIndex {
         raw_keys.iter().filter_map(|k| self.names.get(k)).collect()
     }
 
-    /// The ids of ranks [offset, offset + limit) among the rows of `stages` that are in `cand`,
-    /// in board order: a merge of the stages' ordered lists that skips rows not in `cand`.
+    /// The ids of ranks [offset, offset + limit) among the rows of `stages` that pass, in board
+    /// order: a merge of the stages' ordered lists that skips rows that do not pass.
     fn walk(
         &self,
         kind: CardKind,
         stages: &[u32],
-        cand: &RoaringBitmap,
+        cand: &Passing<'_>,
         offset: usize,
         limit: usize,
         deadline: Instant,
@@ -623,17 +696,22 @@ impl OrgIndex {
     }
 
     /// Answers every bucket of `plan`. `user` is the caller; `now` anchors the quiet window.
+    /// `among`: only these cards may match (the ids MongoDB found for the request's custom
+    /// fields, which the index does not hold); the request's other filters apply as always.
     pub fn answer(
         &self,
         plan: &BoardPlan,
         q: &BoardQuery,
-        user: &str,
-        now: Millis,
+        (user, now): (&str, Millis),
+        among: Option<&[String]>,
         deadline: Instant,
     ) -> Result<Vec<IndexBucket>, IndexError> {
         let f = &q.filters;
         // Everything that is one bitmap operation, shared by every bucket.
         let mut filters: Vec<RoaringBitmap> = Vec::new();
+        if let Some(ids) = among {
+            filters.push(self.rows_of(q.kind, ids));
+        }
         match &f.owner {
             OwnerScope::All => {}
             OwnerScope::Mine => filters.push(self.union_of(&self.by_person, [user])),
@@ -660,6 +738,7 @@ impl OrgIndex {
                 }
             }
         }
+        let passing = Passing::of(filters, f.message_status, &self.answered);
         let quiet = f.quiet_for.map(|d| now - d);
         // Filters checked card by card (times, the literal search).
         let per_row = f.created.is_some() || quiet.is_some() || f.messaged_in.is_some() || term.is_some();
@@ -668,28 +747,25 @@ impl OrgIndex {
             if Instant::now() >= deadline {
                 return Err(IndexError::Deadline);
             }
-            let stages = self.stage_numbers(&plan.raw_keys(b));
-            let mut cand = RoaringBitmap::new();
-            for s in &stages {
-                if let Some(rows) = self.by_stage.get(&(q.kind, *s)) {
-                    cand |= rows;
-                }
-            }
-            for x in &filters {
-                cand &= x;
-            }
-            match f.message_status {
-                MessageStatus::All => {}
-                MessageStatus::Answered => cand &= &self.answered,
-                MessageStatus::Unanswered => cand -= &self.answered,
-            }
+            let mut stages = self.stage_numbers(&plan.raw_keys(b));
+            stages.sort_unstable();
+            stages.dedup();
+            let stage_rows = || stages.iter().filter_map(|s| self.by_stage.get(&(q.kind, *s)));
             if !per_row {
-                // Every filter is in the bitmap: the total is its size, and the page is found by
-                // walking the bucket's stages in board order.
-                let ids = self.walk(q.kind, &stages, &cand, b.offset as usize, b.limit as usize, deadline)?;
-                out.push(IndexBucket { total: cand.len(), ids });
+                // Every filter is in the bitmaps: the total is counted stage by stage (a card is
+                // in one raw stage), and the page is found by walking the bucket's stages in
+                // board order; the candidates are never materialized (a broad filter, team, made
+                // that most of a board's CPU).
+                let total = stage_rows().map(|rows| passing.count_in(rows)).sum();
+                let ids = self.walk(q.kind, &stages, &passing, b.offset as usize, b.limit as usize, deadline)?;
+                out.push(IndexBucket { total, ids });
                 continue;
             }
+            let mut cand = RoaringBitmap::new();
+            for rows in stage_rows() {
+                cand |= rows;
+            }
+            passing.keep_in(&mut cand);
             let mut hits: Vec<Place> = Vec::new();
             for (n, row) in cand.iter().enumerate() {
                 if n % 4096 == 4095 && Instant::now() >= deadline {
@@ -754,6 +830,10 @@ mod tests {
     }
 
     fn board(body: &str, index: &OrgIndex) -> Vec<IndexBucket> {
+        board_among(body, index, None)
+    }
+
+    fn board_among(body: &str, index: &OrgIndex, among: Option<&[String]>) -> Vec<IndexBucket> {
         let pipelines = vec![Pipeline {
             id: "p".into(),
             org_id: "o".into(),
@@ -764,7 +844,7 @@ mod tests {
         }];
         let q = ContactsRequest::parse(body.as_bytes()).unwrap().into_query().unwrap();
         let plan = crate::query::board::plan(&pipelines, &q).unwrap();
-        index.answer(&plan, &q, "u1", 1_000, Instant::now() + std::time::Duration::from_secs(5)).unwrap()
+        index.answer(&plan, &q, ("u1", 1_000), among, Instant::now() + std::time::Duration::from_secs(5)).unwrap()
     }
 
     #[test]
@@ -792,6 +872,13 @@ mod tests {
         assert_eq!(board(r#"{"messageStatus": "answered"}"#, &ix)[0].ids, ["c3"]);
         assert_eq!(board(r#"{"lastMessageTimeRange": {"value": 1, "unit": "hours"}}"#, &ix)[0].total, 2, "c3 wrote 100 ms ago");
         assert_eq!(board(r#"{"size": 1, "page": {"New": 2}}"#, &ix)[0].ids, ["c2"]);
+        // Among given ids (MongoDB's custom-field matches): unknown ids are no cards, and the
+        // other filters still apply.
+        let among: Vec<String> = ["c1", "c3", "nope"].map(String::from).to_vec();
+        let b = &board_among("{}", &ix, Some(&among))[0];
+        assert_eq!((b.total, b.ids.clone()), (2, vec!["c3".to_string(), "c1".into()]));
+        assert_eq!(board_among(r#"{"search": "jan"}"#, &ix, Some(&among))[0].ids, ["c1"]);
+        assert_eq!(board_among("{}", &ix, Some(&[]))[0].total, 0);
         // An update moves the row; a delete takes it out.
         ix.put(CardKind::Contact, "c1", Some(&CardRecord::live(&card("c1", "s1", 10, "u2", "Zed"), Derived::default())));
         assert_eq!(board(r#"{"ownerFilter": "my"}"#, &ix)[0].ids, ["c3"]);
