@@ -153,12 +153,17 @@ pub struct ProjectionReader {
     deep_page_offset: u64,
     /// Cards rendered once per version, for the answers the API sends.
     card_json: CardJsonCache,
+    /// The generation each org was last found in (`live_view` reads it there first).
+    generations: moka::sync::Cache<String, Generation>,
     /// The orgs' pipelines, parsed, by their stored JSON.
     pipelines: moka::sync::Cache<Vec<(String, String)>, Arc<Vec<Pipeline>>>,
 }
 
 /// How many orgs' parsed pipelines are kept (`ProjectionReader::parsed_pipelines`).
 const PARSED_PIPELINES: u64 = 10_000;
+
+/// How many orgs' generations are remembered (`ProjectionReader::live_view`).
+const ORG_GENERATIONS: u64 = 100_000;
 
 /// Which path of the projection answered a board (for `meta` and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +197,7 @@ impl ProjectionReader {
             deep_page_offset: DEEP_PAGE_OFFSET,
             card_json: CardJsonCache::new(super::card_json::DEFAULT_BYTES),
             pipelines: moka::sync::Cache::new(PARSED_PIPELINES),
+            generations: moka::sync::Cache::new(ORG_GENERATIONS),
         }
     }
 
@@ -225,17 +231,22 @@ impl ProjectionReader {
     /// In the same round trip, the projection's state: a request never reads a projection that
     /// is not whole.
     pub async fn live_keys(&self, org: &str) -> Result<OrgKeys, ProjectionError> {
-        // Two slots (the org's and `{meta}`): one pipeline on a single server, two requests
-        // sent at once on a cluster.
+        let replies = self.conn.clone().query_by_slot(self.state_cmds(org)).await?;
+        Ok(self.keys_from(org, replies)?.1)
+    }
+
+    /// The reads of `live_keys`. Two slots (the org's and `{meta}`): one pipeline on a single
+    /// server, two requests sent at once on a cluster.
+    fn state_cmds(&self, org: &str) -> Vec<(String, redis::Cmd)> {
         let (pointer_key, state_key) = (self.keys.generation_pointer(org), self.keys.state());
-        let replies: Vec<redis::Value> = self
-            .conn
-            .clone()
-            .query_by_slot(vec![
-                (pointer_key.clone(), redis::cmd("GET").arg(&pointer_key).clone()),
-                (state_key.clone(), redis::cmd("HMGET").arg(&state_key).arg(state_field::INSTANCE).arg(state_field::STATUS).clone()),
-            ])
-            .await?;
+        vec![
+            (pointer_key.clone(), redis::cmd("GET").arg(&pointer_key).clone()),
+            (state_key.clone(), redis::cmd("HMGET").arg(&state_key).arg(state_field::INSTANCE).arg(state_field::STATUS).clone()),
+        ]
+    }
+
+    /// The org's generation and keys from the replies of `state_cmds`.
+    fn keys_from(&self, org: &str, replies: Vec<redis::Value>) -> Result<(Generation, OrgKeys), ProjectionError> {
         let (pointer, (instance, status)): (Option<String>, (Option<String>, Option<String>)) =
             redis::from_redis_value(redis::Value::Array(replies)).map_err(redis::RedisError::from)?;
         match Status::of(instance.as_deref(), status.as_deref()) {
@@ -244,7 +255,32 @@ impl ProjectionReader {
             Status::Building => return Err(ProjectionError::NotWhole("projection_rebuilding")),
         }
         let generation = Generation::parse(pointer.as_deref().unwrap_or_default()).ok_or_else(|| bad("generation pointer"))?;
-        Ok(self.keys.org_in(&generation, org))
+        let keys = self.keys.org_in(&generation, org);
+        Ok((generation, keys))
+    }
+
+    /// `live_keys` and `view_at` in one round trip: the view is read from the generation this
+    /// process last found the org in, beside the pointer (a board pays one round trip before
+    /// its cards, not two); an org that switched since is read again from its new generation.
+    async fn live_view(&self, org: &str, with_token: bool) -> Result<(OrgKeys, Arc<Vec<Pipeline>>, Option<u64>), ProjectionError> {
+        let guess = match self.generations.get(org) {
+            Some(g) => g,
+            None => Generation::parse("").ok_or_else(|| bad("base generation"))?,
+        };
+        let guessed = self.keys.org_in(&guess, org);
+        let mut cmds = self.state_cmds(org);
+        let state_replies = cmds.len();
+        cmds.extend(view_cmds(&guessed, with_token));
+        let mut replies: Vec<redis::Value> = self.conn.clone().query_by_slot(cmds).await?;
+        let view_replies = replies.split_off(state_replies);
+        let (generation, keys) = self.keys_from(org, replies)?;
+        if generation == guess {
+            let (pipelines, token) = self.view_from(&keys, view_replies, with_token)?;
+            return Ok((keys, pipelines, token));
+        }
+        self.generations.insert(org.to_string(), generation);
+        let (pipelines, token) = self.view_at(&keys, with_token).await?;
+        Ok((keys, pipelines, token))
     }
 
     /// The org's in-memory index, when one is loaded.
@@ -264,12 +300,11 @@ impl ProjectionReader {
         if self.index.is_switching(org) {
             return Ok(None);
         }
-        let keys = match self.live_keys(org).await {
-            Ok(k) => k,
+        let (_, pipelines, token) = match self.live_view(org, true).await {
+            Ok(view) => view,
             Err(ProjectionError::NotWhole(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let (pipelines, token) = self.view_at(&keys, true).await?;
         Ok(if pipelines.is_empty() { None } else { token })
     }
 
@@ -281,13 +316,18 @@ impl ProjectionReader {
     /// hashes the generation's key base, the pipelines as stored and the id of the last entry of
     /// the change stream (every commit that changes a card or a user appends one).
     async fn view_at(&self, keys: &OrgKeys, with_token: bool) -> Result<(Arc<Vec<Pipeline>>, Option<u64>), ProjectionError> {
+        let replies = self.conn.clone().query_by_slot(view_cmds(keys, with_token)).await?;
+        self.view_from(keys, replies, with_token)
+    }
+
+    /// The pipelines and the token from the replies of `view_cmds`.
+    fn view_from(
+        &self,
+        keys: &OrgKeys,
+        mut replies: Vec<redis::Value>,
+        with_token: bool,
+    ) -> Result<(Arc<Vec<Pipeline>>, Option<u64>), ProjectionError> {
         use std::hash::Hasher;
-        let mut pipe = redis::pipe();
-        pipe.cmd("HGETALL").arg(keys.pipelines());
-        if with_token {
-            pipe.cmd("XREVRANGE").arg(keys.changes()).arg("+").arg("-").arg("COUNT").arg(1);
-        }
-        let mut replies: Vec<redis::Value> = pipe.query_async(&mut self.conn.clone()).await?;
         let last: Option<Vec<(String, redis::Value)>> = if with_token { Some(parse_reply(replies.pop())?) } else { None };
         let mut raw: Vec<(String, String)> = parse_reply(replies.pop())?;
         raw.sort();
@@ -378,8 +418,8 @@ impl ProjectionReader {
         now: Millis,
         among: Option<Vec<String>>,
     ) -> Result<FoundPages, ProjectionError> {
-        let keys = self.live_keys(org).await?;
-        let (plan, token) = self.plan(&keys, q, q.nameable_by_change_token()).await?;
+        let (keys, pipelines, token) = self.live_view(org, q.nameable_by_change_token()).await?;
+        let plan = plan_of(&pipelines, q)?;
         let (pages, route, of_keys_generation) = match among {
             None => self.pages_for(&keys, org, user, q, &plan, now).await?,
             Some(ids) => {
@@ -396,10 +436,7 @@ impl ProjectionReader {
     /// org's change token.
     async fn plan(&self, keys: &OrgKeys, q: &BoardQuery, with_token: bool) -> Result<(BoardPlan, Option<u64>), ProjectionError> {
         let (pipelines, token) = self.view_at(keys, with_token).await?;
-        if pipelines.is_empty() {
-            return Err(ProjectionError::NotBuilt);
-        }
-        Ok((board::plan(&pipelines, q)?, token))
+        Ok((plan_of(&pipelines, q)?, token))
     }
 
     /// The plan, each bucket's total and page ids, and which structure answered.
@@ -595,6 +632,23 @@ impl ProjectionReader {
         let mut conn = self.conn.clone();
         Ok(redis::cmd("HMGET").arg(keys.cards(kind)).arg(&ids).query_async(&mut conn).await?)
     }
+}
+
+/// The board plan of `q` over the org's projected pipelines (none: the org is not projected).
+fn plan_of(pipelines: &[Pipeline], q: &BoardQuery) -> Result<BoardPlan, ProjectionError> {
+    if pipelines.is_empty() {
+        return Err(ProjectionError::NotBuilt);
+    }
+    Ok(board::plan(pipelines, q)?)
+}
+
+/// The reads of an org's view: its pipelines and, with the token, the change stream's last id.
+fn view_cmds(keys: &OrgKeys, with_token: bool) -> Vec<(String, redis::Cmd)> {
+    let mut cmds = vec![(keys.pipelines(), redis::cmd("HGETALL").arg(keys.pipelines()).clone())];
+    if with_token {
+        cmds.push((keys.changes(), redis::cmd("XREVRANGE").arg(keys.changes()).arg("+").arg("-").arg("COUNT").arg(1).clone()));
+    }
+    cmds
 }
 
 /// What `find_pages` found.
