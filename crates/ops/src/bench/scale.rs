@@ -50,6 +50,7 @@ pub async fn run(r: &mut BenchRun, (contacts, small_contacts): (usize, usize), s
     canned(r, &caller, Duration::from_secs(secs.wrk), &mut rates).await?;
     ratios(r, &rates);
     freshness(r, &data, &caller, secs.freshness).await?;
+    custom_fields(r, &data, &caller, Duration::from_secs(secs.wrk)).await?;
     mongo_path(r, &data).await?;
     r.report.line(format!(
         "== redis after the run: {} MiB used; the API process: {:.0} MiB RSS",
@@ -288,6 +289,29 @@ async fn freshness(r: &BenchRun, data: &DataSet, c: &Caller, seconds: u64) -> an
     let args = ["bench", "freshness", "--api", &c.api.base, "--org", &data.big_org, "--token", &c.token];
     let probe = ["--probe-org", &data.probe_org, "--probe-token", &probe_token, "--seconds", &seconds];
     r.report.lines(&r.output(&[&args[..], &probe[..]].concat())?);
+    Ok(())
+}
+
+/// Custom-field boards over HTTP on the org MongoDB holds: MongoDB's ids of the matching cards,
+/// the projection among them.
+async fn custom_fields(r: &BenchRun, data: &DataSet, c: &Caller, duration: Duration) -> anyhow::Result<()> {
+    r.report.line(format!(
+        "== custom-field boards on the {}-contact org MongoDB holds, 1 connection (MongoDB: the ids the custom fields match; the projection: the rest)",
+        data.small_contacts
+    ));
+    let token = r.token(&data.mongo_org, &r.user_of(&data.mongo_org).await?);
+    for body in [r#"{"size":25,"customFields":{"industry":"estate"}}"#, r#"{"size":25,"customFields":{"vip":true}}"#] {
+        let v = c.api.board_json(&token, body).await?;
+        let env = vec![("BODY", body.to_string()), ("TOKEN", token.clone())];
+        let url = c.api.contacts_url();
+        let w = Wrk { url: &url, conns: 1, duration, script: Script::Post, env, timeout: Some(Duration::from_secs(15)) }.run()?;
+        r.report.line(format!(
+            "{} | {}, route {}; body {body}",
+            row("custom fields", 1, &w),
+            board_summary(&v),
+            v["meta"]["route"].as_str().unwrap_or("?")
+        ));
+    }
     Ok(())
 }
 
