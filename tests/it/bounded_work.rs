@@ -95,7 +95,7 @@ async fn the_worst_case_request_costs_redis_the_same_on_a_small_and_a_large_org(
 
         // A simple board asked while worst-case boards run is answered as it is alone.
         let worst: Vec<_> = (0..4).map(|_| tokio::spawn(post_board_owned(url.clone(), bearer.clone(), body.clone()))).collect();
-        let (status, during) = post_board(&url, Some(&bearer), simple).await;
+        let (status, during) = post_board_owned(url.clone(), bearer.clone(), simple.to_string()).await;
         assert_eq!(status, 200);
         assert_eq!(during["data"], alone["data"], "the simple board changed under load");
         for w in worst {

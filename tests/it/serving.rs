@@ -39,6 +39,10 @@ fn decode(coding: &str, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+fn h_etag(h: &reqwest::header::HeaderMap) -> String {
+    h["etag"].to_str().unwrap().to_string()
+}
+
 fn card_ids(board: &Value) -> Vec<String> {
     let mut ids: Vec<String> = board["dataByStatus"]
         .as_object()
@@ -56,7 +60,10 @@ async fn boards_are_compressed_and_shared_but_never_stale_nor_another_callers() 
     let seeded = env.seed(small_seed(2, 120, 303)).await;
     let _projector = env.spawn_projector();
     env.wait_caught_up(Duration::from_secs(120)).await;
-    let url = env.serve_with(env.serve_args()).await;
+    // Answers shared for a minute: a missed change shows as a stale board, not hidden by expiry.
+    let mut args = env.serve_args();
+    args.shared_answers_max_age_ms = 60_000;
+    let url = env.serve_with(args).await;
     let db = env.mongo().await;
     let (org, other) = (&seeded.org_ids[0], &seeded.org_ids[1]);
     let snap = board_mongo::load_org(&db, org).await.unwrap();
@@ -79,6 +86,14 @@ async fn boards_are_compressed_and_shared_but_never_stale_nor_another_callers() 
     }
     let (_, h, _) = post(&url, &alice, board, &[("accept-encoding", "gzip, br;q=0.5")]).await;
     assert_eq!(h["content-encoding"], "gzip", "the client's preference wins");
+    // Each coding is its own representation: its own ETag, a 304 for it alone.
+    let (_, plain_h, _) = post(&url, &alice, board, &[]).await;
+    let zstd_etag = h_etag(&post(&url, &alice, board, &[("accept-encoding", "zstd")]).await.1);
+    assert_ne!(zstd_etag, h_etag(&plain_h));
+    let (status, _, _) = post(&url, &alice, board, &[("accept-encoding", "zstd"), ("if-none-match", &zstd_etag)]).await;
+    assert_eq!(status, 304);
+    let (status, _, _) = post(&url, &alice, board, &[("if-none-match", &zstd_etag)]).await;
+    assert_eq!(status, 200, "the identity answer is another representation");
 
     // Concurrent viewers get the same board.
     let many = futures::future::join_all((0..16).map(|_| post(&url, &alice, board, &[("accept-encoding", "zstd")]))).await;

@@ -67,27 +67,31 @@ pub async fn contacts(
         None
     };
     if let Some(token) = token {
-        if if_none_match.is_some_and(|v| v.as_bytes() == change_etag(token, &caller, &body).as_bytes()) {
+        let etag = coded(change_etag(token, &caller, &body), encoding);
+        if if_none_match.is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
             crate::events::BoardNotModified { check: "change_token" }.emit();
-            return Ok(not_modified(change_etag(token, &caller, &body)));
+            return Ok(not_modified(etag));
         }
     }
     let compute = render(&s, &caller, &query);
     let answer = match (shared, token) {
         (Some(shared), Some(token)) => {
             let caller_id = query.depends_on_caller().then(|| caller.user_id.clone());
-            let key = ShareKey { org: caller.org_id.clone(), token, caller: caller_id, body: body.clone() };
+            // A copy: the request's bytes are a view of the connection's read buffer.
+            let key = ShareKey { org: caller.org_id.clone(), token, caller: caller_id, body: Bytes::copy_from_slice(&body) };
             shared.get(key, encoding, compute).await?
         }
         _ => {
             let plain = compute.await?;
-            std::sync::Arc::new(Rendered { bytes: encoding.encode_off_thread(plain.bytes).await?, name: plain.name })
+            let bytes = encoding.encode_off_thread(plain.bytes).await?;
+            std::sync::Arc::new(Rendered { bytes, name: plain.name, computed_at: plain.computed_at })
         }
     };
     let etag = match &answer.name {
         AnswerName::Token(t) => change_etag(*t, &caller, &body),
         AnswerName::Content(hash) => hash.clone(),
     };
+    let etag = coded(etag, encoding);
     if if_none_match.is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
         crate::events::BoardNotModified { check: "answer" }.emit();
         return Ok(not_modified(etag));
@@ -103,6 +107,15 @@ pub async fn contacts(
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(coding));
     }
     Ok(response)
+}
+
+/// The ETag of an answer in `encoding`: each coding is another representation (RFC 9110 8.8.3),
+/// so a compressed answer's tag names its coding.
+fn coded(etag: String, encoding: Encoding) -> String {
+    match (encoding.content_encoding(), etag.strip_suffix('"')) {
+        (Some(coding), Some(open)) => format!("{open}-{coding}\""),
+        _ => etag,
+    }
 }
 
 fn not_modified(etag: String) -> Response {
@@ -132,7 +145,7 @@ async fn render(s: &AppState, caller: &Caller, query: &BoardQuery) -> Result<Ren
         Some(t) if change_token_applies(s, query) => AnswerName::Token(t),
         _ => AnswerName::Content(answer_etag(&answer, &meta)),
     };
-    Ok(Rendered { bytes: answer.to_json_bytes(&meta).into(), name })
+    Ok(Rendered::new(answer.to_json_bytes(&meta), name))
 }
 
 /// How a change-token ETag starts (never equal to an answer hash).

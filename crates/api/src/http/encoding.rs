@@ -79,15 +79,16 @@ impl Encoding {
             .map_err(|e| ApiError::Internal(format!("compressing an answer: {e}")))
     }
 
-    /// `bytes` in this coding.
+    /// `bytes` in this coding, held exactly (a `Bytes` made from a `Vec` keeps its capacity,
+    /// and zstd's output buffer is sized for the input).
     pub fn encode(self, bytes: &[u8]) -> Bytes {
-        match self {
-            Encoding::Identity => Bytes::copy_from_slice(bytes),
-            Encoding::Zstd => zstd::bulk::compress(bytes, ZSTD_LEVEL).expect("compressing into memory cannot fail").into(),
+        let mut out = match self {
+            Encoding::Identity => bytes.to_vec(),
+            Encoding::Zstd => zstd::bulk::compress(bytes, ZSTD_LEVEL).expect("compressing into memory cannot fail"),
             Encoding::Gzip => {
                 let mut w = flate2::write::GzEncoder::new(Vec::with_capacity(bytes.len() / 8), flate2::Compression::fast());
                 w.write_all(bytes).expect("writing into memory cannot fail");
-                w.finish().expect("writing into memory cannot fail").into()
+                w.finish().expect("writing into memory cannot fail")
             }
             Encoding::Br => {
                 let mut out = Vec::with_capacity(bytes.len() / 8);
@@ -95,9 +96,11 @@ impl Encoding {
                     let mut w = brotli::CompressorWriter::new(&mut out, 64 * 1024, BROTLI_QUALITY, BROTLI_WINDOW_BITS);
                     w.write_all(bytes).expect("writing into memory cannot fail");
                 }
-                out.into()
+                out
             }
-        }
+        };
+        out.shrink_to_fit();
+        out.into()
     }
 }
 

@@ -19,13 +19,7 @@ pub struct CardJsonCache {
 
 impl CardJsonCache {
     pub fn new(bytes: u64) -> CardJsonCache {
-        let cache = Cache::builder()
-            .max_capacity(bytes)
-            .weigher(|k: &Box<[u8]>, v: &Option<CardJson>| {
-                const ENTRY_OVERHEAD: usize = 96;
-                u32::try_from(k.len() + v.as_ref().map_or(0, |j| j.0.get().len()) + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
-            })
-            .build_with_hasher(hashbrown::DefaultHashBuilder::default());
+        let cache = Cache::builder().max_capacity(bytes).weigher(weigh).build_with_hasher(hashbrown::DefaultHashBuilder::default());
         CardJsonCache { cache }
     }
 
@@ -38,6 +32,13 @@ impl CardJsonCache {
         self.cache.insert(record.into(), rendered.clone());
         Ok(rendered)
     }
+}
+
+/// An entry's bytes: the record, its JSON and the cache's own.
+#[allow(clippy::borrowed_box)] // moka passes the key as stored
+fn weigh(record: &Box<[u8]>, json: &Option<CardJson>) -> u32 {
+    const ENTRY_OVERHEAD: usize = 96;
+    u32::try_from(record.len() + json.as_ref().map_or(0, |j| j.0.get().len()) + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
 }
 
 /// A record as the API shows its card.

@@ -159,8 +159,8 @@ pub struct ProjectionReader {
     pipelines: moka::sync::Cache<Vec<(String, String)>, Arc<Vec<Pipeline>>>,
 }
 
-/// How many orgs' parsed pipelines are kept (`ProjectionReader::parsed_pipelines`).
-const PARSED_PIPELINES: u64 = 10_000;
+/// Bytes of parsed pipelines kept, with their JSON (`ProjectionReader::parsed_pipelines`).
+const PARSED_PIPELINES_BYTES: u64 = 16 << 20;
 
 /// How many orgs' generations are remembered (`ProjectionReader::live_view`).
 const ORG_GENERATIONS: u64 = 100_000;
@@ -196,7 +196,14 @@ impl ProjectionReader {
             index_deadline,
             deep_page_offset: DEEP_PAGE_OFFSET,
             card_json: CardJsonCache::new(super::card_json::DEFAULT_BYTES),
-            pipelines: moka::sync::Cache::new(PARSED_PIPELINES),
+            pipelines: moka::sync::Cache::builder()
+                .max_capacity(PARSED_PIPELINES_BYTES)
+                .weigher(|raw: &Vec<(String, String)>, _: &Arc<Vec<Pipeline>>| {
+                    // The parse takes about what its JSON does.
+                    let json: usize = raw.iter().map(|(id, json)| id.len() + json.len()).sum();
+                    u32::try_from(2 * json + 64).unwrap_or(u32::MAX)
+                })
+                .build(),
             generations: moka::sync::Cache::new(ORG_GENERATIONS),
         }
     }
@@ -432,13 +439,6 @@ impl ProjectionReader {
         Ok(FoundPages { keys, plan, pages, route, token: token.filter(|_| of_keys_generation) })
     }
 
-    /// Which pipeline and buckets the request answers, from the projection's pipelines, and the
-    /// org's change token.
-    async fn plan(&self, keys: &OrgKeys, q: &BoardQuery, with_token: bool) -> Result<(BoardPlan, Option<u64>), ProjectionError> {
-        let (pipelines, token) = self.view_at(keys, with_token).await?;
-        Ok((plan_of(&pipelines, q)?, token))
-    }
-
     /// The plan, each bucket's total and page ids, and which structure answered.
     pub async fn pages(
         &self,
@@ -447,8 +447,8 @@ impl ProjectionReader {
         q: &BoardQuery,
         now: Millis,
     ) -> Result<(BoardPlan, Vec<IndexBucket>, ProjectionRoute), ProjectionError> {
-        let keys = self.live_keys(org).await?;
-        let (plan, _) = self.plan(&keys, q, false).await?;
+        let (keys, pipelines, _) = self.live_view(org, false).await?;
+        let plan = plan_of(&pipelines, q)?;
         let (pages, route, _) = self.pages_for(&keys, org, user, q, &plan, now).await?;
         Ok((plan, pages, route))
     }
@@ -482,8 +482,8 @@ impl ProjectionReader {
         q: &BoardQuery,
         index_pages: Option<&[IndexBucket]>,
     ) -> Result<usize, ProjectionError> {
-        let keys = self.live_keys(org).await?;
-        let (plan, _) = self.plan(&keys, q, false).await?;
+        let (keys, pipelines, _) = self.live_view(org, false).await?;
+        let plan = plan_of(&pipelines, q)?;
         let pages = match (SetShape::of(q, user), index_pages) {
             (Some(shape), _) => self.read_sets(&keys, q.kind, &plan, &shape).await?,
             (None, Some(pages)) => {

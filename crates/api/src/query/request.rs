@@ -143,7 +143,12 @@ impl BoardQuery {
     /// Whether the answer depends on who asks (`my`, `team`), so that it is shared only with
     /// the same caller.
     pub fn depends_on_caller(&self) -> bool {
-        matches!(self.filters.owner, OwnerScope::Mine | OwnerScope::Team)
+        // Every scope named here (no wildcard): a new one must say whether it is relative to
+        // the caller, or the shared answers would give one caller's board to another.
+        match self.filters.owner {
+            OwnerScope::Mine | OwnerScope::Team => true,
+            OwnerScope::All | OwnerScope::Unassigned | OwnerScope::Users(_) => false,
+        }
     }
 
     /// The 1-based page of a bucket: by stage id first, then by name.
