@@ -42,14 +42,19 @@ fn weigh(record: &Box<[u8]>, json: &Option<CardJson>) -> u32 {
 }
 
 /// A record as the API shows its card.
-pub fn card_out(record: &CardRecord) -> Option<CardOut> {
+fn card_out(record: &CardRecord) -> Option<CardOut> {
     let card = record.card.as_ref()?;
     Some(CardOut { doc: card.to_doc(), assignees: record.derived.assignees.clone(), last_message_at: record.derived.last_message_at() })
 }
 
-fn render(record: &[u8]) -> Result<Option<CardJson>, String> {
+/// A stored record as the API shows its card; None for a tombstone.
+pub fn card_out_of(record: &[u8]) -> Result<Option<CardOut>, String> {
     let record = CardRecord::decode(record).map_err(|e| format!("card record: {e}"))?;
-    Ok(card_out(&record).as_ref().map(CardJson::of))
+    Ok(card_out(&record))
+}
+
+fn render(record: &[u8]) -> Result<Option<CardJson>, String> {
+    Ok(card_out_of(record)?.as_ref().map(CardJson::of))
 }
 
 #[cfg(test)]

@@ -117,7 +117,12 @@ impl MongoReader {
     async fn distinct_contacts(&self, coll: &str, filter: Document) -> Result<Vec<String>> {
         let pipeline = vec![doc! {"$match": filter}, doc! {"$group": {"_id": "$contactId"}}, doc! {"$limit": (self.max_ids + 1) as i64}];
         let opts = mongodb::options::AggregateOptions::builder().max_time(OP_TIMEOUT).build();
-        let mut cursor = self.db.collection::<Document>(coll).aggregate(pipeline).with_options(opts).await?;
+        let cursor = self.db.collection::<Document>(coll).aggregate(pipeline).with_options(opts).await?;
+        self.bounded_ids(cursor).await
+    }
+
+    /// The `_id`s a cursor yields, at most `max_ids` (one more is `TooBroad`).
+    async fn bounded_ids(&self, mut cursor: mongodb::Cursor<Document>) -> Result<Vec<String>> {
         let mut ids = Vec::new();
         while let Some(d) = cursor.try_next().await? {
             if let Ok(id) = d.get_str("_id") {
@@ -238,17 +243,8 @@ impl MongoReader {
             .batch_size(10_000)
             .max_time(OP_TIMEOUT)
             .build();
-        let mut cursor = self.db.collection::<Document>(q.kind.collection()).find(filter).with_options(opts).await?;
-        let mut ids = Vec::new();
-        while let Some(d) = cursor.try_next().await? {
-            if let Ok(id) = d.get_str("_id") {
-                ids.push(id.to_string());
-            }
-            if ids.len() > self.max_ids {
-                return Err(MongoPathError::TooBroad(self.max_ids));
-            }
-        }
-        Ok(ids)
+        let cursor = self.db.collection::<Document>(q.kind.collection()).find(filter).with_options(opts).await?;
+        self.bounded_ids(cursor).await
     }
 
     fn bucket_filter(org: &str, plan: &BoardPlan, bucket: &BucketSpec, conditions: &[Document]) -> Option<Document> {

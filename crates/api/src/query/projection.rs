@@ -4,8 +4,8 @@
 //! records with one `HMGET` — Redis work proportional to the page, never to the matches. Every
 //! other board is answered by the in-memory index (`index.rs`) off Redis' thread, under a
 //! deadline; the page's records still come from Redis.
-use super::board::{self, BoardAnswer, BoardPlan, BucketAnswer, CardJson, CardOut};
-use super::card_json::{card_out, CardJsonCache};
+use super::board::{self, BoardAnswer, BoardPlan, BucketAnswer, CardJson};
+use super::card_json::{card_out_of, CardJsonCache};
 use super::error::ApiError;
 use super::index::{IndexBucket, IndexError};
 use super::index_cache::IndexCache;
@@ -22,7 +22,6 @@ use super::request::{BoardQuery, MessageStatus, OwnerScope};
 use board_model::keys::{Generation, KeySpace, OrgKeys};
 use board_model::model::{CardKind, Pipeline};
 use board_model::order::BoardPlace;
-use board_model::record::CardRecord;
 use board_model::time::Millis;
 use board_redis::functions::union_page::union_page_cmd;
 use board_redis::projection::{field as state_field, Status};
@@ -391,13 +390,7 @@ impl ProjectionReader {
         now: Millis,
         among: Option<Vec<String>>,
     ) -> Result<(BoardAnswer, ProjectionRoute, Option<u64>), ProjectionError> {
-        let found = self.find_pages(org, user, q, now, among).await?;
-        let raw = self.raw_records(&found.keys, q.kind, &found.pages).await?;
-        let cards = |record: &[u8]| -> Result<Option<CardOut>, ProjectionError> {
-            Ok(card_out(&CardRecord::decode(record).map_err(|e| bad(&format!("card record: {e}")))?))
-        };
-        let buckets = render(&found.plan, found.pages, raw, cards)?;
-        Ok((BoardAnswer { kind: q.kind, buckets }, found.route, found.token))
+        self.answer_as(org, user, q, (now, among), |record| card_out_of(record).map_err(|e| bad(&e))).await
     }
 
     /// `answer_with_token` with each card as the JSON the API sends, rendered once per version
@@ -410,9 +403,21 @@ impl ProjectionReader {
         now: Millis,
         among: Option<Vec<String>>,
     ) -> Result<(BoardAnswer<CardJson>, ProjectionRoute, Option<u64>), ProjectionError> {
+        self.answer_as(org, user, q, (now, among), |record| self.card_json.of(record).map_err(|e| bad(&e))).await
+    }
+
+    /// The answer with each card as `card` makes it from its stored record.
+    async fn answer_as<C>(
+        &self,
+        org: &str,
+        user: &str,
+        q: &BoardQuery,
+        (now, among): (Millis, Option<Vec<String>>),
+        card: impl Fn(&[u8]) -> Result<Option<C>, ProjectionError>,
+    ) -> Result<(BoardAnswer<C>, ProjectionRoute, Option<u64>), ProjectionError> {
         let found = self.find_pages(org, user, q, now, among).await?;
         let raw = self.raw_records(&found.keys, q.kind, &found.pages).await?;
-        let buckets = render(&found.plan, found.pages, raw, |record| self.card_json.of(record).map_err(|e| bad(&e)))?;
+        let buckets = render(&found.plan, found.pages, raw, card)?;
         Ok((BoardAnswer { kind: q.kind, buckets }, found.route, found.token))
     }
 
