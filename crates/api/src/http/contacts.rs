@@ -232,6 +232,11 @@ async fn projection_answer(
         if !s.health.is_up(Dependency::Mongodb) {
             return Err(ApiError::DependencyDown(Dependency::Mongodb));
         }
+        // MongoDB's ids are asked only of a projection that can use them (one round trip):
+        // on FerretDB the query reads the org's every card.
+        if let Err(e) = s.projection.plan_of(org, q).await {
+            return fallback_reason(e).map(Err);
+        }
         match s.mongo.custom_field_ids(org, q).await {
             Ok(ids) => Some(ids),
             // Too many to carry over: MongoDB computes the board itself.
@@ -239,7 +244,7 @@ async fn projection_answer(
             Err(e) => return Err(mongo_error(e)),
         }
     };
-    let reason = match s.projection.rendered_answer(org, user, q, now, among).await {
+    match s.projection.rendered_answer(org, user, q, now, among).await {
         Ok((a, route, token)) => {
             let meta = AnswerMeta {
                 answered_by: "projection",
@@ -248,25 +253,31 @@ async fn projection_answer(
                 projection_lag: s.projection_lag(),
                 replica_staleness_ms: s.replica_staleness_ms(),
             };
-            return Ok(Ok((a, meta, token)));
+            Ok(Ok((a, meta, token)))
         }
+        Err(e) => fallback_reason(e).map(Err),
+    }
+}
+
+/// Why MongoDB answers when the projection could not, or the error to answer with.
+fn fallback_reason(e: ProjectionError) -> Result<&'static str, ApiError> {
+    match e {
         // The projection may not know the pipeline yet (its event is late or dead-lettered):
         // only the source of truth may say it does not exist.
-        Err(ProjectionError::Api(ApiError::NotFound(_))) => "pipeline_not_projected",
-        Err(ProjectionError::Api(e)) => return Err(e),
-        Err(ProjectionError::NotBuilt) => "projection_not_built",
-        Err(ProjectionError::NotWhole(reason)) => reason,
+        ProjectionError::Api(ApiError::NotFound(_)) => Ok("pipeline_not_projected"),
+        ProjectionError::Api(e) => Err(e),
+        ProjectionError::NotBuilt => Ok("projection_not_built"),
+        ProjectionError::NotWhole(reason) => Ok(reason),
         // A filter the index could not finish in time would not be cheaper for MongoDB.
-        Err(ProjectionError::Index(e)) => {
+        ProjectionError::Index(e) => {
             tracing::warn!(error = %e, "index deadline");
-            return Err(ApiError::Timeout);
+            Err(ApiError::Timeout)
         }
-        Err(ProjectionError::Unavailable(e)) => {
+        ProjectionError::Unavailable(e) => {
             tracing::warn!(error = %e, "projection unavailable; answering from MongoDB");
-            "projection_unavailable"
+            Ok("projection_unavailable")
         }
-    };
-    Ok(Err(reason))
+    }
 }
 
 fn mongo_error(e: MongoPathError) -> ApiError {

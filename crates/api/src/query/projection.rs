@@ -314,6 +314,13 @@ impl ProjectionReader {
         Ok(if pipelines.is_empty() { None } else { token })
     }
 
+    /// The board plan of `q` in the org's live generation: whether the projection can answer it
+    /// (whole, built, knowing the pipeline), in one round trip.
+    pub async fn plan_of(&self, org: &str, q: &BoardQuery) -> Result<BoardPlan, ProjectionError> {
+        let (_, pipelines, _) = self.live_view(org, false).await?;
+        plan_of(&pipelines, q)
+    }
+
     pub async fn pipelines(&self, org: &str) -> Result<Vec<Pipeline>, ProjectionError> {
         Ok(self.view_at(&self.live_keys(org).await?, false).await?.0.as_ref().clone())
     }
