@@ -58,7 +58,7 @@ pub async fn contacts(
     let if_none_match = headers.get(header::IF_NONE_MATCH);
     let encoding = Encoding::negotiate(&headers);
     // The org's change token now, when it may name the answer and someone will use it: the
-    // shared answers, or a poll holding a change-token ETag (two round trips, no answer).
+    // shared answers, or a poll holding a change-token ETag (one round trip, no answer).
     let shared = s.shared.as_ref().filter(|_| !asks_for_no_cache(&headers));
     let polled_with_token = if_none_match.is_some_and(|v| v.as_bytes().starts_with(CHANGE_ETAG_START.as_bytes()));
     let token = if change_token_applies(&s, &query) && (shared.is_some() || polled_with_token) {

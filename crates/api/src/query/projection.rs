@@ -296,7 +296,7 @@ impl ProjectionReader {
 
     /// A token that changes whenever anything a projection answer of `org` can depend on
     /// changes — the org's generation, its pipelines, the last change of its cards and users
-    /// (the change stream every commit that touches them appends to) — read in two round trips,
+    /// (the change stream every commit that touches them appends to) — read in one round trip,
     /// without computing the answer. None when the projection cannot answer (not whole, not
     /// built). The caller adds the request and the caller's id; it must not use it for answers
     /// that depend on the current time (`lastMessageTimeRange`) or on MongoDB.
