@@ -28,7 +28,13 @@ async fn a_scale_run_reports_every_section_and_leaves_nothing_behind() {
         "kafka read:",
         "== boards on the big org",
         "simplest board  conns 32",
+        "== board (a) as clients get it",
+        "== many viewers",
         "== a canned axum response",
+        "== ratios",
+        "50 viewers of (a)",
+        "== custom-field boards",
+        "route index_among_mongodb_ids",
         "== freshness",
         "skipped (--freshness-seconds 0)",
         "== the MongoDB path",
@@ -41,11 +47,20 @@ async fn a_scale_run_reports_every_section_and_leaves_nothing_behind() {
         let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with(board) && l.contains('|')).collect();
         assert_eq!(rows.len(), 2, "{board}: one row per connection count in:\n{stdout}");
         for row in rows {
-            let (http, raw) = row.split_once(" | ").and_then(|(_, rest)| rest.split_once(" | ")).expect("http and raw columns");
+            let [_, http, cost, raw] = row.split(" | ").collect::<Vec<_>>()[..] else { panic!("{board}: not http | cost | raw: {row}") };
             let rps: f64 = http.split_whitespace().nth(3).and_then(|v| v.parse().ok()).unwrap_or(0.0);
             assert!(rps > 0.0 && !http.contains("non-2xx"), "{board}: wrk measured nothing or errors: {row}");
+            assert!(cost.split_whitespace().all(|c| c.ends_with("us")), "{board}: no CPU per board: {row}");
             assert!(raw.starts_with("p50 ") && raw.contains(" rps "), "{board}: no raw Redis figures: {row}");
         }
+    }
+    // Board (a) in each coding: the compressed ones are smaller on the wire.
+    let wire = |coding: &str| -> u64 {
+        let row = stdout.lines().find(|l| l.starts_with(&format!("{coding:<24} "))).unwrap_or_else(|| panic!("no {coding} row:\n{stdout}"));
+        row.rsplit(" | ").next().and_then(|b| b.trim().parse().ok()).unwrap_or_else(|| panic!("no bytes in {row}"))
+    };
+    for coding in ["gzip", "br", "zstd"] {
+        assert!(wire(coding) < wire("identity"), "{coding} is not smaller than identity:\n{stdout}");
     }
 
     // Nothing of the run is left on the stack.
