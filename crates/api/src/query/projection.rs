@@ -231,18 +231,9 @@ impl ProjectionReader {
         self
     }
 
-    /// The org's keys in the generation that holds it now (its pointer; absent: the base one).
-    /// A request resolves this once and reads everything from that generation: a rebuild's
-    /// switch is atomic per org, and the old generation stays readable for its grace period.
-    /// In the same round trip, the projection's state: a request never reads a projection that
-    /// is not whole.
-    pub async fn live_keys(&self, org: &str) -> Result<OrgKeys, ProjectionError> {
-        let replies = self.conn.clone().query_by_slot(self.state_cmds(org)).await?;
-        Ok(self.keys_from(org, replies)?.1)
-    }
-
-    /// The reads of `live_keys`. Two slots (the org's and `{meta}`): one pipeline on a single
-    /// server, two requests sent at once on a cluster.
+    /// The reads of the org's generation pointer and the projection's state. Two slots (the
+    /// org's and `{meta}`): one pipeline on a single server, two requests sent at once on a
+    /// cluster.
     fn state_cmds(&self, org: &str) -> Vec<(String, redis::Cmd)> {
         let (pointer_key, state_key) = (self.keys.generation_pointer(org), self.keys.state());
         vec![
@@ -265,9 +256,13 @@ impl ProjectionReader {
         Ok((generation, keys))
     }
 
-    /// `live_keys` and `view_at` in one round trip: the view is read from the generation this
-    /// process last found the org in, beside the pointer (a board pays one round trip before
-    /// its cards, not two); an org that switched since is read again from its new generation.
+    /// The org's keys in the generation that holds it now (its pointer; absent: the base one)
+    /// and its view (`view_at`), in one round trip. A request resolves this once and reads
+    /// everything from that generation: a rebuild's switch is atomic per org, and the old
+    /// generation stays readable for its grace period. With them, the projection's state: a
+    /// request never reads a projection that is not whole. The view is read from the generation
+    /// this process last found the org in, beside the pointer (a board pays one round trip
+    /// before its cards, not two); an org that switched since is read again from its new one.
     async fn live_view(&self, org: &str, with_token: bool) -> Result<(OrgKeys, Arc<Vec<Pipeline>>, Option<u64>), ProjectionError> {
         let guess = match self.generations.get(org) {
             Some(g) => g,
@@ -317,12 +312,17 @@ impl ProjectionReader {
     /// The board plan of `q` in the org's live generation: whether the projection can answer it
     /// (whole, built, knowing the pipeline), in one round trip.
     pub async fn plan_of(&self, org: &str, q: &BoardQuery) -> Result<BoardPlan, ProjectionError> {
-        let (_, pipelines, _) = self.live_view(org, false).await?;
-        plan_of(&pipelines, q)
+        Ok(self.live_plan(org, q, false).await?.1)
+    }
+
+    /// The org's live keys, the plan of `q` and, if `with_token`, the change token: one round trip.
+    async fn live_plan(&self, org: &str, q: &BoardQuery, with_token: bool) -> Result<(OrgKeys, BoardPlan, Option<u64>), ProjectionError> {
+        let (keys, pipelines, token) = self.live_view(org, with_token).await?;
+        Ok((keys, plan_of(&pipelines, q)?, token))
     }
 
     pub async fn pipelines(&self, org: &str) -> Result<Vec<Pipeline>, ProjectionError> {
-        Ok(self.view_at(&self.live_keys(org).await?, false).await?.0.as_ref().clone())
+        Ok(self.live_view(org, false).await?.1.as_ref().clone())
     }
 
     /// The org's pipelines and, if `with_token`, its change token, in one round trip: the token
@@ -437,8 +437,7 @@ impl ProjectionReader {
         now: Millis,
         among: Option<Vec<String>>,
     ) -> Result<FoundPages, ProjectionError> {
-        let (keys, pipelines, token) = self.live_view(org, q.nameable_by_change_token()).await?;
-        let plan = plan_of(&pipelines, q)?;
+        let (keys, plan, token) = self.live_plan(org, q, q.nameable_by_change_token()).await?;
         let (pages, route, of_keys_generation) = match among {
             None => self.pages_for(&keys, org, user, q, &plan, now).await?,
             Some(ids) => {
@@ -459,8 +458,7 @@ impl ProjectionReader {
         q: &BoardQuery,
         now: Millis,
     ) -> Result<(BoardPlan, Vec<IndexBucket>, ProjectionRoute), ProjectionError> {
-        let (keys, pipelines, _) = self.live_view(org, false).await?;
-        let plan = plan_of(&pipelines, q)?;
+        let (keys, plan, _) = self.live_plan(org, q, false).await?;
         let (pages, route, _) = self.pages_for(&keys, org, user, q, &plan, now).await?;
         Ok((plan, pages, route))
     }
@@ -494,8 +492,7 @@ impl ProjectionReader {
         q: &BoardQuery,
         index_pages: Option<&[IndexBucket]>,
     ) -> Result<usize, ProjectionError> {
-        let (keys, pipelines, _) = self.live_view(org, false).await?;
-        let plan = plan_of(&pipelines, q)?;
+        let (keys, plan, _) = self.live_plan(org, q, false).await?;
         let pages = match (SetShape::of(q, user), index_pages) {
             (Some(shape), _) => self.read_sets(&keys, q.kind, &plan, &shape).await?,
             (None, Some(pages)) => {
